@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from dinodiff.config import PRESET_DIR, ConfigError, load_config, save_config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd15-dinov1", "sd15-dinov2"])
+def test_every_preset_loads_and_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.model.resolution % 8 == 0
+    assert cfg.train.max_steps > 0
+
+
+def test_paper_presets_follow_the_paper_protocol():
+    for preset, encoder in [("sd15-dinov1", "facebook/dino-vitb16"), ("sd15-dinov2", "timm/vit_base_patch14_reg4_dinov2")]:
+        cfg = load_config(preset)
+        assert cfg.model.encoder.name_or_path == encoder
+        assert (cfg.model.noise.beta_start, cfg.model.noise.beta_end) == (0.00085, 0.012)
+        assert cfg.model.noise.beta_schedule == "scaled_linear" and cfg.model.noise.prediction_type == "epsilon"
+        assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 1000 and cfg.optim.lr_schedule == "constant_with_warmup"
+        assert cfg.train.batch_size * 4 * cfg.train.grad_accum == 512  # 64 per GPU x 4 GPUs x 2
+        assert cfg.train.checkpoint_every == 2500 and cfg.train.cond_dropout == 0
+
+
+def test_dotted_overrides_apply_with_types():
+    cfg = load_config("tiny", ["optim.lr=2e-4", "train.max_steps=7", "model.encoder.tokens=[cls,pooler]"])
+    assert cfg.optim.lr == pytest.approx(2e-4) and cfg.train.max_steps == 7
+    assert list(cfg.model.encoder.tokens) == ["cls", "pooler"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_stepz=3", "max_stepz"),
+    ("train.max_steps=many", "max_steps"),
+    ("model.autoencoder.kind=jpeg", "model.autoencoder.kind"),
+    ("nonsense", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cpu-small"):
+        load_config("no-such-preset")
+
+
+def test_saved_config_round_trips(tmp_path: Path):
+    cfg = load_config("cpu-small", ["train.seed=5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_top_level_configs_folder_is_the_package_presets():
+    top = Path(__file__).resolve().parents[1] / "configs"
+    assert sorted(p.name for p in top.glob("*.yaml")) == sorted(p.name for p in PRESET_DIR.glob("*.yaml"))
