@@ -1,0 +1,1 @@
+"""Data: readers, preprocessing, dataset adapters, shards and the training loader."""
