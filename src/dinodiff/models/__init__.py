@@ -1,0 +1,1 @@
+"""Models: frozen encoders (global tokens), autoencoders, UNet presets, condition projection."""
