@@ -1,0 +1,171 @@
+"""`dinodiff cache`: precompute what is frozen (LTH14 MAR/RCG style).
+
+For every prepared image and each of K augmented views, the autoencoder's raw latent moments and the
+encoder's c_GLB are stored in WebDataset shards (one output shard per input shard, written
+atomically, so a rerun finishes what is missing). Training then runs only the UNet and draws one
+of the K views per visit.
+
+Layout: ``OUT/cache.json`` (models, resolution, K, latent stats, shapes) and
+``OUT/shards/train-%06d.tar`` with ``moments.npy`` (K, C', h, w) and ``c_glb.npy`` (K, S, N), float16.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("dinodiff.cache")
+CACHE_VERSION = 1
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _augmented_views(image_u8: np.ndarray, key: str, views: int, size: int, augment: bool, seed: int) -> torch.Tensor:
+    """K views (K, 1, size, size) in [0, 1]; the augmentation RNG is seeded per (seed, key, view)."""
+    import torchvision.transforms.v2.functional as TF
+
+    from dinodiff.data.augment import paper_augmentation
+
+    base = TF.resize(torch.from_numpy(image_u8)[None], [size, size], antialias=True)
+    transform = paper_augmentation() if augment else None
+    out = []
+    for view in range(views):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_stable_seed(seed, key, view))
+            img = transform(base) if transform is not None else base
+        out.append(img.float() / 255.0)
+    return torch.stack(out)
+
+
+def _stable_seed(seed: int, key: str, view: int) -> int:
+    import zlib
+
+    return zlib.crc32(f"{seed}/{key}/{view}".encode()) & 0x7FFFFFFF
+
+
+def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True) -> dict:
+    """Cache K views of every prepared train image; returns the contents of cache.json."""
+    from accelerate import PartialState
+
+    from dinodiff.data.shards import list_shards, read_samples, write_shard
+    from dinodiff.models.factory import build_autoencoder, build_encoder
+    from dinodiff.train_data import first_images
+
+    state = PartialState()
+    out = Path(out)
+    source = str(cfg.data.shards)
+    if not source or not Path(source).is_dir():
+        raise FileNotFoundError(f"data.shards={source!r} must be a folder made by `dinodiff prepare`.")
+    inputs = list_shards(source, "train")
+    if not inputs:
+        raise FileNotFoundError(f"No train shards in {source}/shards; run `dinodiff prepare` first.")
+    device = state.device
+    encoder = build_encoder(cfg.model.encoder).to(device).eval()
+    ae = build_autoencoder(cfg.model.autoencoder).to(device).eval()
+    if cfg.model.autoencoder.scaling_factor is None and ae.kind in ("taef2", "unshuffle"):
+        from dinodiff.models.autoencoders import estimate_latent_stats
+
+        sample = first_images(source, cfg.model.autoencoder.estimate_stats_images, cfg.model.resolution, prefer_test=False)
+        ae.set_latent_stats(*estimate_latent_stats(ae, sample.to(device).split(16), max_images=len(sample)))
+    size = cfg.model.resolution
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    mine = [path for index, path in enumerate(inputs) if index % state.num_processes == state.process_index]
+    for shard in tqdm(mine, desc="cache", unit="shard", disable=not (progress and state.is_main_process)):
+        target = out / "shards" / Path(shard).name
+        if target.is_file():
+            continue  # finished in an earlier run
+        samples = []
+        pending = list(read_samples([shard]))
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
+                                for s in chunk]).to(device)
+            with torch.no_grad():
+                moments = ae.encode_moments(pixels).float().cpu().numpy().astype(np.float16)
+                c_glb = encoder(pixels).float().cpu().numpy().astype(np.float16)
+            for i, s in enumerate(chunk):
+                sl = slice(i * views, (i + 1) * views)
+                samples.append({"__key__": s["__key__"], "moments.npy": _npy_bytes(moments[sl]),
+                                "c_glb.npy": _npy_bytes(c_glb[sl]), "json": json.dumps(s["json"]).encode()})
+        write_shard(target, samples)
+    state.wait_for_everyone()
+    info = {
+        "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views, "resolution": size,
+        "augment": bool(cfg.data.augment), "seed": int(cfg.train.seed),
+        "encoder": OmegaConf.to_container(cfg.model.encoder, resolve=True),
+        "autoencoder": OmegaConf.to_container(cfg.model.autoencoder, resolve=True),
+        "scaling_factor": float(ae.scaling_factor), "shift_factor": float(ae.shift_factor),
+        "count": sum(1 for _ in read_samples(sorted(str(p) for p in (out / "shards").glob("train-*.tar")))) if state.is_main_process else None,
+        "latent_channels": ae.latent_channels, "hidden_size": encoder.hidden_size, "num_tokens": encoder.num_tokens,
+    }
+    if state.is_main_process:
+        tmp = out / "cache.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(out / "cache.json")
+    return info
+
+
+def read_cache_info(cache_dir: str | Path, model_cfg: DictConfig) -> dict:
+    """cache.json, checked against the model config the trainer is about to use."""
+    path = Path(cache_dir) / "cache.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dinodiff cache --config ... --out {cache_dir}` first "
+                                "(or the cache run did not finish; rerun it to complete).")
+    info = json.loads(path.read_text())
+    wanted = {
+        "resolution": model_cfg.resolution,
+        "encoder": OmegaConf.to_container(model_cfg.encoder, resolve=True),
+        "autoencoder.kind": model_cfg.autoencoder.kind,
+        "autoencoder.path": model_cfg.autoencoder.path,
+    }
+    have = {"resolution": info["resolution"], "encoder": info["encoder"],
+            "autoencoder.kind": info["autoencoder"]["kind"], "autoencoder.path": info["autoencoder"]["path"]}
+    mismatched = [k for k in wanted if wanted[k] != have[k]]
+    if mismatched:
+        details = "; ".join(f"{k}: cache has {have[k]!r}, config wants {wanted[k]!r}" for k in mismatched)
+        raise ValueError(f"The cache in {cache_dir} was made for another model ({details}). "
+                         "Rebuild it with `dinodiff cache` using this config, or drop data.cache.")
+    return info
+
+
+def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: int = 0, seed: int = 0,
+                       shuffle_buffer: int = 1000):
+    """Endless batches {"moments": (B, C', h, w), "c_glb": (B, S, N)}, one random view per visit."""
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"No cached shards in {cache_dir}/shards.")
+
+    def pick_view(stream: Iterator[dict]) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(seed * 1000 + (worker.id if worker else 0))
+        for sample in stream:
+            view = rng.randrange(sample["moments.npy"].shape[0])
+            yield {"moments": torch.from_numpy(sample["moments.npy"][view].astype(np.float32)),
+                   "c_glb": torch.from_numpy(sample["c_glb.npy"][view].astype(np.float32))}
+
+    pipeline = wds.DataPipeline(
+        # Resampled shards are already distinct per rank and worker (webdataset seeds them so);
+        # deterministic=True makes the stream a function of the seed, which resume relies on.
+        wds.ResampledShards(shards, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed)),
+        wds.decode(),
+        pick_view,
+        wds.batched(batch_size, partial=False),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

@@ -1,0 +1,121 @@
+"""Checkpoint folders of a run: atomic writes, discovery of the newest complete one, keep-last-K.
+
+Layout of ``RUN/checkpoints/checkpoint-STEP/``: accelerate's state (model, optimizer, lr scheduler,
+RNG), ``trainer/`` (step, EMA weights, per-rank noise-generator states) and ``model/`` (an
+inference-ready model folder). A checkpoint is written under a hidden temporary name and renamed
+when complete, so a killed run never leaves a half-written ``checkpoint-STEP``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / "trainer" / "state.json").is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
+    """'auto'/'latest' -> newest checkpoint (None when there is none; 'latest' then fails), 'none' -> None, else a path."""
+    if resume in ("none", "", None):
+        return None
+    if resume in ("auto", "latest"):
+        found = latest_checkpoint(run_dir)
+        if found is None and resume == "latest":
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {checkpoint_dir(run_dir)}.")
+        return found
+    path = Path(resume)
+    if not (path / "trainer" / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete dinodiff checkpoint (no trainer/state.json).")
+    return path
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """A fresh temporary folder for checkpoint `step` (left-overs of a killed save are removed)."""
+    tmp = checkpoint_dir(run_dir) / f"{TMP_PREFIX}{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(staging: Path, step: int) -> Path:
+    final = staging.parent / f"checkpoint-{step}"
+    if final.exists():  # re-saving a step (e.g. after a resume at the very end): replace it whole
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int, protect: Iterable[Path] = ()) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and any stale temporary folders)."""
+    protect = {Path(p).resolve() for p in protect}
+    for _, path in list_checkpoints(run_dir)[: max(0, len(list_checkpoints(run_dir)) - keep_last)]:
+        if path.resolve() not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for path in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+class MetricsLog:
+    """Append-only ``metrics.csv``; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path, self.fields = Path(path), fields
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+        self._write(rows, mode="w")
+
+    def append(self, row: dict) -> None:
+        self._write([row], mode="a")
+
+    def _write(self, rows: list[dict], mode: str) -> None:
+        new = mode == "w" or not self.path.is_file() or self.path.stat().st_size == 0
+        with self.path.open(mode, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,73 @@
+"""`dinodiff demo`: every available stage, end to end, on built-in synthetic phantoms (no downloads).
+
+phantoms -> prepare -> cache -> train (tiny preset) -> [generate, fid, segment: later releases]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _stage(title: str) -> float:
+    console.rule(f"[bold]{title}")
+    return time.time()
+
+
+def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -> dict[str, Path]:
+    """Run the demo into `out`; every stage skips work already done, so a rerun is quick."""
+    from dinodiff.cache import build_cache
+    from dinodiff.config import load_config
+    from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.prepare import prepare
+    from dinodiff.train import train
+
+    out = Path(out)
+    results: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+
+    start = _stage(f"1/4 phantoms: {n} synthetic chest X-rays with lung masks and labels")
+    results["phantoms"] = write_phantoms(out / "phantoms", n, size=256, seed=0)
+    timings["phantoms"] = time.time() - start
+
+    start = _stage("2/4 prepare: border removal, square crop, resize, WebDataset shards")
+    prepared = out / "prepared"
+    manifest = prepare([results["phantoms"]], prepared, size=128, shard_size=16, test_fraction=0.1, seed=0)
+    console.print(f"{manifest['counts']['written']} images in {len(manifest['shards'])} shards; "
+                  f"{manifest['counts']['rejected']} rejected")
+    results["prepared"] = prepared
+    timings["prepare"] = time.time() - start
+
+    start = _stage("3/4 cache: latent moments + encoder global tokens for 2 augmented views")
+    overrides = [f"data.shards={prepared}", f"train.run_dir={out / 'run'}", f"train.max_steps={steps}",
+                 f"train.checkpoint_every={max(steps // 2, 1)}", f"train.sample_every={max(steps // 2, 1)}",
+                 "train.log_every=5", "model.resolution=64"]
+    cfg = load_config("tiny", overrides)
+    build_cache(cfg, out / "cache", views=2, batch_size=16)
+    results["cache"] = out / "cache"
+    timings["cache"] = time.time() - start
+
+    start = _stage(f"4/4 train: tiny UNet, {steps} steps from the cache (resumes if interrupted)")
+    cfg.data.cache = str(out / "cache")
+    results["run"] = train(cfg)
+    timings["train"] = time.time() - start
+
+    for later in ("generate", "fid", "segment"):
+        console.print(f"[yellow]dinodiff {later}: not yet available in this version[/yellow]")
+
+    table = Table(title="dinodiff demo: where the results are")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("output")
+    table.add_row("phantoms", f"{timings['phantoms']:.1f}", str(results["phantoms"]))
+    table.add_row("prepare", f"{timings['prepare']:.1f}", f"{prepared}/manifest.json, rejects.csv, shards/")
+    table.add_row("cache", f"{timings['cache']:.1f}", f"{results['cache']}/cache.json, shards/")
+    table.add_row("train", f"{timings['train']:.1f}",
+                  f"{results['run']}/metrics.csv, samples/, checkpoints/ (model/ inside each)")
+    console.print(table)
+    return results

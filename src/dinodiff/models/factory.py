@@ -1,0 +1,146 @@
+"""Build the DiNO-Diffusion components from a ModelConfig, and save/load an inference-ready model folder.
+
+A model folder (what every checkpoint and `best/` hold) has one sub-folder per component,
+diffusers style: ``unet/``, ``projection/``, ``autoencoder/``, ``scheduler/`` and ``encoder.json``
+(the frozen encoder is referenced by id/path, never copied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+
+from dinodiff.models.autoencoders import LatentAutoencoder, load_autoencoder
+from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
+from dinodiff.models.projection import ConditionProjection
+from dinodiff.models.random_init import save_random_encoder
+from dinodiff.models.unet import build_unet
+
+RANDOM_PREFIX = "random:"
+
+
+@dataclass
+class Components:
+    encoder: GlobalTokenEncoder
+    autoencoder: LatentAutoencoder
+    unet: UNet2DConditionModel
+    projection: ConditionProjection
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("DINODIFF_CACHE", Path.home() / ".cache" / "dinodiff"))
+
+
+def resolve_encoder_path(name_or_path: str) -> str:
+    """``random:<family>`` -> a folder holding a small random ViT of that family (made once, seed 0).
+
+    Pretrained DINO weights need the internet; the random encoder lets demos and tests run the real
+    loading code offline. Its tokens are a fixed random function of the image, not DINO features.
+    """
+    if not name_or_path.startswith(RANDOM_PREFIX):
+        return name_or_path
+    family = name_or_path[len(RANDOM_PREFIX):] or "transformers-vit"
+    folder = cache_home() / "random-encoders" / family
+    if not (folder / "config.json").is_file():
+        # Several processes may race here: each writes a private folder, the first rename wins.
+        tmp = folder.with_name(f".{family}-{os.getpid()}")
+        with torch.random.fork_rng(devices=[]):  # making it must not shift the caller's RNG (UNet init)
+            save_random_encoder(tmp, family=family)
+        try:
+            tmp.rename(folder)
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def build_encoder(cfg: DictConfig) -> GlobalTokenEncoder:
+    tokens = list(cfg.tokens) if cfg.tokens is not None else None
+    return load_encoder(resolve_encoder_path(cfg.name_or_path), library=cfg.library, tokens=tokens,
+                        image_size=cfg.image_size)
+
+
+def build_autoencoder(cfg: DictConfig) -> LatentAutoencoder:
+    return load_autoencoder(cfg.kind, cfg.path, scaling_factor=cfg.scaling_factor,
+                            shift_factor=cfg.shift_factor, unshuffle_factor=cfg.unshuffle_factor)
+
+
+def build_noise_scheduler(cfg: DictConfig) -> DDPMScheduler:
+    return DDPMScheduler(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoencoder] = None) -> Components:
+    """Encoder, autoencoder, a freshly initialised (or SD-initialised) UNet and the projection."""
+    encoder = build_encoder(model_cfg.encoder)
+    autoencoder = autoencoder or build_autoencoder(model_cfg.autoencoder)
+    if model_cfg.resolution % autoencoder.downscale:
+        raise ValueError(f"model.resolution={model_cfg.resolution} is not a multiple of the autoencoder's "
+                         f"downscale factor {autoencoder.downscale}.")
+    overrides: dict[str, Any] = OmegaConf.to_container(model_cfg.unet.overrides, resolve=True)  # type: ignore[assignment]
+    cross_dim = overrides.pop("cross_attention_dim", None)
+    unet = build_unet(
+        model_cfg.unet.preset,
+        in_channels=autoencoder.latent_channels,
+        sample_size=model_cfg.resolution // autoencoder.downscale,
+        # The paper keeps SD's 768, equal to ViT-B's width, so the projection is the identity.
+        cross_attention_dim=cross_dim or _preset_cross_dim(model_cfg.unet.preset, encoder.hidden_size),
+        pretrained=model_cfg.unet.pretrained,
+        **overrides,
+    )
+    projection = ConditionProjection(encoder.hidden_size, unet.config.cross_attention_dim)
+    return Components(encoder, autoencoder, unet, projection, build_noise_scheduler(model_cfg.noise))
+
+
+def _preset_cross_dim(preset: str, encoder_width: int) -> int:
+    from dinodiff.models.unet import UNET_PRESETS
+
+    return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))
+
+
+def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, projection: ConditionProjection,
+                      autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler,
+                      model_cfg: DictConfig) -> Path:
+    """Write an inference-ready model folder (one sub-folder per component)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet")
+    projection.save_pretrained(folder / "projection")
+    autoencoder.save_pretrained(folder / "autoencoder")
+    noise_scheduler.save_pretrained(folder / "scheduler")
+    encoder_cfg = OmegaConf.to_container(model_cfg.encoder, resolve=True)
+    (folder / "encoder.json").write_text(json.dumps(encoder_cfg, indent=2))
+    (folder / "model_config.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
+    return folder
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> Components:
+    """Read back what save_model_folder wrote (the encoder by its id/path)."""
+    folder = Path(folder)
+    missing = [p for p in ("unet", "projection", "autoencoder", "scheduler", "encoder.json") if not (folder / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a dinodiff model folder: missing {', '.join(missing)}.")
+    encoder_cfg = OmegaConf.create(json.loads((folder / "encoder.json").read_text()))
+    parts = Components(
+        encoder=build_encoder(encoder_cfg),
+        autoencoder=LatentAutoencoder.from_pretrained(folder / "autoencoder"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        projection=ConditionProjection.from_pretrained(folder / "projection"),
+        noise_scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
+    )
+    for module in (parts.encoder, parts.autoencoder, parts.unet, parts.projection):
+        module.to(device).eval()
+    return parts

@@ -1,0 +1,331 @@
+"""The accelerate training loop of DiNO-Diffusion (single CPU/GPU, DDP, multi-node).
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` per process. The data stream is cut
+into segments of `checkpoint_every` steps, each seeded by (seed, segment, rank): a resumed run
+rebuilds the segment it stopped in and skips the batches it had used, so it sees exactly the
+batches an uninterrupted run would have seen, without replaying the whole history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from dinodiff import checkpointing as ckpt
+from dinodiff.config import save_config
+from dinodiff.models.denoiser import ConditionedUNet
+from dinodiff.models.factory import Components, build_components, save_model_folder
+from dinodiff.train_data import TrainData
+
+logger = logging.getLogger("dinodiff.train")
+
+METRIC_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "images_seen", "elapsed_s"]
+EvalHook = Callable[[Path, int], dict]  # (model folder, step) -> {"fid": ...}; lower first value is better
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the step is abandoned and no checkpoint is written."""
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    # bf16 autocast is 5-14x slower than fp32 on CPUs without AMX; use it only on GPUs.
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_optimizer(params, cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            logger.warning("optim.use_8bit_adam: bitsandbytes is not installed, using torch.optim.AdamW.")
+        else:
+            if on_cuda:
+                logger.info("optimizer: bitsandbytes AdamW8bit")
+                return bnb.optim.AdamW8bit(params, **kwargs)
+            logger.warning("optim.use_8bit_adam needs CUDA; using torch.optim.AdamW on this device.")
+    logger.info("optimizer: torch.optim.AdamW")
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _maybe_inject_fault(step: int) -> None:
+    """Tests kill the process mid-step (after backward, before the update) via DINODIFF_KILL_AT_STEP."""
+    if os.environ.get("DINODIFF_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, eval_hook: Optional[EvalHook] = None):
+        self.cfg, self.eval_hook = cfg, eval_hook
+        tcfg = cfg.train
+        self.run_dir = Path(tcfg.run_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(tcfg.mixed_precision),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        acc = self.accelerator
+        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        set_seed(tcfg.seed)  # identical initial weights on every rank
+        self.parts: Components = build_components(cfg.model)
+        parts = self.parts
+        for frozen in (parts.encoder, parts.autoencoder):
+            frozen.requires_grad_(False).eval().to(acc.device)
+        if tcfg.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+        self._set_attention(tcfg.attention)
+        self.model = ConditionedUNet(parts.unet, parts.projection)
+        self.ema = EMAModel(self.model.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
+        self.optimizer = make_optimizer(self.model.parameters(), cfg.optim, acc.device.type == "cuda")
+        self.lr_scheduler = get_scheduler(cfg.optim.lr_schedule, self.optimizer,
+                                          num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=tcfg.max_steps)
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
+        if self.ema is not None:
+            self.ema.to(acc.device)
+        # Noise, timesteps, latent sampling and condition dropout draw from this generator only, so
+        # data-loading randomness can never shift them; its state is saved per rank.
+        self.generator = torch.Generator(device=acc.device).manual_seed(tcfg.seed * 1000 + acc.process_index)
+        self.data = TrainData(cfg, parts, process_index=acc.process_index, num_processes=acc.num_processes)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------------- setup
+    def _set_attention(self, choice: str) -> None:
+        unet = self.parts.unet
+        wants_xformers = choice == "xformers" or (choice == "auto" and self.accelerator.device.type == "cuda")
+        if wants_xformers:
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+                logger.info("attention: xformers memory-efficient attention")
+                return
+            except Exception as err:  # noqa: BLE001 - xformers raises several types when missing/unsupported
+                if choice == "xformers":
+                    raise ValueError(f"train.attention=xformers but xformers is unusable here: {err}") from err
+        logger.info("attention: PyTorch scaled_dot_product_attention (SDPA)")
+
+    # ------------------------------------------------------------------------------------ loop
+    def run(self) -> Path:
+        acc, tcfg = self.accelerator, self.cfg.train
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_staging(self.run_dir)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+        self._maybe_resume()
+        metrics = ckpt.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
+        if acc.is_main_process:
+            metrics.truncate_after(self.step)
+            acc.init_trackers("dinodiff")
+        images_per_step = tcfg.batch_size * tcfg.grad_accum * acc.num_processes
+        logger.info("training %d steps from step %d: %d images/step (%d per device x %d processes x %d accumulation)",
+                    tcfg.max_steps, self.step, images_per_step, tcfg.batch_size, acc.num_processes, tcfg.grad_accum)
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
+        start, window_start, window_steps = time.time(), time.time(), 0
+        batches = self._batches()
+        while self.step < tcfg.max_steps:
+            loss, grad_norm = self._optimizer_step(batches)
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                speed = window_steps * images_per_step / max(time.time() - window_start, 1e-9)
+                row = dict(step=self.step, loss=f"{loss:.6f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.3e}",
+                           grad_norm=f"{grad_norm:.4f}", images_per_s=f"{speed:.2f}",
+                           images_seen=self.step * images_per_step, elapsed_s=f"{time.time() - start:.1f}")
+                if acc.is_main_process:
+                    metrics.append(row)
+                    acc.log({"loss": loss, "lr": float(row["lr"]), "grad_norm": grad_norm, "images_per_s": speed}, step=self.step)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                window_start, window_steps = time.time(), 0
+            if self.step % tcfg.sample_every == 0 or self.step == tcfg.max_steps:
+                self._sample_grid()
+            if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.max_steps:
+                saved = self._save_checkpoint()
+                if tcfg.eval_every and self.step % tcfg.eval_every == 0:
+                    self._evaluate(saved)
+            if self.step % tcfg.checkpoint_every == 0:
+                batches = self._batches()  # a new data segment starts here (see module docstring)
+        bar.close()
+        acc.end_training()
+        return self.run_dir
+
+    def _batches(self) -> Iterator[dict]:
+        every = self.cfg.train.checkpoint_every
+        segment = self.step // every
+        skip = (self.step - segment * every) * self.cfg.train.grad_accum
+        return self.data.batches(segment=segment, skip=skip)
+
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[float, float]:
+        acc, tcfg = self.accelerator, self.cfg.train
+        self.model.train()
+        total = 0.0
+        for micro in range(tcfg.grad_accum):
+            batch = next(batches)
+            sync = micro == tcfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss = self._loss(batch)
+                # Every rank sees every rank's loss, so all of them stop together on a NaN.
+                all_losses = acc.gather(loss.detach().reshape(1))
+                if not torch.isfinite(all_losses).all():
+                    raise TrainingDiverged(
+                        f"non-finite loss {all_losses.tolist()} at step {self.step + 1}; nothing was saved after "
+                        f"checkpoint {self.step - self.step % tcfg.checkpoint_every}. Lower optim.lr, set "
+                        "optim.max_grad_norm, or use train.mixed_precision=no to find the cause.")
+                acc.backward(loss / tcfg.grad_accum)
+                total += all_losses.mean().item() / tcfg.grad_accum
+        _maybe_inject_fault(self.step + 1)
+        grad_norm = float("nan")
+        if self.cfg.optim.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+            if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps itself
+                raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}; no checkpoint written.")
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        return total, grad_norm
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        parts, tcfg, gen = self.parts, self.cfg.train, self.generator
+        latents, c_glb = self.data.latents_and_condition(batch, gen)
+        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+        if tcfg.noise_offset:
+            noise = noise + tcfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen, device=latents.device)
+        sched = parts.noise_scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        if tcfg.cond_dropout > 0:  # the null condition is an all-zero c_GLB
+            keep = torch.rand(latents.shape[0], generator=gen, device=latents.device) >= tcfg.cond_dropout
+            c_glb = c_glb * keep[:, None, None].to(c_glb.dtype)
+        pred = self.model(noisy, t, c_glb).float()
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        if tcfg.snr_gamma is None:
+            return F.mse_loss(pred, target)
+        snr = compute_snr(sched, t)
+        weight = torch.clamp(snr, max=tcfg.snr_gamma) / (snr if sched.config.prediction_type == "epsilon" else snr + 1)
+        per_item = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * weight).mean()
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        staging = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.TMP_PREFIX}{self.step}"
+        if acc.is_main_process:
+            ckpt.staging_dir(self.run_dir, self.step)
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        trainer_dir = staging / "trainer"
+        trainer_dir.mkdir(exist_ok=True)
+        torch.save(self.generator.get_state(), trainer_dir / f"generator_rank{acc.process_index}.pt")
+        if acc.is_main_process:
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), trainer_dir / "ema.pt")
+            self._write_model_folder(staging / "model")
+        acc.wait_for_everyone()
+        final = staging.parent / f"checkpoint-{self.step}"
+        if acc.is_main_process:
+            # state.json last: its presence marks the checkpoint complete.
+            ckpt.write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
+            final = ckpt.commit(staging, self.step)
+            ckpt.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _write_model_folder(self, folder: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        with self._ema_weights(model):
+            save_model_folder(folder, unet=model.unet, projection=model.projection, autoencoder=self.parts.autoencoder,
+                              noise_scheduler=self.parts.noise_scheduler, model_cfg=self.cfg.model)
+
+    @contextlib.contextmanager
+    def _ema_weights(self, model: torch.nn.Module):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(model.parameters())
+        self.ema.copy_to(model.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(model.parameters())
+
+    def _maybe_resume(self) -> None:
+        acc = self.accelerator
+        found = ckpt.resolve_resume(self.run_dir, self.cfg.train.resume)
+        if found is None:
+            return
+        state = ckpt.read_json(found / "trainer" / "state.json")
+        if state["num_processes"] != acc.num_processes:
+            logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
+                           "from an uninterrupted run.", state["num_processes"], acc.num_processes)
+        acc.load_state(str(found))
+        gen_file = found / "trainer" / f"generator_rank{acc.process_index}.pt"
+        if gen_file.is_file():
+            self.generator.set_state(torch.load(gen_file, map_location="cpu", weights_only=True))
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(found / "trainer" / "ema.pt", map_location="cpu", weights_only=True))
+            self.ema.to(acc.device)
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", found, self.step)
+
+    # ------------------------------------------------------------------- samples, evaluation
+    def _sample_grid(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from dinodiff.train_data import save_reconstruction_grid
+
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        with self._ema_weights(model), torch.no_grad():
+            out = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+            save_reconstruction_grid(out, self.data.holdout_images(), model, self.parts,
+                                     steps=self.cfg.train.sample_steps, seed=self.cfg.train.seed)
+
+    def _evaluate(self, checkpoint: Path) -> None:
+        if self.eval_hook is None:
+            logger.warning("train.eval_every is set but no evaluation hook is installed; skipping.")
+            return
+        if not self.accelerator.is_main_process:
+            return
+        scores = self.eval_hook(checkpoint / "model", self.step)
+        best_file = self.run_dir / "best" / "best.json"
+        name, value = next(iter(scores.items()))
+        previous = ckpt.read_json(best_file) if best_file.is_file() else None
+        if previous is None or value < previous["value"]:
+            import shutil
+
+            tmp = self.run_dir / ".best-tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint / "model", tmp / "model")
+            ckpt.write_json_atomic(tmp / "best.json", {"step": self.step, "metric": name, "value": value, "scores": scores})
+            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+            tmp.rename(self.run_dir / "best")
+        self.accelerator.log(scores, step=self.step)
+
+
+def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:
+    """Train (or resume) the run described by `cfg`; returns the run folder."""
+    return Trainer(cfg, eval_hook=eval_hook).run()

@@ -1,0 +1,133 @@
+"""What the trainer feeds on: prepared shards (frozen models run on the fly) or the latent cache.
+
+Both paths give the same thing to the loss: normalised latents (B, C, h, w) and c_GLB (B, S, N).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from dinodiff.models.factory import Components
+
+logger = logging.getLogger("dinodiff.train")
+
+
+def _stream_seed(seed: int, segment: int, rank: int) -> int:
+    return (seed * 1_000_003 + segment * 7919 + rank * 104_729) % (2**31)
+
+
+class TrainData:
+    def __init__(self, cfg: DictConfig, parts: Components, *, process_index: int = 0, num_processes: int = 1):
+        self.cfg, self.parts = cfg, parts
+        self.rank, self.world = process_index, num_processes
+        self.device = next(parts.unet.parameters()).device
+        self._holdout: Optional[torch.Tensor] = None
+        self.cache_info: Optional[dict] = None
+        if cfg.data.cache:
+            from dinodiff.cache import read_cache_info
+
+            self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
+            parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
+        elif not cfg.data.shards:
+            raise ValueError("No training data: set data.shards=<prepared folder or shard pattern> "
+                             "(from `dinodiff prepare`) or data.cache=<folder from `dinodiff cache`>.")
+        else:
+            self._ensure_latent_stats()
+
+    # -------------------------------------------------------------------------------- streams
+    def batches(self, *, segment: int, skip: int = 0) -> Iterator[dict]:
+        """An endless stream of micro-batches for this rank, deterministic in (seed, segment, rank)."""
+        seed = _stream_seed(self.cfg.train.seed, segment, self.rank)
+        if self.cache_info is not None:
+            from dinodiff.cache import build_cache_loader
+
+            loader = build_cache_loader(self.cfg.data.cache, batch_size=self.cfg.train.batch_size,
+                                        num_workers=self.cfg.data.num_workers, seed=seed,
+                                        shuffle_buffer=self.cfg.data.shuffle_buffer)
+        else:
+            from dinodiff.data.loader import build_train_loader
+
+            loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
+                                        num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
+                                        augment=self.cfg.data.augment, resampled=True, seed=seed,
+                                        shuffle_buffer=self.cfg.data.shuffle_buffer, split_by_node=False)
+        return itertools.islice(iter(loader), skip, None)
+
+    def latents_and_condition(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ae = self.parts.autoencoder
+        if self.cache_info is not None:
+            moments = batch["moments"].to(self.device, torch.float32)
+            return ae.moments_to_latents(moments, generator=generator), batch["c_glb"].to(self.device, torch.float32)
+        pixels = batch["pixel_values"].to(self.device, torch.float32)
+        with torch.no_grad():
+            return ae.encode(pixels, generator=generator), self.parts.encoder(pixels)
+
+    # ---------------------------------------------------------------------- held-out images
+    def holdout_images(self) -> torch.Tensor:
+        """The first `data.num_holdout` images of the test split (else train), un-augmented, (N,1,H,W) in [0,1]."""
+        if self._holdout is None:
+            self._holdout = first_images(self._source_shards(), self.cfg.data.num_holdout, self.cfg.model.resolution)
+        return self._holdout
+
+    def _source_shards(self) -> str:
+        if self.cfg.data.shards:
+            return str(self.cfg.data.shards)
+        return str(self.cache_info["source_shards"])
+
+    def _ensure_latent_stats(self) -> None:
+        ae, cfg = self.parts.autoencoder, self.cfg.model.autoencoder
+        if cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
+            return  # given, or read from the autoencoder's own config
+        from dinodiff.models.autoencoders import estimate_latent_stats
+
+        images = first_images(str(self.cfg.data.shards), cfg.estimate_stats_images, self.cfg.model.resolution,
+                              prefer_test=False)
+        scale, shift = estimate_latent_stats(ae, images.to(self.device).split(16), max_images=len(images))
+        ae.set_latent_stats(scale, shift)
+        logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
+
+
+def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -> torch.Tensor:
+    """The first `count` images, in shard order, of a prepared folder (its test split when asked and present)."""
+    from dinodiff.data.loader import build_eval_dataset
+    from dinodiff.data.shards import list_shards
+
+    urls: str | list[str] = shards
+    if Path(shards).is_dir():
+        urls = (prefer_test and list_shards(shards, "test")) or list_shards(shards, "train") or list_shards(shards)
+        if not urls:
+            raise FileNotFoundError(f"No shards found in {shards}; run `dinodiff prepare ... --out {shards}` first.")
+    images = [sample["pixel_values"] for sample in itertools.islice(iter(build_eval_dataset(urls, size=size)), count)]
+    if not images:
+        raise FileNotFoundError(f"No images could be read from {shards}.")
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def save_reconstruction_grid(path: Path, images: torch.Tensor, model, parts: Components, *, steps: int = 25,
+                             seed: int = 0, variations: int = 3) -> Path:
+    """Rows: a held-out image, then `variations` samples conditioned on its c_GLB (the paper's reconstruction)."""
+    from torchvision.utils import save_image
+
+    from dinodiff.sampling import inference_scheduler, sample_latents
+
+    device = next(model.parameters()).device
+    images = images.to(device)
+    cond = model.projection(parts.encoder(images)).repeat_interleave(variations, dim=0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    latents = sample_latents(model.unet, inference_scheduler(parts.noise_scheduler), cond,
+                             latent_shape=(model.unet.config.in_channels, model.unet.config.sample_size,
+                                           model.unet.config.sample_size),
+                             num_inference_steps=steps, generator=generator)
+    samples = parts.autoencoder.decode(latents).float().mean(dim=1, keepdim=True).clamp(0, 1)
+    samples = samples.view(len(images), variations, *samples.shape[1:])
+    rows = torch.cat([images[:, None].float(), samples], dim=1).flatten(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.cpu(), path, nrow=variations + 1, padding=2, pad_value=1.0)
+    return path
