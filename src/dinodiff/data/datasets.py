@@ -1,0 +1,411 @@
+"""Dataset adapters: turn a folder, a CSV or a public CXR dataset layout into `Record`s.
+
+Every adapter returns records sorted by `id`. An `id` is derived from the file's path relative
+to the dataset's image root, so it is readable, stable across runs and a valid WebDataset key
+(letters, digits, `_` and `-` only; no dots).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+KINDS = ("folder", "csv", "mimic-cxr", "montgomery", "shenzhen", "jsrt")
+MIMIC_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumonia", "Pneumothorax",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+# Extensions stripped from ids. Anything else stays in the id: DICOM files are often named by
+# dotted UIDs ("1.2.840.113619.2.55.3"), and dropping their last component would collide.
+_STRIP_EXTENSIONS = set(IMAGE_EXTENSIONS) | {".gif", ".bmp", ".img", ".webp", ".jp2", ".txt", ".csv", ".json"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MAX_ID = 120
+LABELS_FILE = "labels.csv"  # optional label table at the root of a folder or mask layout
+_JSRT_NAME = re.compile(r"^JPC[LN]N\d{3}$", re.IGNORECASE)
+_JSRT_EXTENSIONS = {".img", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+_TB_NAME = re.compile(r"^(MCUCXR|CHNCXR)_\d+_([01])$")  # Montgomery/Shenzhen: suffix _1 = tuberculosis
+
+
+@dataclass
+class Record:
+    """One input image: where it is, its stable id, and what the dataset says about it."""
+
+    path: Path
+    id: str
+    dataset: str
+    labels: dict[str, float | None] = field(default_factory=dict)  # 1/0/None; MIMIC uncertain = -1.0
+    view: str | None = None
+    split: str = "train"
+    masks: dict[str, Path] = field(default_factory=dict)
+    split_fixed: bool = False  # True when the dataset itself defines the split (MIMIC p19, a CSV column)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def make_id(relpath: str | PurePosixPath) -> str:
+    """Readable, unique WebDataset key for a relative path (`a/b c.png` -> `a__b_c-<hash>`).
+
+    Path parts are joined with `__`; a short hash of the full relative path is appended whenever
+    sanitising lost information, so distinct paths never share an id.
+    """
+    rel = PurePosixPath(relpath)
+    parts = list(rel.parts)
+    if rel.suffix.lower() in _STRIP_EXTENSIONS:
+        parts[-1] = rel.stem
+    clean = [_UNSAFE.sub("_", p) for p in parts]
+    lossy = any(c != p or "__" in p or not p for c, p in zip(clean, parts))
+    ident = "__".join(clean)
+    if lossy or len(ident) > _MAX_ID:
+        ident = f"{ident[:_MAX_ID - 9]}-{_short_hash(rel.as_posix())}"
+    return ident
+
+
+def dedupe_ids(records: list[Record], relpaths: list[str]) -> list[Record]:
+    """Append a path hash to ids that still collide (e.g. `a.png` and `a.jpg`), then sort."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.id].append(i)
+    for ident, idx in groups.items():
+        if len(idx) > 1:
+            for i in idx:
+                records[i].id = f"{ident[:_MAX_ID - 9]}-{_short_hash(relpaths[i])}"
+    return sorted(records, key=lambda r: r.id)
+
+
+def _is_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """All regular files under root, skipping hidden files and folders (.DS_Store, ._x.png, .git)."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def is_image_file(path: Path) -> bool:
+    """Image extension, or any other file with the DICOM `DICM` preamble (`IM0001`, `1.2.840.5`)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom_preamble(path)
+
+
+def discover_folder(root: Path, dataset: str | None = None) -> list[Record]:
+    """Every non-hidden file under `root`, recursively.
+
+    Files that are not images (by extension or DICOM preamble) are still returned, so that
+    `prepare` reports them as 'not an image' instead of letting them vanish silently.
+    """
+    root = Path(root)
+    name = dataset or root.name
+    if root.is_file():
+        return [Record(path=root.resolve(), id=make_id(root.name), dataset=name)]
+    files = [f for f in _walk_files(root) if f != root / LABELS_FILE]
+    rels = [f.relative_to(root).as_posix() for f in files]
+    recs = [Record(path=f.resolve(), id=make_id(r), dataset=name) for f, r in zip(files, rels)]
+    return attach_labels(root, dedupe_ids(recs, rels))
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+
+
+def _parse_label(value: str | None) -> float | None:
+    if value is None or value.strip() == "":
+        return None
+    v = value.strip().lower()
+    if v in ("true", "yes"):
+        return 1.0
+    if v in ("false", "no"):
+        return 0.0
+    return float(v)
+
+
+def _is_label_column(values: list[str]) -> bool:
+    try:
+        parsed = {_parse_label(v) for v in values}
+    except ValueError:
+        return False
+    return parsed - {None} <= {-1.0, 0.0, 1.0} and parsed != {None}
+
+
+def _split_values(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _categories(values) -> list[str]:
+    return sorted({v for value in values for v in _split_values(value)})
+
+
+def discover_csv(
+    csv_path: Path, path_column: str | None = None, label_columns: list[str] | None = None,
+    root: str | Path | None = None, view_column: str | None = None, split_column: str | None = None,
+    dataset: str | None = None,
+) -> list[Record]:
+    """Rows of a CSV: a path column (relative to `root`, default the CSV's folder) and labels.
+
+    Without `label_columns`, every column whose values are all in {1, 0, -1, empty, true, false}
+    is taken as a label. A named text column (e.g. `finding` = "COVID-19, ARDS") becomes one
+    multi-hot label per distinct comma-separated value. `view_column` and `split_column` default
+    to `view`/`ViewPosition` and `split`.
+    """
+    csv_path = Path(csv_path)
+    with _open_text(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    cols = list(rows[0].keys())
+    path_column = path_column or next(
+        (c for c in ("path", "filename", "file", "image", "image_path", "Path") if c in cols), None)
+    if path_column not in cols:
+        raise ValueError(f"{csv_path}: no path column; pass path_column= (columns: {cols})")
+    view_column = view_column or next((c for c in ("view", "ViewPosition") if c in cols), None)
+    split_column = split_column or ("split" if "split" in cols else None)
+    if label_columns is None:
+        skip = {path_column, view_column, split_column}
+        label_columns = [c for c in cols if c not in skip and _is_label_column([r[c] for r in rows])]
+    missing = [c for c in label_columns if c not in cols]
+    if missing:
+        raise ValueError(f"{csv_path}: label columns {missing} not found (columns: {cols})")
+    base = Path(root) if root is not None else csv_path.parent
+    if not any((base / r[path_column].strip()).exists() for r in rows):
+        raise ValueError(f"{csv_path}: none of the {len(rows)} paths in column {path_column!r} exist under "
+                         f"{base}; pass root= (the folder they are relative to)")
+    binary = [c for c in label_columns if _is_label_column([r[c] for r in rows])]
+    categorical = {c: _categories(r[c] for r in rows) for c in label_columns if c not in binary}
+    recs, rels = [], []
+    for row in rows:
+        rel = row[path_column].strip()
+        labels = {c: _parse_label(row[c]) for c in binary}
+        for c, names in categorical.items():
+            present = set(_split_values(row[c]))
+            labels.update({n: (float(n in present) if present else None) for n in names})
+        recs.append(Record(
+            path=(base / rel).resolve(), id=make_id(rel), dataset=dataset or csv_path.parent.name, labels=labels,
+            view=(row.get(view_column) or None) if view_column else None,
+            split=(row[split_column].strip() or "train") if split_column else "train",
+            split_fixed=bool(split_column),
+        ))
+        rels.append(rel)
+    return dedupe_ids(recs, rels)
+
+
+def attach_labels(root: Path, records: list[Record]) -> list[Record]:
+    """Merge `root/labels.csv` (a path column relative to root + label columns), when present.
+
+    This is how label files that travel with an image layout (e.g. the phantoms' Montgomery-style
+    tree) reach the shards. A labels.csv that does not describe these images is ignored with a warning.
+    """
+    table_path = Path(root) / LABELS_FILE
+    if not table_path.is_file():
+        return records
+    try:
+        table = {r.path: r for r in discover_csv(table_path, root=root)}
+    except ValueError as e:
+        log.warning("ignoring %s: %s", table_path, e)
+        return records
+    for rec in records:
+        row = table.get(rec.path)
+        if row is not None:
+            rec.labels = {**rec.labels, **row.labels}
+            rec.view = rec.view or row.view
+            if row.split_fixed:
+                rec.split, rec.split_fixed = row.split, True
+    return records
+
+
+def _mimic_csv(root: Path, name: str) -> Path:
+    for p in (root / f"{name}.csv.gz", root / f"{name}.csv"):
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{root}: missing {name}.csv(.gz); is this a MIMIC-CXR-JPG root?")
+
+
+def discover_mimic(
+    root: Path, views: tuple[str, ...] = ("PA", "AP"), test_groups: tuple[str, ...] = ("p19",),
+    labels: tuple[str, ...] = MIMIC_LABELS, require_files: bool = True,
+) -> list[Record]:
+    """MIMIC-CXR-JPG frontal images with CheXpert labels; patient groups in `test_groups` -> test.
+
+    Labels are per study: 1.0, 0.0, -1.0 (uncertain, kept as such) or None (not mentioned).
+    With `require_files`, rows whose JPEG is absent (a partial download) are skipped and counted
+    in a warning rather than turned into thousands of rejects.
+    """
+    root = Path(root)
+    with _open_text(_mimic_csv(root, "mimic-cxr-2.0.0-chexpert")) as f:
+        study_labels = {
+            (r["subject_id"], r["study_id"]): {k: _parse_label(r.get(k)) for k in labels} for r in csv.DictReader(f)
+        }
+    recs, rels, missing = [], [], 0
+    with _open_text(_mimic_csv(root, "mimic-cxr-2.0.0-metadata")) as f:
+        for r in csv.DictReader(f):
+            if r["ViewPosition"] not in views:
+                continue
+            subj, study = r["subject_id"], r["study_id"]
+            rel = f"p{subj[:2]}/p{subj}/s{study}/{r['dicom_id']}.jpg"
+            path = root / "files" / rel
+            if require_files and not path.exists():
+                missing += 1
+                continue
+            recs.append(Record(
+                path=path.resolve(), id=make_id(rel), dataset="mimic-cxr",
+                labels=dict(study_labels.get((subj, study), {k: None for k in labels})),
+                view=r["ViewPosition"], split="test" if f"p{subj[:2]}" in test_groups else "train",
+                split_fixed=True,
+            ))
+            rels.append(rel)
+    if missing:
+        log.warning("mimic-cxr: %d frontal images listed in the metadata are not on disk; skipped", missing)
+    return dedupe_ids(recs, rels)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return [p for p in _walk_files(folder) if p.parent == folder] if folder.is_dir() else []
+
+
+def _by_stem(folder: Path, suffix: str = "") -> dict[str, Path]:
+    """Files in `folder` keyed by stem, with `suffix` (e.g. '_mask') removed."""
+    out = {}
+    for p in _images_in(folder):
+        stem = p.stem[: -len(suffix)] if suffix and p.stem.endswith(suffix) else p.stem
+        out.setdefault(stem, p)
+    return out
+
+
+def _tb_label(stem: str) -> dict[str, float | None]:
+    m = _TB_NAME.match(stem)
+    return {"Tuberculosis": float(m.group(2))} if m else {}
+
+
+def _with_masks(root: Path, img_dir: Path, dataset: str, mask_maps: dict[str, dict[str, Path]]) -> list[Record]:
+    recs, rels = [], []
+    for p in _images_in(img_dir):
+        rel = p.relative_to(img_dir).as_posix()
+        masks = {name: m[p.stem].resolve() for name, m in mask_maps.items() if p.stem in m}
+        recs.append(Record(path=p.resolve(), id=make_id(rel), dataset=dataset, labels=_tb_label(p.stem), masks=masks))
+        rels.append(rel)
+    return attach_labels(root, dedupe_ids(recs, rels))
+
+
+def discover_montgomery(root: Path) -> list[Record]:
+    """Montgomery layout: CXR_png/<stem>.png + ManualMask/leftMask|rightMask/<stem>.png."""
+    root = Path(root)
+    maps = {"left": _by_stem(root / "ManualMask" / "leftMask"), "right": _by_stem(root / "ManualMask" / "rightMask")}
+    return _with_masks(root, root / "CXR_png", "montgomery", maps)
+
+
+def discover_shenzhen(root: Path) -> list[Record]:
+    """Shenzhen layout: CXR_png/<stem>.png + masks/<stem>_mask.png (or mask/); mask name 'lungs'."""
+    root = Path(root)
+    mask_dir = root / "masks" if (root / "masks").is_dir() else root / "mask"
+    return _with_masks(root, root / "CXR_png", "shenzhen", {"lungs": _by_stem(mask_dir, "_mask")})
+
+
+def _norm_dir(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name.lower())
+
+
+def discover_jsrt(root: Path) -> list[Record]:
+    """JSRT images (JPCLN###/JPCNN###, raw .IMG or converted PNG) with SCR lung masks.
+
+    SCR ships masks as `<fold>/masks/left lung/JPCLN001.gif` and `.../right lung/...` (1024^2,
+    half the 2048^2 images; `prepare` resizes masks to the image first). Any folder named
+    'left lung'/'left_lung'/'leftlung' (and right) under `root` is searched. Label: Nodule (JPCLN=1).
+    """
+    root = Path(root)
+    images: dict[str, Path] = {}
+    masks: dict[str, dict[str, Path]] = {"left": {}, "right": {}}
+    for p in _walk_files(root):
+        d = _norm_dir(p.parent.name)
+        if d in ("leftlung", "rightlung"):
+            masks[d[:-4]].setdefault(p.stem.upper(), p.resolve())
+        elif _JSRT_NAME.match(p.stem) and p.suffix.lower() in _JSRT_EXTENSIONS:
+            # prefer the raw .IMG original over converted copies of the same case
+            if p.stem.upper() not in images or p.suffix.lower() == ".img":
+                images[p.stem.upper()] = p
+    recs = []
+    for stem, p in images.items():
+        m = {k: v[stem] for k, v in masks.items() if stem in v}
+        nodule = {"Nodule": float(stem[3] == "L")}
+        recs.append(Record(path=p.resolve(), id=stem, dataset="jsrt", labels=nodule, masks=m))
+    return attach_labels(root, sorted(recs, key=lambda r: r.id))
+
+
+def read_jsrt_raw(path: str | Path) -> np.ndarray:
+    """A JSRT `.IMG`: headerless 2048x2048 big-endian 12-bit, stored inverted (0 = dense/white).
+
+    Returned as uint16 with the usual display polarity (bone bright).
+    """
+    arr = np.fromfile(path, dtype=">u2")
+    if arr.size != 2048 * 2048:
+        raise ValueError(f"{path}: {arr.size * 2} bytes, expected a 2048x2048 16-bit JSRT .IMG")
+    return (4095 - np.clip(arr, 0, 4095)).reshape(2048, 2048).astype(np.uint16)
+
+
+def _has_dir(root: Path, names: set[str], depth: int = 3) -> bool:
+    """Whether a folder whose normalised name is in `names` sits within `depth` levels of root."""
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for d in frontier:
+            try:
+                subs = [e for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")]
+            except OSError:
+                continue
+            if any(_norm_dir(e.name) in names for e in subs):
+                return True
+            nxt.extend(Path(e.path) for e in subs)
+        frontier = nxt
+    return False
+
+
+def detect_kind(source: str | Path) -> str:
+    """Guess the adapter for a source from its layout (falls back to 'folder')."""
+    src = Path(source)
+    if src.is_file():
+        return "csv" if src.name.endswith((".csv", ".csv.gz")) else "folder"
+    if any((src / f"mimic-cxr-2.0.0-metadata{e}").exists() for e in (".csv", ".csv.gz")):
+        return "mimic-cxr"
+    if (src / "CXR_png").is_dir() and (src / "ManualMask").is_dir():
+        return "montgomery"
+    if (src / "CXR_png").is_dir() and ((src / "masks").is_dir() or (src / "mask").is_dir()):
+        return "shenzhen"
+    if _has_dir(src, {"all247images", "leftlung"}):
+        return "jsrt"
+    return "folder"
+
+
+_ADAPTERS = {
+    "folder": discover_folder, "csv": discover_csv, "mimic-cxr": discover_mimic,
+    "montgomery": discover_montgomery, "shenzhen": discover_shenzhen, "jsrt": discover_jsrt,
+}
+
+
+def discover(source: str | Path, kind: str = "auto", **options) -> list[Record]:
+    """Records of one source, sorted by id. `kind='auto'` detects the layout (see `detect_kind`)."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src}")
+    if kind == "auto":
+        kind = detect_kind(src)
+    if kind not in _ADAPTERS:
+        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {('auto',) + KINDS}")
+    return _ADAPTERS[kind](src, **options)

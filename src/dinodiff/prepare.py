@@ -1,0 +1,324 @@
+"""The `prepare` stage: raw images -> WebDataset shards + manifest.json + rejects.csv.
+
+Records are sorted by id, split, and cut into fixed chunks of `shard_size` *input* records, one
+shard per chunk, so shard boundaries never depend on which files turn out unreadable. Each shard
+is written atomically with a sidecar (`<shard>.meta.json`: fingerprint, rejects, statistics);
+a rerun skips every chunk whose sidecar fingerprint still matches, and reproduces the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+import dinodiff
+from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover, read_jsrt_raw
+from dinodiff.data.preprocess import preprocess_image, preprocess_mask
+from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, read_grey, to_uint8
+from dinodiff.data.shards import SHARD_DIR, encode_json, encode_png, shard_path, write_bytes_atomic, write_shard
+
+FORMAT_VERSION = 1
+PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
+_OURS = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.(tar|meta\.json)$")
+
+
+class NothingUsable(Exception):
+    """No input could be used; the message says what was found and why it was rejected."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    size: int
+    min_size: int
+    remove_borders: bool
+    intensity: str
+
+
+_SETTINGS: _Settings | None = None  # set in each worker by _init_worker
+
+
+def _init_worker(settings: _Settings) -> None:
+    global _SETTINGS
+    _SETTINGS = settings
+
+
+def _load(path: Path, intensity: str) -> tuple[np.ndarray, dict]:
+    if path.suffix.lower() == ".img":  # JSRT raw; no reader can sniff a headerless file
+        try:
+            return to_uint8(read_jsrt_raw(path), intensity), {"format": "jsrt-raw", "bit_depth": 12, "view": "PA"}
+        except (ValueError, OSError):
+            raise UnreadableImage("not a JSRT .IMG (expected 2048x2048 16-bit raw)") from None
+    arr, meta = read_grey(path)
+    return to_uint8(arr, intensity), meta
+
+
+def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    mask, _ = read_grey(path)
+    if mask.shape != tuple(shape):
+        (mh, mw), (h, w) = mask.shape, shape
+        if abs(mh / mw - h / w) > 0.01:
+            raise ValueError(f"mask {mw}x{mh} does not match image {w}x{h}")
+        # SCR masks are half the JSRT resolution: bring them to the image size, nearest keeps 0/255
+        mask = np.asarray(Image.fromarray(to_uint8(mask)).resize((w, h), Image.Resampling.NEAREST))
+    return mask
+
+
+def process_record(rec: Record) -> tuple:
+    """One record -> ('ok', sample dict, 256-bin histogram) or ('reject', reason, detail)."""
+    s = _SETTINGS
+    try:
+        img, meta = _load(rec.path, s.intensity)
+        out, info = preprocess_image(img, s.size, s.remove_borders, s.min_size)
+    except UnreadableImage as e:
+        return ("reject", e.reason, "")
+    except Exception as e:  # an unexpected failure on one file must not stop the run
+        return ("reject", f"error: {type(e).__name__}", str(e)[:300])
+    sample: dict = {"__key__": rec.id, "png": encode_png(out)}
+    mask_errors = {}
+    for name, mpath in sorted(rec.masks.items()):
+        try:
+            sample[f"mask_{name}.png"] = encode_png(preprocess_mask(_load_mask(mpath, info.original_size), info))
+        except Exception as e:  # a bad mask costs the mask, not the image
+            mask_errors[name] = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"[:200]
+    sample["json"] = {
+        "id": rec.id, "path": str(rec.path), "dataset": rec.dataset, "split": rec.split,
+        "view": rec.view or meta.get("view"), "labels": rec.labels,
+        "masks": sorted(k[5:-4] for k in sample if k.startswith("mask_")),
+        "format": meta.get("format"), "bit_depth": meta.get("bit_depth"), **info.to_json(),
+        **({"mask_errors": mask_errors} if mask_errors else {}),
+    }
+    return ("ok", sample, np.bincount(out.ravel(), minlength=256))
+
+
+def _split_of(rec: Record, test_fraction: float, seed: int) -> str:
+    if rec.split_fixed or test_fraction <= 0:
+        return rec.split
+    h = int(hashlib.sha1(f"{seed}:{rec.id}".encode()).hexdigest()[:12], 16) / 16**12
+    return "test" if h < test_fraction else "train"
+
+
+def _collect(sources: list[Path], kind: str, out: Path) -> tuple[list[Record], dict[str, str]]:
+    records: list[Record] = []
+    kinds = {}
+    for src in sources:
+        kinds[str(src)] = detect_kind(src) if kind == "auto" else kind
+        # an output folder inside a source must not feed its own shards back in on a rerun
+        recs = [r for r in discover(src, kinds[str(src)]) if out not in r.path.parents]
+        if len(sources) > 1:  # ids from different sources may clash: prefix the source's name
+            prefix = re.sub(r"[^A-Za-z0-9_-]+", "_", src.stem)
+            for r in recs:
+                r.id = f"{prefix}__{r.id}"
+        records.extend(recs)
+    return dedupe_ids(records, [str(r.path) for r in records]), kinds
+
+
+def _fingerprint(chunk: list[Record], settings: _Settings) -> str:
+    """Hash of everything a shard's bytes depend on, including each input file's size and mtime."""
+    h = hashlib.sha256(encode_json({"format": FORMAT_VERSION, **asdict(settings)}))
+    for r in chunk:
+        try:
+            st = os.stat(r.path)
+            stat = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stat = None
+        masks = {k: str(v) for k, v in r.masks.items()}
+        h.update(encode_json({"r": [r.id, str(r.path), r.dataset, r.labels, r.view, r.split, masks, stat]}))
+    return h.hexdigest()
+
+
+def _sidecar(tar: Path) -> Path:
+    return tar.with_name(tar.name[: -len(".tar")] + ".meta.json")
+
+
+def _done(tar: Path, fingerprint: str) -> dict | None:
+    try:
+        meta = json.loads(_sidecar(tar).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = meta.get("fingerprint") == fingerprint and (meta["samples"] == 0 or tar.is_file())
+    return meta if ok else None
+
+
+def _finish_chunk(tar: Path, split: str, fp: str, chunk: list[Record], results: list[tuple]) -> dict:
+    samples = [r[1] for r in results if r[0] == "ok"]
+    hist = sum((r[2] for r in results if r[0] == "ok"), np.zeros(256, np.int64))
+    labels: dict[str, Counter] = {}
+    for s in samples:
+        for k, v in s["json"]["labels"].items():
+            key = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}.get(v, "unknown")
+            labels.setdefault(k, Counter())[key] += 1
+    meta = {
+        "fingerprint": fp, "shard": tar.name, "split": split, "inputs": len(chunk), "samples": len(samples),
+        "rejects": [[str(rec.path), r[1], r[2]] for rec, r in zip(chunk, results) if r[0] == "reject"],
+        "histogram": hist.tolist(), "labels": {k: dict(sorted(c.items())) for k, c in sorted(labels.items())},
+        "masks": dict(sorted(Counter(m for s in samples for m in s["json"]["masks"]).items())),
+        "views": dict(sorted(Counter(s["json"]["view"] or "unknown" for s in samples).items())),
+        "datasets": dict(sorted(Counter(s["json"]["dataset"] for s in samples).items())),
+    }
+    if samples:
+        write_shard(tar, samples)
+    elif tar.exists():
+        tar.unlink()
+    write_bytes_atomic(_sidecar(tar), encode_json(meta))
+    return meta
+
+
+def _intensity(hist: np.ndarray) -> dict:
+    n = int(hist.sum())
+    if n == 0:
+        return {}
+    levels = np.arange(256)
+    mean = float((hist * levels).sum() / n)
+    std = float(np.sqrt((hist * (levels - mean) ** 2).sum() / n))
+    cdf = np.cumsum(hist) / n
+    pct = {str(p): int(np.searchsorted(cdf, p / 100.0)) for p in PERCENTILES}
+    return {"mean": round(mean, 4), "std": round(std, 4), "percentiles": pct, "histogram": hist.tolist()}
+
+
+def _merge(metas: list[dict], key: str) -> dict:
+    total: dict[str, Counter] = {}
+    for m in metas:
+        for name, c in m[key].items():
+            total.setdefault(name, Counter()).update(c)
+    return {k: dict(sorted(c.items())) for k, c in sorted(total.items())}
+
+
+def _total(metas: list[dict], key: str) -> dict[str, int]:
+    total: Counter = Counter()
+    for m in metas:
+        total.update(m[key])
+    return dict(sorted(total.items()))
+
+
+def _manifest(metas: list[dict], params: dict) -> dict:
+    reasons = Counter(r[1] for m in metas for r in m["rejects"])
+    written = sum(m["samples"] for m in metas)
+    splits: dict[str, Counter] = {}
+    for m in metas:
+        c = splits.setdefault(m["split"], Counter())
+        c.update(found=m["inputs"], written=m["samples"], rejected=len(m["rejects"]), shards=int(m["samples"] > 0))
+    labels = _merge(metas, "labels")
+    for c in labels.values():
+        c["prevalence"] = round(c.get("positive", 0) / written, 6) if written else 0.0
+    hist = np.sum([m["histogram"] for m in metas], axis=0) if metas else np.zeros(256)
+    return {
+        "dinodiff_version": dinodiff.__version__, "format": FORMAT_VERSION, "size": params["size"],
+        "parameters": params,
+        "counts": {"found": sum(m["inputs"] for m in metas), "written": written,
+                   "rejected": sum(reasons.values()), "reject_reasons": dict(reasons.most_common())},
+        "splits": {k: dict(v) for k, v in sorted(splits.items())},
+        "shards": [{"path": f"{SHARD_DIR}/{m['shard']}", "split": m["split"], "samples": m["samples"]}
+                   for m in metas if m["samples"]],
+        "datasets": _total(metas, "datasets"), "views": _total(metas, "views"), "masks": _total(metas, "masks"),
+        "labels": labels, "intensity": _intensity(np.asarray(hist, np.int64)),
+    }
+
+
+def _write_rejects(path: Path, metas: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason", "detail"])
+    for m in metas:
+        w.writerows(m["rejects"])
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
+    """Yield (chunk, results) for each chunk in `todo`, processing records on `workers` processes."""
+    recs = [r for _, _, _, chunk in todo for r in chunk]
+    if workers <= 1:
+        _init_worker(settings)
+        stream = map(process_record, recs)
+        pool = None
+    else:
+        pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
+        # ordered imap over records (not chunks): parallel even when there is a single shard
+        stream = pool.imap(process_record, recs, chunksize=4)
+    try:
+        for item in todo:
+            results = []
+            for _ in item[3]:
+                results.append(next(stream))
+                bar.update(1)
+            yield item, results
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def prepare(
+    sources: list[str | Path], out: str | Path, *, kind: str = "auto", size: int = 512, min_size: int = 64,
+    remove_borders: bool = True, intensity: str = "minmax", shard_size: int = 1000, workers: int | None = None,
+    seed: int = 0, test_fraction: float = 0.0, progress: bool = True,
+) -> dict:
+    """Preprocess every image of `sources` into shards under `out`; returns the manifest.
+
+    Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
+    `NothingUsable` when no input at all could be used (rejects.csv is still written).
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    sources = [Path(s).expanduser().resolve() for s in sources]
+    out = Path(out).expanduser().resolve()
+    if intensity not in TO_UINT8_RULES:
+        raise ValueError(f"intensity={intensity!r}: use one of {TO_UINT8_RULES}")
+    if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"need shard_size >= 1, size >= 8 and 0 <= test_fraction < 1 "
+                         f"(got {shard_size}, {size}, {test_fraction})")
+    settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity)
+    params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
+              "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
+              "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction)}
+    records, params["kinds"] = _collect(sources, kind, out)
+    if not records:
+        raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
+    by_split: dict[str, list[Record]] = {}
+    for r in records:
+        r.split = _split_of(r, test_fraction, seed)
+        by_split.setdefault(r.split, []).append(r)
+    chunks = [(split, i // shard_size, recs[i:i + shard_size])
+              for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]
+    shards = out / SHARD_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    for p in shards.glob(".*.tmp"):  # leftovers of an interrupted run
+        p.unlink(missing_ok=True)
+    plan, metas, todo = [], {}, []
+    for split, idx, chunk in chunks:
+        tar, fp = shard_path(out, split, idx), _fingerprint(chunk, settings)
+        plan.append(tar)
+        if (meta := _done(tar, fp)) is not None:
+            metas[tar] = meta
+        else:
+            todo.append((tar, split, fp, chunk))
+    n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
+    with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
+        for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
+            metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
+    keep = {p.name for p in plan} | {_sidecar(p).name for p in plan}
+    for p in shards.iterdir():  # shards of an earlier, larger input set would pollute list_shards
+        if _OURS.match(p.name) and p.name not in keep:
+            p.unlink()
+    ordered = [metas[p] for p in plan]
+    manifest = _manifest(ordered, params)
+    _write_rejects(out / "rejects.csv", ordered)
+    write_bytes_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+    counts = manifest["counts"]
+    if counts["written"] == 0:
+        why = ", ".join(f"{n} {r!r}" for r, n in counts["reject_reasons"].items())
+        raise NothingUsable(f"nothing usable in {', '.join(map(str, sources))}: {counts['found']} "
+                            f"file{'s' if counts['found'] != 1 else ''}, "
+                            f"all rejected: {why}. See {out / 'rejects.csv'}")
+    return manifest
