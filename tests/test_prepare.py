@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_datasets import make_fake_jsrt, make_fake_mimic
 
 import dinodiff.prepare as prep
@@ -206,3 +207,19 @@ def test_bad_parameters_fail_before_any_work(tmp_path):
         prepare([tmp_path], tmp_path / "out", intensity="gamma", progress=False)
     with pytest.raises(ValueError, match="shard_size"):
         prepare([tmp_path], tmp_path / "out", shard_size=0, progress=False)
+
+
+def test_all_300_real_cxrs_become_square_border_free_images(shared_data, tmp_path):
+    manifest = prepare([shared_data / "cxr-covid" / "images"], tmp_path / "out", size=64, shard_size=100,
+                       workers=2, progress=False)
+    assert manifest["counts"]["written"] == 300 and manifest["counts"]["rejected"] == 0
+    framed = 0
+    for sample in read_samples(tmp_path / "out"):
+        image = sample["image"]
+        assert image.shape == (64, 64) and image.dtype == np.uint8
+        # A leftover frame shows as an outermost row/column that is almost all black or all white.
+        edges = [image[0], image[-1], image[:, 0], image[:, -1]]
+        framed += any(((e < 8).mean() > 0.95) or ((e > 247).mean() > 0.95) for e in edges)
+    assert framed <= 6, f"{framed} of 300 images still have a constant black/white edge"
+    with Image.open(tmp_path / "out" / "preview.png") as sheet:
+        assert sheet.size == (8 * 130, 8 * 130)

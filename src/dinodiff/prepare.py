@@ -316,9 +316,31 @@ def prepare(
     _write_rejects(out / "rejects.csv", ordered)
     write_bytes_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
     counts = manifest["counts"]
+    if counts["written"]:
+        write_preview(out)
     if counts["written"] == 0:
         why = ", ".join(f"{n} {r!r}" for r, n in counts["reject_reasons"].items())
         raise NothingUsable(f"nothing usable in {', '.join(map(str, sources))}: {counts['found']} "
                             f"file{'s' if counts['found'] != 1 else ''}, "
                             f"all rejected: {why}. See {out / 'rejects.csv'}")
     return manifest
+
+
+def write_preview(out: str | Path, count: int = 64, columns: int = 8, tile: int = 128) -> Path:
+    """`out/preview.png`: the first `count` prepared images as a contact sheet, for a person to check."""
+    from dinodiff.data.shards import list_shards, read_samples
+
+    out = Path(out)
+    tiles = []
+    for sample in read_samples(list_shards(out)):
+        tiles.append(Image.fromarray(sample["image"]).resize((tile, tile), Image.Resampling.BILINEAR))
+        if len(tiles) == count:
+            break
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("L", (columns * (tile + 2), rows * (tile + 2)), 255)
+    for i, thumb in enumerate(tiles):
+        sheet.paste(thumb, ((i % columns) * (tile + 2), (i // columns) * (tile + 2)))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    write_bytes_atomic(out / "preview.png", buffer.getvalue())
+    return out / "preview.png"
