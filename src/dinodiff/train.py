@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -138,7 +139,9 @@ class Trainer:
         images_per_step = tcfg.batch_size * tcfg.grad_accum * acc.num_processes
         logger.info("training %d steps from step %d: %d images/step (%d per device x %d processes x %d accumulation)",
                     tcfg.max_steps, self.step, images_per_step, tcfg.batch_size, acc.num_processes, tcfg.grad_accum)
-        bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train", unit="step")
+        # Redirected to a file, a progress bar redraws every 30 s instead of flooding the log.
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
+                   unit="step", mininterval=0.5 if sys.stderr.isatty() else 30)
         start, window_start, window_steps = time.time(), time.time(), 0
         batches = self._batches()
         while self.step < tcfg.max_steps:
