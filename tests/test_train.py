@@ -53,8 +53,8 @@ def test_run_writes_config_metrics_samples_and_checkpoints(tmp_path, prepared_ph
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
     assert [step for step, _ in list_checkpoints(run)] == [4, 6]  # keep-last-2
-    model = latest_checkpoint(run) / "model"
-    for part in ("unet", "projection", "autoencoder", "scheduler", "encoder.json"):
+    model = latest_checkpoint(run) / "model"  # a DiNODiffusionPipeline folder
+    for part in ("model_index.json", "unet", "vae", "scheduler", "image_encoder", "projection", "model_config.yaml"):
         assert (model / part).exists(), part
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-0000003.png", "step-0000006.png"]
     assert not list((run / "checkpoints").glob(".tmp-*"))

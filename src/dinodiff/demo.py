@@ -1,6 +1,7 @@
 """`dinodiff demo`: every available stage, end to end, on built-in synthetic phantoms (no downloads).
 
-phantoms -> prepare -> cache -> train (tiny preset) -> [generate, fid, segment: later releases]
+phantoms -> prepare -> cache -> train (tiny preset) -> generate (reconstruction grid + interpolation strips)
+-> [fid, segment: later releases]
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def _stage(title: str) -> float:
 def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -> dict[str, Path]:
     """Run the demo into `out`; every stage skips work already done, so a rerun is quick."""
     from dinodiff.cache import build_cache
+    from dinodiff.checkpointing import latest_checkpoint
     from dinodiff.config import load_config
     from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.generate import GenerateSettings, generate_dataset
     from dinodiff.prepare import prepare
     from dinodiff.train import train
 
@@ -31,11 +34,11 @@ def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -
     results: dict[str, Path] = {}
     timings: dict[str, float] = {}
 
-    start = _stage(f"1/4 phantoms: {n} synthetic chest X-rays with lung masks and labels")
+    start = _stage(f"1/5 phantoms: {n} synthetic chest X-rays with lung masks and labels")
     results["phantoms"] = write_phantoms(out / "phantoms", n, size=256, seed=0)
     timings["phantoms"] = time.time() - start
 
-    start = _stage("2/4 prepare: border removal, square crop, resize, WebDataset shards")
+    start = _stage("2/5 prepare: border removal, square crop, resize, WebDataset shards")
     prepared = out / "prepared"
     manifest = prepare([results["phantoms"]], prepared, size=128, shard_size=16, test_fraction=0.1, seed=0)
     console.print(f"{manifest['counts']['written']} images in {len(manifest['shards'])} shards; "
@@ -43,7 +46,7 @@ def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -
     results["prepared"] = prepared
     timings["prepare"] = time.time() - start
 
-    start = _stage("3/4 cache: latent moments + encoder global tokens for 2 augmented views")
+    start = _stage("3/5 cache: latent moments + encoder global tokens for 2 augmented views")
     overrides = [f"data.shards={prepared}", f"train.run_dir={out / 'run'}", f"train.max_steps={steps}",
                  f"train.checkpoint_every={max(steps // 2, 1)}", f"train.sample_every={max(steps // 2, 1)}",
                  "train.log_every=5", "model.resolution=64"]
@@ -52,12 +55,21 @@ def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -
     results["cache"] = out / "cache"
     timings["cache"] = time.time() - start
 
-    start = _stage(f"4/4 train: tiny UNet, {steps} steps from the cache (resumes if interrupted)")
+    start = _stage(f"4/5 train: tiny UNet, {steps} steps from the cache (resumes if interrupted)")
     cfg.data.cache = str(out / "cache")
     results["run"] = train(cfg)
     timings["train"] = time.time() - start
 
-    for later in ("generate", "fid", "segment"):
+    start = _stage("5/5 generate: reconstructions and label-sharing interpolations of the prepared phantoms")
+    model = latest_checkpoint(results["run"]) / "model"
+    for strategy, ratio in (("reconstruction", 3), ("interpolation", 1)):
+        settings = GenerateSettings(strategy=strategy, ratio=ratio, num_inference_steps=10,
+                                    source_options={"limit": 16})
+        results[strategy] = generate_dataset(model, prepared, out / "generated" / strategy, settings, batch_size=16,
+                                             preview_rows=4)
+    timings["generate"] = time.time() - start
+
+    for later in ("fid", "segment"):
         console.print(f"[yellow]dinodiff {later}: not yet available in this version[/yellow]")
 
     table = Table(title="dinodiff demo: where the results are")
@@ -69,5 +81,8 @@ def run_demo(out: str | Path = "demo-output", *, n: int = 48, steps: int = 60) -
     table.add_row("cache", f"{timings['cache']:.1f}", f"{results['cache']}/cache.json, shards/")
     table.add_row("train", f"{timings['train']:.1f}",
                   f"{results['run']}/metrics.csv, samples/, checkpoints/ (model/ inside each)")
+    table.add_row("generate", f"{timings['generate']:.1f}",
+                  f"{results['reconstruction']}/preview.png (grid), {results['interpolation']}/preview.png (strips), "
+                  "images/, labels.csv, provenance.json")
     console.print(table)
     return results

@@ -1,21 +1,52 @@
-"""Reverse diffusion as a pure function: conditions and a scheduler in, latents out."""
+"""Reverse diffusion as a pure function: conditions and a scheduler in, latents out.
+
+This is the one sampling loop of dinodiff: training-time sample grids, `DiNODiffusionPipeline` and
+`dinodiff generate` all run it.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Callable, Iterable, Optional, Union
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+Generators = Union[torch.Generator, list[torch.Generator], None]
+
+# Short names accepted wherever a sampling scheduler is chosen (`--scheduler`); any diffusers class name works too.
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2M), the default
+    "dpm-sde": "DPMSolverSDEScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, name: str = "dpm") -> SchedulerMixin:
-    """A sampling scheduler sharing the training scheduler's betas and prediction type."""
-    if name != "dpm":
-        import diffusers
+    """A sampling scheduler (short or diffusers class name) with `train_scheduler`'s betas and prediction type."""
+    import diffusers
 
-        return getattr(diffusers, name).from_config(train_scheduler.config)
-    return DPMSolverMultistepScheduler.from_config(train_scheduler.config)
+    class_name = SCHEDULERS.get(name, name)
+    klass = getattr(diffusers, class_name, None)
+    if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
+        raise ValueError(f"Unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)} or a diffusers scheduler "
+                         "class name (e.g. DPMSolverMultistepScheduler).")
+    return klass.from_config(train_scheduler.config)
+
+
+def initial_latents(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard-normal latents drawn on the generator's device (CPU generators give the same noise on any device).
+
+    With a list of generators, item i is drawn from generator i alone, so it does not depend on the batch.
+    """
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -26,29 +57,39 @@ def sample_latents(
     *,
     latent_shape: tuple[int, int, int],
     num_inference_steps: int = 25,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     guidance_scale: float = 1.0,
     null_cond: Optional[torch.Tensor] = None,
+    latents: Optional[torch.Tensor] = None,
+    progress: Optional[Callable[[Iterable], Iterable]] = None,
 ) -> torch.Tensor:
     """Denoise from pure noise with `cond` (B, S, D) as cross-attention context.
 
-    With guidance_scale > 1, `null_cond` (same shape as cond) is the unconditional context of
+    `generator` is one generator or a list of B (one per item: batch-invariant results, also for the
+    per-step noise of stochastic schedulers such as DDPM). `latents` replaces the initial noise.
+    With guidance_scale != 1, `null_cond` (same shape as cond) is the unconditional context of
     classifier-free guidance.
     """
     device, dtype = cond.device, unet.dtype
-    latents = torch.randn((cond.shape[0], *latent_shape), generator=generator, device=device, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
+    if isinstance(generator, list) and len(generator) != cond.shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for {cond.shape[0]} conditions; pass one per item.")
+    if latents is None:
+        latents = initial_latents((cond.shape[0], *latent_shape), generator, device)
+    latents = latents.to(device, torch.float32) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_inference_steps, device=device)
     guided = guidance_scale != 1.0
     if guided and null_cond is None:
         raise ValueError("guidance_scale != 1 needs null_cond (the model must be trained with cond_dropout > 0).")
     context = torch.cat([null_cond, cond]) if guided else cond
-    for t in scheduler.timesteps:
+    # Not every scheduler's step() takes a generator (deterministic ones such as PNDM do not).
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    timesteps = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
+    for t in timesteps:
         model_in = torch.cat([latents] * 2) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
         pred = unet(model_in.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
         if guided:
             uncond, conditioned = pred.chunk(2)
             pred = uncond + guidance_scale * (conditioned - uncond)
-        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents

@@ -22,6 +22,13 @@ def _stream_seed(seed: int, segment: int, rank: int) -> int:
     return (seed * 1_000_003 + segment * 7919 + rank * 104_729) % (2**31)
 
 
+def check_data_config(cfg: DictConfig) -> None:
+    """Fail before any model is built when the run has no data to read."""
+    if not cfg.data.cache and not cfg.data.shards:
+        raise ValueError("No training data: set data.shards=<prepared folder or shard pattern> "
+                         "(from `dinodiff prepare`) or data.cache=<folder from `dinodiff cache`>.")
+
+
 class TrainData:
     def __init__(self, cfg: DictConfig, parts: Components, *, process_index: int = 0, num_processes: int = 1):
         self.cfg, self.parts = cfg, parts
@@ -34,9 +41,6 @@ class TrainData:
 
             self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
-        elif not cfg.data.shards:
-            raise ValueError("No training data: set data.shards=<prepared folder or shard pattern> "
-                             "(from `dinodiff prepare`) or data.cache=<folder from `dinodiff cache`>.")
         else:
             self._ensure_latent_stats()
 
@@ -112,22 +116,16 @@ def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -
 @torch.no_grad()
 def save_reconstruction_grid(path: Path, images: torch.Tensor, model, parts: Components, *, steps: int = 25,
                              seed: int = 0, variations: int = 3) -> Path:
-    """Rows: a held-out image, then `variations` samples conditioned on its c_GLB (the paper's reconstruction)."""
-    from torchvision.utils import save_image
+    """Rows: a held-out image, then `variations` samples conditioned on its c_GLB (the paper's reconstruction).
 
-    from dinodiff.sampling import inference_scheduler, sample_latents
+    `model` is the trained ConditionedUNet (its UNet and projection, EMA weights when swapped in); the samples
+    come from DiNODiffusionPipeline, as `dinodiff generate` makes them.
+    """
+    from dinodiff.pipeline import DiNODiffusionPipeline
+    from dinodiff.previews import save_reconstruction_grid as save_grid
+    from dinodiff.sampling import inference_scheduler
 
-    device = next(model.parameters()).device
-    images = images.to(device)
-    cond = model.projection(parts.encoder(images)).repeat_interleave(variations, dim=0)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    latents = sample_latents(model.unet, inference_scheduler(parts.noise_scheduler), cond,
-                             latent_shape=(model.unet.config.in_channels, model.unet.config.sample_size,
-                                           model.unet.config.sample_size),
-                             num_inference_steps=steps, generator=generator)
-    samples = parts.autoencoder.decode(latents).float().mean(dim=1, keepdim=True).clamp(0, 1)
-    samples = samples.view(len(images), variations, *samples.shape[1:])
-    rows = torch.cat([images[:, None].float(), samples], dim=1).flatten(0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.cpu(), path, nrow=variations + 1, padding=2, pad_value=1.0)
-    return path
+    pipeline = DiNODiffusionPipeline(unet=model.unet, vae=parts.autoencoder, image_encoder=parts.encoder,
+                                     projection=model.projection, scheduler=inference_scheduler(parts.noise_scheduler))
+    pipeline.set_progress_bar_config(disable=True)
+    return save_grid(path, pipeline, images, variations=variations, steps=steps, seed=seed)
