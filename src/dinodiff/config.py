@@ -114,11 +114,30 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID of checkpoints (`dinodiff sweep`, and training when train.eval_every > 0): reconstructions of
+    fixed source images vs real images, on the features of `extractor`."""
+
+    real: Optional[str] = None  # real images (folder/shards); None = data.shards
+    sources: Optional[str] = None  # images whose c_GLB is reconstructed; None = the real set
+    split: str = "test"  # split used when a prepared folder has one
+    extractor: str = "xrv"  # xrv (the paper's) | inception | dinov2 | rad-dino
+    weights: Optional[str] = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
+    num_real: int = 5000
+    num_sources: int = 5000
+    per_source: int = 1  # reconstructions per source
+    sample_steps: int = 25
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES = {
@@ -128,6 +147,7 @@ _CHOICES = {
     "model.noise.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.attention": ("auto", "sdpa", "xformers"),
+    "eval.extractor": ("xrv", "inception", "dinov2", "rad-dino"),
 }
 
 

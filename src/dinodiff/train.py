@@ -31,7 +31,7 @@ from dinodiff import checkpointing as ckpt
 from dinodiff.config import save_config
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components, save_model_folder
-from dinodiff.train_data import TrainData
+from dinodiff.train_data import TrainData, check_data_config
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -76,6 +76,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, eval_hook: Optional[EvalHook] = None):
         self.cfg, self.eval_hook = cfg, eval_hook
         tcfg = cfg.train
+        check_data_config(cfg)
         self.run_dir = Path(tcfg.run_dir)
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(tcfg.mixed_precision),
@@ -330,5 +331,12 @@ class Trainer:
 
 
 def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:
-    """Train (or resume) the run described by `cfg`; returns the run folder."""
+    """Train (or resume) the run described by `cfg`; returns the run folder.
+
+    With train.eval_every > 0 and no `eval_hook`, checkpoints are scored by FID as the `eval` section says.
+    """
+    if eval_hook is None and cfg.train.eval_every:
+        from dinodiff.evaluate.sweep import hook_from_config
+
+        eval_hook = hook_from_config(cfg)
     return Trainer(cfg, eval_hook=eval_hook).run()

@@ -1,0 +1,190 @@
+"""FID and KID: pure functions on feature matrices, a real-set feature cache, and the `fid` stage.
+
+FID = ||mu_r - mu_f||^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^1/2). The trace of the matrix square root is
+computed in the symmetric form tr((A S_f A)^1/2) with A = S_r^1/2 (both from `eigh`), whose eigenvalues
+are real and non-negative, so no complex parts or sqrtm iterations are involved.
+KID = the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over subsets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from dinodiff.evaluate.features import FeatureExtractor, build_extractor
+from dinodiff.evaluate.images import ImageRef, fingerprint, iter_images, list_images, select
+
+logger = logging.getLogger("dinodiff.evaluate")
+CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------ maths
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (float64) of an (N, D) feature matrix, N >= 2."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need an (N, D) feature matrix with N >= 2, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _rank_clip(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues below the numerical-rank tolerance are rounding noise: zero them before the square root
+    (sqrt turns 1e-16 noise into 1e-8 each, which adds up when N < D leaves many zero eigenvalues)."""
+    tol = max(values.max(initial=0.0), 0.0) * values.size * np.finfo(np.float64).eps
+    return np.where(values > tol, values, 0.0)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(sigma)
+    return (vectors * np.sqrt(_rank_clip(values))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (covariances symmetric PSD)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    root = _psd_sqrt(sigma1)
+    middle = root @ sigma2 @ root
+    trace_sqrt = np.sqrt(_rank_clip(np.linalg.eigvalsh((middle + middle.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two (N, D) feature matrices."""
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: Optional[float] = None,
+                    coef0: float = 1.0) -> float:
+    """Unbiased MMD^2 between samples x (m, D) and y (n, D) under k(a, b) = (gamma a.b + coef0)^degree."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    k_xx, k_yy, k_xy = ((a @ b.T * gamma + coef0) ** degree for a, b in ((x, x), (y, y), (x, y)))
+    m, n = len(x), len(y)
+    return float((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1)) + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+                 - 2.0 * k_xy.sum() / (m * n))
+
+
+def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """KID mean and (population) standard deviation over `subsets` random subsets of `subset_size` per set."""
+    size = min(subset_size, len(real), len(fake))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {len(real)} real and {len(fake)} fake.")
+    rng = np.random.default_rng(seed)
+    scores = [polynomial_mmd2(real[rng.choice(len(real), size, replace=False)],
+                              fake[rng.choice(len(fake), size, replace=False)]) for _ in range(subsets)]
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ------------------------------------------------------------------------------------- extraction
+def extract_features(extractor: FeatureExtractor, images: Iterable[torch.Tensor], batch_size: int = 32) -> np.ndarray:
+    """Run `extractor` over (1, S, S) images or (B, 1, S, S) batches; returns float32 (N, dim)."""
+    out, pending, count = [], [], 0
+    for item in images:
+        pending.extend(item if item.ndim == 4 else [item])
+        while len(pending) >= batch_size:
+            out.append(extractor(torch.stack(pending[:batch_size])).cpu().numpy())
+            pending, count = pending[batch_size:], count + batch_size
+    if pending:
+        out.append(extractor(torch.stack(pending)).cpu().numpy())
+    if not out:
+        raise ValueError("no images to extract features from")
+    return np.concatenate(out).astype(np.float32)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def cache_key(extractor: FeatureExtractor, refs: list[ImageRef]) -> str:
+    """Hash of the extractor (name, tap, weights file), its input size and the exact images (files, sizes, mtimes)."""
+    import hashlib
+
+    weights = Path(extractor.weights)
+    weights_id = f"{weights.resolve()}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() \
+        else extractor.weights
+    text = json.dumps([CACHE_VERSION, extractor.key, weights_id, extractor.input_size, fingerprint(refs)])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cached_features(extractor: FeatureExtractor, refs: list[ImageRef], cache_dir: Optional[str | Path],
+                    batch_size: int = 32) -> np.ndarray:
+    """Features of `refs`: read from ``cache_dir/<extractor>-<tap>-n<N>-<key>.npz`` when present, else extracted
+    and saved there (no cache when `cache_dir` is None)."""
+    if cache_dir is None:
+        return extract_features(extractor, iter_images(refs, extractor.input_size), batch_size)
+    name = f"{_safe(extractor.name)}-{_safe(extractor.tap)}-n{len(refs)}-{cache_key(extractor, refs)}.npz"
+    path = Path(cache_dir) / name
+    if path.is_file():
+        with np.load(path) as data:
+            logger.info("real-set features from cache %s", path)
+            return data["features"]
+    start = time.time()
+    features = extract_features(extractor, iter_images(refs, extractor.input_size), batch_size)
+    mu, sigma = gaussian_stats(features) if len(features) > 1 else (features[0], None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:  # a file handle, so numpy keeps the name; renamed when complete
+        np.savez(handle, features=features, mu=mu, sigma=sigma if sigma is not None else np.zeros(0),
+                 meta=np.array(json.dumps({**extractor.describe(), "images": len(refs)})))
+    tmp.replace(path)
+    logger.info("extracted %d real-set features in %.1f s, cached to %s", len(refs), time.time() - start, path)
+    return features
+
+
+def default_cache_dir() -> Path:
+    from dinodiff.models.factory import cache_home
+
+    return cache_home() / "fid-stats"
+
+
+def scores(real: np.ndarray, fake: np.ndarray, kid_subsets: int = 100, kid_subset_size: int = 1000,
+           seed: int = 0) -> dict:
+    """FID and KID of two feature matrices as one record (warns when N < D: covariances are then rank-deficient)."""
+    if min(len(real), len(fake)) <= real.shape[1]:
+        logger.warning("FID on %d real / %d fake images with %d-d features: covariances are rank-deficient and "
+                       "FID is strongly biased upwards; compare only runs with the same sample sizes.",
+                       len(real), len(fake), real.shape[1])
+    kid_mean, kid_std = kid_from_features(real, fake, kid_subsets, kid_subset_size, seed)
+    return {"fid": fid_from_features(real, fake), "kid_mean": kid_mean, "kid_std": kid_std,
+            "n_real": len(real), "n_fake": len(fake)}
+
+
+# ------------------------------------------------------------------------------------------ stage
+def fid(real: str | Path, fake: str | Path, *, extractor: str = "xrv", weights: Optional[str] = None,
+        num_samples: Optional[int] = 5000, seed: int = 0, split: Optional[str] = "test", batch_size: int = 32,
+        device: str = "auto", cache_dir: Optional[str | Path] = "default", out: Optional[str | Path] = None,
+        kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    """FID and KID between two image sets (folders, shards or synthetic datasets).
+
+    `num_samples` images of each set are drawn with `seed` (all when fewer or None). Real-set features
+    are cached in `cache_dir` ("default": ``$DINODIFF_CACHE/fid-stats``; None: no cache). The result
+    names the extractor, its tap and weights; with `out` it is also written there as JSON.
+    """
+    net = build_extractor(extractor, weights, device)
+    real_refs = select(list_images(real, split), num_samples, seed)
+    fake_refs = select(list_images(fake, split), num_samples, seed)
+    cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    start = time.time()
+    real_features = cached_features(net, real_refs, cache, batch_size)
+    fake_features = cached_features(net, fake_refs, None, batch_size)
+    result = {**scores(real_features, fake_features, kid_subsets, kid_subset_size, seed), **net.describe(),
+              "real": str(real), "fake": str(fake), "seed": seed, "seconds": round(time.time() - start, 2)}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+    return result

@@ -1,0 +1,303 @@
+"""Score every checkpoint of a run by FID (the paper's Figure 3) and keep the best one.
+
+Each checkpoint's model folder reconstructs the same fixed source images (fresh noise, the same seeds for
+every checkpoint) and the samples are scored against the same real set, whose features are extracted
+once and cached. Rows go to ``RUN/fid.csv`` (restartable: scored checkpoints are skipped), the curve to
+``RUN/fid.png`` with the best checkpoint marked, and the best model to ``RUN/best/`` (the trainer's layout).
+The trainer calls the same code every `train.eval_every` steps through :func:`make_fid_hook`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dinodiff import checkpointing as ckpt
+from dinodiff.evaluate.features import FeatureExtractor, build_extractor, resolve_device
+from dinodiff.evaluate.fid import cached_features, extract_features, scores
+from dinodiff.evaluate.images import list_images, load_images, select
+
+logger = logging.getLogger("dinodiff.evaluate")
+
+FIELDS = ["step", "fid", "kid_mean", "kid_std", "extractor", "tap", "n_real", "n_fake", "per_source",
+          "sample_steps", "seed", "checkpoint", "seconds"]
+# A row is reused, plotted and compared only with rows scored under the same settings.
+SETTING_FIELDS = ["extractor", "tap", "n_real", "n_fake", "per_source", "sample_steps", "seed"]
+SOURCE_CHUNK = 64  # sources reconstructed per call: bounds memory whatever the number of sources
+EvalHook = Callable[[Path, int], dict]  # = train.EvalHook (restated: importing train here would be circular)
+
+
+def real_set_of_run(run_dir: Path) -> str:
+    """The run's training data (`data.shards` in its config.yaml); its test split is used when it has one."""
+    from omegaconf import OmegaConf
+
+    config = Path(run_dir) / "config.yaml"
+    shards = OmegaConf.load(config).data.shards if config.is_file() else None
+    if not shards:
+        raise FileNotFoundError(f"No real image set given and none found in {config}; pass the real images "
+                                "(e.g. `--real prepared/`) or set eval.real.")
+    return str(shards)
+
+
+class CheckpointScorer:
+    """Scores model folders: reconstructions of fixed sources vs a fixed real set (set up on first use)."""
+
+    def __init__(self, run_dir: str | Path, *, real: Optional[str] = None, sources: Optional[str] = None,
+                 split: Optional[str] = "test", extractor: str = "xrv", weights: Optional[str] = None,
+                 num_real: Optional[int] = 5000, num_sources: Optional[int] = 5000, per_source: int = 1,
+                 sample_steps: int = 25, batch_size: int = 16, seed: int = 0, device: str = "auto",
+                 cache_dir: Optional[str | Path] = None):
+        self.run_dir = Path(run_dir)
+        self.real = real or real_set_of_run(self.run_dir)
+        self.sources = sources or self.real
+        self.split, self.extractor_name, self.weights = split, extractor, weights
+        self.num_real, self.num_sources, self.per_source = num_real, num_sources, per_source
+        self.sample_steps, self.batch_size, self.seed = sample_steps, batch_size, seed
+        self.device = resolve_device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / "fid-cache"
+        self._net: Optional[FeatureExtractor] = None
+        self._real_refs: Optional[list] = None
+        self._real_features: Optional[np.ndarray] = None
+        self._source_images: dict[int, torch.Tensor] = {}
+
+    @property
+    def net(self) -> FeatureExtractor:
+        if self._net is None:
+            self._net = build_extractor(self.extractor_name, self.weights, self.device)
+        return self._net
+
+    def real_refs(self) -> list:
+        if self._real_refs is None:
+            self._real_refs = select(list_images(self.real, self.split), self.num_real, self.seed)
+        return self._real_refs
+
+    def real_features(self) -> np.ndarray:
+        if self._real_features is None:
+            self._real_features = cached_features(self.net, self.real_refs(), self.cache_dir, self.batch_size)
+        return self._real_features
+
+    def source_images(self, resolution: int) -> torch.Tensor:
+        """The fixed sources (N, 1, resolution, resolution): the same seeded subset for every checkpoint."""
+        if resolution not in self._source_images:
+            refs = select(list_images(self.sources, self.split), self.num_sources, self.seed)
+            self._source_images[resolution] = load_images(refs, resolution)
+        return self._source_images[resolution]
+
+    def settings(self, n_fake: int) -> dict:
+        return {"extractor": self.net.name, "tap": self.net.tap, "n_real": len(self.real_refs()),
+                "n_fake": n_fake, "per_source": self.per_source, "sample_steps": self.sample_steps, "seed": self.seed}
+
+    def expected_settings(self) -> dict:
+        n_sources = len(select(list_images(self.sources, self.split), self.num_sources, self.seed))
+        return self.settings(n_sources * self.per_source)
+
+    def score(self, model_folder: str | Path, step: int) -> dict:
+        """Generate from `model_folder`, extract features chunk by chunk, and return one fid.csv row."""
+        start = time.time()
+        real = self.real_features()
+        pipe = load_pipeline(model_folder, self.device)
+        sources = self.source_images(pipe.resolution)
+        fake = []
+        for index, chunk in enumerate(sources.split(SOURCE_CHUNK)):
+            # One seed per chunk (not per call): every checkpoint sees the same noise for the same source.
+            images = reconstruct(pipe, chunk, per_source=self.per_source, seed=self.seed * 1_000_003 + index,
+                                 steps=self.sample_steps, batch_size=self.batch_size)
+            fake.append(extract_features(self.net, images, self.batch_size))
+        del pipe
+        fake_features = np.concatenate(fake)
+        row = {"step": step, **scores(real, fake_features, seed=self.seed), **self.settings(len(fake_features)),
+               "checkpoint": str(model_folder), "seconds": round(time.time() - start, 1)}
+        logger.info("step %d: FID %.4f (%s:%s, %d real vs %d generated)", step, row["fid"], row["extractor"],
+                    row["tap"], row["n_real"], row["n_fake"])
+        return row
+
+
+# ----------------------------------------------------------------------------------- generation
+def load_pipeline(model_folder: str | Path, device: torch.device, scheduler: str = "dpm"):
+    """The checkpoint's DiNODiffusionPipeline with `dinodiff generate`'s default sampler, so the sweep scores what
+    generation makes."""
+    from dinodiff.generate_io import load_pipeline as load
+
+    pipe = load(model_folder, scheduler, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reconstruct(pipe, sources: torch.Tensor, *, per_source: int, seed: int, steps: int,
+                batch_size: int) -> torch.Tensor:
+    """`per_source` reconstructions of each source (the paper's strategy), (N * per_source, 1, H, W) in [0, 1]."""
+    from dinodiff.generate import generate_reconstructions
+
+    return generate_reconstructions(pipe, sources, per_source=per_source, seed=seed, batch_size=batch_size,
+                                    num_inference_steps=steps)
+
+
+# ------------------------------------------------------------------------------- fid.csv, plot, best
+def read_rows(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write fid.csv sorted by step, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
+    tmp.replace(path)
+
+
+def same_settings(row: dict, settings: dict) -> bool:
+    return all(str(row.get(k)) == str(settings[k]) for k in SETTING_FIELDS)
+
+
+def upsert(rows: list[dict], row: dict) -> list[dict]:
+    """`rows` with `row` replacing any row of the same step and settings."""
+    kept = [r for r in rows if not (int(r["step"]) == int(row["step"]) and same_settings(r, row))]
+    return kept + [row]
+
+
+def best_row(rows: list[dict]) -> Optional[dict]:
+    """The row with the lowest finite FID (earliest step on ties)."""
+    finite = [r for r in rows if math.isfinite(float(r["fid"]))]
+    return min(finite, key=lambda r: (float(r["fid"]), int(r["step"]))) if finite else None
+
+
+def plot_fid(rows: list[dict], path: Path) -> Path:
+    """FID against training step, the best checkpoint starred (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: int(r["step"]))
+    steps, values = [int(r["step"]) for r in rows], [float(r["fid"]) for r in rows]
+    best = best_row(rows)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(steps, values, "o-", color="tab:blue", label="checkpoint")
+    if best is not None:
+        ax.plot([int(best["step"])], [float(best["fid"])], "*", color="tab:red", markersize=16,
+                label=f"best: step {best['step']}, FID {float(best['fid']):.3f}")
+    first = rows[0]
+    ax.set(xlabel="training step", ylabel=f"FID ({first['extractor']}:{first['tap']})",
+           title=f"FID vs step: {first['n_real']} real vs {first['n_fake']} reconstructions")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def record(run_dir: Path, row: dict) -> tuple[list[dict], Path]:
+    """Add `row` to RUN/fid.csv and redraw RUN/fid.png from the rows with its settings."""
+    path = Path(run_dir) / "fid.csv"
+    rows = upsert(read_rows(path), row)
+    write_rows(path, rows)
+    current = [r for r in rows if same_settings(r, row)]
+    return current, plot_fid(current, Path(run_dir) / "fid.png")
+
+
+def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
+    """Copy the best checkpoint's model to RUN/best/ (model/ + best.json, as the trainer writes it)."""
+    run_dir, folder = Path(run_dir), Path(best["checkpoint"])
+    key = f"{best['extractor']}:{best['tap']}"
+    best_json = run_dir / "best" / "best.json"
+    if best_json.is_file():
+        current = ckpt.read_json(best_json)
+        if int(current.get("step", -1)) == int(best["step"]) and current.get("scores", {}).get("extractor") == key:
+            return run_dir / "best"
+    if not folder.is_dir():
+        logger.warning("best checkpoint (step %s) is gone (pruned?): %s; RUN/best/ left as it is.",
+                       best["step"], folder)
+        return None
+    tmp = run_dir / ".best-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp / "model")
+    fields = {"fid": float(best["fid"]), "kid_mean": float(best["kid_mean"]), "kid_std": float(best["kid_std"]),
+              "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"])}
+    ckpt.write_json_atomic(tmp / "best.json", {"step": int(best["step"]), "metric": "fid",
+                                               "value": float(best["fid"]), "scores": fields})
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.rename(run_dir / "best")
+    return run_dir / "best"
+
+
+# ------------------------------------------------------------------------------------ entry points
+def sweep(run_dir: str | Path, *, force: bool = False, update_best: bool = True, **scorer_kwargs) -> dict:
+    """Score every complete checkpoint of `run_dir` (skipping ones already in fid.csv with the same settings).
+
+    `scorer_kwargs` are :class:`CheckpointScorer`'s (real, sources, extractor, num_real, num_sources, ...).
+    Returns {"rows", "best", "csv", "plot", "best_dir"}.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"No complete checkpoints under {ckpt.checkpoint_dir(run_dir)}; train first "
+                                "(`dinodiff train ...`) or point at a run folder.")
+    scorer = CheckpointScorer(run_dir, **scorer_kwargs)
+    expected = scorer.expected_settings()
+    done = {int(r["step"]) for r in read_rows(run_dir / "fid.csv") if same_settings(r, expected)}
+    current: list[dict] = [r for r in read_rows(run_dir / "fid.csv") if same_settings(r, expected)]
+    plot = run_dir / "fid.png"
+    for step, path in checkpoints:
+        if step in done and not force:
+            logger.info("checkpoint %d already scored; skipping (force=True re-scores).", step)
+            continue
+        current, plot = record(run_dir, scorer.score(path / "model", step))
+    if current and not plot.is_file():
+        plot_fid(current, plot)
+    best = best_row(current)
+    best_dir = promote_best(run_dir, best) if (best is not None and update_best) else None
+    return {"rows": current, "best": best, "csv": run_dir / "fid.csv", "plot": plot, "best_dir": best_dir}
+
+
+def make_fid_hook(run_dir: str | Path, **scorer_kwargs) -> EvalHook:
+    """A train.py EvalHook: (model folder, step) -> {"fid", "kid_mean", "kid_std", "extractor"}; also updates
+    RUN/fid.csv and RUN/fid.png.
+
+    The trainer keeps RUN/best/ itself from the returned "fid" (its first value).
+    """
+    scorer = CheckpointScorer(run_dir, **scorer_kwargs)
+
+    def hook(model_folder: Path, step: int) -> dict:
+        # Building extractors draws from the global RNG (random init before loading); keep training's stream intact.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            row = scorer.score(model_folder, step)
+        record(Path(run_dir), row)
+        return {"fid": row["fid"], "kid_mean": row["kid_mean"], "kid_std": row["kid_std"],
+                "extractor": f"{row['extractor']}:{row['tap']}"}
+
+    return hook
+
+
+def hook_from_config(cfg: DictConfig) -> EvalHook:
+    """make_fid_hook from a run config's `eval` section (used when train.eval_every > 0)."""
+    e = cfg.eval
+    real = e.real or cfg.data.shards
+    if not real:
+        raise ValueError("train.eval_every > 0 needs real images for FID: set eval.real=<prepared folder or shards> "
+                         "(data.shards is empty when training from a cache).")
+    if cfg.train.eval_every % cfg.train.checkpoint_every:
+        logger.warning("train.eval_every=%d is not a multiple of train.checkpoint_every=%d: FID runs only at "
+                       "checkpoints that fall on a multiple of eval_every.", cfg.train.eval_every,
+                       cfg.train.checkpoint_every)
+    return make_fid_hook(cfg.train.run_dir, real=str(real), sources=e.sources,
+                         split=e.split, extractor=e.extractor, weights=e.weights, num_real=e.num_real,
+                         num_sources=e.num_sources, per_source=e.per_source, sample_steps=e.sample_steps,
+                         batch_size=e.batch_size, seed=e.seed)
