@@ -140,22 +140,194 @@ def _not_yet(stage: str) -> None:
     raise typer.Exit(3)
 
 
-@app.command()
-def generate() -> None:
-    """(Not yet available) Synthetic datasets by reconstruction or interpolation of c_GLB."""
-    _not_yet("generate")
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    return None if not text else [float(v) for v in text.replace(" ", "").split(",") if v]
 
 
 @app.command()
-def fid() -> None:
-    """(Not yet available) XRV-FID between two image sets."""
-    _not_yet("fid")
+def generate(
+    model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
+    source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, labels.csv, provenance.json, preview.png."),
+    strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source) or interpolation (mixes of label-sharing pairs)."),
+    ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
+    scheduler: str = typer.Option("dpm", help="Sampler: dpm (DPM-Solver++), ddim, euler, euler-a, ddpm, unipc, pndm or a diffusers scheduler class."),
+    batch_size: int = typer.Option(8, help="Images per forward pass. Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    seed: int = typer.Option(0, help="Base seed; item i uses a seed derived from (seed, i), recorded in labels.csv."),
+    mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
+    r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
+    r_values: Optional[str] = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
+    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper), or any pair."),
+    kind: str = typer.Option("auto", help="Source layout: auto, shards, csv, folder, mimic-cxr, montgomery, shenzhen or jsrt."),
+    split: Optional[str] = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N sources."),
+    path_column: Optional[str] = typer.Option(None, help="CSV: column of image paths (default: path, filename, file, image...)."),
+    label_columns: Optional[str] = typer.Option(None, help="CSV: comma list of label columns; a text column (e.g. finding) becomes one label per value."),
+    root: Optional[Path] = typer.Option(None, help="CSV: folder the paths are relative to (default: the CSV's folder)."),
+    preview_rows: int = typer.Option(4, help="Rows of OUT/preview.png (reconstruction grid or interpolation strips); 0 = none."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Generate a labelled synthetic dataset by reconstruction or interpolation of the sources' c_GLB.
+
+    Resumable: rerun the same command to finish an interrupted run. Spread it over processes/GPUs with
+    `accelerate launch -m dinodiff.cli generate ...` (each process makes a disjoint share; same images).
+    """
+    import logging
+
+    from dinodiff.generate import GenerateSettings, generate_dataset
+    from dinodiff.generate_io import resolve_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    options = {"kind": kind, "split": split, "limit": limit}
+    if path_column or label_columns or root:
+        options.update(path_column=path_column, root=str(root) if root else None,
+                       label_columns=label_columns.split(",") if label_columns else None)
+    try:
+        bounds = _floats(r_range) or []
+        if len(bounds) != 2:
+            raise ValueError(f"--r-range takes LOW,HIGH (e.g. 0.2,0.8), got {r_range!r}.")
+        low, high = bounds
+        settings = GenerateSettings(strategy=strategy, ratio=ratio, seed=seed, num_inference_steps=steps,
+                                    guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=(low, high),
+                                    r_values=_floats(r_values), shared_label=shared_label, source_options=options)
+        folder = generate_dataset(resolve_model(model), source, out, settings, batch_size=batch_size,
+                                  preview_rows=preview_rows, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"
+               + (", preview.png" if preview_rows else ""))
+
+
+_EXTRACTOR_HELP = "Feature extractor: xrv (TorchXRayVision densenet121-res224-all features2, the paper's), inception, dinov2 or rad-dino."
+_WEIGHTS_HELP = ("Extractor weights: xrv's cache folder (default ~/.torchxrayvision/models_data/), an Inception-v3 "
+                 "state-dict file (default $TORCH_HOME/hub/checkpoints/), or a DINOv2/RAD-DINO hub id or folder.")
 
 
 @app.command()
-def segment() -> None:
-    """(Not yet available) Zero-shot lung segmentation from the UNet's self-attention (DiffSeg)."""
-    _not_yet("segment")
+def fid(
+    real: Path = typer.Argument(..., help="Real images: a folder, a `prepare` folder/shards, or a synthetic dataset."),
+    fake: Path = typer.Argument(..., help="Generated images: a `dinodiff generate` folder, a folder of images or shards."),
+    extractor: str = typer.Option("xrv", help=_EXTRACTOR_HELP),
+    weights: Optional[str] = typer.Option(None, help=_WEIGHTS_HELP),
+    num_samples: int = typer.Option(5000, help="Images drawn from each set (all when a set has fewer); 0 = all."),
+    seed: int = typer.Option(0, help="Seed of the image subsets and of KID's random subsets."),
+    split: str = typer.Option("test", help="Split used when a prepared folder has one (else all its shards)."),
+    batch_size: int = typer.Option(32, help="Images per forward pass of the extractor."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder of cached real-set features (default $DINODIFF_CACHE/fid-stats)."),
+    cache: bool = typer.Option(True, help="Cache the real set's features (keyed by extractor and exact file list)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result as JSON here."),
+    kid_subsets: int = typer.Option(100, help="KID: number of random subsets."),
+    kid_subset_size: int = typer.Option(1000, help="KID: images per subset (capped by the smaller set)."),
+) -> None:
+    """FID and KID between two image sets, on XRV features by default (the paper's protocol).
+
+    The result names the extractor, its feature tap and weights: FIDs on different taps are not comparable.
+    """
+    from dinodiff.evaluate.features import MissingWeights
+    from dinodiff.evaluate.fid import fid as run_fid
+
+    try:
+        result = run_fid(real, fake, extractor=extractor, weights=weights, num_samples=num_samples or None,
+                         seed=seed, split=split, batch_size=batch_size, device=device,
+                         cache_dir=(cache_dir or "default") if cache else None, out=out,
+                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+    except (MissingWeights, FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo(f"FID {result['fid']:.4f}  KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  "
+               f"({result['extractor']}:{result['tap']}, {result['n_real']} real vs {result['n_fake']} fake)")
+    if out is not None:
+        typer.echo(f"result: {out}")
+
+
+@app.command()
+def sweep(
+    run_dir: Path = typer.Argument(..., help="A training run folder (with checkpoints/)."),
+    real: Optional[str] = typer.Option(None, help="Real images (default: the run's data.shards, test split when present)."),
+    sources: Optional[str] = typer.Option(None, help="Images whose reconstructions are scored (default: the real set)."),
+    extractor: str = typer.Option("xrv", help=_EXTRACTOR_HELP),
+    weights: Optional[str] = typer.Option(None, help=_WEIGHTS_HELP),
+    num_real: int = typer.Option(5000, help="Real images (seeded subset; 0 = all)."),
+    num_sources: int = typer.Option(5000, help="Source images, the same for every checkpoint (seeded subset; 0 = all)."),
+    per_source: int = typer.Option(1, help="Reconstructions per source image."),
+    steps: int = typer.Option(25, help="Sampling steps per image."),
+    split: str = typer.Option("test", help="Split used when a prepared folder has one."),
+    batch_size: int = typer.Option(16, help="Images per batch, for sampling and for the extractor."),
+    seed: int = typer.Option(0, help="Seed of the subsets and of the sampling noise (the same for every checkpoint)."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cached real-set features (default RUN_DIR/fid-cache)."),
+    force: bool = typer.Option(False, help="Re-score checkpoints already in fid.csv."),
+    update_best: bool = typer.Option(True, help="Copy the lowest-FID checkpoint's model to RUN_DIR/best/."),
+) -> None:
+    """Score every checkpoint of a run by FID of reconstructions (the paper's Figure 3).
+
+    Writes RUN_DIR/fid.csv and RUN_DIR/fid.png (best checkpoint starred) and keeps RUN_DIR/best/ up to date.
+    Restartable: checkpoints already scored with the same settings are skipped.
+    """
+    import logging
+
+    from dinodiff.evaluate.features import MissingWeights
+    from dinodiff.evaluate.sweep import sweep as run_sweep
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # one line per checkpoint
+    try:
+        summary = run_sweep(run_dir, force=force, update_best=update_best, real=real, sources=sources, split=split,
+                            extractor=extractor, weights=weights, num_real=num_real or None,
+                            num_sources=num_sources or None, per_source=per_source, sample_steps=steps,
+                            batch_size=batch_size, seed=seed, device=device, cache_dir=cache_dir)
+    except (MissingWeights, FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    for row in summary["rows"]:
+        typer.echo(f"step {row['step']:>8}  FID {float(row['fid']):10.4f}  KID {float(row['kid_mean']):.5f}")
+    best = summary["best"]
+    if best is not None:
+        typer.echo(f"best: step {best['step']} (FID {float(best['fid']):.4f}, {best['extractor']}:{best['tap']})")
+    typer.echo(f"table: {summary['csv']}  plot: {summary['plot']}" + (f"  best model: {summary['best_dir']}" if summary["best_dir"] else ""))
+
+
+@app.command()
+def segment(
+    models: List[Path] = typer.Argument(..., help="Model folders, checkpoints or run folders (a run = all its checkpoints, grid-searched)."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="Images with lung masks: Montgomery, Shenzhen, JSRT/SCR layout or images/ + masks/ (repeat for several)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: table.md, table.csv, results.json, overlays/, cells/ (cache)."),
+    thresholds: str = typer.Option("0.05", help="Comma list of merging thresholds to grid-search (each used for every iteration)."),
+    threshold_mode: str = typer.Option("absolute", help="absolute (the paper's KL values) or relative (quantiles of each image's anchor-to-anchor KL)."),
+    merge_iterations: int = typer.Option(3, help="Merging iterations (DiffSeg's threshold list length)."),
+    timesteps: str = typer.Option("300", help="Comma list of timesteps to grid-search."),
+    grid_sizes: str = typer.Option("16", help="Comma list of anchor grid sizes M (MxM anchors; at most the largest attention map's side)."),
+    condition: str = typer.Option("image", help="UNet condition: image (the image's own c_GLB) or null."),
+    noise_seed: Optional[int] = typer.Option(None, help="Noise the latent to the timestep with this seed (default: the clean latent, as DiffSeg)."),
+    resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default: the model's training resolution)."),
+    sd15: Optional[Path] = typer.Option(None, help="A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run as a baseline."),
+    batch_size: int = typer.Option(8, help="Images per UNet pass."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N images of each dataset."),
+    overlays: int = typer.Option(3, help="Best and worst cases per dataset drawn in OUT/overlays/ (0 = none)."),
+) -> None:
+    """Zero-shot lung segmentation from the UNet's self-attention (DiffSeg), scored by Dice against lung masks.
+
+    Grid-searches thresholds x timesteps x grid sizes x checkpoints (cached per cell: a re-run computes only
+    new cells) and compares with a mean-mask prior, a position-only k-means control and Otsu.
+    """
+    import logging
+
+    from dinodiff.evaluate.segment import segment as run_segment
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        ints = [int(v) for v in timesteps.split(",") if v.strip()], [int(v) for v in grid_sizes.split(",") if v.strip()]
+        results = run_segment(models, data, out, thresholds=_floats(thresholds) or [], threshold_mode=threshold_mode,
+                              merge_iterations=merge_iterations, timesteps=ints[0], grid_sizes=ints[1],
+                              condition=condition, noise_seed=noise_seed, resolution=resolution, sd15=sd15,
+                              batch_size=batch_size, device=device, limit=limit, n_overlay=overlays)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo(Path(results["tables"]["markdown"]).read_text())
+    typer.echo(f"tables: {results['tables']['markdown']}, {results['tables']['csv']}; results: {out / 'results.json'}"
+               + "".join(f"\noverlay: {p}" for p in results.get("overlays", {}).values()))
 
 
 @app.command()
@@ -164,7 +336,7 @@ def demo(
     n: int = typer.Option(48, "-n", help="Number of synthetic phantoms to train on."),
     steps: int = typer.Option(60, help="Training steps (the demo is a smoke run, not a useful model)."),
 ) -> None:
-    """Run every available stage end to end on built-in phantoms: phantoms -> prepare -> cache -> train."""
+    """Run every available stage end to end on built-in phantoms: phantoms -> prepare -> cache -> train -> generate."""
     from dinodiff.demo import run_demo
 
     run_demo(out, n=n, steps=steps)

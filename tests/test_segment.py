@@ -1,0 +1,242 @@
+"""Segmentation scoring, baselines, mask-aligned loading and the `segment` stage end to end (tiny models)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from dinodiff.cli import app
+from dinodiff.evaluate import segment as segment_module
+from dinodiff.evaluate.attention import capture_attention, load_attention_model
+from dinodiff.evaluate.seg_data import load_cases
+from dinodiff.evaluate.seg_metrics import (
+    dice, dice_matrix, hungarian_scores, mean_mask_prior, otsu_segments, otsu_threshold, position_kmeans,
+    score_labels, split_lungs, union_scores,
+)
+from dinodiff.evaluate.segment import segment
+
+
+def _two_lungs(size: int = 20) -> dict[str, np.ndarray]:
+    right, left = np.zeros((size, size), bool), np.zeros((size, size), bool)
+    right[4:16, 2:8] = True  # image left = patient's right
+    left[4:16, 12:18] = True
+    return {"right": right, "left": left}
+
+
+def test_dice_of_known_masks():
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[:2], b[1:3] = True, True  # 8 and 8 pixels, 4 shared
+    assert dice(a, b) == pytest.approx(0.5)
+    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_hungarian_gives_each_lung_its_own_segment_with_exact_dice():
+    lungs = _two_lungs()
+    labels = np.zeros((20, 20), int)
+    labels[4:16, 2:8] = 1  # exactly the right lung
+    labels[4:10, 12:18] = 2  # the upper half of the left lung
+    labels[10:16, 12:18] = 3  # its lower half
+    scores = hungarian_scores(labels, lungs)
+    assert scores["right"] == 1.0
+    assert scores["left"] == pytest.approx(2 * 36 / (36 + 72))
+    assert scores["segments"]["right"] == 1 and scores["segments"]["left"] in (2, 3)
+    assert scores["both"] == pytest.approx(2 * 108 / (108 + 144))
+    one = hungarian_scores(np.zeros((20, 20), int), lungs)  # one segment for two lungs: one lung scores 0
+    assert sorted([one["left"], one["right"]])[0] == 0.0
+
+
+def test_hungarian_maximises_the_total_dice_where_greedy_does_not():
+    right, left = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
+    right[0:10, 0:10] = True  # 100 px
+    left[12:16, 12:17] = True  # 20 px
+    labels = np.zeros((20, 20), int)
+    labels[3:10, 0:10] = 1  # segment 1: 70 px of the right lung + the whole left lung
+    labels[left] = 1
+    labels[0:3, 0:10] = 2  # segment 2: the other 30 px of the right lung
+    scores = hungarian_scores(labels, {"right": right, "left": left})
+    # greedy would take the largest entry, right-1 (140/190 = 0.737), leaving the left lung 0: total 0.737
+    assert scores["segments"] == {"right": 2, "left": 1}
+    assert scores["right"] == pytest.approx(60 / 130) and scores["left"] == pytest.approx(40 / 110)
+    assert scores["right"] + scores["left"] > 140 / 190
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # and it is the optimum over all assignments (brute force)
+        labels = rng.integers(0, 5, (20, 20))
+        table = dice_matrix(labels, [right, left])
+        best = max(table[0, i] + table[1, j] for i, j in itertools.permutations(range(table.shape[1]), 2))
+        scores = hungarian_scores(labels, {"right": right, "left": left})
+        assert scores["right"] + scores["left"] == pytest.approx(best)
+
+
+def test_union_score_rewards_over_segmentation_and_reports_the_segment_count():
+    lungs = _two_lungs()
+    pixels = np.arange(400).reshape(20, 20)  # 400 one-pixel segments
+    union = union_scores(pixels, lungs)
+    assert union["both"] == 1.0 and union["n_segments"] == 400
+    assert hungarian_scores(pixels, lungs)["both"] < 0.05
+
+
+def test_one_segment_covering_both_lungs_scores_in_the_diagnostic_not_the_primary_score():
+    lungs = _two_lungs()
+    labels = (lungs["right"] | lungs["left"]).astype(int)  # lungs vs the rest, no left/right split
+    score = score_labels(labels, lungs)
+    assert score["single"]["both"] == 1.0 and score["n_segments"] == 2
+    # one lung is matched to the background, so the matched union is the whole image (400 px)
+    assert score["hungarian"]["both"] == pytest.approx(2 * 144 / (400 + 144))
+
+
+def test_split_lungs_names_the_patients_sides():
+    lungs = _two_lungs()
+    split = split_lungs(lungs["right"] | lungs["left"])
+    assert np.array_equal(split["right"], lungs["right"]) and np.array_equal(split["left"], lungs["left"])
+    blob = np.zeros((10, 10), bool)
+    blob[3:7, 2:8] = True  # one component: cut at the midline
+    halves = split_lungs(blob)
+    assert halves["right"][:, :5].sum() == 12 and halves["left"][:, 5:].sum() == 12
+
+
+def test_baselines_prior_otsu_and_position_kmeans():
+    lungs = _two_lungs()
+    prior = mean_mask_prior({"right": lungs["right"] * 0.8, "left": lungs["left"] * 0.6})
+    assert hungarian_scores(prior, lungs)["both"] == 1.0
+    assert (mean_mask_prior({"right": lungs["right"] * 0.4, "left": lungs["left"] * 0.4}) == 0).all()
+    image = np.full((20, 20), 200, np.uint8)
+    image[lungs["right"] | lungs["left"]] = 40
+    assert 40 <= otsu_threshold(image) < 200
+    assert hungarian_scores(otsu_segments(image), lungs)["both"] == 1.0  # two dark blobs -> two segments
+    positions = position_kmeans((20, 20), 5)
+    assert sorted(np.unique(positions).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_shenzhen_and_montgomery_masks_stay_aligned_with_their_images(shared_data):
+    from dinodiff.data.readers import read_grey
+    from dinodiff.evaluate.seg_data import find_records
+
+    # Shenzhen images are already 512^2: at 512 px the preprocessed mask is the raw one (a 1-px frame aside)
+    records = find_records(shared_data / "lungs-shenzhen")
+    native = load_cases(shared_data / "lungs-shenzhen", 512)
+    assert [c.id for c in native] == [r.id for r in records]
+    for record, case in zip(records, native):
+        raw = read_grey(record.masks["lungs"])[0] >= 128
+        assert ((case.lungs["left"] | case.lungs["right"]) == raw).mean() > 0.99
+    cases = load_cases(shared_data / "lungs-shenzhen", 64) + load_cases(shared_data / "lungs-covid", 64, limit=8)
+    assert len(cases) == 18 and {c.dataset for c in cases} == {"lungs-shenzhen", "lungs-covid"}
+    darker = 0
+    for case in cases:
+        assert case.image.shape == (64, 64) and set(case.lungs) <= {"left", "right"}
+        if set(case.lungs) == {"left", "right"}:  # the patient's left lung is on the image's right
+            assert np.nonzero(case.lungs["left"])[1].mean() > np.nonzero(case.lungs["right"])[1].mean()
+        inside = np.logical_or.reduce(list(case.lungs.values()))
+        ring = ndimage.binary_dilation(inside, iterations=4) & ~inside  # ribs, mediastinum, diaphragm
+        darker += case.image[inside].mean() < case.image[ring].mean()  # aerated lungs are darker
+    assert darker == len(cases)  # (true for all 110 images, even the opaque ARDS ones)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from dinodiff.models.factory import build_components, save_model_folder
+
+    root = tmp_path_factory.mktemp("seg-model")
+    cfg = tiny_config(root / "run", root / "none")
+    torch.manual_seed(0)
+    parts = build_components(cfg.model)
+    return save_model_folder(root / "model", unet=parts.unet, projection=parts.projection,
+                             autoencoder=parts.autoencoder, noise_scheduler=parts.noise_scheduler, model_cfg=cfg.model)
+
+
+def test_capture_options_null_condition_and_noise_change_the_maps(tiny_model, shared_data):
+    model = load_attention_model(tiny_model)
+    images = torch.from_numpy(np.stack([c.image for c in load_cases(shared_data / "lungs-shenzhen", 32, limit=2)]))
+    images = images.float().div(255)[:, None]
+    own = capture_attention(model, images)
+    assert [m.shape[-1] for m in own] == [64, 16, 64, 64]  # tiny UNet at 32 px: 8x8 down, 4x4 mid, 2 x 8x8 up
+    assert all(torch.equal(a, b) for a, b in zip(own, capture_attention(model, images)))  # deterministic
+    # the first self-attention runs before any cross-attention; the last one sees the condition
+    null = capture_attention(model, images, condition="null")
+    assert torch.equal(own[0], null[0]) and not torch.allclose(own[-1], null[-1])
+    noisy = capture_attention(model, images, noise_seed=1)
+    assert not torch.allclose(own[0], noisy[0])
+    assert all(torch.equal(a, b) for a, b in zip(noisy, capture_attention(model, images, noise_seed=1)))
+
+
+def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model, shared_data, tmp_path,
+                                                                      monkeypatch):
+    data = [shared_data / "lungs-shenzhen", shared_data / "lungs-covid"]
+    kwargs = dict(thresholds=[0.2, 0.5], threshold_mode="relative", grid_sizes=[4, 8], timesteps=[300],
+                  limit=4, n_overlay=1, batch_size=3)
+    results = segment([tiny_model], data, tmp_path, **kwargs)
+    assert results["settings"]["resolution"] == 32  # the model's resolution by default
+    assert results["datasets"] == {"lungs-shenzhen": 4, "lungs-covid": 4}
+    assert len(list((tmp_path / "cells").rglob("*.json"))) == 4 == len(results["cells"])
+    assert set(results["methods"]) == {"diffseg", "prior", "otsu", "position", "whole"}
+    assert all(r["n_segments"] == 1 for r in results["methods"]["whole"]["per_image"])
+    per_image = results["methods"]["diffseg"]["per_image"]
+    position = results["methods"]["position"]["per_image"]
+    assert [r["n_segments"] for r in position] == [r["n_segments"] for r in per_image]  # same k as DiffSeg
+    markdown = (tmp_path / "table.md").read_text()
+    for text in ("Mean-mask prior", "Position-only k-means", "Otsu", "lungs-shenzhen", "combined", "± ",
+                 "Best configuration per checkpoint"):
+        assert text in markdown
+    assert (tmp_path / "table.csv").read_text().startswith("table,dataset,method")
+    assert sorted(Path(p).name for p in results["overlays"].values()) == ["lungs-covid.png", "lungs-shenzhen.png"]
+    assert json.loads((tmp_path / "results.json").read_text())["best"]["combined"]["cell"]["grid"] in (4, 8)
+
+    calls = []
+    real_capture = segment_module.capture_attention
+
+    def counting(*args, **kw):
+        calls.append(kw["timestep"])
+        return real_capture(*args, **kw)
+
+    monkeypatch.setattr(segment_module, "capture_attention", counting)
+    again = segment([tiny_model], data, tmp_path, **{**kwargs, "n_overlay": 0})
+    assert calls == []  # every cell came from the cache
+    assert again["methods"]["diffseg"]["summary"] == results["methods"]["diffseg"]["summary"]
+    segment([tiny_model], data, tmp_path, **{**kwargs, "timesteps": [300, 100], "n_overlay": 0})
+    assert set(calls) == {100}  # only the new timestep's cells ran the UNet
+
+
+def test_grid_larger_than_the_attention_map_fails_with_the_fix(tiny_model, shared_data, tmp_path):
+    with pytest.raises(ValueError, match=r"use --grid-size <= 8"):
+        segment([tiny_model], [shared_data / "lungs-shenzhen"], tmp_path, grid_sizes=[16], limit=2, n_overlay=0)
+
+
+def test_stable_diffusion_folder_runs_through_the_same_code_path(tmp_path, shared_data):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dinodiff.models.random_init import save_random_sd_components
+
+    sd = save_random_sd_components(tmp_path / "sd", sample_size=8, cross_attention_dim=16)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "a": 4}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8).save_pretrained(
+        sd / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8)).save_pretrained(sd / "text_encoder")
+    model = load_attention_model(sd)
+    assert model.resolution == 64
+    results = segment([sd], [shared_data / "lungs-shenzhen"], tmp_path / "out", sd15=sd, grid_sizes=[4],
+                      thresholds=[0.3], threshold_mode="relative", limit=2, n_overlay=0)
+    assert "SD 1.5 (DiffSeg)" in (tmp_path / "out" / "table.md").read_text()
+    assert results["methods"]["sd15"]["per_image"] == results["methods"]["diffseg"]["per_image"]  # same model
+
+
+def test_cli_segment_help_and_a_bad_data_folder(tiny_model, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0
+    for option in ("--data", "--out", "--thresholds", "--threshold-mode", "--timesteps", "--grid-sizes",
+                   "--condition", "--noise-seed", "--resolution", "--sd15", "--overlays"):
+        assert option in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["segment", str(tiny_model), "--data", str(tmp_path / "empty"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "no lung masks" in result.output and "Traceback" not in result.output
