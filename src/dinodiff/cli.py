@@ -336,7 +336,7 @@ def demo(
     n: int = typer.Option(48, "-n", help="Number of synthetic phantoms to train on."),
     steps: int = typer.Option(60, help="Training steps (the demo is a smoke run, not a useful model)."),
 ) -> None:
-    """Run every available stage end to end on built-in phantoms: phantoms -> prepare -> cache -> train -> generate."""
+    """Run every available stage end to end on built-in phantoms: phantoms -> prepare -> cache -> train -> generate -> fid -> segment."""
     from dinodiff.demo import run_demo
 
     run_demo(out, n=n, steps=steps)

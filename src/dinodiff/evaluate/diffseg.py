@@ -54,10 +54,11 @@ def aggregate_attention(maps: Sequence[torch.Tensor], weights: Sequence[float] |
         if r > 1:
             keys = F.interpolate(keys, size=(size, size), mode="bilinear", align_corners=False)
             keys = keys / keys.sum(dim=(-2, -1), keepdim=True)
-        keys = keys.reshape(batch, s, s, size * size)
-        # repeat queries along both spatial axes: coarse query (i, j) -> fine queries (i*r.., j*r..)
-        rows = keys.repeat_interleave(r, dim=1).repeat_interleave(r, dim=2)
-        out += wi * rows.reshape(batch, size * size, size * size)
+        keys = keys.reshape(batch, s, 1, s, 1, size * size)
+        # repeat queries along both spatial axes: coarse query (i, j) -> fine queries (i*r.., j*r..);
+        # expand is a view, so the only full-size copy is the reshape (none at all when r == 1)
+        rows = keys.expand(batch, s, r, s, r, size * size).reshape(batch, size * size, size * size)
+        out.add_(rows, alpha=wi)
     return out
 
 
