@@ -262,7 +262,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         with self._ema_weights(model):
             save_model_folder(folder, unet=model.unet, projection=model.projection, autoencoder=self.parts.autoencoder,
-                              noise_scheduler=self.parts.noise_scheduler, model_cfg=self.cfg.model)
+                              noise_scheduler=self.parts.noise_scheduler, model_cfg=self.cfg.model,
+                              encoder=self.parts.encoder, cond_dropout=self.cfg.train.cond_dropout)
 
     @contextlib.contextmanager
     def _ema_weights(self, model: torch.nn.Module):
