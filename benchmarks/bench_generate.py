@@ -74,14 +74,17 @@ def time_sampler(pipe, sampler: str, steps: int, batch: int, repeat: int, precis
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     for _ in range(repeat):
         call(steps)
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.time() - start) / repeat
+    # CPU seconds (all threads) per image: steadier than wall time when other jobs share the machine
+    cpu_per_image = (time.process_time() - cpu_start) / (repeat * batch)
     return {"sampler": type(pipe.scheduler).__name__, "steps": steps, "batch": batch, "precision": precision,
             "s_per_batch": seconds, "images_per_s": batch / seconds, "unet_evals_per_s": batch * steps / seconds,
+            "cpu_s_per_image": cpu_per_image, "threads": torch.get_num_threads(),
             "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
 
 
@@ -115,13 +118,13 @@ def main() -> None:
                    **time_sampler(pipe, sampler, int(steps), batch, args.repeat, args.precision)}
             rows.append(row)
             print(f"  {case} {sampler}:{steps}: {row['images_per_s']:.2f} images/s", file=sys.stderr, flush=True)
-    print("\n| case | device | precision | UNet M params | res | batch | sampler | steps | s/batch | images/s "
-          "| UNet evals/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| case | device | threads | precision | UNet M params | res | batch | sampler | steps | s/batch "
+          "| images/s | UNet evals/s | CPU s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['device']} | {r['precision']} | {r['unet_params_M']:.1f} | {r['resolution']} | "
-              f"{r['batch']} | {r['sampler']} | {r['steps']} | {r['s_per_batch']:.2f} | {r['images_per_s']:.2f} | "
-              f"{r['unet_evals_per_s']:.1f} |")
+        print(f"| {r['case']} | {r['device']} | {r['threads']} | {r['precision']} | {r['unet_params_M']:.1f} | "
+              f"{r['resolution']} | {r['batch']} | {r['sampler']} | {r['steps']} | {r['s_per_batch']:.2f} | "
+              f"{r['images_per_s']:.2f} | {r['unet_evals_per_s']:.1f} | {r['cpu_s_per_image']:.3f} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 
