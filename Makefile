@@ -30,6 +30,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_fid.py
+	$(BIN)/python benchmarks/bench_segment.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
