@@ -62,7 +62,7 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
 
     from dinodiff.data.shards import list_shards, read_samples, write_shard
     from dinodiff.models.factory import build_autoencoder, build_encoder
-    from dinodiff.train_data import first_images
+    from dinodiff.train_data import ensure_latent_stats
 
     state = PartialState()
     out = Path(out)
@@ -75,11 +75,7 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     device = state.device
     encoder = build_encoder(cfg.model.encoder).to(device).eval()
     ae = build_autoencoder(cfg.model.autoencoder).to(device).eval()
-    if cfg.model.autoencoder.scaling_factor is None and ae.kind in ("taef2", "unshuffle"):
-        from dinodiff.models.autoencoders import estimate_latent_stats
-
-        sample = first_images(source, cfg.model.autoencoder.estimate_stats_images, cfg.model.resolution, prefer_test=False)
-        ae.set_latent_stats(*estimate_latent_stats(ae, sample.to(device).split(16), max_images=len(sample)))
+    ensure_latent_stats(ae, cfg, device)
     size = cfg.model.resolution
     (out / "shards").mkdir(parents=True, exist_ok=True)
     mine = [path for index, path in enumerate(inputs) if index % state.num_processes == state.process_index]

@@ -117,5 +117,17 @@ class MetricsLog:
             writer.writerows(rows)
 
 
+def promote_to_best(run_dir: Path, model_folder: Path, record: dict) -> Path:
+    """Replace RUN/best/ with a copy of `model_folder` (as model/) and `record` (as best.json), atomically."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / ".best-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_folder, tmp / "model")
+    write_json_atomic(tmp / "best.json", record)
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.rename(run_dir / "best")
+    return run_dir / "best"
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

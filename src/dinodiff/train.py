@@ -320,14 +320,8 @@ class Trainer:
         name, value = next(iter(scores.items()))
         previous = ckpt.read_json(best_file) if best_file.is_file() else None
         if previous is None or value < previous["value"]:
-            import shutil
-
-            tmp = self.run_dir / ".best-tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint / "model", tmp / "model")
-            ckpt.write_json_atomic(tmp / "best.json", {"step": self.step, "metric": name, "value": value, "scores": scores})
-            shutil.rmtree(self.run_dir / "best", ignore_errors=True)
-            tmp.rename(self.run_dir / "best")
+            ckpt.promote_to_best(self.run_dir, checkpoint / "model",
+                                 {"step": self.step, "metric": name, "value": value, "scores": scores})
         self.accelerator.log(scores, step=self.step)
 
 

@@ -42,7 +42,7 @@ class TrainData:
             self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
         else:
-            self._ensure_latent_stats()
+            ensure_latent_stats(parts.autoencoder, cfg, self.device)
 
     # -------------------------------------------------------------------------------- streams
     def batches(self, *, segment: int, skip: int = 0) -> Iterator[dict]:
@@ -84,17 +84,17 @@ class TrainData:
             return str(self.cfg.data.shards)
         return str(self.cache_info["source_shards"])
 
-    def _ensure_latent_stats(self) -> None:
-        ae, cfg = self.parts.autoencoder, self.cfg.model.autoencoder
-        if cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
-            return  # given, or read from the autoencoder's own config
-        from dinodiff.models.autoencoders import estimate_latent_stats
+def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
+    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
+        return  # given, or read from the autoencoder's own config
+    from dinodiff.models.autoencoders import estimate_latent_stats
 
-        images = first_images(str(self.cfg.data.shards), cfg.estimate_stats_images, self.cfg.model.resolution,
-                              prefer_test=False)
-        scale, shift = estimate_latent_stats(ae, images.to(self.device).split(16), max_images=len(images))
-        ae.set_latent_stats(scale, shift)
-        logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
+    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False)
+    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
+    ae.set_latent_stats(scale, shift)
+    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
 
 
 def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -> torch.Tensor:

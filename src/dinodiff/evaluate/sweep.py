@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -225,16 +224,10 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
         logger.warning("best checkpoint (step %s) is gone (pruned?): %s; RUN/best/ left as it is.",
                        best["step"], folder)
         return None
-    tmp = run_dir / ".best-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp / "model")
     fields = {"fid": float(best["fid"]), "kid_mean": float(best["kid_mean"]), "kid_std": float(best["kid_std"]),
               "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"])}
-    ckpt.write_json_atomic(tmp / "best.json", {"step": int(best["step"]), "metric": "fid",
-                                               "value": float(best["fid"]), "scores": fields})
-    shutil.rmtree(run_dir / "best", ignore_errors=True)
-    tmp.rename(run_dir / "best")
-    return run_dir / "best"
+    return ckpt.promote_to_best(run_dir, folder, {"step": int(best["step"]), "metric": "fid",
+                                                  "value": float(best["fid"]), "scores": fields})
 
 
 # ------------------------------------------------------------------------------------ entry points
