@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from dinodiff.evaluate.attention import SelfAttentionCapture, capture_self_attention
 from dinodiff.evaluate.diffseg import (
     _merge_once, aggregate_attention, anchor_grid, diffseg, label_map, layer_weights, merge_attention,
-    resolve_threshold, symmetric_kl,
+    resolution_weights, resolve_threshold, symmetric_kl,
 )
 
 
@@ -72,13 +72,39 @@ def test_merge_keeps_every_anchor_at_threshold_zero_and_merges_all_at_a_huge_one
     assert labels.unique().tolist() == [0]
 
 
-def test_later_iterations_partition_the_maps():
+def test_later_iterations_partition_the_maps_when_far_apart():
     # four maps: 0 and 1 close, 2 and 3 close, the pairs far apart -> two groups, each map in exactly one
     base = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])
     maps = torch.stack([base[0], base[0] * 0.98 + 0.005, base[1], base[1] * 0.98 + 0.005])
     merged = _merge_once(maps, symmetric_kl(maps, maps, chunk=2), 0.05)
     assert merged.shape == (2, 4)
     assert torch.allclose(merged[0], maps[:2].mean(0)) and torch.allclose(merged[1], maps[2:].mean(0))
+
+
+def _chain_of_three_maps() -> tuple[torch.Tensor, torch.Tensor]:
+    # A - B - C on a line: A~B and B~C within the threshold, A and C not
+    maps = torch.tensor([[0.70, 0.10, 0.10, 0.10], [0.55, 0.25, 0.10, 0.10], [0.40, 0.40, 0.10, 0.10]])
+    kl = symmetric_kl(maps, maps)
+    assert kl[0, 1] < 0.1 and kl[1, 2] < 0.1 and kl[0, 2] > 0.1
+    return maps, kl
+
+
+def test_later_iterations_follow_google_diffseg_and_may_reuse_matched_maps():
+    # google/diffseg mask_merge(iter>0): C, not yet matched, averages every map within the threshold,
+    # including B, which A's group already took
+    maps, kl = _chain_of_three_maps()
+    merged = _merge_once(maps, kl, 0.1)
+    assert merged.shape == (2, 4)
+    assert torch.allclose(merged[0], maps[:2].mean(0)) and torch.allclose(merged[1], maps[1:].mean(0))
+
+
+def test_partition_option_keeps_each_map_in_one_group():
+    maps, kl = _chain_of_three_maps()
+    merged = _merge_once(maps, kl, 0.1, overlap=False)
+    assert torch.allclose(merged[0], maps[:2].mean(0)) and torch.allclose(merged[1], maps[2])
+    attn = _region_attention(_three_regions(), noise=0.2)
+    with pytest.raises(ValueError, match="later_merges"):
+        merge_attention(attn, anchor_grid(8, 4), [0.1, 0.1], later_merges="bogus")
 
 
 def test_relative_thresholds_are_quantiles_of_the_off_diagonal_kl():
@@ -124,6 +150,56 @@ def test_aggregation_weights_are_proportional_to_resolution():
     assert torch.allclose(agg, fine * 8 / 12 + up * 4 / 12, atol=1e-6)
     # fine query (row 3, col 5) takes its key map from coarse query (1, 2)
     assert torch.allclose(up[0, 3 * 8 + 5], keys[0, 1, 2])
+
+
+def test_sd15_layout_weights_each_resolution_not_each_layer():
+    # SD 1.5: 5 self-attention maps at 64, 32 and 16 (2 down + 3 up), 1 at 8 (mid)
+    sides = [64] * 5 + [32] * 5 + [16] * 5 + [8]
+    assert resolution_weights(sides) == pytest.approx({64: 64 / 120, 32: 32 / 120, 16: 16 / 120, 8: 8 / 120})
+    w = layer_weights(sides)
+    assert w[-1].item() == pytest.approx(8 / 120)  # 0.067 (a weight per layer would give it 8/568 = 0.014)
+    assert w[0].item() == pytest.approx(64 / 600)
+    assert w.sum().item() == pytest.approx(1.0)
+
+
+def _upsampled(m: torch.Tensor, size: int) -> torch.Tensor:
+    """Hand computation for ONE map (B, s*s, s*s): keys upsampled + renormalised, queries repeated."""
+    b, s = m.shape[0], math.isqrt(m.shape[-1])
+    r = size // s
+    keys = F.interpolate(m.reshape(b * s * s, 1, s, s), size=(size, size), mode="bilinear", align_corners=False)
+    keys = (keys / keys.sum((-2, -1), keepdim=True)).reshape(b, s, s, size * size)
+    return keys.repeat_interleave(r, 1).repeat_interleave(r, 2).reshape(b, size * size, size * size)
+
+
+def test_aggregation_averages_layers_per_resolution_then_weights_resolutions_sd15_layout():
+    # SD 1.5's layout scaled down 8x: 5 maps at 8, 4 and 2, and one 1x1 map (the mid block's)
+    gen = torch.Generator().manual_seed(3)
+    maps = [torch.rand(2, s * s, s * s, generator=gen).mul(4).softmax(-1) for s in [8] * 5 + [4] * 5 + [2] * 5]
+    maps.append(torch.ones(2, 1, 1))
+    agg = aggregate_attention(maps)
+    assert agg.shape == (2, 64, 64)
+    assert torch.allclose(agg.sum(-1), torch.ones(2, 64), atol=1e-5)
+    # by hand: mean of the (upsampled) maps of each resolution, resolutions weighted 8:4:2:1 / 15
+    expected = torch.zeros(2, 64, 64)
+    for side, weight in ((8, 8 / 15), (4, 4 / 15), (2, 2 / 15)):
+        group = [_upsampled(m, 8) for m in maps if m.shape[-1] == side * side]
+        assert len(group) == 5
+        expected += weight * torch.stack(group).mean(0)
+    expected += (1 / 15) * torch.full((2, 64, 64), 1 / 64)  # the 1x1 map upsampled: uniform over keys
+    assert torch.allclose(agg, expected, atol=1e-6)
+    # the mid block's single map weighs as much as a whole resolution's mean: 1/15, not 1/(5*(8+4+2)+1) = 1/71
+    without_mid = aggregate_attention(maps[:-1], weights={8: 8 / 15, 4: 4 / 15, 2: 2 / 15})
+    assert torch.allclose(agg - without_mid, torch.full((2, 64, 64), 1 / 15 / 64), atol=1e-6)
+
+
+def test_aggregation_does_not_depend_on_layer_order():
+    gen = torch.Generator().manual_seed(4)
+    maps = [torch.rand(1, s * s, s * s, generator=gen).softmax(-1) for s in (4, 2, 4, 2, 2)]
+    a = aggregate_attention(maps)
+    b = aggregate_attention(maps[::-1])
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="no aggregation weight"):
+        aggregate_attention(maps, weights={4: 1.0})
 
 
 def _three_level_unet() -> UNet2DConditionModel:

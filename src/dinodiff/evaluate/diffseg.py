@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 THRESHOLD_MODES = ("absolute", "relative")
+# How merging iterations after the first group maps: "reference" as google/diffseg ``DiffSeg.mask_merge``
+# (each map not yet matched, in order, is averaged with *every* map within the threshold, matched or not, and
+# marks them matched: groups may share maps); "partition" (dinodiff <= 0.1): only maps not yet matched join a
+# group, so each map is in exactly one group.
+LATER_MERGES = ("reference", "partition")
 
 
 def map_side(n_tokens: int) -> int:
@@ -25,19 +30,37 @@ def map_side(n_tokens: int) -> int:
     return side
 
 
+def resolution_weights(sides: Sequence[int]) -> dict[int, float]:
+    """DiffSeg's aggregation weights, one per *resolution*: proportional to its side, summing to 1.
+
+    As google/diffseg ``DiffSeg.get_weight_rato``: the weights come from the distinct resolutions
+    (SD 1.5: 64, 32, 16, 8 -> 64/120, 32/120, 16/120, 8/120), however many layers each resolution has.
+    """
+    distinct = sorted(set(int(s) for s in sides), reverse=True)
+    total = float(sum(distinct))
+    return {s: s / total for s in distinct}
+
+
 def layer_weights(sides: Sequence[int]) -> torch.Tensor:
-    """DiffSeg's aggregation weights: proportional to each map's resolution (side), summing to 1."""
-    w = torch.tensor([float(s) for s in sides], dtype=torch.float64)
-    return w / w.sum()
+    """The weight each *layer* ends up with: its resolution's weight shared equally by that resolution's layers.
+
+    SD 1.5 (5 maps at 64, 32 and 16, 1 at 8): the mid block's map gets 8/120 = 0.067 and each 64 map 64/600.
+    """
+    per_res = resolution_weights(sides)
+    counts = {s: list(sides).count(s) for s in per_res}
+    return torch.tensor([per_res[s] / counts[s] for s in sides], dtype=torch.float64)
 
 
-def aggregate_attention(maps: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+def aggregate_attention(maps: Sequence[torch.Tensor], weights: Mapping[int, float] | None = None,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Head-averaged maps (B, N_i, N_i) of several resolutions -> (B, N, N) at the largest side S (N = S*S).
 
-    Keys are bilinearly upsampled to S x S and renormalised to sum to 1; queries are repeated (each
-    query of a coarse map stands for the ratio x ratio block of fine queries it covers). The sum is
-    weighted by ``weights`` (default: proportional to resolution). Rows of the result sum to 1.
+    As google/diffseg (``third_party/keras-cv/diffusion_model.py`` sums ``temp/5`` per resolution, then
+    ``DiffSeg.aggregate_weights``): the maps of the layers at each resolution are first averaged; each
+    resolution's mean then has its keys bilinearly upsampled to S x S and renormalised to sum to 1, its
+    queries repeated (each coarse query stands for the ratio x ratio block of fine queries it covers), and
+    the resolutions are summed with ``weights`` (side -> weight; default proportional to the side, see
+    ``resolution_weights``). Rows of the result sum to 1.
     """
     if not maps:
         raise ValueError("no attention maps to aggregate (did the UNet run any self-attention?)")
@@ -45,21 +68,34 @@ def aggregate_attention(maps: Sequence[torch.Tensor], weights: Sequence[float] |
     size = max(sides)
     if any(size % s for s in sides):
         raise ValueError(f"attention sides {sorted(set(sides))} do not divide the largest ({size}).")
-    w = layer_weights(sides) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    w = resolution_weights(sides) if weights is None else {int(k): float(v) for k, v in weights.items()}
+    missing = sorted(set(sides) - set(w))
+    if missing:
+        raise ValueError(f"no aggregation weight for attention side(s) {missing}; weights given for {sorted(w)}.")
     batch = maps[0].shape[0]
     out = torch.zeros(batch, size * size, size * size, dtype=dtype, device=maps[0].device)
-    for m, s, wi in zip(maps, sides, w.tolist()):
-        r = size // s
-        keys = m.to(dtype).reshape(batch * s * s, 1, s, s)
-        if r > 1:
-            keys = F.interpolate(keys, size=(size, size), mode="bilinear", align_corners=False)
-            keys = keys / keys.sum(dim=(-2, -1), keepdim=True)
-        keys = keys.reshape(batch, s, 1, s, 1, size * size)
-        # repeat queries along both spatial axes: coarse query (i, j) -> fine queries (i*r.., j*r..);
-        # expand is a view, so the only full-size copy is the reshape (none at all when r == 1)
-        rows = keys.expand(batch, s, r, s, r, size * size).reshape(batch, size * size, size * size)
-        out.add_(rows, alpha=wi)
+    for s in sorted(set(sides), reverse=True):
+        group = [m for m, side in zip(maps, sides) if side == s]
+        mean = group[0].to(dtype).clone() if len(group) > 1 else group[0].to(dtype)
+        for m in group[1:]:
+            mean.add_(m.to(dtype))
+        if len(group) > 1:
+            mean.div_(len(group))
+        out.add_(_to_finest(mean, s, size), alpha=w[s])
     return out
+
+
+def _to_finest(m: torch.Tensor, s: int, size: int) -> torch.Tensor:
+    """(B, s*s, s*s) -> (B, size*size, size*size): keys bilinearly upsampled + renormalised, queries repeated."""
+    batch, r = m.shape[0], size // s
+    keys = m.reshape(batch * s * s, 1, s, s)
+    if r > 1:
+        keys = F.interpolate(keys, size=(size, size), mode="bilinear", align_corners=False)
+        keys = keys / keys.sum(dim=(-2, -1), keepdim=True)
+    keys = keys.reshape(batch, s, 1, s, 1, size * size)
+    # repeat queries along both spatial axes: coarse query (i, j) -> fine queries (i*r.., j*r..);
+    # expand is a view, so the only full-size copy is the reshape (none at all when r == 1)
+    return keys.expand(batch, s, r, s, r, size * size).reshape(batch, size * size, size * size)
 
 
 def anchor_grid(size: int, points: int) -> torch.Tensor:
@@ -124,19 +160,24 @@ def resolve_threshold(pairwise_kl: torch.Tensor, value: float, mode: str) -> flo
 
 
 def merge_attention(attn: torch.Tensor, grid: torch.Tensor, thresholds: Sequence[float], *,
-                    mode: str = "absolute", chunk: int = 256) -> tuple[torch.Tensor, list[float]]:
+                    mode: str = "absolute", chunk: int = 256,
+                    later_merges: str = "reference") -> tuple[torch.Tensor, list[float]]:
     """Iterative attention merging for one image: attn (N, N) aggregated, grid (K, 2) anchors.
 
-    Iteration 0: each anchor's map becomes the mean of the maps of every location within
-    ``thresholds[0]`` (symmetric KL) of it. Iteration i > 0: greedily, in order, each map not yet taken
-    takes every untaken map within ``thresholds[i]`` and they are replaced by their mean (a partition).
+    Iteration 0 (google/diffseg ``mask_merge(iter=0)``): each anchor's map becomes the mean of the maps of
+    every location within ``thresholds[0]`` (symmetric KL) of it. Iteration i > 0: greedily, in order, each
+    map not yet matched is replaced by the mean of the maps within ``thresholds[i]``; ``later_merges``
+    says which maps may join (see ``LATER_MERGES``; "reference" is google/diffseg's rule).
     ``mode='relative'``: each threshold is that quantile of this image's anchor-to-anchor KL (off-diagonal),
     which makes it invariant to how sharp the model's attention is. (Re-reading the quantile from the maps
     entering each iteration was tried and rejected: it forces merges down to a handful of maps whatever
-    the image holds.) Returns the merged maps (K', N) and the absolute thresholds used.
+    the image holds.) KLs are computed in fp32 (google/diffseg: fp16 in iteration 0). Returns the merged
+    maps (K', N) and the absolute thresholds used.
     """
     if not thresholds:
         raise ValueError("need at least one merging threshold.")
+    if later_merges not in LATER_MERGES:
+        raise ValueError(f"later_merges must be one of {LATER_MERGES}, got {later_merges!r}.")
     side = map_side(attn.shape[-1])
     index = (grid[:, 0] * side + grid[:, 1]).to(attn.device)
     kl = symmetric_kl(attn[index], attn, chunk=chunk)  # (K, N)
@@ -146,17 +187,21 @@ def merge_attention(attn: torch.Tensor, grid: torch.Tensor, thresholds: Sequence
     near = near.to(attn.dtype)
     merged = (near @ attn) / near.sum(1, keepdim=True)
     for threshold in used[1:]:
-        merged = _merge_once(merged, symmetric_kl(merged, merged, chunk=chunk).cpu(), threshold)
+        merged = _merge_once(merged, symmetric_kl(merged, merged, chunk=chunk).cpu(), threshold,
+                             overlap=later_merges == "reference")
     return merged, used
 
 
-def _merge_once(maps: torch.Tensor, kl: torch.Tensor, threshold: float) -> torch.Tensor:
+def _merge_once(maps: torch.Tensor, kl: torch.Tensor, threshold: float, overlap: bool = True) -> torch.Tensor:
+    """One later merging iteration; ``overlap``: google/diffseg's rule (a group takes matched maps too)."""
     free = torch.ones(maps.shape[0], dtype=torch.bool)
     groups = []
     for i in range(maps.shape[0]):
         if not free[i]:
             continue
-        members = free & (kl[i] < threshold)
+        members = kl[i] < threshold
+        if not overlap:
+            members &= free
         members[i] = True
         free &= ~members
         groups.append(maps[members.to(maps.device)].mean(0))
@@ -182,10 +227,11 @@ def label_map(merged: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> t
 
 
 def diffseg(attn: torch.Tensor, grid_size: int, thresholds: Sequence[float], size: tuple[int, int], *,
-            mode: str = "absolute", chunk: int = 256) -> tuple[torch.Tensor, list[float]]:
+            mode: str = "absolute", chunk: int = 256,
+            later_merges: str = "reference") -> tuple[torch.Tensor, list[float]]:
     """One image's aggregated attention (N, N) -> (label map (H, W), absolute thresholds used)."""
     grid = anchor_grid(map_side(attn.shape[-1]), grid_size)
-    merged, used = merge_attention(attn, grid, thresholds, mode=mode, chunk=chunk)
+    merged, used = merge_attention(attn, grid, thresholds, mode=mode, chunk=chunk, later_merges=later_merges)
     return label_map(merged, size), used
 
 
