@@ -331,6 +331,32 @@ def segment(
 
 
 @app.command()
+def report(
+    root: Path = typer.Argument(..., help="A training run folder, or a work folder holding stage outputs (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML page (default ROOT/report.html); the Markdown summary goes beside it (.md)."),
+    title: Optional[str] = typer.Option(None, help="Page title (default: 'dinodiff report: ROOT')."),
+) -> None:
+    """One self-contained HTML page (figures embedded) and a Markdown summary of every result under ROOT.
+
+    Reads only the files the stages write (config.yaml, metrics.csv, fid.csv, provenance.json, results.json);
+    sections without results are listed with the command that makes them.
+    """
+    from dinodiff.report import ReportError, build_report
+
+    try:
+        summary = build_report(root, out, title=title)
+    except (ReportError, FileNotFoundError) as err:
+        _fail(str(err), 2)
+    for name in summary["sections"]:
+        typer.echo(f"  ok       {name}")
+    for name, command in summary["missing"]:
+        typer.echo(f"  missing  {name}: {command}")
+    for problem in summary["problems"]:
+        typer.echo(f"  unread   {problem}")
+    typer.echo(f"report: {summary['html']}  summary: {summary['markdown']}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Folder for everything the demo makes."),
     n: int = typer.Option(48, "-n", help="Number of synthetic phantoms to train on."),

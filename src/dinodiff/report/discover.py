@@ -1,0 +1,118 @@
+"""Find the results files under a run or work folder (recursively), without importing any stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Folders that hold bulk data, never results: not descended into.
+SKIP_DIRS = {"images", "shards", "checkpoints", "cells", "fid-cache", "trainer", "model", "logs", "dinodiff",
+             "__pycache__", "node_modules", "masks", "raw"}
+MAX_DEPTH = 8
+MAX_JSON_BYTES = 50_000_000
+
+
+@dataclass
+class Found:
+    """What lies under the report's root folder."""
+
+    root: Path
+    runs: list[Path] = field(default_factory=list)
+    generated: list[tuple[Path, dict]] = field(default_factory=list)  # (folder, provenance.json)
+    results: list[tuple[Path, dict]] = field(default_factory=list)  # (results.json path, content with "kind")
+    fid_results: list[tuple[Path, dict]] = field(default_factory=list)  # `dinodiff fid --out` JSON files
+    problems: list[str] = field(default_factory=list)  # unreadable files, said on the page
+
+
+def read_json(path: Path, problems: list[str]) -> dict | None:
+    """A JSON object, or None (with the reason added to `problems`) when the file is unreadable."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            problems.append(f"{path}: larger than {MAX_JSON_BYTES} bytes, not read")
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problems.append(f"{path}: not readable JSON ({err}); rerun the stage that wrote it")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: a JSON {type(data).__name__}, not an object; ignored")
+        return None
+    return data
+
+
+def infer_kind(data: dict) -> str | None:
+    """`kind`, or the kind of a results.json written before the convention (`dinodiff segment`'s)."""
+    kind = data.get("kind")
+    if isinstance(kind, str) and kind:
+        return kind
+    if "methods" in data and "best" in data and "cells" in data:
+        return "segment"
+    return None
+
+
+def is_run(names: set[str], dirs: set[str]) -> bool:
+    return "config.yaml" in names and ("metrics.csv" in names or "checkpoints" in dirs)
+
+
+def _is_fid_result(data: dict) -> bool:
+    return {"fid", "extractor", "n_real", "n_fake"} <= data.keys()
+
+
+def _visit(folder: Path, names: set[str], dirs: set[str], found: Found) -> None:
+    if is_run(names, dirs):
+        found.runs.append(folder)
+    if "provenance.json" in names:
+        data = read_json(folder / "provenance.json", found.problems)
+        if data is not None:
+            found.generated.append((folder, data))
+    for name in sorted(n for n in names if n.endswith(".json")):
+        if name in ("provenance.json", "manifest.json", "cache.json", "model_index.json", "best.json"):
+            continue
+        data = read_json(folder / name, found.problems)
+        if data is None:
+            continue
+        kind = infer_kind(data)
+        if kind is not None:
+            found.results.append((folder / name, {**data, "kind": kind}))
+        elif _is_fid_result(data):
+            found.fid_results.append((folder / name, data))
+        elif name == "results.json":
+            found.problems.append(f"{folder / name}: no \"kind\" key; add one (see `dinodiff.report`)")
+
+
+def discover(root: str | Path) -> Found:
+    """Walk `root` (depth <= 8, skipping image/shard/checkpoint folders) and collect every results file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; give a training run folder or a work folder "
+                                "(e.g. demo-output/) holding stage outputs.")
+    found = Found(root)
+    for current, dirs, files in os.walk(root):
+        folder = Path(current)
+        depth = len(folder.relative_to(root).parts)
+        _visit(folder, set(files), set(dirs), found)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
+    logger.info("found %d run(s), %d generated set(s), %d results.json, %d fid result(s) under %s",
+                len(found.runs), len(found.generated), len(found.results), len(found.fid_results), root)
+    return found
+
+
+def resolve_file(base: Path, value: Any) -> Path | None:
+    """A file named in a results file: absolute, relative to `base`, or (moved folders) by its trailing parts."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    if path.is_absolute() and path.is_file():
+        return path
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    for i in range(len(parts)):
+        candidate = base.joinpath(*parts[i:])
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,0 +1,204 @@
+"""`dinodiff report`: sections from the results files found, missing ones with their commands, a page that
+stands alone (every image a data: URI), and the Markdown summary."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from dinodiff.cli import app
+from dinodiff.report import ReportError, build_report
+from dinodiff.report.build import external_references
+from dinodiff.train import train
+
+CONFIG = """model:
+  resolution: 32
+  encoder: {name_or_path: random:transformers-vit}
+  unet: {preset: tiny}
+data:
+  shards: /data/prepared
+train:
+  run_dir: RUN
+  seed: 1234
+  max_steps: 20
+optim:
+  lr: 0.001
+"""
+
+
+def _png(path: Path, size: tuple[int, int], value: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_workdir(root: Path) -> Path:
+    """A work folder as the stages leave it: a run (+ fid.csv), two generated sets, segment, classify and probe
+    results; no audit."""
+    run = root / "run"
+    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-20").mkdir(parents=True)
+    (run / "config.yaml").write_text(CONFIG)
+    rows = ["step,loss,lr,grad_norm,images_per_s,images_seen,elapsed_s"]
+    rows += [f"{s},{1.0 / s:.6f},0.001,1.0,8.0,{4 * s},{0.5 * s}" for s in range(1, 21)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (run / "best").mkdir()
+    (run / "best" / "best.json").write_text(json.dumps({"step": 10, "metric": "fid", "value": 5.0}))
+    fields = "step,fid,kid_mean,kid_std,extractor,tap,n_real,n_fake,per_source,sample_steps,seed,checkpoint,seconds"
+    (run / "fid.csv").write_text(f"{fields}\n10,5.0,0.01,0.001,xrv,features2,64,64,1,25,7,{run}/checkpoints/"
+                                 f"checkpoint-10/model,3.0\n20,7.5,0.02,0.002,xrv,features2,64,64,1,25,7,{run}/"
+                                 "checkpoints/checkpoint-20/model,3.1\n")
+    _png(run / "samples" / "step-0000010.png", (136, 68), 1)
+    _png(run / "samples" / "step-0000020.png", (136, 68), 2)
+    for strategy in ("reconstruction", "interpolation"):
+        folder = root / "generated" / strategy
+        _png(folder / "preview.png", (272, 136), 3)
+        _png(folder / "images" / "000000.png", (32, 32), 4)
+        (folder / "provenance.json").write_text(json.dumps({
+            "model": f"{run}/checkpoints/checkpoint-20/model", "checkpoint_step": 20, "source": "/data/prepared",
+            "scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 10, "images": 48, "complete": True,
+            "settings": {"strategy": strategy, "seed": 99, "ratio": 3}, "code_version": {"git_commit": "abc123"}}))
+    seg = root / "segment"
+    _png(seg / "overlays" / "phantoms.png", (300, 200), 5)
+    (seg / "table.md").write_text("# Zero-shot lung segmentation (DiffSeg)\n\n## Table 2: both lungs\n\n"
+                                  "| | DiffSeg | Mean-mask prior |\n|---|---|---|\n| combined | 61.0 ± 2.0 | 88.0 ± 1.0 |\n")
+    (seg / "results.json").write_text(json.dumps({  # written elsewhere, then moved: absolute paths that moved
+        "settings": {"threshold_mode": "relative", "noise_seed": None, "resolution": 64},
+        "datasets": {"phantoms": 16},
+        "cells": [{"cell": {"model": "checkpoint-20-model"}, "description": "t=300 16x16"}],
+        "best": {"combined": {"cell": {"model": "checkpoint-20-model"}, "description": "t=300 16x16"}},
+        "methods": {"diffseg": {"name": "DiNO-Diffusion (DiffSeg)", "summary": {"combined": {"hungarian_both": [0.61, 0.02]}}},
+                    "prior": {"name": "Mean-mask prior", "summary": {"combined": {"hungarian_both": [0.88, 0.01]}}}},
+        "tables": {"markdown": "/old/place/segment/table.md", "csv": "/old/place/segment/table.csv"},
+        "overlays": {"phantoms": "/old/place/segment/overlays/phantoms.png"}}))
+    cls = root / "classify"
+    _png(cls / "figure4.png", (400, 300), 6)
+    (cls / "table1.md").write_text("| arm | AUC |\n|---|---|\n| real only | 0.71 |\n| real + 1:10 | 0.78 |\n")
+    (cls / "results.json").write_text(json.dumps({
+        "kind": "classify", "title": "Classification (Table 1, Figure 4)",
+        "provenance": {"checkpoint": "best/model", "seeds": [0, 1, 2], "command": "dinodiff classify --out classify"},
+        "headline": {"AUC real + 1:10": 0.78}, "tables": {"Table 1": "table1.md"},
+        "figures": {"Figure 4": "figure4.png"}, "something_new": {"nested": True}}))
+    probe = root / "probe"
+    probe.mkdir()
+    (probe / "results.json").write_text(json.dumps({
+        "kind": "encoder-probe", "provenance": {"encoder": "encoder/", "data": "/data/labelled"},
+        "table": [{"encoder": "pretrained", "knn_auc": 0.912, "linear_auc": 0.93},
+                  {"encoder": "random", "knn_auc": 0.55, "linear_auc": 0.57, "extra": "x"}], "unknown": 1}))
+    return root
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
+
+
+def test_report_builds_the_sections_found_and_lists_missing_ones_with_their_commands(tmp_path):
+    summary = build_report(make_workdir(tmp_path / "work"))
+    keys = summary["keys"]
+    for key in ("config", "training", "fid", "samples", "reconstruction", "interpolation", "encoder-probe",
+                "classify", "segment"):
+        assert key in keys, key
+    assert keys.index("config") < keys.index("training") < keys.index("segment")  # the data flow's order
+    assert [t for t, _ in summary["missing"]] == ["Privacy audit"]
+    assert "dinodiff audit" in summary["missing"][0][1]
+    assert summary["problems"] == []
+    page = summary["html"].read_text()
+    assert "Missing sections" in page and "dinodiff audit SYNTHETIC" in page
+    assert "61.0 ± 2.0" in page and "88.0 ± 1.0" in page  # Table 2 from the moved segment folder
+    assert "0.912" in page and "0.71" in page  # probe table, classify Markdown table
+    assert "5 @ step 10" in page  # best FD and its checkpoint
+    assert "1234" in page and "abc123" in page and "dinodiff classify --out classify" in page  # provenance
+
+
+def test_every_image_is_an_embedded_data_uri_matching_its_source(tmp_path):
+    summary = build_report(make_workdir(tmp_path / "work"), tmp_path / "out" / "page.html")
+    page = summary["html"].read_text()
+    sources = _images(page)
+    # loss + fid curves, 2 sample grids, 2 previews, 1 overlay, Figure 4
+    assert len(sources) == 8
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    sizes = {Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).size for s in sources}
+    assert {(136, 68), (272, 136), (300, 200), (400, 300)} <= sizes
+    assert external_references(page) == []
+    assert "<link" not in page and "<script" not in page and "http" not in page.split("<main>")[0]
+
+
+def test_markdown_summary_has_the_headline_tables_and_missing_commands(tmp_path):
+    work = make_workdir(tmp_path / "work")
+    md = build_report(work)["markdown"].read_text()
+    assert md.startswith("# dinodiff report: work")
+    assert "## At a glance" in md and "| training steps | 20 |" in md
+    assert "| 10 | 5 ★ |" in md  # the best checkpoint marked in the fid.csv table
+    assert "| pretrained | 0.912 | 0.93 | - |" in md  # unknown column 'extra' kept, missing cell as '-'
+    assert "### Table 2: both lungs" in md  # the stage's Markdown headings demoted under the section
+    assert "`segment/overlays/phantoms.png`" in md  # figures link to their files, relative to report.md
+    assert "- **Privacy audit**: `dinodiff audit" in md
+    assert "data:image" not in md
+
+
+def test_a_results_json_of_a_new_kind_is_shown_without_report_code(tmp_path):
+    folder = tmp_path / "work" / "new-stage"
+    _png(folder / "plots" / "curve.png", (50, 40), 7)
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "my-new-stage", "title": "My new stage", "provenance": {"seed": 3, "command": "dinodiff new"},
+        "tables": {"scores": [{"a": 1.23456789, "b": "x"}], "inline": "| p | q |\n|---|---|\n| 1 | 2 |"},
+        "figures": {"curve": "plots/curve.png", "gone": "plots/gone.png"}}))
+    summary = build_report(tmp_path / "work")
+    assert summary["sections"] == ["My new stage"]
+    page = summary["html"].read_text()
+    assert "1.235" in page and "<td>2</td>" in page and "dinodiff new" in page
+    assert len(_images(page)) == 1
+    assert "Named but not found: plots/gone.png" in page
+    assert len(summary["missing"]) == 10  # every known section, each with its command
+
+
+def test_unreadable_results_are_listed_and_the_rest_still_reported(tmp_path):
+    work = make_workdir(tmp_path / "work")
+    (work / "audit").mkdir()
+    (work / "audit" / "results.json").write_text("{not json")
+    summary = build_report(work)
+    assert any("audit/results.json" in p and "not readable JSON" in p for p in summary["problems"])
+    assert "segment" in summary["keys"]
+    assert "Files that could not be read" in summary["html"].read_text()
+
+
+def test_a_folder_without_results_is_a_clean_cli_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="No results found"):
+        build_report(tmp_path / "empty")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert "No results found" in result.output and "Traceback" not in result.output
+
+
+def test_external_reference_guard_catches_what_a_browser_would_fetch():
+    page = ('<html><head><style>body{background:url("x.png")}</style><link rel="stylesheet" href="a.css"></head>'
+            '<body><img src="data:image/png;base64,AA"><a href="#top">top</a><img src="http://example.com/a.png">'
+            "<p>src=&quot;http://not-a-tag&quot;</p></body></html>")
+    found = external_references(page)
+    assert "x.png" in found and "a.css" in found and "<link>" in found and "http://example.com/a.png" in found
+    assert not any("not-a-tag" in f for f in found) and "#top" not in found
+
+
+def test_report_cli_on_a_real_tiny_training_run(tmp_path, prepared_phantoms):
+    run = tmp_path / "run"
+    train(tiny_config(run, prepared_phantoms, "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=2"))
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "report.html")])
+    assert result.exit_code == 0, result.output
+    assert "ok       Training: run" in result.output and "missing  Image quality" in result.output
+    page = (tmp_path / "report.html").read_text()
+    assert "random:transformers-vit" in page  # the run's own config.yaml
+    images = _images(page)
+    assert len(images) == 3 and all(s.startswith("data:image/png") for s in images)  # loss curve + 2 sample grids
+    md = (tmp_path / "report.md").read_text()
+    assert "| training steps | 4 |" in md and "`run/samples/step-0000004.png`" in md
