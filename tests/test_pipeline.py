@@ -144,3 +144,35 @@ def test_output_types_and_pil_inputs(tiny_model_folder):
     assert np.array_equal(np.asarray(out.images[1]), np.round(arrays[1, ..., 0] * 255).astype(np.uint8))
     with pytest.raises(ValueError, match="one per item"):
         pipe(images=pils, generator=gens[:1] * 3, num_inference_steps=2)
+
+
+def _sixteen_bit_radiograph(size: int = 32) -> np.ndarray:
+    """A 12-bit-in-16 image (values 200..3900), dark left half, gradient right: far from 8-bit range."""
+    arr = np.full((size, size), 200, np.uint16)
+    arr[:, size // 2:] = np.linspace(1000, 3900, size // 2, dtype=np.uint16)[None, :]
+    return arr
+
+
+def test_sixteen_bit_inputs_are_rescaled_like_prepare_not_clipped_white(tiny_model_folder, tmp_path):
+    from dinodiff.data.readers import read_grey, to_uint8
+
+    pipe = _load(tiny_model_folder)
+    arr = _sixteen_bit_radiograph()
+    path = tmp_path / "sixteen.png"
+    PIL.Image.fromarray(arr).save(path)  # a 16-bit grey PNG, as prepare reads it
+    prepared = to_uint8(read_grey(path)[0]).astype(np.float32) / 255.0  # prepare's default (min-max) rule
+    with PIL.Image.open(path) as im:
+        im.load()
+        from_pil = pipe.to_tensor(im)
+    from_array = pipe.to_tensor(arr)
+    from_list = pipe.to_tensor([arr, PIL.Image.fromarray(arr)])
+    for x in (from_pil, from_array, from_list[:1], from_list[1:]):
+        assert x.shape == (1, 1, 32, 32)
+        assert torch.allclose(x[0, 0], torch.from_numpy(prepared), atol=1e-6)
+    assert from_array.min() == 0.0 and from_array.max() == 1.0 and from_array[0, 0, :, :16].max() == 0.0
+    # the encoder therefore sees the same c_GLB as for the 8-bit image prepare would have written
+    eight = PIL.Image.fromarray(to_uint8(arr))
+    assert torch.allclose(pipe.encode_images(arr), pipe.encode_images(eight), atol=1e-6)
+    # uint8 and [0, 1] float inputs are unchanged by the rule
+    assert torch.allclose(pipe.to_tensor(to_uint8(arr)), from_array, atol=1e-6)
+    assert torch.allclose(pipe.to_tensor(prepared), from_array, atol=1e-6)

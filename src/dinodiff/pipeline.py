@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from dinodiff.data.readers import grey_to_unit
 from dinodiff.models.autoencoders import LatentAutoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder
 from dinodiff.models.projection import ConditionProjection
@@ -47,6 +48,9 @@ class DiNODiffusionPipeline(DiffusionPipeline):
     """Generate chest X-rays conditioned on the DINO global tokens c_GLB of source images."""
 
     model_cpu_offload_seq = "image_encoder->projection->unet->vae"
+    # How non-8-bit source images are brought to [0, 1]: prepare's default rule (``data.readers.to_uint8``);
+    # set "percentile" for sources prepared with ``--intensity percentile``.
+    intensity_rule: str = "minmax"
 
     def __init__(self, unet: UNet2DConditionModel, vae: LatentAutoencoder, scheduler: SchedulerMixin,
                  image_encoder: GlobalTokenEncoder, projection: ConditionProjection, cond_dropout: float = 0.0) -> None:
@@ -94,14 +98,20 @@ class DiNODiffusionPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------------------------- helpers
     def to_tensor(self, images: ImageInput) -> torch.Tensor:
-        """PIL image(s), uint8/float arrays or a tensor -> (B, 1|3, resolution, resolution) float in [0, 1]."""
+        """PIL image(s), arrays or a tensor -> (B, 1|3, resolution, resolution) float in [0, 1].
+
+        uint8 data is divided by 255; 16-bit PIL images, uint16/int arrays and float arrays outside [0, 1] are
+        rescaled by prepare's rule (``intensity_rule``, see ``data.readers.grey_to_unit``); float tensors are
+        taken as already in [0, 1].
+        """
         if isinstance(images, torch.Tensor):
             x = images.float()
             x = x[None] if x.ndim == 3 else x
         else:
             items = [images] if isinstance(images, (PIL.Image.Image, np.ndarray)) else list(images)
-            arrays = [np.asarray(im.convert("L") if isinstance(im, PIL.Image.Image) else im) for im in items]
-            tensors = [torch.from_numpy(a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)) for a in arrays]
+            # prepare's rule (data.readers): 16-bit PIL images, uint16/int arrays and out-of-range floats are
+            # rescaled min-max to uint8 like prepared shards, never clipped (which turned them white)
+            tensors = [torch.from_numpy(grey_to_unit(im, self.intensity_rule)) for im in items]
             # (H, W) grey or (H, W, C): each resized on its own, since sources may differ in size
             x = torch.cat([self._resize((t[None] if t.ndim == 2 else t.permute(2, 0, 1))[None]) for t in tensors])
         if x.ndim != 4 or x.shape[1] not in (1, 3):

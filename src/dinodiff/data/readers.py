@@ -87,7 +87,7 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict]:
             # Force the full decode now: Image.open is lazy and truncation only shows on load().
             # (PIL's ImageFile.LOAD_TRUNCATED_IMAGES must stay False, its default.)
             im.load()
-            arr, bit_depth = _pil_to_grey(im)
+            arr, bit_depth = pil_to_grey(im)
     except UnidentifiedImageError:
         with open(path, "rb") as f:
             magic = f.read(8)
@@ -105,8 +105,11 @@ def _read_raster(path: Path) -> tuple[np.ndarray, dict]:
     return arr, {"format": fmt, "bit_depth": bit_depth, "mode": mode, "view": None}
 
 
-def _pil_to_grey(im: Image.Image) -> tuple[np.ndarray, int]:
-    """PIL image (any mode) -> (2-D uint8/uint16/float32 array, bits per sample)."""
+def pil_to_grey(im: Image.Image) -> tuple[np.ndarray, int]:
+    """PIL image (any mode) -> (2-D uint8/uint16/float32 array, bits per sample); what ``read_grey`` does to rasters.
+
+    16-bit images stay uint16 (PIL's ``convert('L')`` would clip them to 255, i.e. white).
+    """
     mode = im.mode
     if mode == "L":
         return np.asarray(im), 8
@@ -244,6 +247,19 @@ def to_uint8(
     if has_bad:
         out[~finite] = 0
     return out.astype(np.uint8)
+
+
+def grey_to_unit(image: Image.Image | np.ndarray, rule: str = "minmax") -> np.ndarray:
+    """An in-memory image -> float32 in [0, 1] by prepare's rule: :func:`pil_to_grey` for PIL images, then
+    :func:`to_uint8` (``rule``) / 255 for anything but a float array already within [0, 1].
+
+    uint8 data is only divided by 255; 16-bit PIL images, uint16/int arrays and float arrays outside [0, 1]
+    (e.g. DICOM values) are rescaled exactly as ``prepare`` rescales files of the same data.
+    """
+    arr = pil_to_grey(image)[0] if isinstance(image, Image.Image) else np.asarray(image)
+    if arr.dtype.kind == "f" and arr.size and np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0:
+        return arr.astype(np.float32, copy=False)
+    return to_uint8(arr, rule).astype(np.float32) / np.float32(255.0)
 
 
 def load_grey_uint8(path: str | os.PathLike, rule: str = "minmax") -> tuple[np.ndarray, dict]:
