@@ -24,8 +24,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dinodiff demo --out demo-output
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The report's browser test (tests/test_report_browser.py) needs Chromium: installed once from Debian, never skipped.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
+	  { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prepare.py

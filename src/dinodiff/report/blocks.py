@@ -55,7 +55,8 @@ class Section:
     blocks: list[Any] = field(default_factory=list)
     provenance: dict[str, str] = field(default_factory=dict)
     headline: dict[str, str] = field(default_factory=dict)
-    note: str = ""
+    note: str = ""  # information
+    warning: str = ""  # something the reader should fix (a file named but absent, ...)
 
 
 @dataclass
@@ -155,12 +156,11 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
-    out, current = [], None
-    for v in values:
-        current = v if current is None else alpha * v + (1 - alpha) * current
-        out.append(current)
-    return out
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average (shorter windows at the ends), so the smoothed curve does not lag the loss."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
 
 
 def loss_figure(steps: Sequence[int], loss: Sequence[float], lr: Sequence[float] | None,
@@ -170,8 +170,13 @@ def loss_figure(steps: Sequence[int], loss: Sequence[float], lr: Sequence[float]
     fig, axes = plt.subplots(1, 2 if lr else 1, figsize=(10 if lr else 6.5, 3.6), squeeze=False,
                              gridspec_kw={"width_ratios": [2.2, 1] if lr else [1]})
     ax = axes[0][0]
-    ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-    ax.plot(steps, ema(loss), color="tab:blue", linewidth=2, label="smoothed (EMA 0.1)")
+    window = max(3, len(loss) // 25) | 1
+    if len(loss) >= 30:
+        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+        ax.plot(steps, moving_average(loss, window), color="tab:blue", linewidth=2,
+                label=f"moving average ({window} logs)")
+    else:
+        ax.plot(steps, loss, "o-", color="tab:blue", linewidth=2, markersize=3, label="loss")
     for i, step in enumerate(checkpoints):
         ax.axvline(step, color="grey", alpha=0.25, linewidth=1, label="checkpoint" if i == 0 else None)
     if best is not None:

@@ -47,10 +47,11 @@ def read_json(path: Path, problems: list[str]) -> dict | None:
 
 
 def infer_kind(data: dict) -> str | None:
-    """`kind`, or the kind of a results.json written before the convention (`dinodiff segment`'s)."""
-    kind = data.get("kind")
-    if isinstance(kind, str) and kind:
-        return kind
+    """A results.json's `kind`, or the kind of a results.json written before the convention (`dinodiff segment`'s)."""
+    for key in ("kind", "evaluation"):  # `dinodiff classify` wrote "evaluation" before the convention
+        kind = data.get(key)
+        if isinstance(kind, str) and kind:
+            return kind
     if "methods" in data and "best" in data and "cells" in data:
         return "segment"
     return None
@@ -74,10 +75,12 @@ def _visit(folder: Path, names: set[str], dirs: set[str], found: Found) -> None:
     for name in sorted(n for n in names if n.endswith(".json")):
         if name in ("provenance.json", "manifest.json", "cache.json", "model_index.json", "best.json"):
             continue
+        if name != "results.json" and (folder / name).stat().st_size > 1_000_000:
+            continue  # a results file of `dinodiff fid --out` is small; big JSON files are data
         data = read_json(folder / name, found.problems)
         if data is None:
             continue
-        kind = infer_kind(data)
+        kind = infer_kind(data) if name == "results.json" else None
         if kind is not None:
             found.results.append((folder / name, {**data, "kind": kind}))
         elif _is_fid_result(data):

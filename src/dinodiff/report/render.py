@@ -30,7 +30,7 @@ figcaption{color:var(--muted);font-size:12.5px}table{border-collapse:collapse;ma
 th,td{border-bottom:1px solid var(--line);padding:4px 10px;text-align:left;vertical-align:top}
 th{background:#eef2fa}tr:hover td{background:#f8faff}.scroll{overflow-x:auto}
 pre{background:#0f172a;color:#e2e8f0;padding:12px;border-radius:8px;overflow:auto;font-size:12px;max-height:420px}
-details{margin-top:8px}summary{cursor:pointer;color:var(--muted)}.note{color:var(--warn)}
+details{margin-top:8px}summary{cursor:pointer;color:var(--muted)}.note{color:var(--warn)}.info{color:var(--muted);margin:6px 0}
 .missing li{margin:6px 0}code{background:#eef2fa;padding:1px 5px;border-radius:4px;font-size:12.5px}
 """
 
@@ -87,7 +87,9 @@ def _figures_html(figures: Sequence[Figure]) -> str:
 def section_html(section: Section, anchor: str) -> str:
     parts = [f'<section id="{anchor}"><h2>{_e(section.title)}</h2><div class="src">{_e(section.source)}</div>']
     if section.note:
-        parts.append(f'<p class="note">{_e(section.note)}</p>')
+        parts.append(f'<p class="info">{_e(section.note)}</p>')
+    if section.warning:
+        parts.append(f'<p class="note">{_e(section.warning)}</p>')
     figures = [b for b in section.blocks if isinstance(b, Figure)]
     if figures:
         parts.append(_figures_html(figures))
@@ -147,8 +149,7 @@ def _link(path: Path | None, md_dir: Path) -> str:
 
 def section_markdown(section: Section, md_dir: Path) -> str:
     parts = [f"## {section.title}", f"Source: {_link(section.source, md_dir)}"]
-    if section.note:
-        parts.append(f"_{section.note}_")
+    parts += [f"_{text}_" for text in (section.note, section.warning) if text]
     for block in section.blocks:
         if isinstance(block, Figure):
             parts.append(f"- Figure: {block.title} ({_link(block.source, md_dir)})")

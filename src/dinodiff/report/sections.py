@@ -89,7 +89,7 @@ def training_section(run: Path, problems: list[str]) -> Section | None:
     if best:
         facts["best checkpoint"] = f"step {best.get('step')} ({best.get('metric')} {fmt(best.get('value'))})"
     return Section("training", f"Training: {run.name}", run / "metrics.csv",
-                   [Figure("Loss by step", figure, "Thin: logged loss; thick: smoothed. Grey: checkpoints.",
+                   [Figure("Loss by step", figure, "Grey lines: checkpoints; dashed red: the best checkpoint.",
                            run / "metrics.csv"), Table("Summary", ["", ""], [[k, v] for k, v in facts.items()])],
                    provenance={"metrics": str(run / "metrics.csv"), **({"best.json": str(run / "best" / "best.json")}
                                                                         if best else {})},
@@ -170,9 +170,11 @@ def generated_section(folder: Path, prov: dict) -> Section:
         "model", "checkpoint_step", "source", "scheduler", "num_inference_steps", "guidance_scale", "images",
         "sources", "complete") if k in prov}, **{f"settings.{k}": fmt(v) for k, v in settings.items()},
         **{f"code_version.{k}": fmt(v) for k, v in (prov.get("code_version") or {}).items()}}
-    note = "" if preview else f"No preview.png in {folder} (rerun `dinodiff generate` with --preview-rows 4)."
+    warning = "" if preview else f"No preview.png in {folder} (rerun `dinodiff generate` with --preview-rows 4)."
+    note = "" if prov.get("complete", True) else "Generation is not complete (provenance.json: complete false)."
     return Section(strategy, f"{strategy.capitalize()}: {folder.name}", folder, blocks, provenance,
-                   headline={f"{strategy} images": fmt(prov.get("images"))} if "images" in prov else {}, note=note)
+                   headline={f"{strategy} images": fmt(prov.get("images"))} if "images" in prov else {}, note=note,
+                   warning=warning)
 
 
 # ------------------------------------------------------------------------------- results.json
@@ -252,9 +254,9 @@ def results_section(path: Path, data: dict) -> Section:
     if kind == "segment" and "methods" in data:
         extra_headline, extra_provenance = _segment_extras(data)
         headline, provenance = {**extra_headline, **headline}, {**provenance, **extra_provenance}
-    note = f"Named but not found: {', '.join(missing)}." if missing else ""
+    warning = f"Named but not found: {', '.join(missing)}." if missing else ""
     title = str(data.get("title") or TITLES.get(kind) or kind)
-    return Section(kind, title, path, blocks, provenance, headline, note)
+    return Section(kind, title, path, blocks, provenance, headline, warning=warning)
 
 
 def fid_results_section(results: list[tuple[Path, dict]]) -> Section:
