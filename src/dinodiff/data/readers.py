@@ -1,5 +1,9 @@
 """Read PNG/JPEG/TIFF/DICOM files into one single-channel array, bone bright.
 
+DICOM: uncompressed, RLE, JPEG baseline/extended, JPEG lossless (process 14 and SV1), JPEG-LS and JPEG 2000
+transfer syntaxes (decoded by pydicom with its Pillow and python-gdcm plugins). A syntax with no decoder
+installed (e.g. HTJ2K) is rejected with its name and the package that would decode it.
+
 Every failure on a bad input is turned into :class:`UnreadableImage` with a short reason, so
 ``prepare`` can log it to ``rejects.csv`` and go on; no other exception type escapes
 :func:`read_grey` for a bad file.
@@ -162,11 +166,9 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         arr = ds.pixel_array
     except (RuntimeError, NotImplementedError) as e:
         compressed = tsyntax is not None and tsyntax.is_compressed
-        if compressed and "missing dependencies" in str(e):
-            raise UnreadableImage(
-                f"compressed DICOM ({tsyntax.name}) needs a decoder: "
-                "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
-            ) from None
+        hint = _missing_decoder(tsyntax) if compressed else None
+        if hint:
+            raise UnreadableImage(f"compressed DICOM '{tsyntax.name}' ({tsyntax}) cannot be decoded here: {hint}") from None
         what = f"compressed DICOM ({tsyntax.name})" if compressed else "DICOM pixel data"
         raise UnreadableImage(f"cannot decode {what}: {e}"[:200]) from None
     except (ValueError, EOFError, AttributeError, KeyError, TypeError) as e:
@@ -209,6 +211,27 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         # MONOCHROME1 stores bone dark; reflect about the data's own range so bone is bright.
         out = np.float32(out.max()) + np.float32(out.min()) - out
     return out, meta
+
+
+def _missing_decoder(tsyntax: Any) -> str | None:
+    """None when pydicom has a working decoder for this transfer syntax, else what would decode it.
+
+    Compressed radiographs decode through pydicom's pixel-data plugins: JPEG baseline/extended and JPEG 2000
+    by Pillow or python-gdcm, JPEG lossless (process 14, SV1) and JPEG-LS by python-gdcm (all installed with
+    dinodiff), RLE by pydicom itself. The packages named come from pydicom's own decoder table.
+    """
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return "pydicom has no decoder for this transfer syntax; convert the file (e.g. gdcmconv --raw) first"
+    if decoder.is_available:
+        return None
+    # pydicom names the import ('gdcm'); pip's name is python-gdcm
+    needs = "; or ".join(d.replace("requires gdcm", "requires python-gdcm") for d in decoder.missing_dependencies)
+    needs = needs or "a pydicom pixel-data plugin"
+    return f"install a decoder: {needs}"
 
 
 def to_uint8(
