@@ -1,0 +1,7 @@
+"""`dinodiff classify`: downstream classification with real, synthetic and count-matched control training sets
+(the paper's Table 1 and Figure 4). Imports no other `evaluate` module."""
+
+from dinodiff.evaluate.classify.settings import ClassifySettings, load_settings
+from dinodiff.evaluate.classify.stage import classify
+
+__all__ = ["ClassifySettings", "classify", "load_settings"]

@@ -1,0 +1,134 @@
+"""Typed settings of `dinodiff classify`: dataclass defaults (the paper's protocol), a YAML preset merged over
+them, then dotted overrides, the same way `dinodiff.config.load_config` builds a training config.
+
+Presets live next to the training presets as ``configs/classify-*.yaml`` (``classify-phantoms``,
+``classify-cxr-covid``, ``classify-mimic``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dinodiff.config import ConfigError, preset_path
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENTS = ("augmentation", "full-synthetic", "control")
+STRATEGIES = ("reconstruction", "interpolation")
+
+
+@dataclass
+class DataSettings:
+    """The labelled real images: prepared shards or any dataset `dinodiff.data.datasets.discover` reads."""
+
+    source: str = ""
+    kind: str = "auto"  # auto | shards | csv | folder | mimic-cxr | montgomery | ...
+    label_columns: Optional[list[str]] = None  # CSV: label columns (a text column such as finding -> one per value)
+    path_column: Optional[str] = None
+    root: Optional[str] = None
+    labels: Optional[list[str]] = None  # the labels L to classify; None = every label with enough positives
+    min_positives: int = 10  # auto-chosen labels need this many positives in both the pool and the test set
+    balance_none: bool = False  # also draw images positive for none of L (a '(none)' stratum): gives negatives
+    test_fraction: float = 0.25  # test share by id hash when the source has no test split
+    split_seed: int = 0
+    subject_pattern: Optional[str] = None  # regex on ids whose group 1 is the subject (MIMIC: '^p\d+__(p\d+)__')
+    test_limit: Optional[int] = None  # use at most this many test images (first by id)
+
+
+@dataclass
+class ClassifierSettings:
+    """The paper's DenseNet-121 recipe; backbone and size are configurable so CPU runs can use a small net."""
+
+    backbone: str = "densenet121"  # a torchvision model name, timm:<name>, or tiny-cnn
+    weights: str = "auto"  # auto (ImageNet when cached locally, else scratch) | imagenet | none
+    image_size: int = 224
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    plateau_patience: int = 10  # ReduceLROnPlateau on validation AUC
+    plateau_factor: float = 0.1
+    early_stop_patience: int = 25  # epochs without a validation-AUC gain
+    max_epochs: int = 150
+    min_epochs: int = 1
+    augment: bool = True  # the paper's sharpening + affine, the same for real and synthetic images
+    num_workers: int = 4  # data workers on GPU (0 on CPU)
+    amp: bool = True  # bf16 autocast on CUDA (never on CPU, where it is slower)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    threads: int = 0  # torch CPU threads per cell process (0 = torch's default)
+
+
+@dataclass
+class SyntheticSettings:
+    """How synthetic sets are made with `dinodiff.generate` (per regime, strategy and ratio)."""
+
+    model: Optional[str] = None  # model / checkpoint / run folder; None: only the real and control experiments
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    ratios: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    num_inference_steps: int = 25
+    guidance_scale: float = 1.0
+    scheduler: str = "dpm"
+    seed: int = 0
+    batch_size: int = 16
+    folder: Optional[str] = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
+    train_sources_only: bool = True  # per fold, use only synthetic images made from that fold's training images
+
+
+@dataclass
+class ClassifySettings:
+    out: str = "classify-output"
+    regimes: list[int] = field(default_factory=lambda: [50, 100, 500, 1000, 5000, 10000])
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # real-only always runs
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    subset_seed: int = 0
+    workers: int = 1  # cell processes run in parallel (one per GPU on a multi-GPU machine)
+    test: str = "ttest"  # paired test over folds x seeds: ttest | wilcoxon
+    correction: str = "holm"  # holm | bonferroni, over all comparisons of the grid
+    alpha: float = 0.05
+    data: DataSettings = field(default_factory=DataSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+
+def _check(settings: ClassifySettings) -> ClassifySettings:
+    bad = [e for e in settings.experiments if e not in EXPERIMENTS]
+    bad += [s for s in settings.synthetic.strategies if s not in STRATEGIES]
+    if bad:
+        raise ConfigError(f"Unknown experiments/strategies {bad}; use {EXPERIMENTS} and {STRATEGIES}.")
+    if settings.folds < 2:
+        raise ConfigError(f"folds must be >= 2 (cross-validation), got {settings.folds}.")
+    if settings.test not in ("ttest", "wilcoxon") or settings.correction not in ("holm", "bonferroni"):
+        raise ConfigError(f"test must be ttest|wilcoxon and correction holm|bonferroni, got {settings.test!r}, "
+                          f"{settings.correction!r}.")
+    if any(r < 1 for r in settings.synthetic.ratios) or any(n < 2 for n in settings.regimes):
+        raise ConfigError("ratios must be >= 1 and regimes >= 2.")
+    if settings.classifier.weights not in ("auto", "imagenet", "none"):
+        raise ConfigError(f"classifier.weights={settings.classifier.weights!r} is not one of auto, imagenet, none.")
+    return settings
+
+
+def load_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifySettings:
+    """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``)."""
+    merged = OmegaConf.structured(ClassifySettings)
+    try:
+        if source is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(source)))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"Overrides must look like key=value (e.g. classifier.max_epochs=20); got {bad}.")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Invalid classify settings ({source or 'defaults'}): {err}") from None
+    return _check(settings)  # type: ignore[arg-type]
+
+
+def to_dict(settings: ClassifySettings) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(settings), resolve=True)  # type: ignore[return-value]
