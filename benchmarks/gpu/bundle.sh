@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# make gpu-bundle: fill .gpu/ with what the GPU machine needs and lacks (see benchmarks/gpu/README.md).
+#   .gpu/wheels/   cp312 / py3-none-any wheels of the packages the device image does not have
+#   .gpu/data/cxr-covid/        the 300 real CXRs, `dinodiff prepare`d at 256 px (10% test split)
+#   .gpu/data/lungs-covid/      lung sets with masks, shrunk to 256 px in the layout `dinodiff segment` reads
+#   .gpu/data/lungs-shenzhen/
+#   .gpu/weights/taef2/         the TAEF2 tiny autoencoder
+# Environment: PYTHON (the python that runs dinodiff here, default .venv/bin/python), SHARED_DATA
+# (default ../shared/data), GPU_BUNDLE (default .gpu), BUNDLE_LIMIT (only the first N images of each set,
+# for tests), BUNDLE_WHEELS=0 (skip the wheels), BUNDLE_MAX_MIB (default 60).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-.venv/bin/python}
+SHARED=${SHARED_DATA:-${DINODIFF_TEST_DATA:-../shared/data}}
+OUT=${GPU_BUNDLE:-.gpu}
+LIMIT=${BUNDLE_LIMIT:-}
+MAX_MIB=${BUNDLE_MAX_MIB:-60}
+[ -d "$SHARED/cxr-covid" ] || { echo "error: $SHARED/cxr-covid not found; set SHARED_DATA=/path/to/shared/data" >&2; exit 2; }
+mkdir -p "$OUT/wheels" "$OUT/data" "$OUT/weights"
+
+if [ "${BUNDLE_WHEELS:-1}" != 0 ]; then
+  # Missing on the device (torch 2.11, transformers 5.17, huggingface_hub 1.33 are there): diffusers
+  # (needs huggingface_hub>=1.32,<3: 1.33 fits), its importlib_metadata (+ lazy-importer), webdataset
+  # (+ braceexpand) and omegaconf (2.4 needs only PyYAML, no antlr4). pydicom (DICOM only) and
+  # torchxrayvision (XRV-FID, no weights offline) are imported lazily and not needed by the script.
+  pins=""
+  for name in diffusers webdataset omegaconf braceexpand importlib_metadata lazy-importer; do
+    pin=$(grep -i -E "^${name//-/[-_]}==" constraints.txt || true)
+    pins="$pins ${pin:-$name}"
+  done
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$OUT/wheels" $pins
+fi
+
+src_cxr="$SHARED/cxr-covid/images"
+if [ -n "$LIMIT" ]; then  # a small subset for tests: links to the first N images
+  src_cxr="$OUT/.cxr-subset"; mkdir -p "$src_cxr"
+  ls "$SHARED/cxr-covid/images" | sort | head -n "$LIMIT" | while read -r f; do
+    ln -sf "$(realpath "$SHARED/cxr-covid/images/$f")" "$src_cxr/$f"; done
+fi
+if [ ! -f "$OUT/data/cxr-covid/manifest.json" ]; then
+  "$PYTHON" -m dinodiff.cli prepare "$src_cxr" --out "$OUT/data/cxr-covid" --size 256 --shard-size 100 \
+    --test-fraction 0.1 --workers 2 --no-progress
+fi
+for set in lungs-covid lungs-shenzhen; do
+  [ -d "$OUT/data/$set/CXR_png" ] || "$PYTHON" benchmarks/gpu/shrink_lungs.py "$SHARED/$set" "$OUT/data/$set" --size 256 ${LIMIT:+--limit $LIMIT}
+done
+mkdir -p "$OUT/weights/taef2"
+cp "$SHARED"/weights/taef2/* "$OUT/weights/taef2/"
+rm -rf "$OUT/.cxr-subset"
+
+kib=$(du -sk "$OUT" | cut -f1)
+echo "gpu bundle $OUT: $((kib / 1024)) MiB ($kib KiB)"
+du -sh "$OUT"/wheels "$OUT"/data/* "$OUT"/weights/taef2 | sed 's/^/  /'
+ls "$OUT/wheels" | sed 's/^/  wheel: /'
+if [ "$kib" -gt $((MAX_MIB * 1024)) ]; then
+  echo "error: the bundle is over $MAX_MIB MiB (the device takes 64 MiB with the working tree); drop something." >&2
+  exit 1
+fi

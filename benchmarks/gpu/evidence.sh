@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU evidence for issue 16, one command on the device machine (see benchmarks/gpu/README.md):
+#   bash benchmarks/gpu/evidence.sh            # on the GPU machine, bundle in .gpu/, results in $OUT
+#   DEVICE=cpu bash benchmarks/gpu/evidence.sh # the same at toy sizes on a CPU (also: --dry-run)
+# Environment: OUT (results folder; default ./gpu-evidence-out), EVIDENCE_PYTHON (default python3, or
+# .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 520:
+# all sections; the script stops well inside 9 minutes), DEVICE=cpu or --dry-run for the dry run.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DRY=""
+[ "${DEVICE:-}" = cpu ] && DRY=--dry-run
+for a in "$@"; do [ "$a" = --dry-run ] && DRY=--dry-run; done
+OUT=${OUT:-$PWD/gpu-evidence-out}
+BUNDLE=${GPU_BUNDLE:-.gpu}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/evidence.log") 2>&1
+if [ -z "${EVIDENCE_PYTHON:-}" ]; then
+  EVIDENCE_PYTHON=python3
+  [ -n "$DRY" ] && [ -x .venv/bin/python ] && EVIDENCE_PYTHON=.venv/bin/python
+fi
+echo "evidence: $(date -u) python=$EVIDENCE_PYTHON bundle=$BUNDLE out=$OUT ${DRY:-(GPU run)}"
+if [ -z "$DRY" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  # Wheels of what the device image lacks; its own torch/transformers/huggingface_hub stay.
+  "$EVIDENCE_PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$BUNDLE"/wheels/*.whl || echo "warning: wheel install failed"
+  export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$EVIDENCE_PYTHON" -c "import torch, transformers, huggingface_hub, diffusers, accelerate, omegaconf, webdataset; \
+print('versions: torch', torch.__version__, 'transformers', transformers.__version__, 'hf_hub', \
+huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)"
+timeout -k 10 "${EVIDENCE_TIMEOUT_S:-535}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
+  --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-520}" $DRY
+rc=$?
+echo "evidence: finished rc=$rc $(date -u)"
+ls -la "$OUT"
+exit $rc
