@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 PYTEST_ARGS ?= -n 2 --timeout 900
 
-.PHONY: setup demo test test-fast bench clean help
+.PHONY: setup demo test test-fast bench clean help gpu-bundle
 help:
 	@echo "make demo   set up .venv if needed, then run the built-in end-to-end demo (demo-output/)"
 	@echo "make test   set up .venv if needed, then run the test suite"
@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_fid.py
 	$(BIN)/python benchmarks/bench_segment.py
+
+gpu-bundle: $(STAMP)  # .gpu/: wheels, prepared CXRs and TAEF2 for the GPU machine (benchmarks/gpu/README.md)
+	PYTHON=$(BIN)/python bash benchmarks/gpu/bundle.sh
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
