@@ -14,7 +14,8 @@ def test_every_preset_loads_and_validates(preset):
 
 
 def test_paper_presets_follow_the_paper_protocol():
-    for preset, encoder in [("sd15-dinov1", "facebook/dino-vitb16"), ("sd15-dinov2", "timm/vit_base_patch14_reg4_dinov2")]:
+    paper = [("sd15-dinov1", "facebook/dino-vitb16"), ("sd15-dinov2", "timm/vit_base_patch14_reg4_dinov2.lvd142m")]
+    for preset, encoder in paper:
         cfg = load_config(preset)
         assert cfg.model.encoder.name_or_path == encoder
         assert (cfg.model.noise.beta_start, cfg.model.noise.beta_end) == (0.00085, 0.012)

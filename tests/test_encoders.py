@@ -69,7 +69,7 @@ def test_dinov2_with_registers_tokens_are_cls_then_registers(saved):
 def test_dinov2_without_registers_like_rad_dino_gives_cls_only(saved):
     enc = load_encoder(str(saved["dinov2"]))
     assert enc.tokens == ("cls",) and enc(_images()).shape == (2, 1, 64)
-    with pytest.raises(ValueError, match="no \\['registers'\\].*it has \\{'cls': 1\\}"):
+    with pytest.raises(ValueError, match="no \\['registers'\\].*it has \\{'cls': 1, 'patch_mean': 1\\}"):
         load_encoder(str(saved["dinov2"]), tokens="cls+registers")
 
 

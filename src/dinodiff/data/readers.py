@@ -168,7 +168,9 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         compressed = tsyntax is not None and tsyntax.is_compressed
         hint = _missing_decoder(tsyntax) if compressed else None
         if hint:
-            raise UnreadableImage(f"compressed DICOM '{tsyntax.name}' ({tsyntax}) cannot be decoded here: {hint}") from None
+            raise UnreadableImage(
+                f"compressed DICOM '{tsyntax.name}' ({tsyntax}) cannot be decoded here: {hint}"
+            ) from None
         what = f"compressed DICOM ({tsyntax.name})" if compressed else "DICOM pixel data"
         raise UnreadableImage(f"cannot decode {what}: {e}"[:200]) from None
     except (ValueError, EOFError, AttributeError, KeyError, TypeError) as e:

@@ -3,11 +3,16 @@
 Patch tokens are never returned: conditioning on them lets the UNet copy the image. Supported layouts:
 
 - ``transformers-vit`` (``ViTModel``, e.g. ``facebook/dino-vitb16``): CLS = ``last_hidden_state[:, 0]``,
-  pooler = ``pooler_output`` (only when the checkpoint holds pooler weights).
+  pooler = ``pooler_output`` (only when the checkpoint holds trained pooler weights: ``facebook/dino-vitb16``
+  does not, transformers' DINO conversion saves ``ViTModel(add_pooling_layer=False)``).
 - ``transformers-dinov2`` (``Dinov2Model`` e.g. ``microsoft/rad-dino``, ``Dinov2WithRegistersModel`` e.g.
   ``facebook/dinov2-with-registers-base``): sequence ``[CLS, reg_1..reg_R, patches]``.
-- ``timm`` (e.g. ``timm/vit_base_patch14_reg4_dinov2``): ``forward_features(x)[:, :num_prefix_tokens]``
+- ``timm`` (e.g. ``timm/vit_base_patch14_reg4_dinov2.lvd142m``): ``forward_features(x)[:, :num_prefix_tokens]``
   = CLS + registers.
+
+Every family also offers ``patch_mean``: the mean of the final (layer-normed) patch tokens, one global vector
+(DINO's own ViT-B linear-evaluation descriptor is CLS concatenated with it, ``eval_linear.py --avgpool_patchtokens``).
+It is spatially pooled, so it cannot let the UNet copy the image.
 """
 
 from __future__ import annotations
@@ -25,7 +30,20 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-TOKEN_NAMES = ("cls", "pooler", "registers")
+TOKEN_NAMES = ("cls", "pooler", "registers", "patch_mean")
+TOKEN_SOURCES = {
+    "cls": "CLS token of the last layer (after the final norm)",
+    "pooler": "pooler_output: the checkpoint's trained pooling layer",
+    "registers": "register tokens of the last layer",
+    "patch_mean": "mean of the last layer's patch tokens (after the final norm)",
+}
+NO_POOLER_NOTE = (
+    "this checkpoint has no trained pooler (transformers converts facebook/dino-vitb16 without a pooling "
+    "layer), so the paper's 'CLS + pooler' cannot be reproduced: a pooler made at load time would be random "
+    "(tanh of a random projection of CLS, different at every load). Use tokens cls + patch_mean (the "
+    "sd15-dinov1 preset's choice: two global tokens like the paper, the second DINO's own ViT-B descriptor) "
+    "or cls alone."
+)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
@@ -86,6 +104,7 @@ class GlobalTokenEncoder(ModelMixin):
                 f"Encoder {name_or_path!r} ({family}) has no {missing} token(s); it has {have}. "
                 f"Pick tokens from those, e.g. tokens={'+'.join(k for k, v in available.items() if v)!r}."
                 + (" (DINOv2's pooler_output is the CLS token itself.)" if family == "transformers-dinov2" else "")
+                + (f" Note: {NO_POOLER_NOTE}" if "pooler" in missing and family == "transformers-vit" else "")
             )
         self.model = model
         self.family = family
@@ -105,6 +124,13 @@ class GlobalTokenEncoder(ModelMixin):
     def train(self, mode: bool = True) -> "GlobalTokenEncoder":
         """The encoder stays in eval mode whatever the caller asks (it is frozen, dropout off)."""
         return super().train(False)
+
+    def token_notes(self) -> dict[str, str]:
+        """What each selected token is, as written to the model folder's global_tokens.json."""
+        notes = {t: TOKEN_SOURCES[t] for t in self.tokens}
+        if self.family == "transformers-vit" and not self.available.get("pooler"):
+            notes["pooler"] = "unavailable: " + NO_POOLER_NOTE
+        return notes
 
     def to_config(self) -> dict[str, Any]:
         """What ``load_encoder`` needs to rebuild this encoder (saved with trained models)."""
@@ -131,6 +157,7 @@ class GlobalTokenEncoder(ModelMixin):
             **self.to_config(),
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
+            "token_notes": self.token_notes(),
         }
         (folder / GLOBAL_TOKENS_FILE).write_text(json.dumps(settings, indent=2))
 
@@ -172,15 +199,18 @@ class GlobalTokenEncoder(ModelMixin):
         n_reg = self.available.get("registers", 0)
         if self.family == "timm":
             n_prefix = self.model.num_prefix_tokens
-            prefix = self.model.forward_features(x)[:, :n_prefix]
+            features = self.model.forward_features(x)
+            prefix = features[:, :n_prefix]
             n_cls = n_prefix - n_reg
-            return {"cls": prefix[:, :n_cls], "registers": prefix[:, n_cls:]}
+            return {"cls": prefix[:, :n_cls], "registers": prefix[:, n_cls:],
+                    "patch_mean": features[:, n_prefix:].mean(1, keepdim=True)}
         kwargs = {}
         if self.family == "transformers-vit" and self.image_size != self.native_image_size:
             kwargs["interpolate_pos_encoding"] = True  # Dinov2 always interpolates; ViT needs asking
         out = self.model(pixel_values=x, **kwargs)
         hidden = out.last_hidden_state
-        parts = {"cls": hidden[:, :1], "registers": hidden[:, 1 : 1 + n_reg]}
+        parts = {"cls": hidden[:, :1], "registers": hidden[:, 1 : 1 + n_reg],
+                 "patch_mean": hidden[:, 1 + n_reg :].mean(1, keepdim=True)}
         if self.available.get("pooler"):
             parts["pooler"] = out.pooler_output[:, None]
         return parts
@@ -218,16 +248,18 @@ def _load_transformers(name_or_path: str, tokens: tuple[str, ...] | None, image_
     # fp32 explicitly: transformers >= 5 defaults to the checkpoint's dtype (fp16 would be slow and lossy on CPU)
     model, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32)
     n_reg = int(getattr(config, "num_register_tokens", 0) or 0)
-    available = {"cls": 1, "pooler": 0, "registers": n_reg}
+    available = {"cls": 1, "pooler": 0, "registers": n_reg, "patch_mean": 1}
     if family == "transformers-vit" and getattr(model, "pooler", None) is not None:
         if any(k.startswith("pooler.") for k in info["missing_keys"]):
             # A pooler missing from the checkpoint is freshly random at every load, so c_glb would differ between
-            # training and generation: refuse it rather than condition on noise.
-            logger.warning("%s has no pooler weights in its checkpoint: no 'pooler' token.", name_or_path)
+            # training and generation: drop it (nor is it saved into model folders) rather than condition on noise.
+            model.pooler = None
+            logger.warning("%s: no 'pooler' token: %s", name_or_path, NO_POOLER_NOTE)
         else:
             available["pooler"] = 1
     if tokens is None:
         tokens = ("cls", "pooler") if available["pooler"] else ("cls", "registers") if n_reg else ("cls",)
+    logger.info("%s: c_GLB = %s", name_or_path, " + ".join(f"{t} ({TOKEN_SOURCES[t]})" for t in tokens))
     proc_size, mean, std, proc_cfg = _processor_settings(name_or_path)
     native = int(config.image_size)
     return GlobalTokenEncoder(
@@ -259,7 +291,7 @@ def _load_timm(name_or_path: str, tokens: tuple[str, ...] | None, image_size: in
     n_cls = 1 if getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None) else 0
     if n_prefix == 0:
         raise ValueError(f"timm model {name_or_path!r} has no prefix (CLS/register) tokens: no global tokens to use.")
-    available = {"cls": n_cls, "pooler": 0, "registers": n_prefix - n_cls}
+    available = {"cls": n_cls, "pooler": 0, "registers": n_prefix - n_cls, "patch_mean": 1}
     if tokens is None:
         tokens = tuple(t for t in ("cls", "registers") if available[t])
     data = resolve_data_config({}, model=model)
@@ -282,6 +314,7 @@ def load_encoder(
     config.json has timm's 'architecture' key; transformers otherwise). tokens: None for the model's default
     (ViT: cls+pooler when the checkpoint has a pooler, else cls; DINOv2 with registers and timm: cls+registers).
     image_size: encoder input resolution; default from the image-processor config / timm pretrained_cfg.
+    'patch_mean' (mean of the final patch tokens) is available for every family but never a default.
     """
     name_or_path = str(name_or_path)
     wanted = parse_tokens(tokens)
