@@ -166,9 +166,11 @@ def test_unreadable_results_are_listed_and_the_rest_still_reported(tmp_path):
     work = make_workdir(tmp_path / "work")
     (work / "audit").mkdir()
     (work / "audit" / "results.json").write_text("{not json")
+    (work / "run" / "fid.csv").write_text("fid,extractor\n5.0,xrv\n")  # no step column
     summary = build_report(work)
     assert any("audit/results.json" in p and "not readable JSON" in p for p in summary["problems"])
-    assert "segment" in summary["keys"]
+    assert any("fid.csv" in p and "no row with a numeric step" in p for p in summary["problems"])
+    assert {"config", "training", "samples", "segment"} <= set(summary["keys"]) and "fid" not in summary["keys"]
     assert "Files that could not be read" in summary["html"].read_text()
 
 
@@ -202,3 +204,26 @@ def test_report_cli_on_a_real_tiny_training_run(tmp_path, prepared_phantoms):
     assert len(images) == 3 and all(s.startswith("data:image/png") for s in images)  # loss curve + 2 sample grids
     md = (tmp_path / "report.md").read_text()
     assert "| training steps | 4 |" in md and "`run/samples/step-0000004.png`" in md
+
+
+def test_classify_results_written_before_the_convention_are_recognised(tmp_path):
+    folder = tmp_path / "work" / "classify"
+    _png(folder / "figure4.png", (80, 60), 8)
+    (folder / "table.md").write_text("| regime | real only | real + 1:10 |\n|---|---|---|\n| 50 | 0.61 | 0.66 |\n")
+    (folder / "results.json").write_text(json.dumps({  # `dinodiff classify`'s own layout: "evaluation", "files"
+        "evaluation": "classify", "summary": [{"regime": 50}],
+        "files": {"table_markdown": "/elsewhere/classify/table.md", "figure": "/elsewhere/classify/figure4.png"}}))
+    summary = build_report(tmp_path / "work")
+    assert summary["keys"] == ["classify"]
+    page = summary["html"].read_text()
+    assert "<td>0.66</td>" in page and len(_images(page)) == 1
+
+
+def test_the_report_package_imports_no_evaluation_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, dinodiff.report, dinodiff.report.sections; "
+            "print([m for m in sys.modules if m.startswith('dinodiff.evaluate') or m == 'dinodiff.train'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -119,8 +119,10 @@ def data_uri(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def image_figure(path: Path, title: str, caption: str = "") -> Figure | None:
-    """A figure from an image file (downscaled when large), or None when the file is not a readable image."""
+def image_figure(path: Path, title: str, caption: str = "", grid: bool = False) -> Figure | None:
+    """A figure from an image file (downscaled when large), or None when the file is not a readable image.
+
+    `grid`: a grid of small images (samples, previews), scaled up without blurring."""
     from PIL import Image
 
     try:
@@ -137,7 +139,7 @@ def image_figure(path: Path, title: str, caption: str = "") -> Figure | None:
     except (OSError, ValueError, SyntaxError) as err:
         logger.warning("%s is not a readable image (%s); left out of the report", path, err)
         return None
-    return Figure(title, data, caption, source=path, pixelated=max(size) <= 1200)
+    return Figure(title, data, caption, source=path, pixelated=grid and max(size) <= 1600)
 
 
 def _pyplot():

@@ -9,14 +9,17 @@ import sys
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import yaml
 
 import dinodiff
 from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.report.blocks import Missing, Section
 from dinodiff.report.discover import discover
 from dinodiff.report.render import render_html, render_markdown
-from dinodiff.report.sections import (fid_results_section, generated_section, results_section, run_sections)
+from dinodiff.report.sections import (config_section, fid_results_section, fid_section, generated_section,
+                                      results_section, samples_section, training_section)
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +53,27 @@ def collect(root: Path) -> tuple[list[Section], list[Missing], list[str]]:
     """Every section with results under `root`, the known sections without, and unreadable files."""
     found = discover(root)
     sections: list[Section] = []
-    for run in found.runs:
-        sections += run_sections(run, found.problems)
-    if found.fid_results:
-        sections.append(fid_results_section(found.fid_results))
-    sections += [generated_section(folder, prov) for folder, prov in found.generated]
-    for path, data in found.results:
+
+    def add(source: Path, build: Callable[[], Section | None]) -> None:
         try:
-            sections.append(results_section(path, data))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            found.problems.append(f"{path}: could not be shown ({type(err).__name__}: {err})")
+            made = build()
+        except (OSError, ValueError, TypeError, KeyError, IndexError, yaml.YAMLError) as err:
+            found.problems.append(f"{source}: could not be shown ({type(err).__name__}: {err}); rerun its stage")
+            return
+        if made is not None:
+            sections.append(made)
+
+    for run in found.runs:
+        add(run / "config.yaml", lambda: config_section(run))
+        add(run / "metrics.csv", lambda: training_section(run, found.problems))
+        add(run / "fid.csv", lambda: fid_section(run))
+        add(run / "samples", lambda: samples_section(run))
+    if found.fid_results:
+        add(found.fid_results[0][0], lambda: fid_results_section(found.fid_results))
+    for folder, prov in found.generated:
+        add(folder, lambda: generated_section(folder, prov))
+    for path, data in found.results:
+        add(path, lambda: results_section(path, data))
     sections.sort(key=_order)
     present = {s.key for s in sections}
     missing = [Missing(key, title, command) for key, (title, command) in EXPECTED.items() if key not in present]

@@ -71,10 +71,12 @@ def config_section(run: Path) -> Section:
 
 
 def training_section(run: Path, problems: list[str]) -> Section | None:
-    rows = [r for r in read_csv(run / "metrics.csv") if _float(r.get("loss")) is not None] \
-        if (run / "metrics.csv").is_file() else []
-    if not rows:
+    if not (run / "metrics.csv").is_file():
         return None
+    rows = [r for r in read_csv(run / "metrics.csv") if _float(r.get("loss")) is not None
+            and _float(r.get("step")) is not None]
+    if not rows:
+        return None  # a run that has not logged yet
     steps, loss = [int(float(r["step"])) for r in rows], [float(r["loss"]) for r in rows]
     lr = [_float(r.get("lr")) for r in rows]
     best = best_info(run, problems)
@@ -102,10 +104,13 @@ def _setting(row: dict) -> str:
 
 
 def fid_section(run: Path) -> Section | None:
-    rows = [r for r in read_csv(run / "fid.csv") if _float(r.get("fid")) is not None and r.get("step")] \
-        if (run / "fid.csv").is_file() else []
-    if not rows:
+    if not (run / "fid.csv").is_file():
         return None
+    rows = [r for r in read_csv(run / "fid.csv") if _float(r.get("fid")) is not None and _float(r.get("step")) is not None]
+    if not rows:
+        raise ValueError("no row with a numeric step and FID")
+    for r in rows:
+        r["step"] = str(int(float(r["step"])))
     rows.sort(key=lambda r: int(r["step"]))
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for r in rows:
@@ -140,7 +145,7 @@ def samples_section(run: Path) -> Section | None:
         match = re.search(r"(\d+)", path.stem)
         label = f"step {int(match.group(1))}" if match else path.stem
         figure = image_figure(path, f"Samples at {label}",
-                              "Each row: a held-out image, then samples conditioned on its c_GLB.")
+                              "Each row: a held-out image, then samples conditioned on its c_GLB.", grid=True)
         if figure is not None:
             figures.append(figure)
     if not figures:
@@ -150,12 +155,6 @@ def samples_section(run: Path) -> Section | None:
                    note=f"{len(files)} grids in samples/; the first and the last are shown.")
 
 
-def run_sections(run: Path, problems: list[str]) -> list[Section]:
-    out: list[Section | None] = [config_section(run), training_section(run, problems), fid_section(run),
-                                 samples_section(run)]
-    return [s for s in out if s is not None]
-
-
 # ------------------------------------------------------------------------------ generated sets
 def generated_section(folder: Path, prov: dict) -> Section:
     settings = prov.get("settings") if isinstance(prov.get("settings"), dict) else {}
@@ -163,7 +162,7 @@ def generated_section(folder: Path, prov: dict) -> Section:
     blocks: list[Any] = []
     preview = image_figure(folder / "preview.png", f"{strategy}: preview",
                            "Interpolation: source A, r = 0 ... 1, source B." if strategy == "interpolation" else
-                           "Each row: a source image, then images generated from its c_GLB.") \
+                           "Each row: a source image, then images generated from its c_GLB.", grid=True) \
         if (folder / "preview.png").is_file() else None
     blocks.append(preview) if preview else None
     provenance = {"folder": str(folder), **{k: fmt(prov.get(k)) for k in (
