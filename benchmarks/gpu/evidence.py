@@ -24,7 +24,7 @@ from dinodiff.checkpointing import write_json_atomic
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
 # (name, seconds on the GPU, seconds in the CPU dry run); real_data takes what is left.
-PLAN = [("train_throughput", 95, 90), ("sampling", 45, 90), ("diffseg", 35, 90), ("real_data", None, 240)]
+PLAN = [("train_throughput", 80, 90), ("sampling", 40, 90), ("diffseg", 30, 90), ("real_data", None, 240)]
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
@@ -41,7 +41,7 @@ def run_section(name: str, budget: float, args: argparse.Namespace, work: Path) 
     start = time.time()
     print(f"=== section {name}: budget {budget:.0f} s", flush=True)
     try:
-        proc = subprocess.run(cmd, env=env, timeout=budget + 20)
+        proc = subprocess.run(cmd, env=env, timeout=budget + 10)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--bundle", default=".gpu")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--budget-s", type=float, default=520, help="total seconds for all sections")
+    parser.add_argument("--budget-s", type=float, default=505, help="total seconds for all sections")
     parser.add_argument("--sections", default=",".join(p[0] for p in PLAN))
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
@@ -135,8 +135,8 @@ def main() -> None:
         if name not in wanted:
             continue
         left = args.budget_s - (time.time() - start)
-        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 5)
-        budget = min(budget, left - 5)
+        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 15)
+        budget = min(budget, left - 15)
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}
             continue

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu/evidence.sh            # on the GPU machine, bundle in .gpu/, results in $OUT
 #   DEVICE=cpu bash benchmarks/gpu/evidence.sh # the same at toy sizes on a CPU (also: --dry-run)
 # Environment: OUT (results folder; default ./gpu-evidence-out), EVIDENCE_PYTHON (default python3, or
-# .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 520:
+# .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 505:
 # all sections; the script stops well inside 9 minutes), DEVICE=cpu or --dry-run for the dry run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,8 +32,8 @@ fi
 "$EVIDENCE_PYTHON" -c "import torch, transformers, huggingface_hub, diffusers, accelerate, omegaconf, webdataset; \
 print('versions: torch', torch.__version__, 'transformers', transformers.__version__, 'hf_hub', \
 huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)"
-timeout -k 10 "${EVIDENCE_TIMEOUT_S:-535}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
-  --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-520}" $DRY
+timeout -k 10 "${EVIDENCE_TIMEOUT_S:-525}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
+  --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-505}" $DRY
 rc=$?
 echo "evidence: finished rc=$rc $(date -u)"
 ls -la "$OUT"

@@ -232,7 +232,7 @@ def attempt(result: dict, key: str, func):
 def real_data(args: argparse.Namespace) -> dict:
     """Cache, train for the time left (minus the evaluation's reserve), evaluate, pack the model."""
     work, dry = Path(args.work), args.dry_run
-    start, eval_reserve = time.time(), 20 if dry else 95
+    start, eval_reserve = time.time(), 20 if dry else 85
     cfg = make_config(args, work, checkpoint_every=2 if dry else 250)
     result: dict = {"preset": str(PRESET.name), "encoder": "random ViT (random:transformers-vit; no hub weights offline)",
                     "autoencoder": "TAEF2 (pretrained, bundle)", "dry_run": dry}
@@ -241,11 +241,13 @@ def real_data(args: argparse.Namespace) -> dict:
     info = build_cache(cfg, work / "cache", views=views, batch_size=64, progress=False)
     cfg.data.cache = str(work / "cache")
     result["cache"] = {"images": info.get("count"), "views": views, "seconds": round(time.time() - t0, 1)}
+    args.save_partial(result)
     train_seconds = args.budget_s - (time.time() - start) - eval_reserve
     result["train"] = train_for(cfg, train_seconds, probe_steps=2 if dry else 250, max_steps=6 if dry else 20000)
     result["train"]["budget_s"] = round(train_seconds, 1)
     model = expand_models([cfg.train.run_dir])[-1]
-    result["model_tar"] = fp16_model_tar(model, Path(args.out), work)
-    result["eval"] = evaluate(args, cfg, model, work)
     result["loss_curve"] = [[s, round(v, 5)] for s, v in zip(*loss_curve(read_metrics(Path(cfg.train.run_dir))))]
+    result["model_tar"] = fp16_model_tar(model, Path(args.out), work)
+    args.save_partial(result)  # a kill during the evaluation keeps the training figures
+    result["eval"] = evaluate(args, cfg, model, work)
     return result

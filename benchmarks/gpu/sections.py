@@ -296,6 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=90)
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
+    args.save_partial = lambda payload: save_partial(args, payload)
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,0 +1,93 @@
+"""The GPU evidence script (issue 16) runs end to end in its CPU dry run, so it cannot rot between GPU loans.
+
+`make gpu-bundle`'s script builds a small bundle (no wheels, the first images of each real set), then
+`benchmarks/gpu/evidence.sh` runs every section at toy sizes on the CPU, as it would on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("train_throughput", "sampling", "diffseg", "real_data")
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory, shared_data) -> Path:
+    tmp = tmp_path_factory.mktemp("gpu-evidence")
+    env = {**os.environ, "PYTHON": sys.executable, "SHARED_DATA": str(shared_data), "GPU_BUNDLE": str(tmp / "bundle"),
+           "BUNDLE_WHEELS": "0", "BUNDLE_LIMIT": "10"}
+    subprocess.run(["bash", str(REPO / "benchmarks/gpu/bundle.sh")], env=env, check=True, capture_output=True)
+    env.update(OUT=str(tmp / "out"), DEVICE="cpu", EVIDENCE_PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu/evidence.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_bundle_holds_prepared_cxrs_lung_sets_and_taef2(evidence):
+    bundle = evidence / "bundle"
+    manifest = json.loads((bundle / "data/cxr-covid/manifest.json").read_text())
+    assert manifest["counts"]["written"] == 10
+    for name in ("lungs-covid", "lungs-shenzhen"):
+        images = sorted((bundle / "data" / name / "CXR_png").glob("*.png"))
+        assert len(images) == 10
+    assert len(list((bundle / "data/lungs-covid/ManualMask/leftMask").glob("*.png"))) == 10
+    assert (bundle / "weights/taef2/taef2_encoder.pth").is_file()
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_section_in_at_most_eight_files(evidence):
+    out = evidence / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert all((out / f).is_file() for f in files)  # flat: no folders come back from the device
+    results = json.loads((out / "results.json").read_text())
+    assert set(SECTIONS) <= set(results["sections"])
+    assert {name: s["status"] for name, s in results["sections"].items()} == {name: "ok" for name in SECTIONS}
+    assert results["meta"]["dry_run"] is True
+    for name in ("summary.md", "evidence.log", "training.png", "generation.png", "segment.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_dry_run_measures_throughput_rows_and_real_data_figures(evidence):
+    results = json.loads((evidence / "out/results.json").read_text())["sections"]
+    rows = results["train_throughput"]["rows"]
+    assert {(r["gradient_checkpointing"], r["batch"]) for r in rows} == {(False, 1), (False, 2), (True, 1), (True, 2)}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert results["train_throughput"]["flops_per_image_fwd_bwd"] > 0
+    assert [r["scheduler"] for r in results["sampling"]["rows"]] == ["DPMSolverMultistepScheduler", "PNDMScheduler"]
+    assert results["diffseg"]["s_per_image"] > 0
+    real = results["real_data"]
+    assert real["train"]["steps"] >= real["train"]["probe_steps"] > 0
+    recon = real["eval"]["reconstruction"]
+    assert 0.0 <= recon["retrieval_rate"] <= 1.0 and recon["chance"] == pytest.approx(1 / recon["n_sources"], abs=1e-4)
+    assert "Otsu" in real["eval"]["segment"]["table_md"]
+
+
+@pytest.mark.slow
+def test_model_tar_unpacks_to_an_fp16_pipeline_folder(evidence, tmp_path):
+    from safetensors.torch import load_file
+
+    out = evidence / "out"
+    parts = sorted(out.glob("model-fp16.tar*"))
+    data = b"".join(p.read_bytes() for p in parts)  # the documented join: cat model-fp16.tar.part* > model-fp16.tar
+    (tmp_path / "model.tar").write_bytes(data)
+    with tarfile.open(tmp_path / "model.tar") as tar:
+        tar.extractall(tmp_path, filter="data")
+    folder = tmp_path / "model-fp16"
+    assert (folder / "model_index.json").is_file()
+    weights = load_file(next((folder / "unet").glob("*.safetensors")))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {__import__("torch").float16}
+    from dinodiff.pipeline import DiNODiffusionPipeline
+
+    pipe = DiNODiffusionPipeline.from_pretrained(folder)
+    assert pipe.unet.config.sample_size == 8  # the dry run's 64 px through TAEF2 (/8)
