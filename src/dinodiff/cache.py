@@ -7,6 +7,11 @@ of the K views per visit.
 
 Layout: ``OUT/cache.json`` (models, resolution, K, latent stats, shapes) and
 ``OUT/shards/train-%06d.tar`` with ``moments.npy`` (K, C', h, w) and ``c_glb.npy`` (K, S, N), float16.
+
+The frozen models run in fp32 (`models.factory.frozen_precision`), as in on-the-fly training and
+generation. Reading a cache decodes only what this module writes (``.npy`` without pickles, ``.json``);
+any other member, a pickle above all, is refused with UnsafeShard. A damaged prepared shard is skipped
+(logged, counted in cache.json's ``skipped_shards``) or stops the run, as ``data.on_corrupt`` says.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("dinodiff.cache")
 CACHE_VERSION = 1
+CACHE_FIX = "delete that cache shard and rerun `dinodiff cache` (finished shards are kept)"
+# The members `build_cache` writes, and the only ones a cache reader decodes (see _decode_cache_sample).
+CACHE_MEMBERS = ("moments.npy", "c_glb.npy", "json")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -60,11 +68,12 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     """Cache K views of every prepared train image; returns the contents of cache.json."""
     from accelerate import PartialState
 
-    from dinodiff.data.shards import list_shards, read_samples, write_shard
-    from dinodiff.models.factory import build_autoencoder, build_encoder
+    from dinodiff.data.shards import CorruptShard, list_shards, read_samples, write_shard
+    from dinodiff.models.factory import FROZEN_DTYPE, build_autoencoder, build_encoder, frozen_precision
     from dinodiff.train_data import ensure_latent_stats
 
     state = PartialState()
+    on_corrupt = cfg.data.on_corrupt
     out = Path(out)
     source = str(cfg.data.shards)
     if not source or not Path(source).is_dir():
@@ -79,17 +88,25 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     size = cfg.model.resolution
     (out / "shards").mkdir(parents=True, exist_ok=True)
     mine = [path for index, path in enumerate(inputs) if index % state.num_processes == state.process_index]
+    skipped = []
     for shard in tqdm(mine, desc="cache", unit="shard", disable=not (progress and state.is_main_process)):
         target = out / "shards" / Path(shard).name
         if target.is_file():
             continue  # finished in an earlier run
         samples = []
-        pending = list(read_samples([shard]))
+        try:
+            pending = list(read_samples([shard]))
+        except CorruptShard as err:
+            if on_corrupt == "stop":
+                raise
+            logger.warning("skipping %s", err)
+            skipped.append(str(shard))
+            continue
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]
             pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
                                 for s in chunk]).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), frozen_precision(device):  # fp32, as on-the-fly training and generation
                 moments = ae.encode_moments(pixels).float().cpu().numpy().astype(np.float16)
                 c_glb = encoder(pixels).float().cpu().numpy().astype(np.float16)
             for i, s in enumerate(chunk):
@@ -97,6 +114,9 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
                 samples.append({"__key__": s["__key__"], "moments.npy": _npy_bytes(moments[sl]),
                                 "c_glb.npy": _npy_bytes(c_glb[sl]), "json": json.dumps(s["json"]).encode()})
         write_shard(target, samples)
+    if skipped:
+        logger.warning("%d of %d prepared shards were damaged and not cached (data.on_corrupt=skip): %s",
+                       len(skipped), len(mine), ", ".join(skipped))
     state.wait_for_everyone()
     info = {
         "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views, "resolution": size,
@@ -106,6 +126,7 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
         "scaling_factor": float(ae.scaling_factor), "shift_factor": float(ae.shift_factor),
         "count": sum(1 for _ in read_samples(sorted(str(p) for p in (out / "shards").glob("train-*.tar")))) if state.is_main_process else None,
         "latent_channels": ae.latent_channels, "hidden_size": encoder.hidden_size, "num_tokens": encoder.num_tokens,
+        "frozen_dtype": str(FROZEN_DTYPE).removeprefix("torch."), "skipped_shards": skipped,
     }
     if state.is_main_process:
         tmp = out / "cache.json.tmp"
@@ -137,19 +158,50 @@ def read_cache_info(cache_dir: str | Path, model_cfg: DictConfig) -> dict:
     return info
 
 
+def _decode_cache_sample(sample: dict) -> dict:
+    """Decode the members `build_cache` writes, refusing every other one (a `.pkl`/`.pyd` could run code).
+
+    webdataset's default `wds.decode()` would unpickle such members; here `.npy` is read with
+    `allow_pickle=False` and anything else stops the run with UnsafeShard.
+    """
+    from dinodiff.data.shards import UnsafeShard
+
+    url, key = sample.get("__url__", "?"), sample.get("__key__")
+    out = {k: v for k, v in sample.items() if k.startswith("__")}
+    for name, data in sample.items():
+        if name.startswith("__"):
+            continue
+        if name not in CACHE_MEMBERS:
+            raise UnsafeShard(f"cache shard {url} holds '{key}.{name}', a member dinodiff never writes (only "
+                              f"{', '.join(CACHE_MEMBERS)}); refusing to decode it (a pickle can run code). "
+                              "Rebuild the cache with `dinodiff cache` from trusted prepared shards.")
+        try:
+            out[name] = np.load(io.BytesIO(data), allow_pickle=False) if name.endswith(".npy") else json.loads(data)
+        except ValueError as err:  # an object array needs pickle: refused
+            raise UnsafeShard(f"cache shard {url}: '{key}.{name}' is not a plain array ({err}); refusing it. "
+                              "Rebuild the cache with `dinodiff cache`.") from None
+    return out
+
+
 def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: int = 0, seed: int = 0,
-                       shuffle_buffer: int = 1000):
-    """Endless batches {"moments": (B, C', h, w), "c_glb": (B, S, N)}, one random view per visit."""
+                       shuffle_buffer: int = 1000, on_corrupt: str = "skip"):
+    """Endless batches {"moments": (B, C', h, w), "c_glb": (B, S, N)}, one random view per visit.
+
+    Decodes only our own members (`_decode_cache_sample`); a damaged shard is skipped or stops, per `on_corrupt`.
+    """
     import webdataset as wds
+
+    from dinodiff.data.loader import GuardedTarSamples
 
     shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
     if not shards:
-        raise FileNotFoundError(f"No cached shards in {cache_dir}/shards.")
+        raise FileNotFoundError(f"No cached shards in {cache_dir}/shards; run `dinodiff cache --out {cache_dir}`.")
 
     def pick_view(stream: Iterator[dict]) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         rng = random.Random(seed * 1000 + (worker.id if worker else 0))
         for sample in stream:
+            sample = _decode_cache_sample(sample)
             view = rng.randrange(sample["moments.npy"].shape[0])
             yield {"moments": torch.from_numpy(sample["moments.npy"][view].astype(np.float32)),
                    "c_glb": torch.from_numpy(sample["c_glb.npy"][view].astype(np.float32))}
@@ -158,9 +210,9 @@ def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: i
         # Resampled shards are already distinct per rank and worker (webdataset seeds them so);
         # deterministic=True makes the stream a function of the seed, which resume relies on.
         wds.ResampledShards(shards, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        GuardedTarSamples(on_corrupt, fix=CACHE_FIX, total=len(shards)),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed)),
-        wds.decode(),
+        # no wds.decode(): it unpickles .pkl/.pyd members; pick_view decodes our own members only
         pick_view,
         wds.batched(batch_size, partial=False),
     )

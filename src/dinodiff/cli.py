@@ -105,7 +105,10 @@ def cache(
     from dinodiff.cache import build_cache
 
     cfg = _load(config, overrides)
-    manifest = build_cache(cfg, out, views=views, batch_size=batch_size)
+    try:
+        manifest = build_cache(cfg, out, views=views, batch_size=batch_size)
+    except (FileNotFoundError, ValueError) as err:  # missing or damaged shards: one line that names the fix
+        _fail(str(err), 2)
     typer.echo(f"cached {manifest['count']} images x {views} views in {out}")
 
 
@@ -178,6 +181,7 @@ def generate(
 
     from dinodiff.generate import GenerateSettings, generate_dataset
     from dinodiff.generate_io import resolve_model
+    from dinodiff.models.factory import check_model_source
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -193,7 +197,7 @@ def generate(
         settings = GenerateSettings(strategy=strategy, ratio=ratio, seed=seed, num_inference_steps=steps,
                                     guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=(low, high),
                                     r_values=_floats(r_values), shared_label=shared_label, source_options=options)
-        folder = generate_dataset(resolve_model(model), source, out, settings, batch_size=batch_size,
+        folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
                                   preview_rows=preview_rows, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), 2)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -73,6 +74,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 2
     num_holdout: int = 8  # fixed images whose reconstructions are drawn in sample grids
+    # A damaged shard (cut short, bad sidecar size): skip = log it, count it and train/cache without it;
+    # stop = fail with its name. `generate` and scoring always stop (their image sets must not shrink).
+    on_corrupt: str = "skip"
 
 
 @dataclass
@@ -148,6 +152,7 @@ _CHOICES = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.attention": ("auto", "sdpa", "xformers"),
     "eval.extractor": ("xrv", "inception", "dinov2", "rad-dino"),
+    "data.on_corrupt": ("skip", "stop"),
 }
 
 
@@ -178,8 +183,14 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
             raise ConfigError(f"Overrides must look like key=value (e.g. train.lr=2e-4); got {bad}.")
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid config ({source or 'defaults'}): {err}") from None
+    except OmegaConfBaseException as err:  # omegaconf adds full_key/object_type lines: keep one line
+        where = f" (key {err.full_key})" if getattr(err, "full_key", None) else ""
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"Invalid config ({source or 'defaults'}): {first}{where}") from None
+    except yaml.YAMLError as err:  # a syntax error in the YAML file
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"Invalid YAML in {source}{at}: {getattr(err, 'problem', None) or err}") from None
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(merged, key)
         if value not in allowed:

@@ -2,8 +2,10 @@
 
 Records are sorted by id, split, and cut into fixed chunks of `shard_size` *input* records, one
 shard per chunk, so shard boundaries never depend on which files turn out unreadable. Each shard
-is written atomically with a sidecar (`<shard>.meta.json`: fingerprint, rejects, statistics);
-a rerun skips every chunk whose sidecar fingerprint still matches, and reproduces the same bytes.
+is written atomically with a sidecar (`<shard>.meta.json`: fingerprint, rejects, statistics, and the
+shard's size and sha256); a rerun skips every chunk whose sidecar fingerprint still matches and whose
+shard still has that size and hash, redoes the others (a shard cut short or damaged is logged and
+rewritten), and reproduces the same bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -27,8 +30,10 @@ import dinodiff
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover, read_jsrt_raw
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, read_grey, to_uint8
-from dinodiff.data.shards import SHARD_DIR, encode_json, encode_png, shard_path, write_bytes_atomic, write_shard
+from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, shard_path, sidecar_path,
+                                  write_bytes_atomic, write_shard)
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 PERCENTILES = (0.5, 1, 5, 25, 50, 75, 95, 99, 99.5)
 _OURS = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.(tar|meta\.json)$")
@@ -138,17 +143,36 @@ def _fingerprint(chunk: list[Record], settings: _Settings) -> str:
     return h.hexdigest()
 
 
-def _sidecar(tar: Path) -> Path:
-    return tar.with_name(tar.name[: -len(".tar")] + ".meta.json")
+_sidecar = sidecar_path
 
 
 def _done(tar: Path, fingerprint: str) -> dict | None:
+    """The sidecar of a finished chunk whose inputs are unchanged and whose shard is intact, else None."""
     try:
         meta = json.loads(_sidecar(tar).read_text())
     except (OSError, ValueError):
         return None
-    ok = meta.get("fingerprint") == fingerprint and (meta["samples"] == 0 or tar.is_file())
-    return meta if ok else None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    if meta["samples"] == 0:
+        return meta
+    problem = _damage(tar, meta)
+    if problem is not None:
+        logger.warning("shard %s is damaged (%s): redoing its chunk", tar, problem)
+        return None
+    return meta
+
+
+def _damage(tar: Path, meta: dict) -> str | None:
+    """Why the shard differs from what its sidecar recorded; None when its size and sha256 match."""
+    if not tar.is_file():
+        return "file missing"
+    if "sha256" not in meta:
+        return "its sidecar records no size/sha256 (written by an older dinodiff)"
+    size, digest = file_digest(tar)
+    if size != meta.get("bytes"):
+        return f"{size} bytes, expected {meta.get('bytes')}"
+    return None if digest == meta["sha256"] else "sha256 differs from the sidecar's"
 
 
 def _finish_chunk(tar: Path, split: str, fp: str, chunk: list[Record], results: list[tuple]) -> dict:
@@ -169,6 +193,7 @@ def _finish_chunk(tar: Path, split: str, fp: str, chunk: list[Record], results: 
     }
     if samples:
         write_shard(tar, samples)
+        meta["bytes"], meta["sha256"] = file_digest(tar)
     elif tar.exists():
         tar.unlink()
     write_bytes_atomic(_sidecar(tar), encode_json(meta))

@@ -1,6 +1,8 @@
 """What the trainer feeds on: prepared shards (frozen models run on the fly) or the latent cache.
 
 Both paths give the same thing to the loss: normalised latents (B, C, h, w) and c_GLB (B, S, N).
+The frozen encoder and autoencoder run in fp32 on both (`models.factory.frozen_precision`), never in the
+trainer's bf16/fp16 autocast, so on-the-fly values match the cache's and generation's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig
 
-from dinodiff.models.factory import Components
+from dinodiff.data.shards import list_shards
+from dinodiff.models.factory import Components, frozen_precision
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -27,6 +30,30 @@ def check_data_config(cfg: DictConfig) -> None:
     if not cfg.data.cache and not cfg.data.shards:
         raise ValueError("No training data: set data.shards=<prepared folder or shard pattern> "
                          "(from `dinodiff prepare`) or data.cache=<folder from `dinodiff cache`>.")
+    if cfg.data.cache:
+        if not (Path(cfg.data.cache) / "cache.json").is_file():
+            raise FileNotFoundError(f"latent cache not found at {cfg.data.cache} (no cache.json); run `dinodiff cache "
+                                    f"--config ... --out {cfg.data.cache}`, or drop data.cache to read data.shards.")
+        return
+    missing = _missing_shards(str(cfg.data.shards))
+    if missing is not None:
+        raise FileNotFoundError(f"prepared shards not found at {missing}; run `dinodiff prepare SOURCES --out "
+                                f"{missing}` (or point data.shards at a prepared folder or shard files).")
+
+
+def _missing_shards(shards: str) -> str | None:
+    """The local path of `shards` that holds no shards (a folder, a file or a brace pattern); None if fine or remote."""
+    import webdataset as wds
+
+    if "://" in shards or shards.startswith("pipe:"):
+        return None  # a URL: only webdataset can tell
+    path = Path(shards).expanduser()
+    if path.is_dir():
+        return None if list_shards(path) else str(path)
+    for url in wds.shardlists.expand_urls(shards):
+        if not Path(url).expanduser().is_file():
+            return url
+    return None
 
 
 class TrainData:
@@ -53,23 +80,24 @@ class TrainData:
 
             loader = build_cache_loader(self.cfg.data.cache, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, seed=seed,
-                                        shuffle_buffer=self.cfg.data.shuffle_buffer)
+                                        shuffle_buffer=self.cfg.data.shuffle_buffer, on_corrupt=self.cfg.data.on_corrupt)
         else:
             from dinodiff.data.loader import build_train_loader
 
             loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
                                         augment=self.cfg.data.augment, resampled=True, seed=seed,
-                                        shuffle_buffer=self.cfg.data.shuffle_buffer, split_by_node=False)
+                                        shuffle_buffer=self.cfg.data.shuffle_buffer, split_by_node=False,
+                                        on_corrupt=self.cfg.data.on_corrupt)
         return itertools.islice(iter(loader), skip, None)
 
     def latents_and_condition(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ae = self.parts.autoencoder
-        if self.cache_info is not None:
-            moments = batch["moments"].to(self.device, torch.float32)
-            return ae.moments_to_latents(moments, generator=generator), batch["c_glb"].to(self.device, torch.float32)
-        pixels = batch["pixel_values"].to(self.device, torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), frozen_precision(self.device):  # fp32 whatever the UNet's autocast
+            if self.cache_info is not None:
+                moments = batch["moments"].to(self.device, torch.float32)
+                return ae.moments_to_latents(moments, generator=generator), batch["c_glb"].to(self.device, torch.float32)
+            pixels = batch["pixel_values"].to(self.device, torch.float32)
             return ae.encode(pixels, generator=generator), self.parts.encoder(pixels)
 
     # ---------------------------------------------------------------------- held-out images
@@ -100,7 +128,6 @@ def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None
 def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -> torch.Tensor:
     """The first `count` images, in shard order, of a prepared folder (its test split when asked and present)."""
     from dinodiff.data.loader import build_eval_dataset
-    from dinodiff.data.shards import list_shards
 
     urls: str | list[str] = shards
     if Path(shards).is_dir():

@@ -9,13 +9,19 @@ Reproducibility: shard order, the shuffle buffer and the augmentation are all se
 same samples, in the same order, with the same augmentations; different ranks and workers get
 different streams. Augmentation seeds torch per sample inside `fork_rng`, leaving the caller's
 global RNG untouched.
+
+Damaged shards follow `on_corrupt` (see `dinodiff.data.shards`): local shards whose size differs from
+their sidecar's are dropped (skip) or refused (stop) before the stream starts; a tar read error met while
+streaming names the shard, which is then left for the rest of the run (skip) or stops it (stop).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +33,9 @@ from webdataset.filters import _shuffle
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from dinodiff.data.augment import augment_seeded, paper_augmentation
-from dinodiff.data.shards import list_shards
+from dinodiff.data.shards import PREPARE_FIX, READ_ERRORS, CorruptShard, check_shards, list_shards, report_corrupt
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_urls(urls: str | Path | list[str | Path], split: str = "train") -> list[str] | str:
@@ -49,6 +57,40 @@ def resolve_urls(urls: str | Path | list[str | Path], split: str = "train") -> l
     if u.startswith("s3://"):  # webdataset has no s3 opener: stream through the AWS CLI
         return [f"pipe:aws s3 cp {x} -" for x in wds.shardlists.expand_urls(u)]
     return u
+
+
+class GuardedTarSamples:
+    """`wds.tarfile_to_samples()` one shard at a time, with damaged shards named and handled by `on_corrupt`.
+
+    skip: each damaged shard is logged once per process and never read again; when every shard of the
+    list has failed, CorruptShard is raised rather than looping forever. stop: CorruptShard at once.
+    """
+
+    def __init__(self, on_corrupt: str = "skip", fix: str = PREPARE_FIX, total: int | None = None):
+        self.on_corrupt, self.fix, self.total = on_corrupt, fix, total
+        self.bad: set[str] = set()
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for shard in src:
+            url = shard["url"]
+            if url in self.bad:
+                continue
+            try:
+                yield from wds.tarfile_samples([shard])
+            except READ_ERRORS as err:
+                report_corrupt(url, str(err.args[0]).split(" @ ")[0] if err.args else err, self.on_corrupt, self.fix)
+                self.bad.add(url)
+                if self.total is not None and len(self.bad) >= self.total:
+                    raise CorruptShard(f"every one of the {self.total} shards is damaged (last: {url}); "
+                                       f"{self.fix}") from None
+
+
+def _checked(urls: list[str] | str, on_corrupt: str, fix: str = PREPARE_FIX) -> list[str] | str:
+    return check_shards(urls, on_corrupt, fix) if isinstance(urls, list) else urls
+
+
+def _total(urls: list[str] | str) -> int:
+    return len(urls) if isinstance(urls, list) else len(wds.shardlists.expand_urls(urls))
 
 
 def _worker_seed(seed: int, *extra: int) -> int:
@@ -119,15 +161,16 @@ class _ToSample:
 
 def build_train_dataset(
     urls: str | list[str], *, size: int, augment: bool = True, resampled: bool = True,
-    shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True,
+    shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True, on_corrupt: str = "skip",
 ) -> wds.DataPipeline:
     """Endless (resampled) or epoch-wise stream of `{"pixel_values": (1,size,size) float in [0,1], "key", "json"}`.
 
     Resampled: each rank and worker draws shards with replacement from its own seeded stream, so no
     node splitting is needed and every step sees data however many shards there are. Otherwise
     shards are shuffled per epoch, split across nodes (`split_by_node`) and DataLoader workers.
+    `on_corrupt`: skip or stop at a damaged shard (module docstring).
     """
-    urls = resolve_urls(urls)
+    urls = _checked(resolve_urls(urls), on_corrupt)
     if resampled:
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
@@ -135,7 +178,7 @@ def build_train_dataset(
         if split_by_node:
             stages.append(wds.split_by_node)
         stages.append(wds.split_by_worker)
-    stages.append(wds.tarfile_to_samples())
+    stages.append(GuardedTarSamples(on_corrupt, total=_total(urls)))
     if shuffle_buffer > 1:
         stages.append(_SeededShuffle(shuffle_buffer, seed))
     stages.append(_ToSample(size, paper_augmentation() if augment else None, seed))
@@ -160,13 +203,17 @@ def build_train_loader(urls: str | list[str], *, batch_size: int, num_workers: i
 
 def build_eval_dataset(
     urls: str | list[str], *, size: int, split: str = "train", masks: bool = False, split_by_node: bool = False,
+    on_corrupt: str = "stop",
 ) -> wds.DataPipeline:
     """Samples in shard order, no augmentation, no resampling (held-out images, the cache step).
 
     A prepared dir resolves to its `split` shards. `masks=True` adds `"masks": {name: (1,size,size) uint8}`.
+    A damaged shard stops the stream by default (`on_corrupt="stop"`): a fixed image set must not shrink silently.
     """
-    stages = [wds.SimpleShardList(resolve_urls(urls, split))]
+    resolved = _checked(resolve_urls(urls, split), on_corrupt)
+    stages = [wds.SimpleShardList(resolved)]
     if split_by_node:
         stages.append(wds.split_by_node)
-    stages += [wds.split_by_worker, wds.tarfile_to_samples(), _ToSample(size, None, 0, masks=masks)]
+    stages += [wds.split_by_worker, GuardedTarSamples(on_corrupt, total=_total(resolved)),
+               _ToSample(size, None, 0, masks=masks)]
     return wds.DataPipeline(*stages)

@@ -10,7 +10,6 @@ import hashlib
 import io
 import random
 import re
-import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinodiff.data.shards import open_shard
 from dinodiff.evaluate.features import center_crop_resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
@@ -35,8 +35,9 @@ class ImageRef:
 
 
 def _shard_keys(tar_path: str) -> list[str]:
-    # tarfile reads only headers here (it seeks over member data), so listing is cheap.
-    with tarfile.open(tar_path, mode="r") as tar:
+    # tarfile reads only headers here (it seeks over member data), so listing is cheap. open_shard names a
+    # damaged shard (its size differs from the sidecar's, or a read error) with the fix: scoring stops there.
+    with open_shard(tar_path) as tar:
         keys = []
         for name in tar.getnames():
             base = name.rsplit("/", 1)[-1]
@@ -137,7 +138,7 @@ def iter_images(refs: list[ImageRef], size: int) -> Iterator[torch.Tensor]:
 
 def _read_shard(path: str, keys: set[str], size: int) -> dict[ImageRef, torch.Tensor]:
     out = {}
-    with tarfile.open(path, mode="r") as tar:
+    with open_shard(path) as tar:
         for member in tar:
             base = member.name.rsplit("/", 1)[-1]
             stem, _, ext = base.partition(".")

@@ -9,8 +9,11 @@ the encoder referenced by id) are still read by ``load_model_folder`` and ``DiNO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +29,66 @@ from dinodiff.models.random_init import save_random_encoder
 from dinodiff.models.unet import build_unet
 
 RANDOM_PREFIX = "random:"
+# The frozen encoder and autoencoder run in this precision on every path, so c_GLB and latents are the same
+# numbers in training and generation: on-the-fly training and the cache call them inside frozen_precision
+# (autocast off, whatever train.mixed_precision says: only the UNet uses autocast); generation, DiffSeg and
+# FID reconstructions load them in fp32 and run no autocast.
+FROZEN_DTYPE = torch.float32
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model path that names no model folder; the message says what to give instead."""
+
+
+@contextlib.contextmanager
+def frozen_precision(device: torch.device | str) -> Iterator[None]:
+    """Run the frozen models in FROZEN_DTYPE (fp32): autocast off, whatever the caller enabled."""
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        yield
+
+
+def _looks_like_path(name: str) -> bool:
+    """Not shaped like a hub id `owner/name`: a folder path, or a bare name (no hub pipeline is named so)."""
+    return name.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+
+
+def check_model_source(name_or_path: str | Path) -> str:
+    """A model folder that exists, or a hub id (`owner/name`); otherwise ModelNotFound naming the path.
+
+    Without this, a mistyped folder reaches diffusers as a hub id and fails with a repo-id error.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelNotFound(f"model not found: {path} is a file; give a model folder (RUN/best/model, "
+                            "RUN/checkpoints/checkpoint-N, a run folder) or a hub id.")
+    if _looks_like_path(name):
+        raise ModelNotFound(f"model not found: no folder {path}; give a model folder (RUN/best/model, "
+                            "RUN/checkpoints/checkpoint-N, a run folder) or a hub id (owner/name).")
+    _check_hub_model(name)
+    return name
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """A hub id must be in the local hub cache, or (online) on the hub; else ModelNotFound."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+
+    if isinstance(hub.try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return
+    hint = (f"no folder {repo_id} here, and the hub model {repo_id} is not in the local hub cache; "
+            "give a model folder (RUN/best/model, RUN/checkpoints/checkpoint-N, a run folder)")
+    # the env var too: huggingface_hub reads it once, at import, which may precede the caller's setting
+    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ModelNotFound(f"model not found: {hint} (offline: HF_HUB_OFFLINE is set).")
+    try:
+        found = hub.file_exists(repo_id, "model_index.json")
+    except Exception as err:  # noqa: BLE001 - network, auth and validation errors: all mean "cannot get it"
+        raise ModelNotFound(f"model not found: {hint}, and the hub could not be asked ({type(err).__name__}).") from None
+    if not found:
+        raise ModelNotFound(f"model not found: {hint}, and the hub has no pipeline {repo_id}.")
 
 
 @dataclass
