@@ -102,8 +102,8 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
     subtitle = (f"{root.resolve()} · {len(sections)} sections, {len(missing)} missing · {stamp} · "
                 f"dinodiff {dinodiff.__version__} · {_command()}")
     for section in sections:
-        if "command" not in section.provenance and section.key in ("config", "training"):
-            section.provenance["command"] = f"dinodiff train --config {section.source.parent / 'config.yaml'}"
+        if "command" not in section.provenance and section.key in ("config", "training"):  # not recorded by train
+            section.provenance["to rerun (resumes)"] = f"dinodiff train --config {section.source.parent / 'config.yaml'}"
     page = render_html(title, subtitle, sections, missing, problems)
     bad = external_references(page)
     if bad:  # a bug of the renderer, never of the data: the page must stand alone

@@ -66,7 +66,7 @@ def markdown_html(text: str) -> str:
 
 def _block_html(block: Any) -> str:
     if isinstance(block, Table):
-        return f"<h3>{_e(block.title)}</h3>" + _table_html(block.header, block.rows)
+        return (f"<h3>{_e(block.title)}</h3>" if block.title else "") + _table_html(block.header, block.rows)
     if isinstance(block, Markdown):
         return f'<div class="scroll">{markdown_html(block.text)}</div>'
     if isinstance(block, Code):
@@ -90,10 +90,16 @@ def section_html(section: Section, anchor: str) -> str:
         parts.append(f'<p class="info">{_e(section.note)}</p>')
     if section.warning:
         parts.append(f'<p class="note">{_e(section.warning)}</p>')
-    figures = [b for b in section.blocks if isinstance(b, Figure)]
-    if figures:
-        parts.append(_figures_html(figures))
-    parts += [_block_html(b) for b in section.blocks if not isinstance(b, Figure)]
+    run: list[Figure] = []  # consecutive figures share a row
+    for block in [*section.blocks, None]:
+        if isinstance(block, Figure):
+            run.append(block)
+            continue
+        if run:
+            parts.append(_figures_html(run))
+            run = []
+        if block is not None:
+            parts.append(_block_html(block))
     if section.provenance:
         parts.append("<details><summary>Provenance</summary>"
                      + _table_html(["", ""], list(section.provenance.items())) + "</details>")
@@ -154,7 +160,7 @@ def section_markdown(section: Section, md_dir: Path) -> str:
         if isinstance(block, Figure):
             parts.append(f"- Figure: {block.title} ({_link(block.source, md_dir)})")
         elif isinstance(block, Table):
-            parts.append(f"**{block.title}**\n\n" + _md_table(block.header, block.rows))
+            parts.append((f"**{block.title}**\n\n" if block.title else "") + _md_table(block.header, block.rows))
         elif isinstance(block, Markdown):
             parts.append(re.sub(r"^(#{1,4}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", block.text,
                                 flags=re.M).strip())

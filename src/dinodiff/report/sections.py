@@ -128,7 +128,7 @@ def fid_section(run: Path) -> Section | None:
     provenance = {"fid.csv": str(run / "fid.csv"), "best checkpoint": best_row.get("checkpoint", ""),
                   **{k: str(best_row.get(k, "")) for k in ("extractor", "tap", "n_real", "n_fake", "per_source",
                                                            "sample_steps", "seed")},
-                  "command": f"dinodiff sweep {run}"}
+                  "to rerun": f"dinodiff sweep {run} (same settings: scored checkpoints are skipped)"}
     return Section("fid", f"Image quality by checkpoint: {run.name}", run / "fid.csv",
                    [Figure("FID/FD by checkpoint", fid_figure(curves, best), "★: the best checkpoint of each setting.",
                            run / "fid.csv"),
@@ -224,7 +224,7 @@ def results_section(path: Path, data: dict) -> Section:
     kind, base, used = str(data["kind"]), path.parent, set()
     blocks: list[Any] = []
     if isinstance(data.get("table"), list):
-        blocks.append(rows_table(TITLES.get(kind, "Table"), data["table"]))
+        blocks.append(rows_table("", data["table"]))
     tables = data.get("tables")
     for name, value in (tables.items() if isinstance(tables, dict) else [("Table", tables)] if tables else []):
         block = _table_value(str(name), value, base, used)
