@@ -53,7 +53,7 @@ def test_dry_run_writes_every_section_in_at_most_eight_files(evidence):
     assert set(SECTIONS) <= set(results["sections"])
     assert {name: s["status"] for name, s in results["sections"].items()} == {name: "ok" for name in SECTIONS}
     assert results["meta"]["dry_run"] is True
-    for name in ("summary.md", "evidence.log", "training.png", "generation.png", "segment.png"):
+    for name in ("summary.md", "evidence.log", "training.png", "evaluation.png"):
         assert (out / name).stat().st_size > 0, name
 
 

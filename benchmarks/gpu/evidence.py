@@ -5,7 +5,7 @@
 Sections: (a) train_throughput, (b) sampling, (c) diffseg, (d) real_data (gets the time the others
 left). A section that fails or overruns is recorded as such in results.json and the next one runs.
 $OUT receives at most 8 flat files: results.json, summary.md, evidence.log (written by evidence.sh),
-training.png, generation.png, segment.png and the fp16 model folder as model-fp16.tar (or its parts).
+training.png, evaluation.png and the fp16 model folder as model-fp16.tar (or up to 3 parts).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dinodiff.checkpointing import write_json_atomic
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
 # (name, seconds on the GPU, seconds in the CPU dry run); real_data takes what is left.
-PLAN = [("train_throughput", 80, 90), ("sampling", 40, 90), ("diffseg", 30, 90), ("real_data", None, 240)]
+PLAN = [("train_throughput", 75, 90), ("sampling", 40, 90), ("diffseg", 35, 90), ("real_data", None, 240)]
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 

@@ -31,7 +31,9 @@ else
 fi
 "$EVIDENCE_PYTHON" -c "import torch, transformers, huggingface_hub, diffusers, accelerate, omegaconf, webdataset; \
 print('versions: torch', torch.__version__, 'transformers', transformers.__version__, 'hf_hub', \
-huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__)"
+huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__); \
+import dinodiff.train, dinodiff.cache, dinodiff.generate, dinodiff.pipeline, dinodiff.evaluate.segment; \
+print('dinodiff stages import')" || echo "warning: an import failed (above); the sections record their own errors"
 timeout -k 10 "${EVIDENCE_TIMEOUT_S:-525}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
   --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-505}" $DRY
 rc=$?

@@ -32,6 +32,7 @@ from dinodiff.train import train
 logger = logging.getLogger("gpu-evidence")
 PRESET = Path(__file__).resolve().parents[2] / "src" / "dinodiff" / "configs" / "gpu-cxr256.yaml"
 PART_BYTES = 15 * 2**20  # < 16 MiB per returned file
+MAX_PARTS = 3  # results.json, summary.md, evidence.log, training.png, evaluation.png + 3 parts = 8 files
 # Toy sizes for the CPU dry run: 64 px, a 3-level 32-channel UNet, batches of 4, a few steps.
 DRY_OVERRIDES = ["model.resolution=64", "train.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
                  "data.num_holdout=2", "train.sample_steps=2", "model.unet.overrides.block_out_channels=[32,32,32]",
@@ -60,8 +61,10 @@ def train_for(cfg, seconds: float, probe_steps: int, max_steps: int) -> dict:
     probe_wall = time.time() - start
     rows = read_metrics(Path(cfg.train.run_dir))
     loop_s = float(rows[-1]["elapsed_s"]) if rows else probe_wall
-    rate = probe_steps / max(loop_s, 1e-6)  # steps/s of the loop (checkpoints and sample grids included)
-    left = seconds - probe_wall - 15  # 15 s: a second start-up and the final checkpoint
+    # The loop's clock stops before the step's sample grid + checkpoint; half of the rest of the probe's wall
+    # time (start-up, that grid and checkpoint) is charged to the loop as the per-checkpoint cost.
+    rate = probe_steps / max(loop_s + 0.5 * max(probe_wall - loop_s, 0.0), 1e-6)
+    left = seconds - probe_wall - 20  # 20 s: a second start-up and the final checkpoint
     total = int(min(max_steps, probe_steps + max(0, left) * rate))
     if total > probe_steps:
         cfg.train.max_steps = total
@@ -137,6 +140,8 @@ def fp16_model_tar(model: Path, out: Path, work: Path) -> dict:
     with tarfile.open(tar_path, "w") as tar:
         tar.add(copy, arcname="model-fp16")
     size = tar_path.stat().st_size
+    if size > MAX_PARTS * PART_BYTES:
+        return {"files": [], "bytes": size, "skipped": f"over {MAX_PARTS} parts of {PART_BYTES} bytes: not returned"}
     if size <= PART_BYTES:
         shutil.copy(tar_path, out / tar_path.name)
         names = [tar_path.name]
@@ -152,8 +157,8 @@ def fp16_model_tar(model: Path, out: Path, work: Path) -> dict:
 
 
 def figures(out: Path, rows: list[dict], run_dir: Path, recon: Path, interp: Path, overlays: dict) -> list[str]:
-    """training.png (loss curve + the last sample grid), generation.png (reconstructions + interpolation
-    strips), segment.png (DiffSeg overlays)."""
+    """training.png (loss curve + the last sample grid) and evaluation.png (reconstructions, interpolation
+    strips, DiffSeg overlays)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,18 +181,16 @@ def figures(out: Path, rows: list[dict], run_dir: Path, recon: Path, interp: Pat
     panels = [(p, t) for p, t in ((recon / "preview.png", "reconstructions (sources | samples)"),
                                   (interp / "preview.png", "interpolation strips (A, r=0..1, B)")) if p.is_file()]
     panels += [(Path(p), f"DiffSeg {k}") for k, p in sorted(overlays.items())]
-    for name, group in (("generation.png", panels[:2]), ("segment.png", panels[2:])):
-        if not group:
-            continue
-        fig, axes = plt.subplots(len(group), 1, figsize=(12, 5 * len(group)), squeeze=False)
-        for ax, (path, title) in zip(axes[:, 0], group):
+    if panels:  # one figure: 8 files at most come back, and the model may need 3 of them
+        fig, axes = plt.subplots(len(panels), 1, figsize=(12, 5 * len(panels)), squeeze=False)
+        for ax, (path, title) in zip(axes[:, 0], panels):
             ax.imshow(Image.open(path), cmap="gray")
             ax.set_title(title)
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
+        fig.savefig(out / "evaluation.png", dpi=80)
         plt.close(fig)
-        written.append(name)
+        written.append("evaluation.png")
     return written
 
 
