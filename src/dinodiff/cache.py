@@ -191,7 +191,8 @@ def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: i
     """
     import webdataset as wds
 
-    from dinodiff.data.loader import GuardedTarSamples
+    from dinodiff.data.loader import GuardedTarSamples, SeededShuffle
+    from dinodiff.data.ranks import rank_share
 
     shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
     if not shards:
@@ -206,12 +207,15 @@ def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: i
             yield {"moments": torch.from_numpy(sample["moments.npy"][view].astype(np.float32)),
                    "c_glb": torch.from_numpy(sample["c_glb.npy"][view].astype(np.float32))}
 
+    shards, keep = rank_share(shards)  # each rank resamples its own shards: ranks never share a sample
     pipeline = wds.DataPipeline(
-        # Resampled shards are already distinct per rank and worker (webdataset seeds them so);
-        # deterministic=True makes the stream a function of the seed, which resume relies on.
+        # Resampled shards are distinct per rank and worker (webdataset seeds them so); deterministic=True
+        # makes the stream a function of the seed, which resume relies on. The shuffle is seeded per rank,
+        # worker and epoch too: one seeded Random here would be copied into every worker, giving all the same order.
         wds.ResampledShards(shards, seed=seed, deterministic=True),
         GuardedTarSamples(on_corrupt, fix=CACHE_FIX, total=len(shards)),
-        wds.shuffle(shuffle_buffer, rng=random.Random(seed)),
+        *([keep] if keep is not None else []),
+        SeededShuffle(shuffle_buffer, seed),
         # no wds.decode(): it unpickles .pkl/.pyd members; pick_view decodes our own members only
         pick_view,
         wds.batched(batch_size, partial=False),

@@ -171,6 +171,7 @@ def generate(
     root: Optional[Path] = typer.Option(None, help="CSV: folder the paths are relative to (default: the CSV's folder)."),
     preview_rows: int = typer.Option(4, help="Rows of OUT/preview.png (reconstruction grid or interpolation strips); 0 = none."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    sync_timeout: float = typer.Option(6 * 3600, help="Several processes: seconds the others wait while the main one encodes the sources or writes the outputs."),
 ) -> None:
     """Generate a labelled synthetic dataset by reconstruction or interpolation of the sources' c_GLB.
 
@@ -198,7 +199,7 @@ def generate(
                                     guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=(low, high),
                                     r_values=_floats(r_values), shared_label=shared_label, source_options=options)
         folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
-                                  preview_rows=preview_rows, progress=progress)
+                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), 2)
     typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"
@@ -396,6 +397,70 @@ def classify(
     typer.echo(f"classifier weights: {', '.join(results['classifier']['weights'])}; results: "
                f"{results['files']['results_csv']}, {Path(settings.out) / 'results.json'}"
                + (f"; figure: {results['files']['figure']}" if "figure" in results["files"] else ""))
+
+
+@app.command("pretrain-encoder")
+def pretrain_encoder(
+    config: str = typer.Option("cpu-encoder", "--config", "-c", help="Preset (cpu-encoder, gpu-encoder) or YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.shards=PREP run.max_steps=600 optim.lr=1e-3 backbone.name_or_path=microsoft/rad-dino."),
+    resume: Optional[str] = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's run.resume, 'auto')."),
+) -> None:
+    """Pretrain a domain encoder on your own unlabelled images with DINO self-distillation.
+
+    A student ViT and its EMA teacher (momentum cosine to 1), teacher centring and sharpening,
+    2 global + N local crops with radiograph augmentations (no colour, no flips), lightly's DINO
+    loss and head, HF accelerate (CPU, one or many GPUs). Trains from scratch (a transformers
+    DINOv2-with-registers ViT) or continues from backbone.name_or_path. A collapse monitor logs the
+    teacher's entropy and the normalised embedding std and stops a collapsed run. RUN/ gets config.yaml,
+    metrics.csv, TensorBoard logs and checkpoints (a killed run resumes); RUN/encoder/ is the teacher,
+    usable as `model.encoder.name_or_path=RUN/encoder`; RUN/encoder-init/ the same ViT at step 0.
+    """
+    from dinodiff.config import ConfigError
+    from dinodiff.encoder.data import NoImages
+    from dinodiff.encoder.monitor import EncoderCollapsed
+    from dinodiff.encoder.pretrain import EncoderDiverged, pretrain_encoder as run_pretrain
+    from dinodiff.encoder.settings import load_encoder_settings
+
+    try:
+        settings = load_encoder_settings(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err), 2)
+    if resume is not None:
+        settings.run.resume = resume
+    try:
+        out = run_pretrain(settings)
+    except (EncoderCollapsed, EncoderDiverged) as err:
+        _fail(str(err))
+    except (NoImages, FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo(f"encoder written to {out} (use model.encoder.name_or_path={out})")
+
+
+@app.command("probe-encoder")
+def probe_encoder(
+    encoders: List[str] = typer.Argument(..., help="Encoder folders, hub ids or random:<family> (e.g. RUN/encoder RUN/encoder-init)."),
+    data: List[Path] = typer.Option(..., "--data", "-d", help="Labelled images: prepared shards, a CSV or a dataset folder (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.json and table.md."),
+    labels: Optional[str] = typer.Option(None, help="Comma-separated labels to probe (default: every label with >= --min-count positives and negatives)."),
+    label_columns: Optional[str] = typer.Option(None, help="For a CSV: comma-separated label columns (a text column such as finding gives one label per value)."),
+    size: int = typer.Option(128, help="Side at which images are read; each encoder resizes to its own input."),
+    folds: int = typer.Option(5, help="Stratified cross-validation folds."),
+    k: int = typer.Option(10, help="Neighbours of the k-NN probe."),
+    min_count: int = typer.Option(10, help="Smallest number of positives and of negatives for a label to be probed."),
+    seed: int = typer.Option(0, help="Seed of the folds and of the augmented views."),
+) -> None:
+    """Measure encoders on the same labelled images: k-NN and linear-probe ROC AUC per label
+    (cross-validated, mean ± SD) and augmented-view retrieval top-1 among 2N views."""
+    from dinodiff.encoder.probe import ProbeSettings, markdown_table, probe_encoders
+
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    settings = ProbeSettings(size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
+                             min_count=min_count, seed=seed)
+    try:
+        results = probe_encoders(encoders, data, out, settings)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err), 2)
+    typer.echo(markdown_table(results), nl=False)
 
 
 @app.command()

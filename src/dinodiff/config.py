@@ -115,6 +115,10 @@ class TrainConfig:
     eval_every: int = 0  # 0 = off; > 0 calls the evaluation hook (FID) every N steps
     deterministic: bool = False  # torch deterministic algorithms (needed for bitwise resume tests)
     resume: str = "auto"  # auto (latest when the run dir has checkpoints) | latest | none | a checkpoint path
+    # Multi-process runs: timeout of the training collectives (None = torch's: NCCL 10 min, gloo 30 min), and how
+    # long the other processes wait while the main one works alone (sample grid, model folder, FID evaluation).
+    dist_timeout_s: Optional[float] = None
+    eval_timeout_s: float = 6 * 3600
 
 
 @dataclass

@@ -6,12 +6,16 @@ Item i is drawn from its own generator seeded by ``item_seed(seed, i)``, so it i
 batch size (up to the float rounding of batched kernels, ~1e-6) or number of processes. Items are cut into
 chunks of ``batch_size``; under ``accelerate launch`` process p takes chunks p, p + P, ..., so every chunk is
 the same batch as in a single process (bit-identical PNGs); a rerun regenerates only chunks with missing images.
+The main process alone encodes the sources and writes the outputs while the others wait in a barrier; the
+process group's timeout is ``sync_timeout_s`` (6 h by default), not torch's 10 minutes (NCCL), so a large
+source set cannot time the others out.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -28,6 +32,7 @@ logger = logging.getLogger("dinodiff.generate")
 
 STRATEGIES = ("reconstruction", "interpolation")
 SOURCES_FILE = "sources.pt"
+SYNC_TIMEOUT_S = 6 * 3600  # how long the other processes wait while the main one works alone
 
 
 @dataclass
@@ -133,7 +138,8 @@ def image_path(out: Path, index: int) -> Path:
 
 
 def generate_dataset(model: str | Path, source: str | Path, out: str | Path, settings: GenerateSettings, *,
-                     batch_size: int = 8, preview_rows: int = 4, progress: bool = True) -> Path:
+                     batch_size: int = 8, preview_rows: int = 4, progress: bool = True,
+                     sync_timeout_s: float = SYNC_TIMEOUT_S) -> Path:
     """Write (or finish) a synthetic dataset in `out`; runs in every process under `accelerate launch`."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -142,7 +148,7 @@ def generate_dataset(model: str | Path, source: str | Path, out: str | Path, set
 
     # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU; without it CPU processes would not form a group.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    state, out = PartialState(cpu=cpu), Path(out)
+    state, out = PartialState(cpu=cpu, timeout=timedelta(seconds=sync_timeout_s)), Path(out)
     pipeline = load_pipeline(model, settings.scheduler, state.device)
     pipeline.check_guidance(settings.guidance_scale)  # before any work is done
     if state.is_main_process:

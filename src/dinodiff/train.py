@@ -4,6 +4,16 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` per process. The
 into segments of `checkpoint_every` steps, each seeded by (seed, segment, rank): a resumed run
 rebuilds the segment it stopped in and skips the batches it had used, so it sees exactly the
 batches an uninterrupted run would have seen, without replaying the whole history.
+
+The learning-rate schedule counts optimizer steps, whatever the number of processes and the gradient
+accumulation: it is stepped here once per optimizer step, not handed to `accelerate.prepare`, whose
+`AcceleratedScheduler` steps it once per process (with split_batches=False), which would shorten the
+paper's 1000-step warm-up to 250 steps on 4 GPUs. Its state is saved in `trainer/lr_scheduler.pt`.
+
+Under DDP the main process alone draws sample grids, writes model folders and evaluates (FID), which
+can take far longer than NCCL's 10-minute collective timeout. The other processes wait for it in a
+barrier of their own (a gloo group whose timeout is `train.eval_timeout_s`), never in a training
+collective (whose timeout is `train.dist_timeout_s`).
 """
 
 from __future__ import annotations
@@ -15,13 +25,16 @@ import os
 import signal
 import sys
 import time
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
@@ -66,6 +79,17 @@ def make_optimizer(params, cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimi
     return torch.optim.AdamW(params, **kwargs)
 
 
+def main_wait_group(timeout_s: float) -> Optional[dist.ProcessGroup]:
+    """A gloo group in which the other processes wait, up to `timeout_s`, while the main process works alone.
+
+    Its own group, so waiting for an evaluation never counts against the training collectives' timeout
+    (NCCL's is 10 minutes); gloo, so it works under NCCL and on CPUs alike. None with one process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def _maybe_inject_fault(step: int) -> None:
     """Tests kill the process mid-step (after backward, before the update) via DINODIFF_KILL_AT_STEP."""
     if os.environ.get("DINODIFF_KILL_AT_STEP") == str(step):
@@ -78,12 +102,15 @@ class Trainer:
         tcfg = cfg.train
         check_data_config(cfg)
         self.run_dir = Path(tcfg.run_dir)
+        timeout = [InitProcessGroupKwargs(timeout=timedelta(seconds=tcfg.dist_timeout_s))] if tcfg.dist_timeout_s else []
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(tcfg.mixed_precision),
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            kwargs_handlers=timeout,
         )
         acc = self.accelerator
+        self._main_wait = main_wait_group(tcfg.eval_timeout_s)
         logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s")
         if tcfg.deterministic:
@@ -99,9 +126,10 @@ class Trainer:
         self.model = ConditionedUNet(parts.unet, parts.projection)
         self.ema = EMAModel(self.model.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
         self.optimizer = make_optimizer(self.model.parameters(), cfg.optim, acc.device.type == "cuda")
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        # Counts optimizer steps; deliberately not prepared (module docstring).
         self.lr_scheduler = get_scheduler(cfg.optim.lr_schedule, self.optimizer,
                                           num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=tcfg.max_steps)
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(self.model, self.optimizer, self.lr_scheduler)
         if self.ema is not None:
             self.ema.to(acc.device)
         # Noise, timesteps, latent sampling and condition dropout draw from this generator only, so
@@ -131,7 +159,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_staging(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        acc.wait_for_everyone()
+        self._wait_for_main()
         self._maybe_resume()
         metrics = ckpt.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
@@ -162,10 +190,12 @@ class Trainer:
                 window_start, window_steps = time.time(), 0
             if self.step % tcfg.sample_every == 0 or self.step == tcfg.max_steps:
                 self._sample_grid()
+                self._wait_for_main()
             if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.max_steps:
                 saved = self._save_checkpoint()
                 if tcfg.eval_every and self.step % tcfg.eval_every == 0:
                     self._evaluate(saved)
+                    self._wait_for_main()
             if self.step % tcfg.checkpoint_every == 0:
                 batches = self._batches()  # a new data segment starts here (see module docstring)
         bar.close()
@@ -204,7 +234,8 @@ class Trainer:
             if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps itself
                 raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}; no checkpoint written.")
         self.optimizer.step()
-        self.lr_scheduler.step()
+        if not self.optimizer.step_was_skipped:  # fp16's scaler skipped the update: the schedule waits too
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.model.parameters())
@@ -238,16 +269,17 @@ class Trainer:
         staging = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.TMP_PREFIX}{self.step}"
         if acc.is_main_process:
             ckpt.staging_dir(self.run_dir, self.step)
-        acc.wait_for_everyone()
+        self._wait_for_main()
         acc.save_state(str(staging))
         trainer_dir = staging / "trainer"
         trainer_dir.mkdir(exist_ok=True)
         torch.save(self.generator.get_state(), trainer_dir / f"generator_rank{acc.process_index}.pt")
         if acc.is_main_process:
+            torch.save(self.lr_scheduler.state_dict(), trainer_dir / "lr_scheduler.pt")
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), trainer_dir / "ema.pt")
             self._write_model_folder(staging / "model")
-        acc.wait_for_everyone()
+        self._wait_for_main()
         final = staging.parent / f"checkpoint-{self.step}"
         if acc.is_main_process:
             # state.json last: its presence marks the checkpoint complete.
@@ -255,7 +287,7 @@ class Trainer:
             final = ckpt.commit(staging, self.step)
             ckpt.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
             logger.info("saved %s", final)
-        acc.wait_for_everyone()
+        self._wait_for_main()
         return final
 
     def _write_model_folder(self, folder: Path) -> None:
@@ -287,6 +319,7 @@ class Trainer:
             logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
                            "from an uninterrupted run.", state["num_processes"], acc.num_processes)
         acc.load_state(str(found))
+        self._restore_lr_scheduler(found / "trainer" / "lr_scheduler.pt", int(state["step"]))
         gen_file = found / "trainer" / f"generator_rank{acc.process_index}.pt"
         if gen_file.is_file():
             self.generator.set_state(torch.load(gen_file, map_location="cpu", weights_only=True))
@@ -296,7 +329,25 @@ class Trainer:
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", found, self.step)
 
+    def _restore_lr_scheduler(self, path: Path, step: int) -> None:
+        if path.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return
+        # A checkpoint from before the schedule was stepped here (its scheduler.bin counted process-steps):
+        # the schedule is a function of the optimizer step, so replaying `step` steps rebuilds it exactly.
+        logger.warning("%s is missing: rebuilding the learning-rate schedule at step %d.", path, step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(step):
+                self.lr_scheduler.step()
+
     # ------------------------------------------------------------------- samples, evaluation
+    def _wait_for_main(self) -> None:
+        """Every process meets here after work the main process did alone; the others wait up to
+        train.eval_timeout_s (see main_wait_group)."""
+        if self._main_wait is not None:
+            dist.barrier(group=self._main_wait)
+
     def _sample_grid(self) -> None:
         if not self.accelerator.is_main_process:
             return

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from dinodiff.data.shards import list_shards
-from dinodiff.models.factory import Components, frozen_precision
+from dinodiff.models.factory import FROZEN_DTYPE, Components, frozen_precision
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -70,6 +70,7 @@ class TrainData:
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
         else:
             ensure_latent_stats(parts.autoencoder, cfg, self.device)
+        logger.info("frozen encoder and autoencoder run in %s, outside the UNet's autocast", FROZEN_DTYPE)
 
     # -------------------------------------------------------------------------------- streams
     def batches(self, *, segment: int, skip: int = 0) -> Iterator[dict]:
@@ -87,7 +88,7 @@ class TrainData:
             loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
                                         augment=self.cfg.data.augment, resampled=True, seed=seed,
-                                        shuffle_buffer=self.cfg.data.shuffle_buffer, split_by_node=False,
+                                        shuffle_buffer=self.cfg.data.shuffle_buffer, split_by_node=True,
                                         on_corrupt=self.cfg.data.on_corrupt)
         return itertools.islice(iter(loader), skip, None)
 
@@ -104,7 +105,8 @@ class TrainData:
     def holdout_images(self) -> torch.Tensor:
         """The first `data.num_holdout` images of the test split (else train), un-augmented, (N,1,H,W) in [0,1]."""
         if self._holdout is None:
-            self._holdout = first_images(self._source_shards(), self.cfg.data.num_holdout, self.cfg.model.resolution)
+            self._holdout = first_images(self._source_shards(), self.cfg.data.num_holdout, self.cfg.model.resolution,
+                                         on_corrupt=self.cfg.data.on_corrupt)
         return self._holdout
 
     def _source_shards(self) -> str:
@@ -119,14 +121,18 @@ def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None
         return  # given, or read from the autoencoder's own config
     from dinodiff.models.autoencoders import estimate_latent_stats
 
-    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False)
+    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
+                          on_corrupt=cfg.data.on_corrupt)
     scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
     ae.set_latent_stats(scale, shift)
     logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
 
 
-def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -> torch.Tensor:
-    """The first `count` images, in shard order, of a prepared folder (its test split when asked and present)."""
+def first_images(shards: str, count: int, size: int, prefer_test: bool = True, on_corrupt: str = "stop") -> torch.Tensor:
+    """The first `count` images, in shard order, of a prepared folder (its test split when asked and present).
+
+    A damaged shard stops with its name (`on_corrupt="stop"`) or is left out (`"skip"`, as training's data.on_corrupt).
+    """
     from dinodiff.data.loader import build_eval_dataset
 
     urls: str | list[str] = shards
@@ -134,7 +140,8 @@ def first_images(shards: str, count: int, size: int, prefer_test: bool = True) -
         urls = (prefer_test and list_shards(shards, "test")) or list_shards(shards, "train") or list_shards(shards)
         if not urls:
             raise FileNotFoundError(f"No shards found in {shards}; run `dinodiff prepare ... --out {shards}` first.")
-    images = [sample["pixel_values"] for sample in itertools.islice(iter(build_eval_dataset(urls, size=size)), count)]
+    dataset = build_eval_dataset(urls, size=size, on_corrupt=on_corrupt)
+    images = [sample["pixel_values"] for sample in itertools.islice(iter(dataset), count)]
     if not images:
         raise FileNotFoundError(f"No images could be read from {shards}.")
     return torch.stack(images)

@@ -33,6 +33,7 @@ from webdataset.filters import _shuffle
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from dinodiff.data.augment import augment_seeded, paper_augmentation
+from dinodiff.data.ranks import rank_share
 from dinodiff.data.shards import PREPARE_FIX, READ_ERRORS, CorruptShard, check_shards, list_shards, report_corrupt
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class _EpochShardShuffle:
         yield from items
 
 
-class _SeededShuffle:
+class SeededShuffle:
     """Sample shuffle buffer seeded per rank/worker/epoch (webdataset's own shuffle is time-seeded)."""
 
     def __init__(self, bufsize: int, seed: int):
@@ -165,13 +166,17 @@ def build_train_dataset(
 ) -> wds.DataPipeline:
     """Endless (resampled) or epoch-wise stream of `{"pixel_values": (1,size,size) float in [0,1], "key", "json"}`.
 
-    Resampled: each rank and worker draws shards with replacement from its own seeded stream, so no
-    node splitting is needed and every step sees data however many shards there are. Otherwise
+    Resampled: each rank and worker draws shards with replacement from its own seeded stream, every step
+    sees data however many shards there are, and with `split_by_node` each rank draws only from its own
+    share of the shards, so ranks never share a sample (`dinodiff.data.ranks`). Otherwise
     shards are shuffled per epoch, split across nodes (`split_by_node`) and DataLoader workers.
     `on_corrupt`: skip or stop at a damaged shard (module docstring).
     """
     urls = _checked(resolve_urls(urls), on_corrupt)
+    keep = None
     if resampled:
+        if split_by_node:
+            urls, keep = rank_share(urls)
         stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls), _EpochShardShuffle(seed)]
@@ -179,8 +184,10 @@ def build_train_dataset(
             stages.append(wds.split_by_node)
         stages.append(wds.split_by_worker)
     stages.append(GuardedTarSamples(on_corrupt, total=_total(urls)))
+    if keep is not None:
+        stages.append(keep)
     if shuffle_buffer > 1:
-        stages.append(_SeededShuffle(shuffle_buffer, seed))
+        stages.append(SeededShuffle(shuffle_buffer, seed))
     stages.append(_ToSample(size, paper_augmentation() if augment else None, seed))
     return wds.DataPipeline(*stages)
 
