@@ -166,7 +166,8 @@ def test_sixteen_bit_inputs_are_rescaled_like_prepare_not_clipped_white(tiny_mod
         from_pil = pipe.to_tensor(im)
     from_array = pipe.to_tensor(arr)
     from_list = pipe.to_tensor([arr, PIL.Image.fromarray(arr)])
-    for x in (from_pil, from_array, from_list[:1], from_list[1:]):
+    from_int_tensor = pipe.to_tensor(torch.from_numpy(arr.astype(np.int32))[None, None])
+    for x in (from_pil, from_array, from_list[:1], from_list[1:], from_int_tensor):
         assert x.shape == (1, 1, 32, 32)
         assert torch.allclose(x[0, 0], torch.from_numpy(prepared), atol=1e-6)
     assert from_array.min() == 0.0 and from_array.max() == 1.0 and from_array[0, 0, :, :16].max() == 0.0

@@ -101,9 +101,13 @@ class DiNODiffusionPipeline(DiffusionPipeline):
         """PIL image(s), arrays or a tensor -> (B, 1|3, resolution, resolution) float in [0, 1].
 
         uint8 data is divided by 255; 16-bit PIL images, uint16/int arrays and float arrays outside [0, 1] are
-        rescaled by prepare's rule (``intensity_rule``, see ``data.readers.grey_to_unit``); float tensors are
-        taken as already in [0, 1].
+        rescaled by prepare's rule (``intensity_rule``, see ``data.readers.grey_to_unit``), and so are integer
+        tensors (B, C, H, W), image by image; float tensors are taken as already in [0, 1].
         """
+        if isinstance(images, torch.Tensor) and not images.is_floating_point() and images.ndim in (3, 4):
+            # integer tensors (uint8, uint16 ...): per image, the same rule as arrays; (C, H, W) -> (H, W[, C])
+            batch = images[None] if images.ndim == 3 else images
+            images = [a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0) for a in batch.cpu().numpy()]
         if isinstance(images, torch.Tensor):
             x = images.float()
             x = x[None] if x.ndim == 3 else x
