@@ -153,7 +153,8 @@ def fp16_model_tar(model: Path, out: Path, work: Path) -> dict:
     unet_params = sum(t.numel() for p in (copy / "unet").glob("*.safetensors") for t in load_file(p).values())
     return {"files": names, "bytes": size, "unet_params_M": round(unet_params / 1e6, 2), "join": "cat model-fp16.tar.part* > model-fp16.tar; tar xf model-fp16.tar"
             if len(names) > 1 else "tar xf model-fp16.tar",
-            "load": "DiNODiffusionPipeline.from_pretrained('model-fp16').to(torch.float32) (weights stored fp16)"}
+            "load": "dinodiff generate|segment model-fp16 ... or DiNODiffusionPipeline.from_pretrained('model-fp16') "
+                    "(fp16 weights load into fp32 modules)"}
 
 
 def figures(out: Path, rows: list[dict], run_dir: Path, recon: Path, interp: Path, overlays: dict) -> list[str]:
