@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--bundle", default=".gpu")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--budget-s", type=float, default=505, help="total seconds for all sections")
+    parser.add_argument("--budget-s", type=float, default=500, help="total seconds for all sections")
     parser.add_argument("--sections", default=",".join(p[0] for p in PLAN))
     parser.add_argument("--work", default=None)
     args = parser.parse_args()

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu/evidence.sh            # on the GPU machine, bundle in .gpu/, results in $OUT
 #   DEVICE=cpu bash benchmarks/gpu/evidence.sh # the same at toy sizes on a CPU (also: --dry-run)
 # Environment: OUT (results folder; default ./gpu-evidence-out), EVIDENCE_PYTHON (default python3, or
-# .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 505:
+# .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 500:
 # all sections; the script stops well inside 9 minutes), DEVICE=cpu or --dry-run for the dry run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,8 +34,8 @@ print('versions: torch', torch.__version__, 'transformers', transformers.__versi
 huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__); \
 import dinodiff.train, dinodiff.cache, dinodiff.generate, dinodiff.pipeline, dinodiff.evaluate.segment; \
 print('dinodiff stages import')" || echo "warning: an import failed (above); the sections record their own errors"
-timeout -k 10 "${EVIDENCE_TIMEOUT_S:-525}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
-  --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-505}" $DRY
+timeout -k 10 "${EVIDENCE_TIMEOUT_S:-515}" "$EVIDENCE_PYTHON" benchmarks/gpu/evidence.py --out "$OUT" \
+  --bundle "$BUNDLE" --budget-s "${EVIDENCE_BUDGET_S:-500}" $DRY
 rc=$?
 echo "evidence: finished rc=$rc $(date -u)"
 ls -la "$OUT"
