@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,12 @@ from dinodiff.evaluate.classify.subsets import NONE_STRATUM, build_subsets, read
 
 logger = logging.getLogger(__name__)
 
-# Settings that do not change what a cell computes: a grid may be resumed with other values.
-_FREE = ("out", "workers", "test", "correction", "alpha")
+# Settings that do not change what a cached cell computed: a grid may be resumed or extended with other values.
+# The generation settings are guarded by each synthetic set's provenance.json instead: `generate` refuses to
+# touch a set made with another model or other settings, so a cached synthetic cell can never go stale.
+_FREE = ("out", "workers", "test", "correction", "alpha", "experiments", "classifier.device", "classifier.num_workers",
+         "classifier.threads", "synthetic.model", "synthetic.num_inference_steps", "synthetic.guidance_scale",
+         "synthetic.scheduler", "synthetic.seed", "synthetic.batch_size")
 
 
 class GridMismatch(ValueError):
@@ -53,18 +58,31 @@ def choose_labels(real: ImageSet, settings: ClassifySettings) -> list[str]:
     return chosen
 
 
+def _fixed(record: dict) -> dict:
+    """The settings a cell's result depends on (dotted keys), without the free ones."""
+    flat = {f"{group}.{k}": v for group, sub in record.items() if isinstance(sub, dict) for k, v in sub.items()}
+    flat.update({k: v for k, v in record.items() if not isinstance(v, dict)})
+    return {k: v for k, v in flat.items() if k not in _FREE}
+
+
 def _check_grid(out: Path, settings: ClassifySettings, labels: list[str], test_rows: np.ndarray) -> None:
     record = to_dict(settings)
-    fixed = {k: v for k, v in record.items() if k not in _FREE}
     path = out / GRID_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
-        old_fixed = {k: v for k, v in old["settings"].items() if k not in _FREE}
-        if old_fixed != fixed and any((out / "cells").glob("*.json")):
-            changed = sorted(k for k in set(fixed) | set(old_fixed) if fixed.get(k) != old_fixed.get(k))
+        old, new = _fixed(json.loads(path.read_text())["settings"]), _fixed(record)
+        if old != new and any((out / "cells").glob("*.json")):
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise GridMismatch(f"{path} records a grid run with other settings ({', '.join(changed)}); rerun with "
                                "the same settings to finish it, or choose a new out folder.")
     write_json_atomic(path, {"settings": record, "labels": labels, "test_rows": [int(r) for r in test_rows]})
+
+
+def _complete(folder: Path, wanted: GenerateSettings) -> bool:
+    path = folder / "provenance.json"
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    return bool(record.get("complete")) and record.get("settings") == json.loads(json.dumps(asdict(wanted), default=str))
 
 
 def make_synthetic(settings: ClassifySettings, real: ImageSet) -> None:
@@ -77,15 +95,15 @@ def make_synthetic(settings: ClassifySettings, real: ImageSet) -> None:
         for strategy in syn.strategies:
             for ratio in syn.ratios:
                 folder = synthetic_folder(settings, n, strategy, ratio)
-                done = folder / "provenance.json"
-                if not (done.is_file() and json.loads(done.read_text()).get("complete")):
+                wanted = GenerateSettings(strategy=strategy, ratio=ratio, seed=syn.seed,
+                                          num_inference_steps=syn.num_inference_steps, guidance_scale=syn.guidance_scale,
+                                          scheduler=syn.scheduler, source_options={**source_options(settings.data),
+                                                                                   "ids": ids})
+                if not _complete(folder, wanted):  # generate resumes a partial set and refuses other settings
                     logger.info("generating %s x%d from the %d images of regime %d into %s", strategy, ratio,
                                 len(ids), n, folder)
-                    options = {**source_options(settings.data), "ids": ids}
-                    generate_dataset(model, settings.data.source, folder, GenerateSettings(
-                        strategy=strategy, ratio=ratio, seed=syn.seed, num_inference_steps=syn.num_inference_steps,
-                        guidance_scale=syn.guidance_scale, scheduler=syn.scheduler, source_options=options),
-                        batch_size=syn.batch_size, preview_rows=0, progress=False)
+                    generate_dataset(model, settings.data.source, folder, wanted, batch_size=syn.batch_size,
+                                     preview_rows=0, progress=False)
                 load_synthetic(folder, settings.classifier.image_size)  # decode once, before the cells run
 
 
