@@ -227,3 +227,14 @@ def test_the_report_package_imports_no_evaluation_code():
             "print([m for m in sys.modules if m.startswith('dinodiff.evaluate') or m == 'dinodiff.train'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_dinodiff_fid_result_file_is_shown_with_its_features(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "fid.json").write_text(json.dumps({  # what `dinodiff fid --out fid.json` writes
+        "fid": 12.3456, "kid_mean": 0.0123, "kid_std": 0.001, "n_real": 30, "n_fake": 48, "extractor": "xrv",
+        "tap": "features2", "weights": "densenet121-res224-all", "real": "prepared", "fake": "generated/rec", "seed": 0}))
+    summary = build_report(tmp_path / "work")
+    assert summary["keys"] == ["fid"]
+    md = summary["markdown"].read_text()
+    assert "| FD (xrv:features2) | 12.35 |" in md and "| fid.json | 12.35 | 0.0123 ± 0.001 | xrv:features2 |" in md
