@@ -37,7 +37,7 @@ def find_chromium() -> str:
 class Browser:
     """Headless Chromium with one page, over CDP on a pipe; records console errors and every request."""
 
-    def __init__(self, binary: str, profile: Path, timeout: float = 60.0):
+    def __init__(self, binary: str, profile: Path, timeout: float = 120.0):
         to_chrome, self._send_fd = os.pipe()
         self._recv_fd, from_chrome = os.pipe()
         # Chromium reads commands on fd 3 and writes replies on fd 4; bash puts the pipes there.
@@ -49,10 +49,14 @@ class Browser:
         os.close(to_chrome)
         os.close(from_chrome)
         self.timeout, self._buffer, self._next_id, self.events = timeout, b"", 0, []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.call(f"{domain}.enable", session=self.session)
+        try:
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                self.call(f"{domain}.enable", session=self.session)
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self, deadline: float) -> dict:
         while b"\0" not in self._buffer:
@@ -120,7 +124,7 @@ def inspect_page(page: Path, profile: Path) -> dict:
     browser = Browser(find_chromium(), profile)
     try:
         browser.call("Page.navigate", session=browser.session, url=page.resolve().as_uri())
-        browser.wait_for("Page.loadEventFired", 60)
+        browser.wait_for("Page.loadEventFired", 120)
         browser.settle(1.0)
         images = browser.evaluate("Promise.all([...document.images].map(i => i.decode().then(() => 0, () => 0)"
                                   ".then(() => ({src: i.currentSrc.slice(0, 40), w: i.naturalWidth, "
@@ -133,9 +137,9 @@ def inspect_page(page: Path, profile: Path) -> dict:
     events = browser.events
     errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
     errors += [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"
-               and e["params"]["type"] in ("error", "assert", "warning")]
+               and e["params"]["type"] in ("error", "assert")]
     errors += [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
-               and e["params"]["entry"]["level"] in ("error", "warning")]
+               and e["params"]["entry"]["level"] == "error"]  # failed loads, blocked requests, CSP, ...
     requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
     failed = [e["params"] for e in events if e.get("method") == "Network.loadingFailed"]
     return {"images": images, "errors": errors, "requests": requests, "failed": failed, "resources": resources,
