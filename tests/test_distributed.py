@@ -153,3 +153,23 @@ def test_rank_share_splits_shards_or_samples(monkeypatch):
     theirs = list(keep0(iter(samples)))
     assert len(mine) + len(theirs) == 200 and 70 < len(mine) < 130
     assert not {s["__key__"] for s in mine} & {s["__key__"] for s in theirs}
+
+
+def test_resume_restores_the_lr_schedule_saved_or_rebuilds_it_for_older_checkpoints(tmp_path, prepared_phantoms):
+    import torch
+
+    from dinodiff.train import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path / "run", prepared_phantoms, "optim.warmup_steps=4"))
+    for _ in range(3):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    saved = tmp_path / "lr_scheduler.pt"
+    torch.save(trainer.lr_scheduler.state_dict(), saved)
+    for path in (saved, tmp_path / "missing.pt"):  # a checkpoint with the file / one written before it existed
+        fresh = Trainer(tiny_config(tmp_path / "run", prepared_phantoms, "optim.warmup_steps=4"))
+        fresh._restore_lr_scheduler(path, step=3)
+        assert fresh.lr_scheduler.get_last_lr() == pytest.approx([1e-3 * 3 / 4])
+        fresh.optimizer.step()
+        fresh.lr_scheduler.step()  # the next step goes on from there (the optimizer's lr itself comes from its state)
+        assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
