@@ -64,12 +64,31 @@ def _stable_seed(seed: int, key: str, view: int) -> int:
     return zlib.crc32(f"{seed}/{key}/{view}".encode()) & 0x7FFFFFFF
 
 
+def _encode_views(chunk: list[dict], encoder, ae, cfg: DictConfig, views: int, device) -> list[dict]:
+    """Cache samples of prepared samples: K augmented views each through the frozen models, in fp32."""
+    from dinodiff.models.factory import frozen_precision
+
+    size = cfg.model.resolution
+    pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
+                        for s in chunk]).to(device)
+    with torch.no_grad(), frozen_precision(device):  # fp32, as on-the-fly training and generation
+        moments = ae.encode_moments(pixels).float().cpu().numpy().astype(np.float16)
+        c_glb = encoder(pixels).float().cpu().numpy().astype(np.float16)
+    out = []
+    for i, s in enumerate(chunk):
+        sl = slice(i * views, (i + 1) * views)
+        out.append({"__key__": s["__key__"], "moments.npy": _npy_bytes(moments[sl]),
+                    "c_glb.npy": _npy_bytes(c_glb[sl]), "json": json.dumps(s["json"]).encode()})
+    return out
+
+
 def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True) -> dict:
     """Cache K views of every prepared train image; returns the contents of cache.json."""
     from accelerate import PartialState
+    from accelerate.utils import gather_object
 
     from dinodiff.data.shards import CorruptShard, list_shards, read_samples, write_shard
-    from dinodiff.models.factory import FROZEN_DTYPE, build_autoencoder, build_encoder, frozen_precision
+    from dinodiff.models.factory import FROZEN_DTYPE, build_autoencoder, build_encoder
     from dinodiff.train_data import ensure_latent_stats
 
     state = PartialState()
@@ -103,20 +122,12 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
             skipped.append(str(shard))
             continue
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
-                                for s in chunk]).to(device)
-            with torch.no_grad(), frozen_precision(device):  # fp32, as on-the-fly training and generation
-                moments = ae.encode_moments(pixels).float().cpu().numpy().astype(np.float16)
-                c_glb = encoder(pixels).float().cpu().numpy().astype(np.float16)
-            for i, s in enumerate(chunk):
-                sl = slice(i * views, (i + 1) * views)
-                samples.append({"__key__": s["__key__"], "moments.npy": _npy_bytes(moments[sl]),
-                                "c_glb.npy": _npy_bytes(c_glb[sl]), "json": json.dumps(s["json"]).encode()})
+            samples += _encode_views(pending[start:start + batch_size], encoder, ae, cfg, views, device)
         write_shard(target, samples)
+    skipped = sorted(gather_object(skipped)) if state.num_processes > 1 else skipped
     if skipped:
         logger.warning("%d of %d prepared shards were damaged and not cached (data.on_corrupt=skip): %s",
-                       len(skipped), len(mine), ", ".join(skipped))
+                       len(skipped), len(inputs), ", ".join(skipped))
     state.wait_for_everyone()
     info = {
         "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views, "resolution": size,
