@@ -188,3 +188,13 @@ def test_scoring_a_damaged_shard_stops_with_its_name(damaged, no_sidecar, sideca
         refs = list_images(source, split="train")
         torch.stack(list(iter_images(refs, 32)))
     _one_line_naming_the_shard(str(err.value))
+
+
+def test_fid_cli_on_a_damaged_shard_names_it(damaged, tmp_path):
+    from dinodiff.evaluate.features import save_random_xrv_weights
+
+    save_random_xrv_weights(tmp_path / "xrv")
+    result = runner.invoke(app, ["fid", str(damaged), str(damaged), "--weights", str(tmp_path / "xrv"),
+                                 "--split", "train", "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    _one_line_naming_the_shard(result.output)
