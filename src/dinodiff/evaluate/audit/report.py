@@ -1,0 +1,159 @@
+"""The audit's outputs: results.json (the report page reads it), audit.md, closest-pairs.png and dcr.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import dinodiff
+from dinodiff.checkpointing import write_json_atomic
+from dinodiff.data.shards import write_bytes_atomic
+from dinodiff.evaluate.audit import stats
+
+logger = logging.getLogger(__name__)
+
+GRID_FILE, HISTOGRAM_FILE, RESULTS_FILE, MARKDOWN_FILE = "closest-pairs.png", "dcr.png", "results.json", "audit.md"
+MARKDOWN_COLUMNS = ("dataset", "strategy", "ratio", "space", "dcr_n", "dcr_min", "dcr_p5", "dcr_median", "reference",
+                    "reference_p5", "below_reference_p5", "flagged_copies")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, nan/inf to None."""
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def calibration_rows(spaces: list) -> list[dict]:
+    rows = []
+    for sp in spaces:
+        for name, values in sp.references.items():
+            rows.append({"space": sp.space.name, "reference": name,
+                         **{f"dcr_{k}": v for k, v in stats.distribution(values).items()}, **stats.calibration(values)})
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(_clean(r.get(c))) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, results: dict) -> None:
+    tables = results["tables"]
+    parts = [f"# {results['title']}", "", "Feature spaces: " + "; ".join(f"{r['space']}: {r['status']}"
+                                                                        for r in tables["spaces"]), ""]
+    for name, title in (("dcr", "Interpolation, sampled and other strategies"),
+                        ("dcr_reconstruction", "Reconstruction (conditions on the patient's own embedding)")):
+        if tables[name]:
+            parts += [f"## {title}", "", markdown_table(tables[name]), ""]
+    parts += ["## Calibration (real vs real)", "",
+              markdown_table(tables["calibration"], ("space", "reference", "dcr_n", "dcr_min", "dcr_p5", "dcr_median",
+                                                     "p5", "copy_threshold")), ""]
+    if tables["memorisation"]:
+        parts += ["## Reconstruction: per-source memorisation", "",
+                  markdown_table(tables["memorisation"], ("dataset", "ratio", "space", "sources", "variations",
+                                                          "memorised_fraction", "median_ratio", "min_ratio")), ""]
+    write_bytes_atomic(path, "\n".join(parts).encode())
+
+
+def closest_pairs_figure(path: Path, sets: list, train, closest: dict, space: str, pairs: int) -> Path:
+    """One row per synthetic dataset: its `pairs` closest (synthetic, nearest real training image) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sets), 2 * pairs, figsize=(1.6 * 2 * pairs, 2.0 * len(sets)), squeeze=False)
+    for row, syn in enumerate(sets):
+        d, index = closest[syn.name][space], closest[syn.name][space + ":index"]
+        order = np.argsort(d)[:pairs]
+        for col in range(pairs):
+            for side in range(2):
+                ax = axes[row, 2 * col + side]
+                ax.axis("off")
+                if col >= len(order):
+                    continue
+                i = order[col]
+                ax.imshow(syn.images[i] if side == 0 else train.images[index[i]], cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"syn d={d[i]:.2f}" if side == 0 else "nearest train", fontsize=7)
+        axes[row, 0].text(-0.1, 0.5, Path(syn.name).name, transform=axes[row, 0].transAxes, rotation=90,
+                          va="center", ha="right", fontsize=8)
+    fig.suptitle(f"Closest synthetic / real training pairs ({space} space)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def histogram_figure(path: Path, sets: list, spaces: list, closest: dict) -> Path:
+    """DCR distributions per space: the real references and each synthetic dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4.5 * len(spaces), 3.2), squeeze=False)
+    for ax, sp in zip(axes[0], spaces):
+        name = sp.space.name
+        curves = {**{f"real {k}": v for k, v in sp.references.items()},
+                  **{Path(s.name).name: closest[s.name][name] for s in sets}}
+        finite = np.concatenate([v[np.isfinite(v)] for v in curves.values()])
+        bins = np.linspace(0, np.quantile(finite, 0.99) if len(finite) else 1, 30)
+        for label, values in curves.items():
+            ax.hist(values[np.isfinite(values)], bins=bins, density=True, histtype="step", label=label,
+                    linestyle="--" if label.startswith("real") else "-")
+        ax.set_title(f"DCR in {name} space", fontsize=9)
+        ax.set_xlabel("distance to closest training record", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, settings, status: dict, train, holdout, sets: list, spaces: list, dcr_rows: list[dict],
+                  memo_rows: list[dict], closest: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    if spaces:
+        primary = spaces[0].space.name
+        figures["closest_pairs"] = closest_pairs_figure(out / GRID_FILE, sets, train, closest, primary,
+                                                        settings.pairs).name
+        figures["dcr_histogram"] = histogram_figure(out / HISTOGRAM_FILE, sets, spaces, closest).name
+    describe = {sp.space.name: sp.space.describe for sp in spaces}
+    tables = {
+        "dcr": [r for r in dcr_rows if r["strategy"] != "reconstruction"],
+        "dcr_reconstruction": [r for r in dcr_rows if r["strategy"] == "reconstruction"],
+        "calibration": calibration_rows(spaces), "memorisation": memo_rows,
+        "spaces": [{"space": k, "status": v, "describe": describe.get(k, "")} for k, v in status.items()],
+    }
+    tables = {k: [{c: _clean(v) for c, v in row.items()} for row in rows] for k, rows in tables.items()}
+    results = {
+        "kind": "audit", "title": "Privacy audit: distance of synthetic images to their closest training record",
+        "provenance": {
+            "dinodiff": dinodiff.__version__, "settings": asdict(settings),
+            "train": {"source": train.name, "images": len(train), "patient_ids": train.patients is not None},
+            "holdout": None if holdout is None else {"source": holdout.name, "images": len(holdout)},
+            "synthetic": [{"folder": s.name, "images": len(s), "strategy": s.provenance.get("settings", {}).get(
+                "strategy"), "ratio": s.provenance.get("settings", {}).get("ratio"), "model": s.provenance.get("model"),
+                "checkpoint_step": s.provenance.get("checkpoint_step")} for s in sets],
+            "copy_rule": f"DCR < {stats.COPY_FACTOR} x the {stats.REFERENCE_QUANTILE:.0%} quantile of the real "
+                         "reference (holdout->train when a held-out set exists, else train->train)",
+        },
+        "tables": tables, "figures": figures,
+    }
+    write_json_atomic(out / RESULTS_FILE, results)
+    write_markdown(out / MARKDOWN_FILE, results)
+    return results
