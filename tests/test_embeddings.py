@@ -15,6 +15,7 @@ from dinodiff.embeddings import (EmbeddingCacheError, EmbeddingTrainSettings, em
                                  load_embedding_model, precision_recall, read_cached_embeddings, sample_embeddings,
                                  train_embeddings)
 from dinodiff.embeddings.metrics import COPY_FACTOR
+from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -136,3 +137,35 @@ def test_metrics_agree_with_their_definitions():
     assert precision_recall(a, far) == (0.0, 0.0)
     report = embedding_report(a[:50], a)
     assert report["copy_fraction"] == 1.0 and report["nn_min"] == 0.0
+
+
+def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_model_folder, tmp_path):
+    import csv
+
+    from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.generate import GenerateSettings, generate_dataset
+    from dinodiff.pipeline import DiNODiffusionPipeline
+
+    labels_csv = write_phantoms(tmp_path / "raw", 6, size=64, seed=0, progress=False) / "labels.csv"
+    pipe = DiNODiffusionPipeline.from_pretrained(tiny_model_folder)
+    s, n = pipe.encode_images(torch.rand(1, 1, 32, 32)).shape[1:]
+    rng = np.random.default_rng(0)
+    names = ["Cardiomegaly", "Consolidation", "Pleural Effusion"]
+    labels = [{k: float(rng.random() < 0.5) for k in names} for _ in range(40)]
+    cache = write_fake_cache(tmp_path / "cache", rng.normal(size=(40, 1, s, n)), labels)
+    embedding = train_embeddings(_settings(cache, tmp_path / "emb", max_steps=20, width=32), progress=False)
+    settings = GenerateSettings(strategy="sampled", ratio=2, num_inference_steps=2, embedding_model=str(embedding),
+                                source_options={"kind": "csv"})
+    out = generate_dataset(tiny_model_folder, labels_csv, tmp_path / "syn", settings, batch_size=4, progress=False)
+    with (out / "labels.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    with labels_csv.open() as handle:
+        sources = {Path(r["path"]).stem: r for r in csv.DictReader(handle)}
+    assert len(rows) == 12 and len(list((out / "images").glob("*.png"))) == 12
+    for row in rows:  # conditioned on (and labelled with) the labels of the source it was planned from
+        source = next(v for k, v in sources.items() if row["source_a"].endswith(k))
+        assert [float(row[k]) for k in names] == [float(source[k]) for k in names]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["settings"]["strategy"] == "sampled" and provenance["settings"]["embedding_model"]
+    with pytest.raises(ValueError, match="embedding-model"):
+        GenerateSettings(strategy="sampled")

@@ -152,7 +152,7 @@ def generate(
     model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
     source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, labels.csv, provenance.json, preview.png."),
-    strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source) or interpolation (mixes of label-sharing pairs)."),
+    strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source), interpolation (mixes of label-sharing pairs) or sampled (c_GLB drawn from --embedding-model; sources give only labels)."),
     ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
     steps: int = typer.Option(25, help="Sampling steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
@@ -163,6 +163,9 @@ def generate(
     r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
     r_values: Optional[str] = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
     shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper), or any pair."),
+    embedding_model: Optional[Path] = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
+    embedding_guidance: float = typer.Option(1.0, help="Sampled: guidance scale on the sources' labels (label-conditioned embedding model)."),
+    embedding_steps: int = typer.Option(50, help="Sampled: DDIM steps of the embedding model."),
     kind: str = typer.Option("auto", help="Source layout: auto, shards, csv, folder, mimic-cxr, montgomery, shenzhen or jsrt."),
     split: Optional[str] = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N sources."),
@@ -197,7 +200,9 @@ def generate(
         low, high = bounds
         settings = GenerateSettings(strategy=strategy, ratio=ratio, seed=seed, num_inference_steps=steps,
                                     guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=(low, high),
-                                    r_values=_floats(r_values), shared_label=shared_label, source_options=options)
+                                    r_values=_floats(r_values), shared_label=shared_label, source_options=options,
+                                    embedding_model=str(embedding_model) if embedding_model else None,
+                                    embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
         folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
                                   preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout)
     except (FileNotFoundError, ValueError) as err:
@@ -461,6 +466,81 @@ def probe_encoder(
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(str(err), 2)
     typer.echo(markdown_table(results), nl=False)
+
+
+@app.command("train-embeddings")
+def train_embeddings_command(
+    cache_dir: Path = typer.Option(..., "--cache", help="A `dinodiff cache` folder: its c_GLB (every augmented view) are the training set."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: settings.json, metrics.csv, checkpoints/, model/, eval.json."),
+    steps: int = typer.Option(2000, help="Training steps."),
+    batch_size: int = typer.Option(256, help="Embeddings per step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    width: int = typer.Option(512, help="Width of the MLP's residual blocks."),
+    depth: int = typer.Option(4, help="Number of residual blocks."),
+    labels: str = typer.Option("auto", help="auto: condition on the cached images' labels when they have any (null label for guidance); none: unconditional."),
+    label_dropout: float = typer.Option(0.1, help="Probability of the null label in training (classifier-free guidance)."),
+    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a killed run resumes from the newest)."),
+    seed: int = typer.Option(0, help="Seed of the weights, batches and noise."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N cached images."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train the embedding generator for source-free generation: a small diffusion model over c_GLB (after RCG).
+
+    Then `dinodiff generate MODEL --strategy sampled --embedding-model OUT ...` draws new c_GLB and decodes them.
+    OUT/eval.json compares sampled with training embeddings (nearest-neighbour distance, precision/recall, FD).
+    """
+    import logging
+
+    from dinodiff.embeddings import EmbeddingTrainSettings, train_embeddings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        settings = EmbeddingTrainSettings(cache=str(cache_dir), out=str(out), max_steps=steps, batch_size=batch_size,
+                                          lr=lr, width=width, depth=depth, labels=labels, label_dropout=label_dropout,
+                                          checkpoint_every=checkpoint_every, seed=seed, limit=limit)
+        folder = train_embeddings(settings, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    import json
+
+    report = json.loads((out / "eval.json").read_text())
+    typer.echo(f"embedding model: {folder}; sampled vs training: NN median {report['nn_median']:.3f} "
+               f"(training's own {report['train_nn_median']:.3f}), copies {report['copy_fraction']:.1%}, "
+               f"precision {report['precision']:.3f}, recall {report['recall']:.3f}, FD {report['fd']:.3f}")
+
+
+@app.command()
+def audit(
+    synthetic: List[Path] = typer.Argument(..., help="Synthetic datasets made by `dinodiff generate` (one per strategy and ratio)."),
+    train_data: Path = typer.Option(..., "--train", help="The model's training images: a `dinodiff prepare` folder (its train split) or an image dataset."),
+    holdout: Optional[Path] = typer.Option(None, help="Real images never trained on (default: the --train folder's test split, if any)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.json, audit.md, closest-pairs.png, dcr.png."),
+    model: Optional[Path] = typer.Option(None, help="Pipeline model folder whose image_encoder/ gives the c_glb space (default: the model named in the synthetic sets' provenance.json)."),
+    encoder: Optional[Path] = typer.Option(None, help="An encoder folder (global_tokens.json) for the c_glb space instead."),
+    xrv_weights: Optional[Path] = typer.Option(None, help="TorchXRayVision weights folder (default ~/.torchxrayvision/models_data/); the xrv space is 'unavailable' without it."),
+    spaces: str = typer.Option("pixels,c_glb,xrv,rad-dino", help="Comma list of feature spaces."),
+    size: int = typer.Option(128, help="Images are compared at this size in pixels."),
+    limit: Optional[int] = typer.Option(None, help="At most N images per set."),
+    pairs: int = typer.Option(8, help="Closest synthetic/real pairs drawn per dataset."),
+) -> None:
+    """Privacy audit: each synthetic image's distance to its closest training record (DCR), per feature space,
+    calibrated on real held-out and train-vs-other-train distances; near-copies flagged; reconstruction's
+    per-source memorisation reported apart."""
+    import logging
+
+    from dinodiff.evaluate.audit import AuditSettings, audit as run_audit
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        settings = AuditSettings(train=str(train_data), holdout=str(holdout) if holdout else None,
+                                 model=str(model) if model else None, encoder=str(encoder) if encoder else None,
+                                 xrv_weights=str(xrv_weights) if xrv_weights else None, size=size, limit=limit,
+                                 pairs=pairs, spaces=[s for s in spaces.split(",") if s])
+        run_audit(synthetic, out, settings)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    typer.echo((out / "audit.md").read_text())
+    typer.echo(f"results: {out / 'results.json'}; closest pairs: {out / 'closest-pairs.png'}")
 
 
 @app.command()

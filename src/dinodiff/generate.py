@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from dinodiff.data.shards import encode_png, write_bytes_atomic
 from dinodiff.data.sources import label_names, positive_matrix
+from dinodiff.embeddings.generation import sampled_conditions
 from dinodiff.interpolate import MIXES, mix, nearer_source, plan_interpolations
 from dinodiff.pipeline import DiNODiffusionPipeline, to_uint8_array
 
 logger = logging.getLogger("dinodiff.generate")
 
-STRATEGIES = ("reconstruction", "interpolation")
+STRATEGIES = ("reconstruction", "interpolation", "sampled")  # sampled: c_GLB from an embedding model (no source)
 SOURCES_FILE = "sources.pt"
 SYNC_TIMEOUT_S = 6 * 3600  # how long the other processes wait while the main one works alone
 
@@ -50,12 +51,17 @@ class GenerateSettings:
     r_values: Optional[list[float]] = None  # draw r from this list instead of r_range
     shared_label: bool = True  # interpolate only pairs sharing a positive label (the paper)
     source_options: dict = field(default_factory=dict)  # iter_sources options: kind, split, limit, path_column, ...
+    embedding_model: Optional[str] = None  # sampled: a `dinodiff train-embeddings` folder
+    embedding_guidance: float = 1.0  # sampled: classifier-free guidance on the labels of a conditional model
+    embedding_steps: int = 50  # sampled: DDIM steps of the embedding model
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {self.strategy!r}; use one of {STRATEGIES}.")
         if self.mix not in MIXES:
             raise ValueError(f"Unknown interpolation {self.mix!r}; use one of {MIXES}.")
+        if self.strategy == "sampled" and not self.embedding_model:
+            raise ValueError("--strategy sampled needs --embedding-model DIR (made by `dinodiff train-embeddings`).")
         if self.ratio < 1 or self.num_inference_steps < 1:
             raise ValueError(f"ratio and num_inference_steps must be >= 1, got {self.ratio} and "
                              f"{self.num_inference_steps}.")
@@ -82,7 +88,7 @@ def item_seed(seed: int, index: int) -> int:
 def plan_items(settings: GenerateSettings, positive: np.ndarray) -> list[Item]:
     """Reconstruction: `ratio` variations of each source. Interpolation: ratio x N pairs under the pairing rules."""
     n, k = len(positive), settings.ratio
-    if settings.strategy == "reconstruction":
+    if settings.strategy in ("reconstruction", "sampled"):  # sampled: the source gives only the labels
         pairs = [(a, None, None) for a in range(n) for _ in range(k)]
     elif settings.strategy == "interpolation":
         plan = plan_interpolations(positive, n * k, seed=settings.seed, r_range=tuple(settings.r_range),
@@ -157,6 +163,8 @@ def generate_dataset(model: str | Path, source: str | Path, out: str | Path, set
     sources, c_glb = read_or_encode_sources(out, source, pipeline, settings, state, batch_size)
     names = label_names(sources)
     items = plan_items(settings, positive_matrix(sources, names))
+    if settings.strategy == "sampled":  # one c_GLB per item, from the embedding model
+        c_glb, names = sampled_conditions(settings, sources, items, names, c_glb)
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     mine = [c for n, c in enumerate(chunks) if n % state.num_processes == state.process_index]
     todo = [c for c in mine if not all(image_path(out, it.index).is_file() for it in c)]
@@ -168,7 +176,8 @@ def generate_dataset(model: str | Path, source: str | Path, out: str | Path, set
                disable=not (progress and state.is_main_process))
     pipeline.set_progress_bar_config(disable=True)
     for chunk in todo:
-        cond = item_conditions(chunk, c_glb, settings.mix)
+        cond = c_glb[[it.index for it in chunk]] if settings.strategy == "sampled" else item_conditions(
+            chunk, c_glb, settings.mix)
         images = next(sample_batches(pipeline, cond, [it.seed for it in chunk], batch_size=len(chunk),
                                      num_inference_steps=settings.num_inference_steps,
                                      guidance_scale=settings.guidance_scale))
@@ -180,6 +189,7 @@ def generate_dataset(model: str | Path, source: str | Path, out: str | Path, set
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        write_outputs(out, items, sources, names, settings, pipeline, source, preview_rows)
+        write_outputs(out, items, sources, names, settings, pipeline, source,
+                      0 if settings.strategy == "sampled" else preview_rows)  # no source to show beside them
     state.wait_for_everyone()
     return out

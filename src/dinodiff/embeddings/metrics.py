@@ -64,7 +64,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     x, y = a.double().numpy(), b.double().numpy()
     mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
