@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 # Settings that do not change what a cached cell computed: a grid may be resumed or extended with other values.
 # The generation settings are guarded by each synthetic set's provenance.json instead: `generate` refuses to
 # touch a set made with another model or other settings, so a cached synthetic cell can never go stale.
-_FREE = ("out", "workers", "test", "correction", "alpha", "experiments", "classifier.device", "classifier.num_workers",
+# regimes, seeds, strategies and ratios only choose which cells run (a regime's subset is a prefix of the draw).
+_FREE = ("out", "workers", "test", "correction", "alpha", "experiments", "regimes", "seeds", "synthetic.strategies",
+         "synthetic.ratios", "classifier.device", "classifier.num_workers",
          "classifier.threads", "synthetic.model", "synthetic.num_inference_steps", "synthetic.guidance_scale",
          "synthetic.scheduler", "synthetic.seed", "synthetic.batch_size")
 
