@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
 	$(PIP) -e '.[test]'
+	$(PIP) --no-deps lightly  # DINO loss/head only (pretrain-encoder): not its pytorch-lightning, hydra-core
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -426,6 +426,9 @@ def pretrain_encoder(
     from dinodiff.encoder.pretrain import EncoderDiverged, pretrain_encoder as run_pretrain
     from dinodiff.encoder.settings import load_encoder_settings
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         settings = load_encoder_settings(config, overrides or [])
     except ConfigError as err:

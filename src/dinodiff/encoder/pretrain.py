@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dinodiff import checkpointing as ckpt
+from dinodiff.config import save_config
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images
 from dinodiff.encoder.dino import (build_student_teacher, ema_update, lr_factor, momentum_at, param_groups,
@@ -37,7 +38,6 @@ from dinodiff.encoder.dino import (build_student_teacher, ema_update, lr_factor,
 from dinodiff.encoder.export import save_encoder_folder, settings_record
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed, teacher_stats
 from dinodiff.encoder.settings import EncoderPretrainSettings, to_container
-from dinodiff.config import save_config
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ class EncoderPretrainer:
     def _provenance(self, step: int) -> dict:
         s = self.s
         return {"kind": "dinodiff-dino-pretrained-encoder", "step": step, "images_seen": step * self.images_per_step,
-                "objective": "DINO (lightly DINOLoss + DINOProjectionHead), teacher exported",
+                "objective": (f"DINO (lightly DINOLoss, DINOProjectionHead; {s.loss.centering} centring; KoLeo weight "
+                              f"{s.loss.koleo_weight}); the EMA teacher's backbone is exported"),
                 "data": {"shards": str(Path(s.data.shards).resolve()), "split": s.data.split,
                          "num_images": len(self.images), "load_size": s.data.load_size},
                 "settings": settings_record(s)}

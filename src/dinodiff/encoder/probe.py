@@ -12,7 +12,7 @@ Features are the flattened c_GLB (the tokens that condition the diffusion model)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +192,4 @@ def markdown_table(results: dict) -> str:
 
 
 def _settings_dict(settings: ProbeSettings) -> dict:
-    from dataclasses import asdict
-
     return asdict(settings)
