@@ -108,3 +108,18 @@ def test_presets_load():
         settings = load_settings(name)
         assert settings.regimes and np.all(np.diff(settings.regimes) > 0)
     assert load_settings("classify-mimic").data.subject_pattern
+
+
+def test_a_complete_synthetic_set_is_reused_only_with_the_same_generation_settings(tmp_path):
+    from dinodiff.evaluate.classify.stage import _complete
+    from dinodiff.generate import GenerateSettings
+
+    wanted = GenerateSettings(ratio=5, num_inference_steps=5, source_options={"kind": "csv", "ids": ["a", "b"]})
+    saved = json.loads(json.dumps(vars(wanted), default=str))
+    saved.pop("shared_label")  # a set written before GenerateSettings had this field (left at its default)
+    (tmp_path / "provenance.json").write_text(json.dumps({"complete": True, "settings": saved}))
+    assert _complete(tmp_path, wanted)
+    assert not _complete(tmp_path, GenerateSettings(ratio=5, num_inference_steps=10,
+                                                    source_options={"kind": "csv", "ids": ["a", "b"]}))
+    (tmp_path / "provenance.json").write_text(json.dumps({"complete": False, "settings": saved}))
+    assert not _complete(tmp_path, wanted)
