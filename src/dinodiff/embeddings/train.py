@@ -201,5 +201,14 @@ def evaluate_against_cache(folder: Path, data: CachedEmbeddings, names: list[str
         report = embedding_report(model.denoiser.normalize(sampled), model.denoiser.normalize(data.c_glb[:, 0]))
     report.update(space="normalised c_GLB", reference="first cached view of each training image",
                   conditional=bool(names), ddim_steps=settings.eval_steps)
+    if data.c_glb.shape[1] > 1:  # scale: real embeddings (each image's second cached view) against the first views
+        with torch.no_grad():
+            second, first = (model.denoiser.normalize(data.c_glb[:, v]) for v in (1, 0))
+        real = embedding_report(second, first)
+        report["real_second_view"] = {k: real[k] for k in ("precision", "recall", "fd")}
+    # a model that learnt only each dimension's mean and std: N(0, I) in the normalised space
+    gaussian = torch.randn(sampled.shape[0], model.denoiser.config.dim, generator=torch.Generator().manual_seed(0))
+    base = embedding_report(gaussian, model.denoiser.normalize(data.c_glb[:, 0]))
+    report["diagonal_gaussian"] = {k: base[k] for k in ("nn_median", "precision", "recall", "fd")}
     logger.info("embedding model: %s", report)
     return report
