@@ -549,13 +549,24 @@ def audit(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Folder for everything the demo makes."),
-    n: int = typer.Option(48, "-n", help="Number of synthetic phantoms to train on."),
-    steps: int = typer.Option(60, help="Training steps (the demo is a smoke run, not a useful model)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A folder of real images (masks and labels used when present) instead of the built-in phantoms."),
+    quick: bool = typer.Option(False, "--quick", help="The smallest form (32 px, a few hundred steps): what the tests run."),
+    train_steps: Optional[int] = typer.Option(None, "--train-steps", help="Diffusion training steps (default: the demo's size)."),
 ) -> None:
-    """Run every available stage end to end on built-in phantoms: phantoms -> prepare -> cache -> train -> generate -> fid -> segment."""
-    from dinodiff.demo import run_demo
+    """Run every stage end to end on built-in phantoms, on CPU: prepare -> pretrain-encoder -> cache -> train ->
+    generate -> learning checks -> classify -> segment -> report. A rerun skips what is done."""
+    from dataclasses import replace
 
-    run_demo(out, n=n, steps=steps)
+    from dinodiff.demo import DemoSettings, quick_settings, run_demo
+
+    settings = quick_settings(str(out), str(data) if data else None) if quick else DemoSettings(
+        out=str(out), data=str(data) if data else None)
+    if train_steps is not None:
+        settings = replace(settings, train_steps=train_steps)
+    try:
+        run_demo(settings)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(str(err), 2)
 
 
 def main() -> None:  # `python -m dinodiff.cli`, also what `accelerate launch -m` calls

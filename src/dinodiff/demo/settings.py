@@ -1,0 +1,71 @@
+"""What the demo runs: one typed settings object, with the full (`make demo`) and quick (tests) sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of every stage. The defaults are the `make demo` run (~15 CPU minutes on 2 cores)."""
+
+    out: str = "demo-output"
+    data: Optional[str] = None  # a folder of real images (with masks / labels when it has them); None = phantoms
+    n: int = 320  # phantoms written (prepare keeps test_fraction of them apart as held-out images)
+    phantom_size: int = 128
+    size: int = 32  # side of the prepared images, the encoder's input and the diffusion model's output
+    test_fraction: float = 0.2
+    seed: int = 0
+    threads: int = 1  # torch CPU threads: the demo's models are small, and 1 thread never spins on a busy machine
+    # 2 pretrain-encoder: the cpu-encoder preset, fewer steps and a smaller batch
+    encoder_steps: int = 100
+    encoder_batch: int = 32
+    # 3-4 cache + train: the tiny UNet (widened) on the cached latents and c_GLB
+    views: int = 2
+    train_steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    unet_channels: tuple[int, int] = (32, 64)
+    prediction: str = "v_prediction"  # epsilon | v_prediction
+    latent_factor: int = 4  # the parameter-free pixel-unshuffle autoencoder's factor (latents: size / factor)
+    # 5 generate, and the learning checks
+    sampler: str = "ddim"
+    sample_steps: int = 50
+    generate_sources: int = 16
+    eval_images: int = 48  # held-out images the checks use (FD, reconstruction retrieval)
+    interpolation_pairs: int = 6
+    # 7 classify (configs/classify-phantoms.yaml, smaller)
+    classify_regimes: list[int] = field(default_factory=lambda: [64])
+    classify_ratios: list[int] = field(default_factory=lambda: [1])
+    classify_folds: int = 3
+    classify_epochs: int = 15
+    # 8 segment
+    segment_limit: int = 24
+    segment_timesteps: list[int] = field(default_factory=lambda: [100, 300])
+    segment_grids: list[int] = field(default_factory=lambda: [4, 8])
+    segment_thresholds: list[float] = field(default_factory=lambda: [0.1, 0.3])
+
+    def fingerprint(self, *names: str) -> str:
+        """A short hash of the named settings (what a stage's outputs depend on)."""
+        record = asdict(self)
+        payload = json.dumps({k: record[k] for k in names}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def record(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+
+def quick_settings(out: str, data: Optional[str] = None) -> DemoSettings:
+    """The smallest demo that still shows learning: the test's size (32 px, a few hundred steps)."""
+    return replace(DemoSettings(out=out, data=data), n=160, phantom_size=128, size=32, encoder_steps=20,
+                   encoder_batch=32, train_steps=500, generate_sources=8, eval_images=32,
+                   interpolation_pairs=4, classify_regimes=[48], classify_epochs=10, segment_limit=12,
+                   segment_timesteps=[300], segment_grids=[4], segment_thresholds=[0.2])

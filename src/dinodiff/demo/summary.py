@@ -1,0 +1,64 @@
+"""The downstream rows of the demo's checks: classification (real-only AUC beside the synthetic arms and the
+count-matched control) and segmentation (DiffSeg beside the prior, Otsu and position-only baselines), read from
+the results.json files the classify and segment stages wrote, and added to OUT/checks/results.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dinodiff.checkpointing import write_json_atomic
+
+AUC_MARGIN = 0.6  # "clearly above 0.5": the real-only baseline's mean AUC over folds reaches this
+SEGMENT_METHODS = ("diffseg", "prior", "otsu", "position")
+
+
+def classify_rows(path: Path) -> list[dict[str, Any]]:
+    """One row per arm of the grid (regime, experiment, strategy, ratio): mean AUC over folds."""
+    data = json.loads(path.read_text())
+    rows = []
+    for r in data.get("summary", []):
+        arm = r["experiment"] if r["strategy"] == "-" else f"{r['experiment']} {r['strategy']} 1:{r['ratio']}"
+        if r["experiment"] == "control":
+            arm = f"control (count-matched real) 1:{r['ratio']}"
+        rows.append({"regime": r["regime"], "arm": arm, "AUC mean": r["auc_mean"], "AUC SD": r["auc_sd"],
+                     "p vs real (adj.)": r.get("p_vs_real_adj"), "p vs control (adj.)": r.get("p_vs_control_adj")})
+    return rows
+
+
+def segment_rows(path: Path) -> list[dict[str, Any]]:
+    """Dice (both lungs, Hungarian matching) of each method, combined over datasets."""
+    data = json.loads(path.read_text())
+    rows = []
+    for key, method in data.get("methods", {}).items():
+        combined = method["summary"].get("combined") or next(iter(method["summary"].values()))
+        mean, sd = combined["hungarian_both"][:2]
+        rows.append({"method": method["name"], "key": key, "Dice mean": mean, "Dice SD": sd, "images": combined["n"]})
+    return rows
+
+
+def add_downstream(root: Path) -> dict[str, Any] | None:
+    """Add the classification and segmentation rows (and their checks) to OUT/checks/results.json."""
+    path = root / "checks" / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    checks = [r for r in results["tables"]["learning checks"] if not r["check"].startswith(("classification", "segm"))]
+    tables = results["tables"]
+    if (root / "classify" / "results.json").is_file():
+        tables["classification (macro AUC, held-out test split)"] = rows = classify_rows(root / "classify" / "results.json")
+        real = [r["AUC mean"] for r in rows if r["arm"] == "real"]
+        if real:
+            checks.append({"check": "classification: real-only baseline AUC (chance 0.5)", "trained": round(real[0], 4),
+                           "chance": 0.5, "holds": bool(real[0] >= AUC_MARGIN)})
+    if (root / "segment" / "results.json").is_file():
+        tables["segmentation (Dice, both lungs)"] = rows = segment_rows(root / "segment" / "results.json")
+        shown = {r["key"] for r in rows}
+        checks.append({"check": "segmentation: DiffSeg shown beside the prior, Otsu and position-only baselines",
+                       "trained": " ".join(f"{r['key']} {r['Dice mean']:.3f}" for r in rows),
+                       "holds": all(m in shown for m in SEGMENT_METHODS)})
+    tables["learning checks"] = checks
+    results["headline"]["checks that hold"] = f"{sum(r['holds'] for r in checks)}/{len(checks)}"
+    write_json_atomic(path, results)
+    return results

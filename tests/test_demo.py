@@ -1,0 +1,110 @@
+"""The demo in its smallest form (`dinodiff demo --quick`): every stage's outputs, the learning checks, the report.
+
+One quick demo run (module fixture) serves every test; a second tiny run covers `--data` on real images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dinodiff.demo import quick_settings, run_demo
+from dinodiff.report.build import external_references
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    outcomes = run_demo(quick_settings(str(out)))
+    return out, outcomes
+
+
+def _checks(out: Path) -> dict[str, dict]:
+    data = json.loads((out / "checks" / "results.json").read_text())
+    return {row["check"].split(":")[0]: row for row in data["tables"]["learning checks"]} | {"_": data}
+
+
+def test_every_stage_runs_and_its_images_decode(demo):
+    out, outcomes = demo
+    assert [o.status for o in outcomes.values()] == ["ran"] * len(outcomes)
+    for name, outcome in outcomes.items():
+        for path in outcome.outputs.values():
+            assert Path(path).exists(), (name, path)
+    images = [out / "checks" / n for n in ("samples.png", "reconstructions.png", "interpolation.png")]
+    images += [out / "generated" / s / "preview.png" for s in ("reconstruction", "interpolation")]
+    images += sorted((out / "segment" / "overlays").glob("*.png"))[:1] + [out / "classify" / "figure4.png"]
+    for path in images:
+        with Image.open(path) as im:
+            im.load()
+            assert min(im.size) >= 32, path
+
+
+def test_classification_table_has_the_baseline_the_synthetic_arms_and_the_control(demo):
+    out, _ = demo
+    rows = _checks(out)["_"]["tables"]["classification (macro AUC, held-out test split)"]
+    arms = {r["arm"] for r in rows}
+    assert "real" in arms and "control (count-matched real) 1:1" in arms
+    for experiment in ("augmentation", "full-synthetic"):
+        for strategy in ("reconstruction", "interpolation"):
+            assert f"{experiment} {strategy} 1:1" in arms
+    assert all(0.0 <= r["AUC mean"] <= 1.0 for r in rows)
+
+
+def test_real_only_classifier_learns_the_phantom_labels(demo):
+    row = _checks(demo[0])["classification"]
+    assert row["trained"] >= 0.6, row
+
+
+def test_segmentation_table_shows_diffseg_beside_every_baseline(demo):
+    rows = _checks(demo[0])["_"]["tables"]["segmentation (Dice, both lungs)"]
+    assert {"diffseg", "prior", "otsu", "position"} <= {r["key"] for r in rows}
+    assert all(0.0 <= r["Dice mean"] <= 1.0 for r in rows)
+
+
+def test_trained_samples_are_far_nearer_the_held_out_phantoms_than_the_untrained_models(demo):
+    rows = _checks(demo[0])["_"]["tables"]["learning checks"]
+    for space in ("8x8 pixels", "demo encoder CLS"):
+        row = next(r for r in rows if r["check"].endswith(f"({space})"))
+        assert row["trained"] < 0.5 * row["untrained (step 0)"], row
+
+
+def test_reconstructions_are_nearest_their_own_source_far_above_chance(demo):
+    row = _checks(demo[0])["reconstructions"]
+    assert row["trained"] >= 5 * row["chance"], row
+
+
+def test_interpolation_strips_move_from_a_to_b(demo):
+    dist = _checks(demo[0])["_"]["interpolation"]
+    assert dist["to_a"][-1] > dist["to_a"][0] and dist["to_b"][-1] < dist["to_b"][0], dist
+
+
+def test_report_stands_alone_and_shows_every_result(demo):
+    out, _ = demo
+    page = (out / "report.html").read_text()
+    assert external_references(page) == []
+    for title in ("what the model learned", "Classification", "segmentation"):
+        assert title.lower() in page.lower(), title
+    assert page.count("data:image/png;base64,") >= 6
+    assert (out / "report.md").is_file()
+
+
+def test_rerun_skips_every_stage_already_done(demo):
+    out, _ = demo
+    outcomes = run_demo(quick_settings(str(out)))
+    assert {n: o.status for n, o in outcomes.items() if n != "report"} == {
+        n: "done earlier" for n in outcomes if n != "report"}
+
+
+def test_demo_on_a_folder_of_real_images_with_masks(tmp_path, shared_data):
+    settings = replace(quick_settings(str(tmp_path / "real"), str(shared_data / "lungs-covid")), encoder_steps=4,
+                       train_steps=30, eval_images=8, interpolation_pairs=2, segment_limit=4, classify_epochs=2)
+    outcomes = run_demo(settings)
+    assert outcomes["segment"].status == "ran"
+    assert (tmp_path / "real" / "segment" / "table.md").is_file()
+    assert outcomes["classify"].status == "ran" or outcomes["classify"].status.startswith("skipped: ")
+    assert (tmp_path / "real" / "report.html").is_file()
