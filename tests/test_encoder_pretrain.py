@@ -161,3 +161,19 @@ def test_multicrop_is_a_pure_function_of_its_seed_and_keeps_left_and_right():
         a = AugmentSettings(hflip_p=hflip_p, **still)
         row = random_crops(ramp, 16, a, a.global_scale, 0.0, torch.Generator().manual_seed(0))[0, 0, 8]
         assert bool((sign * row.diff() > 0).all()), row
+
+
+@pytest.mark.parametrize("family", ["transformers-vit", "timm"])
+def test_continues_from_an_existing_encoder_and_saves_it_in_its_own_format(tmp_path, prepared_phantoms, family):
+    from dinodiff.models.random_init import save_random_encoder
+
+    src = save_random_encoder(tmp_path / "src", family, hidden_size=32, num_layers=1, num_heads=2, patch_size=8,
+                              image_size=16, num_registers=2)
+    settings = tiny_settings(tmp_path / "run", prepared_phantoms, f"backbone.name_or_path={src}", "run.max_steps=2",
+                             "run.checkpoint_every=2")
+    out = EncoderPretrainer(settings).run()  # the run itself checks that the folder reloads to the same CLS
+    before, after = load_encoder(str(src)), load_encoder(str(out))
+    assert after.family == family and after.tokens == before.tokens
+    torch.testing.assert_close(after.mean, before.mean)  # the source encoder's normalisation is kept
+    images = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(after(images), before(images))  # and its weights were trained

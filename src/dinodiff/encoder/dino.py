@@ -61,9 +61,12 @@ def pretrained_backbone(b: BackboneSettings) -> Backbone:
     library = b.library if b.library != "auto" else ("timm" if is_timm_source(name) else "transformers")
     enc = load_encoder(name, library, image_size=b.image_size)
     model = enc.model
-    if enc.family == "timm":  # local crops have another size: let timm interpolate its position embeddings
+    if enc.family == "timm":  # local crops have another size: switch on what timm's dynamic_img_size=True sets
+        from timm.layers import Format
+
         model.dynamic_img_size = True
-        model.patch_embed.strict_img_size = False
+        model.patch_embed.strict_img_size, model.patch_embed.flatten = False, False
+        model.patch_embed.output_fmt = Format.NHWC
     model.requires_grad_(True)
     return Backbone(model, enc.family, enc.hidden_size, enc.mean.flatten().tolist(), enc.std.flatten().tolist())
 
