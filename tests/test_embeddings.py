@@ -42,9 +42,10 @@ def correlated_gaussian(n: int, seed: int = 0) -> np.ndarray:
     return z.reshape(n, 1, 2, 4)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny MLPs: one thread is fastest on the shared 2-core machine (no oversubscription)."""
+    """Tiny MLPs: one thread is fastest on the shared 2-core machine (no oversubscription). Module scope, so it
+    is in force before the module-scoped model fixture trains."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
