@@ -5,6 +5,7 @@
 #   .gpu/data/lungs-covid/      lung sets with masks, shrunk to 256 px in the layout `dinodiff segment` reads
 #   .gpu/data/lungs-shenzhen/
 #   .gpu/weights/taef2/         the TAEF2 tiny autoencoder
+#   .gpu/data/cxr-covid-labelled/  the same CXRs at 128 px with a 0/1 `covid` label (for encoder_evidence.sh)
 # Environment: PYTHON (the python that runs dinodiff here, default .venv/bin/python), SHARED_DATA
 # (default ../shared/data), GPU_BUNDLE (default .gpu), BUNDLE_LIMIT (only the first N images of each set,
 # for tests), BUNDLE_WHEELS=0 (skip the wheels), BUNDLE_MAX_MIB (default 60).
@@ -24,7 +25,9 @@ if [ "${BUNDLE_WHEELS:-1}" != 0 ]; then
   # (+ braceexpand) and omegaconf (2.4 needs only PyYAML, no antlr4). pydicom (DICOM only) and
   # torchxrayvision (XRV-FID, no weights offline) are imported lazily and not needed by the script.
   pins=""
-  for name in diffusers webdataset omegaconf braceexpand importlib_metadata lazy-importer; do
+  # lightly (pretrain-encoder's DINOLoss/head) is py3-none-any; the modules the stage imports need only torch,
+  # torchvision, numpy, timm, tqdm, PIL, which the device has (its hydra-core/pytorch-lightning are not imported).
+  for name in diffusers webdataset omegaconf braceexpand importlib_metadata lazy-importer lightly; do
     pin=$(grep -i -E "^${name//-/[-_]}==" constraints.txt || true)
     pins="$pins ${pin:-$name}"
   done
@@ -42,6 +45,27 @@ fi
 if [ ! -f "$OUT/data/cxr-covid/manifest.json" ]; then
   "$PYTHON" -m dinodiff.cli prepare "$src_cxr" --out "$OUT/data/cxr-covid" --size 256 --shard-size 100 \
     --test-fraction 0.1 --workers 2 --no-progress
+fi
+if [ ! -f "$OUT/data/cxr-covid-labelled/manifest.json" ]; then
+  # The CXRs with a 0/1 `covid` column (finding contains "COVID-19"), for `probe-encoder --labels covid`:
+  # prepare has no root option for a CSV, so the CSV gets absolute paths.
+  mkdir -p "$OUT/.cxrl"
+  "$PYTHON" - "$SHARED/cxr-covid/metadata.csv" "$src_cxr" "$OUT/.cxrl/metadata.csv" <<'PY'
+import csv, os, sys
+src, images, out = sys.argv[1:]
+have = set(os.listdir(images))
+with open(src, newline="") as f:
+    rows = [r for r in csv.DictReader(f) if r["filename"] in have]
+with open(out, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["filename", "covid"])
+    for r in rows:
+        w.writerow([os.path.abspath(os.path.join(images, r["filename"])), int("COVID-19" in r["finding"])])
+print(f"cxr-covid-labelled: {len(rows)} images, {sum('COVID-19' in r['finding'] for r in rows)} covid")
+PY
+  "$PYTHON" -m dinodiff.cli prepare "$OUT/.cxrl/metadata.csv" --out "$OUT/data/cxr-covid-labelled" --size 128 \
+    --shard-size 100 --workers 2 --no-progress
+  rm -rf "$OUT/.cxrl"
 fi
 for set in lungs-covid lungs-shenzhen; do
   [ -d "$OUT/data/$set/CXR_png" ] || "$PYTHON" benchmarks/gpu/shrink_lungs.py "$SHARED/$set" "$OUT/data/$set" --size 256 ${LIMIT:+--limit $LIMIT}
