@@ -60,7 +60,7 @@ COMMON=(loss.centering=mean loss.warmup_teacher_temp=0.04 loss.teacher_temp=0.04
 if [ -z "$DRY" ]; then
   SIZE=(backbone.image_size=96 backbone.patch_size=8 backbone.hidden_size=192 backbone.num_layers=6
     backbone.num_heads=3 head.hidden_dim=1024 head.bottleneck_dim=128 head.output_dim=1024 augment.local_crops=4
-    augment.local_size=48 data.load_size=128 data.num_workers=12 optim.lr=1.0e-3 optim.warmup_steps=150
+    augment.local_size=48 data.load_size=128 data.num_workers=10 optim.lr=5.0e-4 optim.warmup_steps=150
     run.batch_size=128 "run.max_steps=${ENC_MAX_STEPS:-2500}" run.log_every=25 run.checkpoint_every=250
     run.mixed_precision=bf16)
 else
@@ -71,15 +71,25 @@ else
     run.checkpoint_every=3)  # mixed_precision auto: fp32 on a CPU
 fi
 rm -rf "$RUN"
-left=$(( TOTAL - ($(date +%s) - START) - RESERVE ))
-[ "$left" -lt 20 ] && left=20
-echo "pretrain-encoder: up to ${left} s (timeout); overrides: ${SIZE[*]} ${COMMON[*]} ${ENC_EXTRA:-}"
-t0=$(date +%s)
-# shellcheck disable=SC2086
-timeout -k 5 "$left" "$PY" -m dinodiff.cli pretrain-encoder --config gpu-encoder "data.shards=$BUNDLE/data/cxr-covid" \
-  "${SIZE[@]}" "${COMMON[@]}" ${ENC_EXTRA:-}
-rc=$?
-echo "pretrain-encoder: rc=$rc after $(( $(date +%s) - t0 )) s"
+pretrain() {  # pretrain-encoder for what is left of the budget; extra dotted overrides as arguments
+  local left=$(( TOTAL - ($(date +%s) - START) - RESERVE )) t0=$(date +%s)
+  [ "$left" -lt 20 ] && left=20
+  echo "pretrain-encoder: up to ${left} s (timeout); overrides: ${SIZE[*]} ${COMMON[*]} ${ENC_EXTRA:-} $*"
+  # shellcheck disable=SC2086
+  timeout -k 5 "$left" "$PY" -m dinodiff.cli pretrain-encoder --config gpu-encoder "data.shards=$BUNDLE/data/cxr-covid" \
+    "${SIZE[@]}" "${COMMON[@]}" ${ENC_EXTRA:-} "$@"
+  rc=$?
+  echo "pretrain-encoder: rc=$rc after $(( $(date +%s) - t0 )) s"
+}
+[ -z "$DRY" ] && df -h /dev/shm 2>/dev/null | tail -n 1 | sed 's/^/shm: /'
+pretrain
+# A start-up failure (e.g. DataLoader workers out of shared memory) leaves no checkpoint: retry once in-process.
+if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && ! ls -d "$RUN"/checkpoints/checkpoint-* >/dev/null 2>&1 \
+   && [ $(( TOTAL - ($(date +%s) - START) - RESERVE )) -gt 60 ]; then
+  echo "pretrain-encoder failed before its first checkpoint: retrying with data.num_workers=0"
+  rm -rf "$RUN"
+  pretrain data.num_workers=0
+fi
 if [ ! -f "$RUN/encoder/model.safetensors" ]; then
   last=$(ls -d "$RUN"/checkpoints/checkpoint-*/encoder 2>/dev/null | sort -V | tail -n 1)
   if [ -n "$last" ]; then
