@@ -59,7 +59,7 @@ _TRAIN = _ENC + ("views", "train_steps", "batch_size", "lr", "unet_channels", "p
 _GEN = _TRAIN + ("sampler", "sample_steps")
 
 STAGES = [
-    Stage("phantoms", "images: built-in phantoms with lung masks and labels", stages.stage_phantoms, _DATA),
+    Stage("phantoms", "images: built-in phantoms with lung masks and labels (or --data)", stages.stage_phantoms, _DATA),
     Stage("prepare", "prepare: border removal, square crop, resize, WebDataset shards", stages.stage_prepare, _DATA),
     Stage("encoder", "pretrain-encoder: DINO on the prepared images (cpu-encoder preset, reduced)",
           stages.stage_encoder, _ENC),

@@ -22,11 +22,11 @@ class DemoSettings:
     seed: int = 0
     threads: int = 1  # torch CPU threads: the demo's models are small, and 1 thread never spins on a busy machine
     # 2 pretrain-encoder: the cpu-encoder preset, fewer steps and a smaller batch
-    encoder_steps: int = 100
+    encoder_steps: int = 200
     encoder_batch: int = 32
     # 3-4 cache + train: the tiny UNet (widened) on the cached latents and c_GLB
     views: int = 2
-    train_steps: int = 1500
+    train_steps: int = 3000
     batch_size: int = 32
     lr: float = 2.0e-3
     unet_channels: tuple[int, int] = (32, 64)

@@ -7,6 +7,7 @@ they depend on, and skips a stage whose record matches (the stage functions them
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,21 @@ def stage_generate(s: DemoSettings) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for strategy, ratio in (("reconstruction", 4), ("interpolation", 1)):
         settings = GenerateSettings(strategy=strategy, ratio=ratio, num_inference_steps=s.sample_steps, seed=s.seed,
-                                    scheduler=s.sampler,
-                                    source_options={"limit": s.generate_sources, "split": "test"})
-        folder = generate_dataset(model_folder(s), s.root / "prepared", s.root / "generated" / strategy, settings,
-                                  batch_size=32, preview_rows=4)
+                                    scheduler=s.sampler, source_options={"limit": s.generate_sources, "split": "test"})
+        try:
+            folder = _generate(s, strategy, settings)
+        except ValueError as err:  # unlabelled real images: no pair shares a label
+            if strategy != "interpolation" or not s.data:
+                raise
+            logger.warning("%s: interpolating any pair of sources instead", err)
+            folder = _generate(s, strategy, replace(settings, shared_label=False))
         out[strategy] = folder / "preview.png"
     return out
+
+
+def _generate(s: DemoSettings, strategy: str, settings: GenerateSettings) -> Path:
+    return generate_dataset(model_folder(s), s.root / "prepared", s.root / "generated" / strategy, settings,
+                            batch_size=32, preview_rows=4)
 
 
 def classify_settings(s: DemoSettings) -> Any:
