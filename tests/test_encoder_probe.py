@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from dinodiff.cli import app
 from dinodiff.encoder.probe import knn_auc, linear_auc, retrieval_top1
+from dinodiff.report import build_report
 
 
 def _known_problem(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +72,11 @@ def test_probe_encoder_cli_writes_a_table_for_each_encoder(tmp_path, prepared_ph
         assert 0.0 <= res["view_top1"] <= 1.0 and res["view_count"] == 2 * results["num_images"]
         assert all(0.0 <= r["knn_auc"] <= 1.0 and 0.0 <= r["linear_auc"] <= 1.0 for r in res["labels"].values())
     assert (out / "table.md").read_text().count("|") > 10 and "k-NN AUC" in result.output
+    # The report reads it by the results.json convention: one table row per encoder and label.
+    assert results["kind"] == "encoder-probe"
+    assert len(results["table"]) == sum(len(res["labels"]) for res in results["encoders"].values())
+    page = build_report(out, tmp_path / "report.html")
+    assert "Encoder probe" in page["sections"][0] and "k-NN AUC" in Path(page["html"]).read_text()
 
 
 def test_probe_encoder_reports_an_unknown_label_in_one_line(tmp_path, prepared_phantoms):

@@ -164,18 +164,35 @@ def probe_encoders(encoders: list[str], sources: list[str | Path], out: str | Pa
     data = load_probe_images(sources, settings.size, settings.label_columns)
     subset = data.images if not settings.views else data.images[: settings.views]
     views = make_views(subset, settings)
-    results = {"data": [str(s) for s in sources], "num_images": len(data.ids), "settings": _settings_dict(settings),
+    results = {"kind": "encoder-probe", "title": "Encoder probe: label AUCs and view retrieval",
+               "data": [str(s) for s in sources], "num_images": len(data.ids), "settings": _settings_dict(settings),
                "encoders": {}}
     for name in encoders:
         encoder = load_encoder(resolve_encoder_path(name))
         logger.info("probing %s (%s, %d px)", name, encoder.family, encoder.image_size)
         results["encoders"][name] = probe_one(encoder, data, views, settings)
+    # The report's results.json convention (dinodiff.report): one row per encoder and label, and provenance.
+    results["table"] = table_rows(results)
+    results["provenance"] = {"data": results["data"], "encoders": list(encoders), "seeds": [settings.seed],
+                             "command": "dinodiff probe-encoder " + " ".join(encoders)}
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "results.json", results)
         write_bytes_atomic(folder / "table.md", markdown_table(results).encode())
     return results
+
+
+def table_rows(results: dict) -> list[dict]:
+    """One row per encoder and label, for the report page."""
+    rows = []
+    for name, res in results["encoders"].items():
+        for label, r in res["labels"].items():
+            rows.append({"encoder": name, "label": f"{label} ({r['positives']}/{r['negatives']})",
+                         "k-NN AUC": f"{r['knn_auc']:.3f} ± {r['knn_auc_sd']:.3f}",
+                         "linear AUC": f"{r['linear_auc']:.3f} ± {r['linear_auc_sd']:.3f}",
+                         "view top-1": f"{res['view_top1']:.3f} (of {res['view_count']})"})
+    return rows
 
 
 def markdown_table(results: dict) -> str:
