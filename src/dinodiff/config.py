@@ -176,9 +176,13 @@ def preset_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"No config file '{name_or_path}'. Give a YAML path or one of the presets: {known}.")
 
 
-def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated."""
-    merged = OmegaConf.structured(Config)
+def merge_preset(schema: type, source: str | Path | None = None, overrides: Sequence[str] = (),
+                 choices: dict[str, Sequence[Any]] | None = None) -> DictConfig:
+    """Defaults of the dataclass ``schema`` <- YAML preset/file <- dotted overrides, with one-line errors.
+
+    The one merge rule for every stage's settings (training config, encoder pretraining, classification).
+    """
+    merged = OmegaConf.structured(schema)
     try:
         if source is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(source)))
@@ -195,11 +199,16 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"Invalid YAML in {source}{at}: {getattr(err, 'problem', None) or err}") from None
-    for key, allowed in _CHOICES.items():
+    for key, allowed in (choices or {}).items():
         value = OmegaConf.select(merged, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
     return merged
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated."""
+    return merge_preset(Config, source, overrides, _CHOICES)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

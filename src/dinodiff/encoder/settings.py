@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from dinodiff.config import ConfigError, preset_path
+from dinodiff.config import ConfigError, merge_preset
 
 
 @dataclass
@@ -150,21 +149,7 @@ _CHOICES = {
 
 def load_encoder_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> EncoderPretrainSettings:
     """Defaults <- YAML preset/file (``cpu-encoder``, ``gpu-encoder`` or a path) <- dotted overrides, validated."""
-    merged = OmegaConf.structured(EncoderPretrainSettings)
-    try:
-        if source is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(source)))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"Overrides must look like key=value (e.g. optim.lr=1e-3); got {bad}.")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid encoder config ({source or 'defaults'}): {err}") from None
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(merged, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+    merged = merge_preset(EncoderPretrainSettings, source, overrides, _CHOICES)
     settings: EncoderPretrainSettings = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _validate(settings)
     return settings

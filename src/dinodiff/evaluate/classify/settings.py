@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dinodiff.config import ConfigError, preset_path
+from dinodiff.config import ConfigError, merge_preset
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +115,11 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
 
 def load_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifySettings:
     """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``)."""
-    merged = OmegaConf.structured(ClassifySettings)
+    merged = merge_preset(ClassifySettings, source, overrides)
     try:
-        if source is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(preset_path(source)))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"Overrides must look like key=value (e.g. classifier.max_epochs=20); got {bad}.")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid classify settings ({source or 'defaults'}): {err}") from None
+        raise ConfigError(f"Invalid classify settings ({source or 'defaults'}): {str(err).splitlines()[0]}") from None
     return _check(settings)  # type: ignore[arg-type]
 
 
