@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 @dataclass
 class DemoSettings:
-    """Sizes of every stage. The defaults are the `make demo` run (~15 CPU minutes on 2 cores)."""
+    """Sizes of every stage. The defaults are the `make demo` run (~7 CPU minutes on 2 cores, see BENCHMARKS.md)."""
 
     out: str = "demo-output"
     data: Optional[str] = None  # a folder of real images (with masks / labels when it has them); None = phantoms

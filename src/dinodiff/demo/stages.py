@@ -86,8 +86,9 @@ def train_config(s: DemoSettings) -> DictConfig:
                  f"train.checkpoint_every={max(steps // 2, 1)}", f"train.sample_every={steps}",
                  f"train.sample_steps={s.sample_steps}", "train.log_every=20", "train.keep_last=2",
                  f"model.resolution={s.size}", "model.autoencoder.scaling_factor=null",
-                 "model.autoencoder.shift_factor=null",
-                 f"model.autoencoder.unshuffle_factor={s.latent_factor}", f"model.noise.prediction_type={s.prediction}", f"model.encoder.name_or_path={s.root / 'encoder' / 'encoder'}",
+                 "model.autoencoder.shift_factor=null", f"model.autoencoder.unshuffle_factor={s.latent_factor}",
+                 f"model.noise.prediction_type={s.prediction}",
+                 f"model.encoder.name_or_path={s.root / 'encoder' / 'encoder'}",
                  f"model.unet.overrides.block_out_channels=[{s.unet_channels[0]},{s.unet_channels[1]}]"]
     return load_config("tiny", overrides)
 

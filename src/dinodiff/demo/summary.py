@@ -47,7 +47,8 @@ def add_downstream(root: Path) -> dict[str, Any] | None:
     checks = [r for r in results["tables"]["learning checks"] if not r["check"].startswith(("classification", "segm"))]
     tables = results["tables"]
     if (root / "classify" / "results.json").is_file():
-        tables["classification (macro AUC, held-out test split)"] = rows = classify_rows(root / "classify" / "results.json")
+        rows = classify_rows(root / "classify" / "results.json")
+        tables["classification (macro AUC, held-out test split)"] = rows
         real = [r["AUC mean"] for r in rows if r["arm"] == "real"]
         if real:
             checks.append({"check": "classification: real-only baseline AUC (chance 0.5)", "trained": round(real[0], 4),
