@@ -63,6 +63,8 @@ STAGES = [
     Stage("prepare", "prepare: border removal, square crop, resize, WebDataset shards", stages.stage_prepare, _DATA),
     Stage("encoder", "pretrain-encoder: DINO on the prepared images (cpu-encoder preset, reduced)",
           stages.stage_encoder, _ENC),
+    Stage("probe", "probe-encoder: the demo's encoder vs its random init (labels, view retrieval)",
+          stages.stage_probe, _ENC, optional=True),
     Stage("cache", "cache: latents + the encoder's c_GLB of augmented views", stages.stage_cache, _TRAIN),
     Stage("train", "train: tiny UNet from the cache (resumes if interrupted)", stages.stage_train, _TRAIN),
     Stage("generate", "generate: reconstructions and interpolations of held-out images", stages.stage_generate,

@@ -18,6 +18,7 @@ from dinodiff.checkpointing import latest_checkpoint
 from dinodiff.config import load_config
 from dinodiff.data.phantoms import write_phantoms
 from dinodiff.encoder.pretrain import pretrain_encoder
+from dinodiff.encoder.probe import ProbeSettings, probe_encoders
 from dinodiff.encoder.settings import load_encoder_settings
 from dinodiff.evaluate.classify import classify, load_settings
 from dinodiff.evaluate.segment import segment
@@ -75,6 +76,14 @@ def stage_encoder(s: DemoSettings) -> dict[str, Path]:
     settings = load_encoder_settings(ENCODER_PRESET, encoder_overrides(s))
     folder = pretrain_encoder(settings)
     return {"encoder": Path(folder), "metrics": s.root / "encoder" / "metrics.csv"}
+
+
+def stage_probe(s: DemoSettings) -> dict[str, Path]:
+    """k-NN / linear-probe AUC per label and view retrieval: the demo's encoder against its random init."""
+    run, out = s.root / "encoder", s.root / "encoder" / "probe"
+    probe_encoders([str(run / "encoder"), str(run / "encoder-init")], [s.root / "prepared"], out,
+                   ProbeSettings(size=s.size, folds=3, min_count=5, seed=s.seed))
+    return {"results": out / "results.json", "table": out / "table.md"}
 
 
 def train_config(s: DemoSettings) -> DictConfig:
