@@ -185,7 +185,7 @@ def loss_figure(steps: Sequence[int], loss: Sequence[float], lr: Sequence[float]
         ax.axvline(best, color="tab:red", linestyle="--", linewidth=1.5, label=f"best checkpoint (step {best})")
     if min(loss) > 0:
         ax.set_yscale("log")
-    ax.set(xlabel="training step", ylabel="MSE(noise, prediction)", title="Training loss")
+    ax.set(xlabel="training step", ylabel="loss (metrics.csv: diffusion MSE or DINO loss)", title="Training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if lr:
