@@ -28,6 +28,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from dinodiff.data.augment import paper_augmentation
+from dinodiff.data.loader import GuardedTarSamples, SeededShuffle, first_images
+from dinodiff.data.ranks import rank_share
+from dinodiff.data.shards import (
+    CorruptShard,
+    UnsafeShard,
+    list_shards,
+    read_samples,
+    write_shard,
+)
+from dinodiff.models.autoencoders import estimate_latent_stats
+from dinodiff.models.factory import (
+    FROZEN_DTYPE,
+    build_autoencoder,
+    build_encoder,
+    frozen_precision,
+)
+
 logger = logging.getLogger("dinodiff.cache")
 CACHE_VERSION = 1
 CACHE_FIX = "delete that cache shard and rerun `dinodiff cache` (finished shards are kept)"
@@ -44,8 +62,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def _augmented_views(image_u8: np.ndarray, key: str, views: int, size: int, augment: bool, seed: int) -> torch.Tensor:
     """K views (K, 1, size, size) in [0, 1]; the augmentation RNG is seeded per (seed, key, view)."""
     import torchvision.transforms.v2.functional as TF
-
-    from dinodiff.data.augment import paper_augmentation
 
     base = TF.resize(torch.from_numpy(image_u8)[None], [size, size], antialias=True)
     transform = paper_augmentation() if augment else None
@@ -66,7 +82,6 @@ def _stable_seed(seed: int, key: str, view: int) -> int:
 
 def _encode_views(chunk: list[dict], encoder, ae, cfg: DictConfig, views: int, device) -> list[dict]:
     """Cache samples of prepared samples: K augmented views each through the frozen models, in fp32."""
-    from dinodiff.models.factory import frozen_precision
 
     size = cfg.model.resolution
     pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
@@ -86,10 +101,6 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     """Cache K views of every prepared train image; returns the contents of cache.json."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-
-    from dinodiff.data.shards import CorruptShard, list_shards, read_samples, write_shard
-    from dinodiff.models.factory import FROZEN_DTYPE, build_autoencoder, build_encoder
-    from dinodiff.train_data import ensure_latent_stats
 
     state = PartialState()
     on_corrupt = cfg.data.on_corrupt
@@ -146,6 +157,18 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     return info
 
 
+def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
+    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
+        return  # given, or read from the autoencoder's own config
+    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
+                          on_corrupt=cfg.data.on_corrupt)
+    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
+    ae.set_latent_stats(scale, shift)
+    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
+
+
 def read_cache_info(cache_dir: str | Path, model_cfg: DictConfig) -> dict:
     """cache.json, checked against the model config the trainer is about to use."""
     path = Path(cache_dir) / "cache.json"
@@ -175,7 +198,6 @@ def _decode_cache_sample(sample: dict) -> dict:
     webdataset's default `wds.decode()` would unpickle such members; here `.npy` is read with
     `allow_pickle=False` and anything else stops the run with UnsafeShard.
     """
-    from dinodiff.data.shards import UnsafeShard
 
     url, key = sample.get("__url__", "?"), sample.get("__key__")
     out = {k: v for k, v in sample.items() if k.startswith("__")}
@@ -201,9 +223,6 @@ def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: i
     Decodes only our own members (`_decode_cache_sample`); a damaged shard is skipped or stops, per `on_corrupt`.
     """
     import webdataset as wds
-
-    from dinodiff.data.loader import GuardedTarSamples, SeededShuffle
-    from dinodiff.data.ranks import rank_share
 
     shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
     if not shards:

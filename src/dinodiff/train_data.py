@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig
 
+from dinodiff.cache import build_cache_loader, ensure_latent_stats, read_cache_info
+from dinodiff.data.loader import build_train_loader, first_images
 from dinodiff.data.shards import list_shards
 from dinodiff.models.factory import FROZEN_DTYPE, Components, frozen_precision
 
@@ -64,7 +66,6 @@ class TrainData:
         self._holdout: Optional[torch.Tensor] = None
         self.cache_info: Optional[dict] = None
         if cfg.data.cache:
-            from dinodiff.cache import read_cache_info
 
             self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
@@ -77,13 +78,11 @@ class TrainData:
         """An endless stream of micro-batches for this rank, deterministic in (seed, segment, rank)."""
         seed = _stream_seed(self.cfg.train.seed, segment, self.rank)
         if self.cache_info is not None:
-            from dinodiff.cache import build_cache_loader
 
             loader = build_cache_loader(self.cfg.data.cache, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, seed=seed,
                                         shuffle_buffer=self.cfg.data.shuffle_buffer, on_corrupt=self.cfg.data.on_corrupt)
         else:
-            from dinodiff.data.loader import build_train_loader
 
             loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
@@ -113,39 +112,6 @@ class TrainData:
         if self.cfg.data.shards:
             return str(self.cfg.data.shards)
         return str(self.cache_info["source_shards"])
-
-def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
-    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
-    ae_cfg = cfg.model.autoencoder
-    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
-        return  # given, or read from the autoencoder's own config
-    from dinodiff.models.autoencoders import estimate_latent_stats
-
-    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
-                          on_corrupt=cfg.data.on_corrupt)
-    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
-    ae.set_latent_stats(scale, shift)
-    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
-
-
-def first_images(shards: str, count: int, size: int, prefer_test: bool = True, on_corrupt: str = "stop") -> torch.Tensor:
-    """The first `count` images, in shard order, of a prepared folder (its test split when asked and present).
-
-    A damaged shard stops with its name (`on_corrupt="stop"`) or is left out (`"skip"`, as training's data.on_corrupt).
-    """
-    from dinodiff.data.loader import build_eval_dataset
-
-    urls: str | list[str] = shards
-    if Path(shards).is_dir():
-        urls = (prefer_test and list_shards(shards, "test")) or list_shards(shards, "train") or list_shards(shards)
-        if not urls:
-            raise FileNotFoundError(f"No shards found in {shards}; run `dinodiff prepare ... --out {shards}` first.")
-    dataset = build_eval_dataset(urls, size=size, on_corrupt=on_corrupt)
-    images = [sample["pixel_values"] for sample in itertools.islice(iter(dataset), count)]
-    if not images:
-        raise FileNotFoundError(f"No images could be read from {shards}.")
-    return torch.stack(images)
-
 
 @torch.no_grad()
 def save_reconstruction_grid(path: Path, images: torch.Tensor, model, parts: Components, *, steps: int = 25,

@@ -18,6 +18,7 @@ streaming names the shard, which is then left for the rest of the run (skip) or 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -34,7 +35,14 @@ from webdataset.utils import make_seed, pytorch_worker_info
 
 from dinodiff.data.augment import augment_seeded, paper_augmentation
 from dinodiff.data.ranks import rank_share
-from dinodiff.data.shards import PREPARE_FIX, READ_ERRORS, CorruptShard, check_shards, list_shards, report_corrupt
+from dinodiff.data.shards import (
+    PREPARE_FIX,
+    READ_ERRORS,
+    CorruptShard,
+    check_shards,
+    list_shards,
+    report_corrupt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +232,20 @@ def build_eval_dataset(
     stages += [wds.split_by_worker, GuardedTarSamples(on_corrupt, total=_total(resolved)),
                _ToSample(size, None, 0, masks=masks)]
     return wds.DataPipeline(*stages)
+
+
+def first_images(shards: str, count: int, size: int, prefer_test: bool = True, on_corrupt: str = "stop") -> torch.Tensor:
+    """The first `count` images, in shard order, of a prepared folder (its test split when asked and present).
+
+    A damaged shard stops with its name (`on_corrupt="stop"`) or is left out (`"skip"`, as training's data.on_corrupt).
+    """
+    urls: str | list[str] = shards
+    if Path(shards).is_dir():
+        urls = (prefer_test and list_shards(shards, "test")) or list_shards(shards, "train") or list_shards(shards)
+        if not urls:
+            raise FileNotFoundError(f"No shards found in {shards}; run `dinodiff prepare ... --out {shards}` first.")
+    dataset = build_eval_dataset(urls, size=size, on_corrupt=on_corrupt)
+    images = [sample["pixel_values"] for sample in itertools.islice(iter(dataset), count)]
+    if not images:
+        raise FileNotFoundError(f"No images could be read from {shards}.")
+    return torch.stack(images)
