@@ -29,23 +29,12 @@ TOTAL=${ENC_TOTAL_S:-265}
 RESERVE=${ENC_PROBE_RESERVE_S:-55}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/encoder_evidence.log") 2>&1
-if [ -z "${EVIDENCE_PYTHON:-}" ]; then
-  EVIDENCE_PYTHON=python3
-  [ -n "$DRY" ] && [ -x .venv/bin/python ] && EVIDENCE_PYTHON=.venv/bin/python
-fi
+source benchmarks/gpu/device_env.sh
 PY=$EVIDENCE_PYTHON
 echo "encoder evidence: $(date -u) python=$PY bundle=$BUNDLE run=$RUN out=$OUT ${DRY:+(CPU dry run)}"
 for d in "$BUNDLE/data/cxr-covid" "$BUNDLE/data/cxr-covid-labelled"; do
   [ -f "$d/manifest.json" ] || { echo "error: $d/manifest.json missing: run 'make gpu-bundle' here and carry .gpu"; exit 2; }
 done
-if [ -z "$DRY" ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$BUNDLE"/wheels/*.whl || echo "warning: wheel install failed"
-  export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
 "$PY" -c "import torch, torchvision, timm, lightly, omegaconf, accelerate, sklearn; \
 print('versions: torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightly', lightly.__version__, \
 'timm', timm.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available())" \

@@ -15,20 +15,8 @@ OUT=${OUT:-$PWD/gpu-evidence-out}
 BUNDLE=${GPU_BUNDLE:-.gpu}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/evidence.log") 2>&1
-if [ -z "${EVIDENCE_PYTHON:-}" ]; then
-  EVIDENCE_PYTHON=python3
-  [ -n "$DRY" ] && [ -x .venv/bin/python ] && EVIDENCE_PYTHON=.venv/bin/python
-fi
+source benchmarks/gpu/device_env.sh
 echo "evidence: $(date -u) python=$EVIDENCE_PYTHON bundle=$BUNDLE out=$OUT ${DRY:-(GPU run)}"
-if [ -z "$DRY" ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  # Wheels of what the device image lacks; its own torch/transformers/huggingface_hub stay.
-  "$EVIDENCE_PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$BUNDLE"/wheels/*.whl || echo "warning: wheel install failed"
-  export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
 "$EVIDENCE_PYTHON" -c "import torch, transformers, huggingface_hub, diffusers, accelerate, omegaconf, webdataset; \
 print('versions: torch', torch.__version__, 'transformers', transformers.__version__, 'hf_hub', \
 huggingface_hub.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__); \
