@@ -168,7 +168,8 @@ def test_cache_cli_with_stop_policy_names_the_shard(damaged, tmp_path):
 
 # ---------------------------------------------------------------------------- generating, scoring
 def test_generate_cli_from_a_damaged_source_shard_names_it(damaged, tmp_path):
-    from dinodiff.models.factory import build_components, save_model_folder
+    from dinodiff.models.factory import build_components
+    from dinodiff.pipeline import save_model_folder
 
     cfg = tiny_config(tmp_path / "run", damaged, "model.resolution=64")
     parts = build_components(cfg.model)

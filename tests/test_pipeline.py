@@ -26,7 +26,7 @@ def _tiny_components(seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model saved as a training checkpoint's model folder (cond_dropout 0.1)."""
-    from dinodiff.models.factory import save_model_folder
+    from dinodiff.pipeline import save_model_folder
 
     folder = tmp_path_factory.mktemp("tiny-model") / "model"
     with pytest.MonkeyPatch.context() as mp:  # session fixtures run before conftest's per-test environment
@@ -81,7 +81,7 @@ def test_older_model_folder_layout_still_loads(tiny_model_folder, tmp_path):
     from omegaconf import OmegaConf
 
     from dinodiff.config import load_config
-    from dinodiff.models.factory import load_model_folder
+    from dinodiff.pipeline import load_model_folder
 
     new = _load(tiny_model_folder)
     legacy = tmp_path / "run" / "checkpoints" / "checkpoint-5" / "model"

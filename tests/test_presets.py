@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from dinodiff.config import load_config
 from dinodiff.models.encoders import load_encoder
-from dinodiff.models.factory import build_components, save_model_folder
+from dinodiff.models.factory import build_components
+from dinodiff.pipeline import save_model_folder
 from dinodiff.models.random_init import HUB_STANDINS, save_hub_standin, save_random_sd_components
 
 WIDTH = 32  # the stand-ins' hidden size (ViT-B's is 768); the only fields shrunk are sizes

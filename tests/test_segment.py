@@ -142,7 +142,8 @@ def test_shenzhen_and_montgomery_masks_stay_aligned_with_their_images(shared_dat
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from dinodiff.models.factory import build_components, save_model_folder
+    from dinodiff.models.factory import build_components
+    from dinodiff.pipeline import save_model_folder
 
     root = tmp_path_factory.mktemp("seg-model")
     cfg = tiny_config(root / "run", root / "none")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -53,6 +56,23 @@ def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
     if not (path / "trainer" / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete dinodiff checkpoint (no trainer/state.json).")
     return path
+
+
+def load_resume_state(accelerator: Any, run_dir: Path, resume: str) -> tuple[Path, dict] | None:
+    """Find the checkpoint to resume from and restore accelerate's state from it (models, optimizer, RNG).
+
+    Returns (checkpoint folder, its trainer/state.json), or None for a fresh start. The caller restores
+    what is its own (EMA, teacher, lr schedule, step) from ``checkpoint/trainer/``.
+    """
+    found = resolve_resume(run_dir, resume)
+    if found is None:
+        return None
+    state = read_json(found / "trainer" / "state.json")
+    if state["num_processes"] != accelerator.num_processes:
+        logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
+                       "from an uninterrupted run.", state["num_processes"], accelerator.num_processes)
+    accelerator.load_state(str(found))
+    return found, state
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:

@@ -10,6 +10,7 @@ classifier-free guidance is only meaningful when it was > 0.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +20,17 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from omegaconf import DictConfig, OmegaConf
 
 from dinodiff.data.readers import grey_to_unit
 from dinodiff.models.autoencoders import LatentAutoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder
+from dinodiff.models.factory import Components, build_encoder
 from dinodiff.models.projection import ConditionProjection
-from dinodiff.sampling import Generators, sample_latents
+from dinodiff.sampling import Generators, inference_scheduler, sample_latents
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ class DiNODiffusionPipeline(DiffusionPipeline):
         """A pipeline folder or hub id; also reads model folders of dinodiff <= 0.1 (no model_index.json)."""
         folder = Path(pretrained_model_name_or_path)
         if folder.is_dir() and not (folder / "model_index.json").is_file() and (folder / "encoder.json").is_file():
-            from dinodiff.models.factory import load_model_folder, run_cond_dropout
-
             logger.info("%s is an older dinodiff model folder: loading it component by component.", folder)
             # those folders did not record cond_dropout: the run's config.yaml is the only place it is written
             pipe = cls.from_components(load_model_folder(folder), cond_dropout=run_cond_dropout(folder))
@@ -80,8 +81,6 @@ class DiNODiffusionPipeline(DiffusionPipeline):
     def from_components(cls, parts: Any, *, cond_dropout: float = 0.0,
                         scheduler: str = "dpm") -> "DiNODiffusionPipeline":
         """From a `models.factory.Components` (its DDPM training scheduler becomes `scheduler`, by name)."""
-        from dinodiff.sampling import inference_scheduler
-
         return cls(unet=parts.unet, vae=parts.autoencoder, image_encoder=parts.encoder, projection=parts.projection,
                    scheduler=inference_scheduler(parts.noise_scheduler, scheduler), cond_dropout=cond_dropout)
 
@@ -213,3 +212,64 @@ def to_uint8_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """Float grey image(s) in [0, 1] -> uint8, rounded to nearest (what every PNG written by dinodiff holds)."""
     values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     return np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ model folders
+def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, projection: ConditionProjection,
+                      autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler, model_cfg: DictConfig,
+                      encoder: Optional[GlobalTokenEncoder] = None, cond_dropout: Optional[float] = None) -> Path:
+    """Write an inference-ready model folder through ``DiNODiffusionPipeline.save_pretrained``.
+
+    encoder: the frozen encoder (built from ``model_cfg.encoder`` when not given). cond_dropout: the training
+    probability of the null condition; when not given it is read from the run's config.yaml (see run_cond_dropout).
+    """
+    folder = Path(folder)
+    parts = Components(encoder or build_encoder(model_cfg.encoder), autoencoder, unet, projection, noise_scheduler)
+    dropout = run_cond_dropout(folder) if cond_dropout is None else float(cond_dropout)
+    DiNODiffusionPipeline.from_components(parts, cond_dropout=dropout).save_pretrained(folder)
+    (folder / "model_config.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
+    return folder
+
+
+def run_cond_dropout(model_folder: str | Path) -> float:
+    """train.cond_dropout of the run a model folder belongs to (RUN/checkpoints/checkpoint-N/model or RUN/best/model).
+
+    0.0 (no classifier-free guidance) when the folder is not inside a run with a config.yaml.
+    """
+    folder = Path(model_folder).resolve()
+    for parent in list(folder.parents)[:3]:
+        config = parent / "config.yaml"
+        if config.is_file():
+            value = OmegaConf.select(OmegaConf.load(config), "train.cond_dropout")
+            return float(value or 0.0)
+    return 0.0
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> Components:
+    """Read back a model folder (pipeline layout, or the older one) as Components (training DDPM scheduler)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        pipe = DiNODiffusionPipeline.from_pretrained(folder)
+        parts = Components(pipe.image_encoder, pipe.vae, pipe.unet, pipe.projection,
+                           DDPMScheduler.from_config(pipe.scheduler.config))
+    else:
+        parts = _load_legacy_folder(folder)
+    for module in (parts.encoder, parts.autoencoder, parts.unet, parts.projection):
+        module.to(device).eval()
+    return parts
+
+
+def _load_legacy_folder(folder: Path) -> Components:
+    parts = ("unet", "projection", "autoencoder", "scheduler", "encoder.json")
+    missing = [p for p in parts if not (folder / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a dinodiff model folder: no model_index.json, and for the older "
+                                f"layout missing {', '.join(missing)}.")
+    encoder_cfg = OmegaConf.create(json.loads((folder / "encoder.json").read_text()))
+    return Components(
+        encoder=build_encoder(encoder_cfg),
+        autoencoder=LatentAutoencoder.from_pretrained(folder / "autoencoder"),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
+        projection=ConditionProjection.from_pretrained(folder / "projection"),
+        noise_scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
+    )

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from dinodiff import checkpointing as ckpt
 from dinodiff.config import save_config
 from dinodiff.models.denoiser import ConditionedUNet
-from dinodiff.models.factory import Components, build_components, save_model_folder
+from dinodiff.models.factory import Components, build_components
+from dinodiff.pipeline import save_model_folder
 from dinodiff.train_data import TrainData, check_data_config
 
 logger = logging.getLogger("dinodiff.train")
@@ -311,14 +312,10 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         acc = self.accelerator
-        found = ckpt.resolve_resume(self.run_dir, self.cfg.train.resume)
-        if found is None:
+        resumed = ckpt.load_resume_state(acc, self.run_dir, self.cfg.train.resume)
+        if resumed is None:
             return
-        state = ckpt.read_json(found / "trainer" / "state.json")
-        if state["num_processes"] != acc.num_processes:
-            logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
-                           "from an uninterrupted run.", state["num_processes"], acc.num_processes)
-        acc.load_state(str(found))
+        found, state = resumed
         self._restore_lr_scheduler(found / "trainer" / "lr_scheduler.pt", int(state["step"]))
         gen_file = found / "trainer" / f"generator_rank{acc.process_index}.pt"
         if gen_file.is_file():

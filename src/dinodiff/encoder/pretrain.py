@@ -235,14 +235,10 @@ class EncoderPretrainer:
 
     def _maybe_resume(self) -> None:
         acc = self.accelerator
-        found = ckpt.resolve_resume(self.run_dir, self.s.run.resume)
-        if found is None:
+        resumed = ckpt.load_resume_state(acc, self.run_dir, self.s.run.resume)
+        if resumed is None:
             return
-        state = ckpt.read_json(found / "trainer" / "state.json")
-        if state["num_processes"] != acc.num_processes:
-            logger.warning("checkpoint was written by %d processes, resuming with %d: batches differ from an "
-                           "uninterrupted run.", state["num_processes"], acc.num_processes)
-        acc.load_state(str(found))
+        found, state = resumed
         saved = load_file(str(found / "trainer" / "teacher.safetensors"), device=str(acc.device))
         self.criterion.center.copy_(saved.pop("loss.center"))
         self.teacher.load_state_dict({k[len("teacher."):]: v for k, v in saved.items()})

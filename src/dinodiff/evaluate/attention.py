@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from dinodiff.pipeline import DiNODiffusionPipeline, load_model_folder
+
 logger = logging.getLogger(__name__)
 
 CONDITIONS = ("image", "null")
@@ -155,14 +157,10 @@ def load_attention_model(folder: str | Path, device: str | torch.device = "cpu")
     if (folder / "text_encoder").is_dir():
         return load_sd15(folder, device)
     if (folder / "model_index.json").is_file():
-        from dinodiff.pipeline import DiNODiffusionPipeline
-
         pipe = DiNODiffusionPipeline.from_pretrained(folder).to(device)
         # the pipeline holds a sampler; noising to t needs only the training schedule (same betas)
         ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
         return dinodiff_model(pipe.image_encoder, pipe.vae, pipe.unet.eval(), pipe.projection, ddpm, str(folder))
-    from dinodiff.models.factory import load_model_folder
-
     parts = load_model_folder(folder, device)
     return dinodiff_model(parts.encoder, parts.autoencoder, parts.unet, parts.projection, parts.noise_scheduler,
                           str(folder))

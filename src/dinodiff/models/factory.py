@@ -1,6 +1,7 @@
-"""Build the DiNO-Diffusion components from a ModelConfig, and save/load an inference-ready model folder.
+"""Build the DiNO-Diffusion components from a ModelConfig.
 
-A model folder (what every checkpoint and `best/` hold) is a `DiNODiffusionPipeline` folder, written by its
+Saving and loading an inference-ready model folder lives in `dinodiff.pipeline` (models never import the
+pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODiffusionPipeline` folder, written by its
 ``save_pretrained``: ``model_index.json`` + ``unet/``, ``vae/``, ``scheduler/`` (DPM-Solver++), ``image_encoder/``
 (the frozen encoder with its preprocessing, so the folder is self-contained), ``projection/``, plus
 ``model_config.yaml``. Folders of dinodiff <= 0.1 (``unet/ projection/ autoencoder/ scheduler/ encoder.json``,
@@ -10,7 +11,6 @@ the encoder referenced by id) are still read by ``load_model_folder`` and ``DiNO
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -174,67 +174,3 @@ def _preset_cross_dim(preset: str, encoder_width: int) -> int:
     from dinodiff.models.unet import UNET_PRESETS
 
     return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))
-
-
-def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, projection: ConditionProjection,
-                      autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler, model_cfg: DictConfig,
-                      encoder: Optional[GlobalTokenEncoder] = None, cond_dropout: Optional[float] = None) -> Path:
-    """Write an inference-ready model folder through ``DiNODiffusionPipeline.save_pretrained``.
-
-    encoder: the frozen encoder (built from ``model_cfg.encoder`` when not given). cond_dropout: the training
-    probability of the null condition; when not given it is read from the run's config.yaml (see run_cond_dropout).
-    """
-    from dinodiff.pipeline import DiNODiffusionPipeline
-
-    folder = Path(folder)
-    parts = Components(encoder or build_encoder(model_cfg.encoder), autoencoder, unet, projection, noise_scheduler)
-    dropout = run_cond_dropout(folder) if cond_dropout is None else float(cond_dropout)
-    DiNODiffusionPipeline.from_components(parts, cond_dropout=dropout).save_pretrained(folder)
-    (folder / "model_config.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
-    return folder
-
-
-def run_cond_dropout(model_folder: str | Path) -> float:
-    """train.cond_dropout of the run a model folder belongs to (RUN/checkpoints/checkpoint-N/model or RUN/best/model).
-
-    0.0 (no classifier-free guidance) when the folder is not inside a run with a config.yaml.
-    """
-    folder = Path(model_folder).resolve()
-    for parent in list(folder.parents)[:3]:
-        config = parent / "config.yaml"
-        if config.is_file():
-            value = OmegaConf.select(OmegaConf.load(config), "train.cond_dropout")
-            return float(value or 0.0)
-    return 0.0
-
-
-def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> Components:
-    """Read back a model folder (pipeline layout, or the older one) as Components (training DDPM scheduler)."""
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        from dinodiff.pipeline import DiNODiffusionPipeline
-
-        pipe = DiNODiffusionPipeline.from_pretrained(folder)
-        parts = Components(pipe.image_encoder, pipe.vae, pipe.unet, pipe.projection,
-                           DDPMScheduler.from_config(pipe.scheduler.config))
-    else:
-        parts = _load_legacy_folder(folder)
-    for module in (parts.encoder, parts.autoencoder, parts.unet, parts.projection):
-        module.to(device).eval()
-    return parts
-
-
-def _load_legacy_folder(folder: Path) -> Components:
-    parts = ("unet", "projection", "autoencoder", "scheduler", "encoder.json")
-    missing = [p for p in parts if not (folder / p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a dinodiff model folder: no model_index.json, and for the older "
-                                f"layout missing {', '.join(missing)}.")
-    encoder_cfg = OmegaConf.create(json.loads((folder / "encoder.json").read_text()))
-    return Components(
-        encoder=build_encoder(encoder_cfg),
-        autoencoder=LatentAutoencoder.from_pretrained(folder / "autoencoder"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        projection=ConditionProjection.from_pretrained(folder / "projection"),
-        noise_scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
-    )
