@@ -5,7 +5,7 @@ pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODif
 ``save_pretrained``: ``model_index.json`` + ``unet/``, ``vae/``, ``scheduler/`` (DPM-Solver++), ``image_encoder/``
 (the frozen encoder with its preprocessing, so the folder is self-contained), ``projection/``, plus
 ``model_config.yaml``. Folders of dinodiff <= 0.1 (``unet/ projection/ autoencoder/ scheduler/ encoder.json``,
-the encoder referenced by id) are still read by ``load_model_folder`` and ``DiNODiffusionPipeline.from_pretrained``.
+the encoder referenced by id) are still read by ``pipeline.load_model_folder`` and ``DiNODiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
