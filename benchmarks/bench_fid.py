@@ -22,10 +22,15 @@ from pathlib import Path
 
 import torch
 
-from dinodiff.evaluate.features import (MissingWeights, build_extractor, resolve_device, save_random_inception_weights,
-                                        save_random_xrv_weights)
-from dinodiff.evaluate.fid import extract_features
-from dinodiff.evaluate.images import iter_images, list_images, select
+from dinodiff.evaluate.fid.features import (
+    MissingWeights,
+    build_extractor,
+    resolve_device,
+    save_random_inception_weights,
+    save_random_xrv_weights,
+)
+from dinodiff.evaluate.fid.images import iter_images, list_images, select
+from dinodiff.evaluate.fid.stage import extract_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +88,7 @@ def tiny_run(tmp: Path) -> Path:
     from dinodiff.config import load_config
     from dinodiff.data.phantoms import write_phantoms
     from dinodiff.prepare import prepare
-    from dinodiff.train import train
+    from dinodiff.train.trainer import train
 
     source = write_phantoms(tmp / "raw", 48, size=96, seed=0, progress=False)
     prepare([source], tmp / "prepared", size=64, shard_size=16, workers=1, test_fraction=0.5, seed=0, progress=False)
@@ -93,8 +98,8 @@ def tiny_run(tmp: Path) -> Path:
 
 
 def bench_sweep(args, tmp: Path, device: torch.device) -> list[tuple]:
-    from dinodiff.checkpointing import list_checkpoints
-    from dinodiff.evaluate.sweep import sweep
+    from dinodiff.evaluate.fid.sweep import sweep
+    from dinodiff.runs import list_checkpoints
 
     run = Path(args.sweep_run) if args.sweep_run else tiny_run(tmp / "tiny")
     work = tmp / "sweep-run"  # a copy: the sweep writes fid.csv, fid.png and best/ into the run folder

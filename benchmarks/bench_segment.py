@@ -30,7 +30,7 @@ def build_model(name: str, size: int, workdir: Path, device: str):
     import torch
 
     from dinodiff.config import load_config
-    from dinodiff.evaluate.attention import dinodiff_model
+    from dinodiff.evaluate.segment.attention import dinodiff_model
     from dinodiff.models.factory import build_components
 
     preset, frozen = CASES[name]
@@ -53,9 +53,9 @@ def run_case(name: str, size: int, args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from dinodiff.evaluate.attention import capture_attention
-    from dinodiff.evaluate.diffseg import aggregate_attention, diffseg, map_side
-    from dinodiff.evaluate.seg_data import load_cases
+    from dinodiff.evaluate.segment.attention import capture_attention
+    from dinodiff.evaluate.segment.data import load_cases
+    from dinodiff.evaluate.segment.diffseg import aggregate_attention, diffseg, map_side
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")

@@ -85,7 +85,7 @@ def run_case(name: str, mode: str, args: argparse.Namespace) -> dict:
 
     from dinodiff.cache import build_cache
     from dinodiff.config import load_config
-    from dinodiff.train import Trainer
+    from dinodiff.train.trainer import Trainer
 
     preset, resolution, frozen, batch = CASES[name]
     batch = args.batch_size or batch

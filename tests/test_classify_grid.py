@@ -112,7 +112,7 @@ def test_presets_load():
 
 def test_a_complete_synthetic_set_is_reused_only_with_the_same_generation_settings(tmp_path):
     from dinodiff.evaluate.classify.stage import _complete
-    from dinodiff.generate import GenerateSettings
+    from dinodiff.generate.plan import GenerateSettings
 
     wanted = GenerateSettings(ratio=5, num_inference_steps=5, source_options={"kind": "csv", "ids": ["a", "b"]})
     saved = json.loads(json.dumps(vars(wanted), default=str))

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import dinodiff.prepare as prep
-from conftest import tiny_config
 from dinodiff.cli import app
 from dinodiff.data.loader import build_train_dataset, build_train_loader
 from dinodiff.data.phantoms import write_phantoms
 from dinodiff.data.shards import CorruptShard, file_digest, list_shards, read_samples, shard_path, sidecar_path
-from dinodiff.evaluate.images import iter_images, list_images
+from dinodiff.evaluate.fid.images import iter_images, list_images
 
 runner = CliRunner()
 DAMAGED = "train-000001.tar"
@@ -118,7 +118,7 @@ def test_stop_policy_in_a_dataloader_worker_raises_one_clean_line(no_sidecar):
 
 def test_trainer_data_follows_data_on_corrupt(damaged, tmp_path):
     from dinodiff.models.factory import build_components
-    from dinodiff.train_data import TrainData
+    from dinodiff.train.data import TrainData
 
     cfg = tiny_config(tmp_path / "run", damaged, "model.resolution=64")
     data = TrainData(cfg, build_components(cfg.model))
@@ -192,7 +192,7 @@ def test_scoring_a_damaged_shard_stops_with_its_name(damaged, no_sidecar, sideca
 
 
 def test_fid_cli_on_a_damaged_shard_names_it(damaged, tmp_path):
-    from dinodiff.evaluate.features import save_random_xrv_weights
+    from dinodiff.evaluate.fid.features import save_random_xrv_weights
 
     save_random_xrv_weights(tmp_path / "xrv")
     result = runner.invoke(app, ["fid", str(damaged), str(damaged), "--weights", str(tmp_path / "xrv"),

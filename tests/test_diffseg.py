@@ -10,10 +10,18 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dinodiff.evaluate.attention import SelfAttentionCapture, capture_self_attention
-from dinodiff.evaluate.diffseg import (
-    _merge_once, aggregate_attention, anchor_grid, diffseg, label_map, layer_weights, merge_attention,
-    resolution_weights, resolve_threshold, symmetric_kl,
+from dinodiff.evaluate.segment.attention import SelfAttentionCapture, capture_self_attention
+from dinodiff.evaluate.segment.diffseg import (
+    _merge_once,
+    aggregate_attention,
+    anchor_grid,
+    diffseg,
+    label_map,
+    layer_weights,
+    merge_attention,
+    resolution_weights,
+    resolve_threshold,
+    symmetric_kl,
 )
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, tiny_config
-from dinodiff.checkpointing import read_json
-from dinodiff.train import train
+
+from dinodiff.runs import read_json
+from dinodiff.train.trainer import train
 
 DIST_TIMEOUT_S = 10  # the training collectives' timeout in the 2-process run
 EVAL_SLEEP_S = 15  # the first evaluation (at step 5) takes longer than that
@@ -120,7 +120,7 @@ def _ids_by_worker(cache: Path, seed: int, batches: int = 8) -> tuple[list[int],
 
 
 def test_cache_loader_shuffles_differently_per_worker_and_rank(tmp_path, monkeypatch):
-    from dinodiff.train_data import _stream_seed
+    from dinodiff.train.data import _stream_seed
 
     one_shard = _fake_cache(tmp_path / "one", shards=1, per_shard=16)
     worker0, worker1 = _ids_by_worker(one_shard, seed=_stream_seed(0, 0, 0))
@@ -158,7 +158,7 @@ def test_rank_share_splits_shards_or_samples(monkeypatch):
 def test_resume_restores_the_lr_schedule_saved_or_rebuilds_it_for_older_checkpoints(tmp_path, prepared_phantoms):
     import torch
 
-    from dinodiff.train import Trainer
+    from dinodiff.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(tmp_path / "run", prepared_phantoms, "optim.warmup_steps=4"))
     for _ in range(3):

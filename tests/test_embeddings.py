@@ -9,13 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
 from dinodiff.data.shards import write_shard
-from dinodiff.embeddings import (EmbeddingCacheError, EmbeddingTrainSettings, embedding_report, frechet_distance,
-                                 load_embedding_model, precision_recall, read_cached_embeddings, sample_embeddings,
-                                 train_embeddings)
+from dinodiff.embeddings import (
+    EmbeddingCacheError,
+    EmbeddingTrainSettings,
+    embedding_report,
+    frechet_distance,
+    load_embedding_model,
+    precision_recall,
+    read_cached_embeddings,
+    sample_embeddings,
+    train_embeddings,
+)
 from dinodiff.embeddings.metrics import COPY_FACTOR
-from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -144,7 +152,8 @@ def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_mo
     import csv
 
     from dinodiff.data.phantoms import write_phantoms
-    from dinodiff.generate import GenerateSettings, generate_dataset
+    from dinodiff.generate.plan import GenerateSettings
+    from dinodiff.generate.stage import generate_dataset
     from dinodiff.pipeline import DiNODiffusionPipeline
 
     labels_csv = write_phantoms(tmp_path / "raw", 6, size=64, seed=0, progress=False) / "labels.csv"

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
-from dinodiff.checkpointing import latest_checkpoint, list_checkpoints
 from dinodiff.config import EncoderConfig
 from dinodiff.encoder.augment import MultiCrop, random_crops
 from dinodiff.encoder.export import read_provenance
@@ -22,6 +21,7 @@ from dinodiff.encoder.pretrain import EncoderPretrainer
 from dinodiff.encoder.settings import AugmentSettings, load_encoder_settings
 from dinodiff.models.encoders import load_encoder
 from dinodiff.models.factory import build_encoder
+from dinodiff.runs import latest_checkpoint, list_checkpoints
 
 TINY = ["backbone.image_size=16", "backbone.patch_size=8", "backbone.hidden_size=32", "backbone.num_layers=1",
         "backbone.num_heads=2", "backbone.num_registers=2", "head.hidden_dim=32", "head.bottleneck_dim=16",

@@ -13,11 +13,23 @@ import torch
 from scipy import linalg
 
 import dinodiff.evaluate.fid as fid_mod
-from dinodiff.evaluate.features import (MissingWeights, build_extractor, center_crop_resize,
-                                        save_random_inception_weights, save_random_xrv_weights, xrv_weights_file)
-from dinodiff.evaluate.fid import (cached_features, fid, fid_from_features, frechet_distance, gaussian_stats,
-                                   kid_from_features)
-from dinodiff.evaluate.images import fingerprint, list_images, select
+from dinodiff.evaluate.fid.features import (
+    MissingWeights,
+    build_extractor,
+    center_crop_resize,
+    save_random_inception_weights,
+    save_random_xrv_weights,
+    xrv_weights_file,
+)
+from dinodiff.evaluate.fid.images import fingerprint, list_images, select
+from dinodiff.evaluate.fid.stage import (
+    cached_features,
+    fid,
+    fid_from_features,
+    frechet_distance,
+    gaussian_stats,
+    kid_from_features,
+)
 
 
 def _features(seed: int, n: int = 400, d: int = 48, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:

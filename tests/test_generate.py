@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO_ROOT
-from dinodiff.data.datasets import make_id
-from dinodiff.generate import GenerateSettings, generate_dataset, generate_reconstructions, item_seed, plan_items
-from dinodiff.interpolate import lerp, plan_interpolations, slerp
 from test_pipeline import _load, tiny_model_folder  # noqa: F401 - the shared tiny model fixture
+
+from dinodiff.data.datasets import make_id
+from dinodiff.generate.plan import GenerateSettings, item_seed, plan_items
+from dinodiff.generate.sample import generate_reconstructions
+from dinodiff.generate.stage import generate_dataset
+from dinodiff.interpolate import lerp, plan_interpolations, slerp
 
 # 8 sources, labels A B C: pairs sharing a positive label are exactly the ones listed in ELIGIBLE.
 TABLE = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 0, 0]], bool)

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from dinodiff.cache import _augmented_views, build_cache
 from dinodiff.data.shards import list_shards, read_samples
 from dinodiff.models.factory import FROZEN_DTYPE, build_components, frozen_precision
-from dinodiff.train_data import TrainData
+from dinodiff.train.data import TrainData
 
 TOLERANCE = 2.0**-9  # of the tensor's largest magnitude: float16 storage rounding with margin
 

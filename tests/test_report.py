@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_config
 from dinodiff.cli import app
 from dinodiff.report import ReportError, build_report
 from dinodiff.report.build import external_references
-from dinodiff.train import train
+from dinodiff.train.trainer import train
 
 CONFIG = """model:
   resolution: 32

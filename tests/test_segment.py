@@ -9,19 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from conftest import tiny_config
 from dinodiff.cli import app
-from dinodiff.evaluate import segment as segment_module
-from dinodiff.evaluate.attention import capture_attention, load_attention_model
-from dinodiff.evaluate.seg_data import load_cases
-from dinodiff.evaluate.seg_metrics import (
-    dice, dice_matrix, hungarian_scores, mean_mask_prior, otsu_segments, otsu_threshold, position_kmeans,
-    score_labels, split_lungs, union_scores,
+from dinodiff.evaluate.segment import stage as segment_module
+from dinodiff.evaluate.segment.attention import capture_attention, load_attention_model
+from dinodiff.evaluate.segment.data import load_cases
+from dinodiff.evaluate.segment.metrics import (
+    dice,
+    dice_matrix,
+    hungarian_scores,
+    mean_mask_prior,
+    otsu_segments,
+    otsu_threshold,
+    position_kmeans,
+    score_labels,
+    split_lungs,
+    union_scores,
 )
-from dinodiff.evaluate.segment import segment
+from dinodiff.evaluate.segment.stage import segment
 
 
 def _two_lungs(size: int = 20) -> dict[str, np.ndarray]:
@@ -118,7 +126,7 @@ def test_baselines_prior_otsu_and_position_kmeans():
 
 def test_shenzhen_and_montgomery_masks_stay_aligned_with_their_images(shared_data):
     from dinodiff.data.readers import read_grey
-    from dinodiff.evaluate.seg_data import find_records
+    from dinodiff.evaluate.segment.data import find_records
 
     # Shenzhen images are already 512^2: at 512 px the preprocessed mask is the raw one (a 1-px frame aside)
     records = find_records(shared_data / "lungs-shenzhen")

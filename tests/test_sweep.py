@@ -7,14 +7,13 @@ import math
 import shutil
 from pathlib import Path
 
+import dinodiff.evaluate.fid.sweep as sweep_mod
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
-
-import dinodiff.evaluate.sweep as sweep_mod
-from dinodiff.evaluate.sweep import best_row, make_fid_hook, promote_best, sweep, upsert
+from dinodiff.evaluate.fid.sweep import best_row, hook_from_config, make_fid_hook, promote_best, sweep, upsert
 
 # A random tiny DINOv2 as the extractor keeps these tests fast; the XRV path is covered in test_fid.py.
 EVAL = ["eval.extractor=dinov2", "eval.weights=random:transformers-dinov2", "eval.num_real=6", "eval.num_sources=3",
@@ -26,14 +25,15 @@ SCORER = dict(extractor="dinov2", weights="random:transformers-dinov2", num_real
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, prepared_phantoms: Path) -> Path:
     """A tiny run of 4 steps with checkpoints at 2 and 4, each scored by FID during training (train.eval_every=2)."""
-    from dinodiff.train import train
+    from dinodiff.train.trainer import train
 
     run = tmp_path_factory.mktemp("sweep") / "run"
     with pytest.MonkeyPatch.context() as mp:  # module fixtures run before conftest's per-test environment
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("DINODIFF_CACHE", str(tmp_path_factory.getbasetemp() / "dinodiff-cache"))
-        train(tiny_config(run, prepared_phantoms, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=3",
-                          "train.sample_every=100", "train.eval_every=2", *EVAL))
+        cfg = tiny_config(run, prepared_phantoms, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=3",
+                          "train.sample_every=100", "train.eval_every=2", *EVAL)
+        train(cfg, eval_hook=hook_from_config(cfg))  # the hook the CLI builds from the config's eval section
     return run
 
 
@@ -163,7 +163,7 @@ def test_best_row_upsert_and_pruned_best(tmp_path: Path, caplog: pytest.LogCaptu
 
 def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> None:
     from dinodiff.config import load_config
-    from dinodiff.evaluate.sweep import hook_from_config
+    from dinodiff.evaluate.fid.sweep import hook_from_config
 
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.eval_every=10", "data.cache=somewhere"])
     with pytest.raises(ValueError, match="eval.real="):

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, tiny_config
-from dinodiff.checkpointing import latest_checkpoint, list_checkpoints
-from dinodiff.train import Trainer, TrainingDiverged, train
+from dinodiff.runs import latest_checkpoint, list_checkpoints
+from dinodiff.train.trainer import Trainer, TrainingDiverged, train
 
 
 def _unet_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

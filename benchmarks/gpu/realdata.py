@@ -24,10 +24,11 @@ from PIL import Image
 from dinodiff.cache import build_cache
 from dinodiff.config import load_config
 from dinodiff.data.sources import iter_sources
-from dinodiff.evaluate.fid import fid_from_features
-from dinodiff.evaluate.segment import expand_models, segment
-from dinodiff.generate import GenerateSettings, generate_dataset
-from dinodiff.train import train
+from dinodiff.evaluate.fid.stage import fid_from_features
+from dinodiff.evaluate.segment.stage import expand_models, segment
+from dinodiff.generate.plan import GenerateSettings
+from dinodiff.generate.stage import generate_dataset
+from dinodiff.train.trainer import train
 
 logger = logging.getLogger("gpu-evidence")
 PRESET = Path(__file__).resolve().parents[2] / "src" / "dinodiff" / "configs" / "gpu-cxr256.yaml"

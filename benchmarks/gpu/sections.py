@@ -228,9 +228,9 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
     """(c) DiffSeg through the project's segment code path on the sd15 UNet (random), seconds per image."""
     from diffusers import AutoencoderKL
 
-    from dinodiff.evaluate.attention import dinodiff_model
-    from dinodiff.evaluate.seg_data import load_cases
-    from dinodiff.evaluate.segment import Cell, segment_cases
+    from dinodiff.evaluate.segment.attention import dinodiff_model
+    from dinodiff.evaluate.segment.data import load_cases
+    from dinodiff.evaluate.segment.stage import Cell, segment_cases
     from dinodiff.models.autoencoders import LatentAutoencoder
     from dinodiff.models.encoders import load_encoder
     from dinodiff.models.projection import ConditionProjection

@@ -124,13 +124,15 @@ def train(
     config.yaml, metrics.csv, TensorBoard logs, samples/ and checkpoints/; a killed run resumes
     from its newest checkpoint when started again.
     """
-    from dinodiff.train import TrainingDiverged, train as run_train
+    from dinodiff.evaluate.fid.sweep import hook_from_config
+    from dinodiff.train import TrainingDiverged
+    from dinodiff.train import train as run_train
 
     cfg = _load(config, overrides)
     if resume is not None:
         cfg.train.resume = resume
-    try:
-        run_dir = run_train(cfg)
+    try:  # with train.eval_every > 0, checkpoints are scored by FID as the config's `eval` section says
+        run_dir = run_train(cfg, eval_hook=hook_from_config(cfg) if cfg.train.eval_every else None)
     except TrainingDiverged as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
@@ -183,8 +185,9 @@ def generate(
     """
     import logging
 
-    from dinodiff.generate import GenerateSettings, generate_dataset
-    from dinodiff.generate_io import resolve_model
+    from dinodiff.generate.plan import GenerateSettings
+    from dinodiff.generate.stage import generate_dataset
+    from dinodiff.runs import resolve_model
     from dinodiff.models.factory import check_model_source
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -237,8 +240,8 @@ def fid(
 
     The result names the extractor, its feature tap and weights: FIDs on different taps are not comparable.
     """
-    from dinodiff.evaluate.features import MissingWeights
-    from dinodiff.evaluate.fid import fid as run_fid
+    from dinodiff.evaluate.fid.features import MissingWeights
+    from dinodiff.evaluate.fid.stage import fid as run_fid
 
     try:
         result = run_fid(real, fake, extractor=extractor, weights=weights, num_samples=num_samples or None,
@@ -279,8 +282,8 @@ def sweep(
     """
     import logging
 
-    from dinodiff.evaluate.features import MissingWeights
-    from dinodiff.evaluate.sweep import sweep as run_sweep
+    from dinodiff.evaluate.fid.features import MissingWeights
+    from dinodiff.evaluate.fid.sweep import sweep as run_sweep
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # one line per checkpoint
     try:
@@ -324,7 +327,7 @@ def segment(
     """
     import logging
 
-    from dinodiff.evaluate.segment import segment as run_segment
+    from dinodiff.evaluate.segment.stage import segment as run_segment
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_config  # noqa: E402
-from dinodiff.train import Trainer  # noqa: E402
+
+from dinodiff.train.trainer import Trainer  # noqa: E402
 
 shards, run_dir, sleep_s, overrides = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
 scores = itertools.count(10, -1)  # each evaluation scores better than the one before

@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_config  # noqa: E402
-from dinodiff.train import Trainer  # noqa: E402
+
+from dinodiff.train.trainer import Trainer  # noqa: E402
 
 shards, run_dir = sys.argv[1], Path(sys.argv[2])
 trainer = Trainer(tiny_config(run_dir, Path(shards), "train.max_steps=4", "train.checkpoint_every=2",

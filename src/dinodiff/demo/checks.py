@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.data.sources import iter_sources
-from dinodiff.evaluate.fid import fid_from_features
-from dinodiff.generate import generate_reconstructions, item_seed
-from dinodiff.generate_io import load_pipeline
+from dinodiff.evaluate.fid.stage import fid_from_features
+from dinodiff.generate.plan import item_seed
+from dinodiff.generate.sample import generate_reconstructions
+from dinodiff.generate.sample import load_pipeline
 from dinodiff.pipeline import DiNODiffusionPipeline
-from dinodiff.previews import interpolation_strip, save_rows
+from dinodiff.generate.previews import interpolation_strip, save_rows
 
 logger = logging.getLogger(__name__)
 STRIP_R = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.demo import stages
 from dinodiff.demo.checks import learning_checks
 from dinodiff.demo.settings import DemoSettings

@@ -14,18 +14,19 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dinodiff.cache import build_cache
-from dinodiff.checkpointing import latest_checkpoint
+from dinodiff.runs import latest_checkpoint
 from dinodiff.config import load_config
 from dinodiff.data.phantoms import write_phantoms
 from dinodiff.encoder.pretrain import pretrain_encoder
 from dinodiff.encoder.probe import ProbeSettings, probe_encoders
 from dinodiff.encoder.settings import load_encoder_settings
 from dinodiff.evaluate.classify import classify, load_settings
-from dinodiff.evaluate.segment import segment
-from dinodiff.generate import GenerateSettings, generate_dataset
+from dinodiff.evaluate.segment.stage import segment
+from dinodiff.generate.plan import GenerateSettings
+from dinodiff.generate.stage import generate_dataset
 from dinodiff.prepare import prepare
 from dinodiff.report import build_report
-from dinodiff.train import train
+from dinodiff.train.trainer import train
 
 from dinodiff.demo.settings import DemoSettings
 from dinodiff.demo.summary import add_downstream

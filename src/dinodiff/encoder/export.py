@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.encoder.dino import DINONet
 from dinodiff.models.encoders import load_encoder
 

@@ -29,7 +29,7 @@ from lightly.loss.capi_loss import sinkhorn_knopp
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dinodiff import checkpointing as ckpt
+from dinodiff import runs as ckpt
 from dinodiff.config import save_config
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images

@@ -1,8 +1,4 @@
-"""Evaluation of generated images: FID/KID on XRV (default), Inception, DINOv2 or RAD-DINO features
-(`evaluate.fid`), and the checkpoint sweep that picks a run's best checkpoint (`evaluate.sweep`)."""
-
-from dinodiff.evaluate.features import EXTRACTORS, FeatureExtractor, build_extractor
-from dinodiff.evaluate.fid import fid_from_features, frechet_distance, kid_from_features
-
-__all__ = ["EXTRACTORS", "FeatureExtractor", "build_extractor", "fid_from_features", "frechet_distance",
-           "kid_from_features"]
+"""Evaluations, one subpackage each, none importing another: `fid` (FID/KID and the checkpoint sweep),
+`segment` (zero-shot lung segmentation by DiffSeg), `classify` (downstream classifiers with synthetic data)
+and `audit` (privacy audit). Each writes a `results.json` that `dinodiff.report` reads (schema:
+`dinodiff.report`), so the report never imports evaluation code."""

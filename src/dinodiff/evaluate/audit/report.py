@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 import dinodiff
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.evaluate.audit import stats
 

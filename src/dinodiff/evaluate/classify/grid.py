@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 
 from dinodiff.evaluate.classify.classifier import Part, fit_and_test
 from dinodiff.evaluate.classify.images import ImageSet, load_real, load_synthetic

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.data.shards import decode_png
 from dinodiff.data.sources import SourceImage, iter_sources, label_names
 

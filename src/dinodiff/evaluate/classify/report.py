@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dinodiff.checkpointing import write_json_atomic
+from dinodiff.runs import write_json_atomic
 from dinodiff.data.shards import write_bytes_atomic
 
 from dinodiff.evaluate.classify.settings import ClassifySettings

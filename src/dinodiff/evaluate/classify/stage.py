@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dinodiff.checkpointing import write_json_atomic
-from dinodiff.generate import GenerateSettings, generate_dataset
-from dinodiff.generate_io import resolve_model
+from dinodiff.runs import write_json_atomic
+from dinodiff.generate.plan import GenerateSettings
+from dinodiff.generate.stage import generate_dataset
+from dinodiff.runs import resolve_model
 
 from dinodiff.evaluate.classify.grid import GRID_FILE, plan_cells, run_cells, synthetic_folder
 from dinodiff.evaluate.classify.images import ImageSet, load_real, load_synthetic, source_options

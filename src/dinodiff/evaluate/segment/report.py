@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dinodiff.data.shards import write_bytes_atomic
-from dinodiff.evaluate.seg_metrics import hungarian_scores, mean_sd
+from dinodiff.evaluate.segment.metrics import hungarian_scores, mean_sd
 
 COMBINED = "combined"
 PRIMARY = ("hungarian", "both")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dinodiff.data.shards import open_shard
-from dinodiff.evaluate.features import center_crop_resize
+from dinodiff.evaluate.fid.features import center_crop_resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 

@@ -18,8 +18,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from dinodiff.evaluate.features import FeatureExtractor, build_extractor
-from dinodiff.evaluate.images import ImageRef, fingerprint, iter_images, list_images, select
+from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
+from dinodiff.evaluate.fid.images import ImageRef, fingerprint, iter_images, list_images, select
 
 logger = logging.getLogger("dinodiff.evaluate")
 CACHE_VERSION = 1

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from dinodiff.generate import generate_reconstructions, item_seed, sample_batches
+from dinodiff.generate.plan import item_seed
+from dinodiff.generate.sample import generate_reconstructions, sample_batches
 from dinodiff.interpolate import mix
 from dinodiff.pipeline import DiNODiffusionPipeline
 

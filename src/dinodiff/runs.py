@@ -1,4 +1,5 @@
-"""Checkpoint folders of a run: atomic writes, discovery of the newest complete one, keep-last-K.
+"""The RUN/ layout: checkpoint folders (atomic, newest complete one, keep-last-K), best/, and resolving a
+run, checkpoint or model folder to the model folder a stage loads.
 
 Layout of ``RUN/checkpoints/checkpoint-STEP/``: accelerate's state (model, optimizer, lr scheduler,
 RNG), ``trainer/`` (step, EMA weights, per-rank noise-generator states) and ``model/`` (an
@@ -151,3 +152,17 @@ def promote_to_best(run_dir: Path, model_folder: Path, record: dict) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def resolve_model(model: str | Path) -> str:
+    """A run folder -> its newest checkpoint's model/; a checkpoint folder -> its model/; anything else as given."""
+    path = Path(model)
+    if (path / "checkpoints").is_dir() and not (path / "model_index.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint yet.")
+        logger.info("using the newest checkpoint of %s: %s", path, found)
+        return str(found / "model")
+    if (path / "model").is_dir() and (path / "trainer").is_dir():
+        return str(path / "model")
+    return str(model)

@@ -40,12 +40,13 @@ from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from dinodiff import checkpointing as ckpt
+from dinodiff import runs
 from dinodiff.config import save_config
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
-from dinodiff.train_data import TrainData, check_data_config
+from dinodiff.train.data import TrainData, check_data_config
+from dinodiff.train.samples import save_reconstruction_grid
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -158,11 +159,11 @@ class Trainer:
         acc, tcfg = self.accelerator, self.cfg.train
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_staging(self.run_dir)
+            runs.remove_stale_staging(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self._wait_for_main()
         self._maybe_resume()
-        metrics = ckpt.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
+        metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
             metrics.truncate_after(self.step)
             acc.init_trackers("dinodiff")
@@ -267,9 +268,9 @@ class Trainer:
     def _save_checkpoint(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        staging = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.TMP_PREFIX}{self.step}"
+        staging = runs.checkpoint_dir(self.run_dir) / f"{runs.TMP_PREFIX}{self.step}"
         if acc.is_main_process:
-            ckpt.staging_dir(self.run_dir, self.step)
+            runs.staging_dir(self.run_dir, self.step)
         self._wait_for_main()
         acc.save_state(str(staging))
         trainer_dir = staging / "trainer"
@@ -284,9 +285,9 @@ class Trainer:
         final = staging.parent / f"checkpoint-{self.step}"
         if acc.is_main_process:
             # state.json last: its presence marks the checkpoint complete.
-            ckpt.write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
-            final = ckpt.commit(staging, self.step)
-            ckpt.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
+            runs.write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
+            final = runs.commit(staging, self.step)
+            runs.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
             logger.info("saved %s", final)
         self._wait_for_main()
         return final
@@ -312,7 +313,7 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         acc = self.accelerator
-        resumed = ckpt.load_resume_state(acc, self.run_dir, self.cfg.train.resume)
+        resumed = runs.load_resume_state(acc, self.run_dir, self.cfg.train.resume)
         if resumed is None:
             return
         found, state = resumed
@@ -348,8 +349,6 @@ class Trainer:
     def _sample_grid(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        from dinodiff.train_data import save_reconstruction_grid
-
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         with self._ema_weights(model), torch.no_grad():
@@ -366,9 +365,9 @@ class Trainer:
         scores = self.eval_hook(checkpoint / "model", self.step)
         best_file = self.run_dir / "best" / "best.json"
         name, value = next(iter(scores.items()))
-        previous = ckpt.read_json(best_file) if best_file.is_file() else None
+        previous = runs.read_json(best_file) if best_file.is_file() else None
         if previous is None or value < previous["value"]:
-            ckpt.promote_to_best(self.run_dir, checkpoint / "model",
+            runs.promote_to_best(self.run_dir, checkpoint / "model",
                                  {"step": self.step, "metric": name, "value": value, "scores": scores})
         self.accelerator.log(scores, step=self.step)
 
@@ -376,10 +375,7 @@ class Trainer:
 def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:
     """Train (or resume) the run described by `cfg`; returns the run folder.
 
-    With train.eval_every > 0 and no `eval_hook`, checkpoints are scored by FID as the `eval` section says.
+    With train.eval_every > 0, `eval_hook` scores each such checkpoint (the CLI builds the FID hook from the
+    config's `eval` section: `evaluate.fid.sweep.hook_from_config`).
     """
-    if eval_hook is None and cfg.train.eval_every:
-        from dinodiff.evaluate.sweep import hook_from_config
-
-        eval_hook = hook_from_config(cfg)
     return Trainer(cfg, eval_hook=eval_hook).run()

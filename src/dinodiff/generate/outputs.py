@@ -17,37 +17,14 @@ import torch
 import dinodiff
 from dinodiff.data.shards import decode_png, write_bytes_atomic
 from dinodiff.data.sources import SourceImage, iter_sources
-from dinodiff.generate import SOURCES_FILE, GenerateSettings, Item, encode_sources, image_path
+from dinodiff.generate.plan import SOURCES_FILE, GenerateSettings, Item, image_path
+from dinodiff.generate.previews import save_interpolation_strips, save_rows
+from dinodiff.generate.sample import encode_sources
 from dinodiff.pipeline import DiNODiffusionPipeline
 
 logger = logging.getLogger("dinodiff.generate")
 
 PROVENANCE_FILE, LABELS_FILE, PREVIEW_FILE = "provenance.json", "labels.csv", "preview.png"
-
-
-def resolve_model(model: str | Path) -> str:
-    """A run folder -> its newest checkpoint's model/; a checkpoint folder -> its model/; anything else as given."""
-    path = Path(model)
-    if (path / "checkpoints").is_dir() and not (path / "model_index.json").is_file():
-        from dinodiff.checkpointing import latest_checkpoint
-
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint yet.")
-        logger.info("using the newest checkpoint of %s: %s", path, found)
-        return str(found / "model")
-    if (path / "model").is_dir() and (path / "trainer").is_dir():
-        return str(path / "model")
-    return str(model)
-
-
-def load_pipeline(model: str | Path, scheduler: str, device: torch.device | str) -> DiNODiffusionPipeline:
-    """The pipeline of a model folder / hub id with the named sampling scheduler (see sampling.SCHEDULERS)."""
-    from dinodiff.sampling import inference_scheduler
-
-    pipeline = DiNODiffusionPipeline.from_pretrained(str(model))
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, scheduler)
-    return pipeline.to(device)
 
 
 def _jsonable(value: Any) -> Any:
@@ -163,8 +140,6 @@ def write_outputs(out: Path, items: list[Item], sources: list[SourceImage], name
 def write_preview(out: Path, items: list[Item], sources: list[SourceImage], settings: GenerateSettings,
                   pipeline: DiNODiffusionPipeline, source: str | Path, rows: int) -> Path:
     """Reconstruction: sources and their first generated images. Interpolation: A, r = 0 ... 1, B strips."""
-    from dinodiff.previews import save_interpolation_strips, save_rows
-
     firsts: dict[tuple[int, Optional[int]], list[Item]] = {}
     for it in items:
         if (it.a, it.b) in firsts or len(firsts) < rows:

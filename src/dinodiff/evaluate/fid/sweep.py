@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dinodiff import checkpointing as ckpt
-from dinodiff.evaluate.features import FeatureExtractor, build_extractor, resolve_device
-from dinodiff.evaluate.fid import cached_features, extract_features, scores
-from dinodiff.evaluate.images import list_images, load_images, select
+from dinodiff import runs
+from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
+from dinodiff.evaluate.fid.images import list_images, load_images, select
+from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
 
 logger = logging.getLogger("dinodiff.evaluate")
 
@@ -124,7 +124,7 @@ class CheckpointScorer:
 def load_pipeline(model_folder: str | Path, device: torch.device, scheduler: str = "dpm"):
     """The checkpoint's DiNODiffusionPipeline with `dinodiff generate`'s default sampler, so the sweep scores what
     generation makes."""
-    from dinodiff.generate_io import load_pipeline as load
+    from dinodiff.generate.sample import load_pipeline as load
 
     pipe = load(model_folder, scheduler, device)
     pipe.set_progress_bar_config(disable=True)
@@ -134,7 +134,7 @@ def load_pipeline(model_folder: str | Path, device: torch.device, scheduler: str
 def reconstruct(pipe, sources: torch.Tensor, *, per_source: int, seed: int, steps: int,
                 batch_size: int) -> torch.Tensor:
     """`per_source` reconstructions of each source (the paper's strategy), (N * per_source, 1, H, W) in [0, 1]."""
-    from dinodiff.generate import generate_reconstructions
+    from dinodiff.generate.sample import generate_reconstructions
 
     return generate_reconstructions(pipe, sources, per_source=per_source, seed=seed, batch_size=batch_size,
                                     num_inference_steps=steps)
@@ -217,7 +217,7 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
     key = f"{best['extractor']}:{best['tap']}"
     best_json = run_dir / "best" / "best.json"
     if best_json.is_file():
-        current = ckpt.read_json(best_json)
+        current = runs.read_json(best_json)
         if int(current.get("step", -1)) == int(best["step"]) and current.get("scores", {}).get("extractor") == key:
             return run_dir / "best"
     if not folder.is_dir():
@@ -226,7 +226,7 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
         return None
     fields = {"fid": float(best["fid"]), "kid_mean": float(best["kid_mean"]), "kid_std": float(best["kid_std"]),
               "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"])}
-    return ckpt.promote_to_best(run_dir, folder, {"step": int(best["step"]), "metric": "fid",
+    return runs.promote_to_best(run_dir, folder, {"step": int(best["step"]), "metric": "fid",
                                                   "value": float(best["fid"]), "scores": fields})
 
 
@@ -238,9 +238,9 @@ def sweep(run_dir: str | Path, *, force: bool = False, update_best: bool = True,
     Returns {"rows", "best", "csv", "plot", "best_dir"}.
     """
     run_dir = Path(run_dir)
-    checkpoints = ckpt.list_checkpoints(run_dir)
+    checkpoints = runs.list_checkpoints(run_dir)
     if not checkpoints:
-        raise FileNotFoundError(f"No complete checkpoints under {ckpt.checkpoint_dir(run_dir)}; train first "
+        raise FileNotFoundError(f"No complete checkpoints under {runs.checkpoint_dir(run_dir)}; train first "
                                 "(`dinodiff train ...`) or point at a run folder.")
     scorer = CheckpointScorer(run_dir, **scorer_kwargs)
     expected = scorer.expected_settings()

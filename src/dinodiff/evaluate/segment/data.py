@@ -17,7 +17,7 @@ import numpy as np
 from dinodiff.data.datasets import Record, _by_stem, _images_in, detect_kind, discover, make_id
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import UnreadableImage
-from dinodiff.evaluate.seg_metrics import split_lungs
+from dinodiff.evaluate.segment.metrics import split_lungs
 from dinodiff.prepare import _load, _load_mask  # the same reading rules as the shards
 
 log = logging.getLogger(__name__)

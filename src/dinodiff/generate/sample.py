@@ -1,0 +1,52 @@
+"""Low-level sampling shared by the generate stage, the checkpoint sweep and the training grids.
+
+A pipeline with a chosen sampler, the sources' c_GLB, and images drawn one generator per item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from dinodiff.generate.plan import item_seed
+from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.sampling import inference_scheduler
+
+
+def load_pipeline(model: str | Path, scheduler: str, device: torch.device | str) -> DiNODiffusionPipeline:
+    """The pipeline of a model folder / hub id with the named sampling scheduler (see sampling.SCHEDULERS)."""
+    pipeline = DiNODiffusionPipeline.from_pretrained(str(model))
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, scheduler)
+    return pipeline.to(device)
+
+
+def sample_batches(pipeline: DiNODiffusionPipeline, c_glb: torch.Tensor, seeds: Sequence[int], *, batch_size: int,
+                   num_inference_steps: int = 25, guidance_scale: float = 1.0) -> Iterator[torch.Tensor]:
+    """Images (b, 1, H, W) in [0, 1] for consecutive slices of `batch_size` conditions, one generator per item."""
+    for start in range(0, len(seeds), batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
+        yield pipeline(c_glb=c_glb[start:start + batch_size], generator=gens, num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, output_type="pt").images
+
+
+@torch.no_grad()
+def encode_sources(pipeline: DiNODiffusionPipeline, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """c_GLB (N, S, N_tok) of source images (N, 1, H, W) in [0, 1], on the CPU."""
+    return torch.cat([pipeline.encode_images(images[i:i + batch_size]).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def generate_reconstructions(pipeline: DiNODiffusionPipeline, images: torch.Tensor, per_source: int, seed: int,
+                             batch_size: int, *, num_inference_steps: int = 25,
+                             guidance_scale: float = 1.0) -> torch.Tensor:
+    """`per_source` variations of each image, source-major: (N * per_source, 1, H, W) in [0, 1], on the CPU.
+
+    Variation j of source s is item s * per_source + j of `dinodiff generate --strategy reconstruction` with
+    the same seed, so the two give the same images.
+    """
+    c_glb = encode_sources(pipeline, images, batch_size).repeat_interleave(per_source, dim=0)
+    seeds = [item_seed(seed, i) for i in range(len(c_glb))]
+    return torch.cat(list(sample_batches(pipeline, c_glb, seeds, batch_size=batch_size,
+                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)))
