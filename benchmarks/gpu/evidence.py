@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dinodiff.runs import write_json_atomic
+from dinodiff.files import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8

@@ -30,8 +30,8 @@ import dinodiff
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover, read_jsrt_raw
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, read_grey, to_uint8
-from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, shard_path, sidecar_path,
-                                  write_bytes_atomic, write_shard)
+from dinodiff.data.shards import SHARD_DIR, encode_json, encode_png, file_digest, shard_path, sidecar_path, write_shard
+from dinodiff.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -107,12 +107,6 @@ def remove_stale_staging(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 class MetricsLog:
     """Append-only ``metrics.csv``; on resume, rows after the resumed step are dropped."""
 

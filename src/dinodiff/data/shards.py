@@ -220,19 +220,6 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> None:
             tmp.unlink()
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write a small file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, fields = None, {}
     for member in tar:

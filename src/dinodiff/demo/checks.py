@@ -24,14 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinodiff.runs import write_json_atomic
 from dinodiff.data.sources import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
+from dinodiff.files import write_json_atomic
 from dinodiff.generate.plan import item_seed
-from dinodiff.generate.sample import generate_reconstructions
-from dinodiff.generate.sample import load_pipeline
-from dinodiff.pipeline import DiNODiffusionPipeline
 from dinodiff.generate.previews import interpolation_strip, save_rows
+from dinodiff.generate.sample import generate_reconstructions, load_pipeline
+from dinodiff.pipeline import DiNODiffusionPipeline
 
 logger = logging.getLogger(__name__)
 STRIP_R = (0.0, 0.25, 0.5, 0.75, 1.0)

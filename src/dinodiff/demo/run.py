@@ -15,10 +15,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dinodiff.runs import write_json_atomic
 from dinodiff.demo import stages
 from dinodiff.demo.checks import learning_checks
 from dinodiff.demo.settings import DemoSettings
+from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 console = Console()

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dinodiff.runs import write_json_atomic
+from dinodiff.files import write_json_atomic
 
 AUC_MARGIN = 0.6  # "clearly above 0.5": the real-only baseline's mean AUC over folds reaches this
 SEGMENT_METHODS = ("diffseg", "prior", "otsu", "position")

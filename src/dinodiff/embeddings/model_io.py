@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dinodiff.data.shards import write_bytes_atomic
+from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
 
 logger = logging.getLogger(__name__)

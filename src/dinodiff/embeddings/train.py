@@ -20,11 +20,12 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from dinodiff.runs import commit, latest_checkpoint, MetricsLog, prune, remove_stale_staging, staging_dir, write_json_atomic
 from dinodiff.embeddings.data import CachedEmbeddings, label_names, multi_hot, read_cached_embeddings
 from dinodiff.embeddings.metrics import embedding_report
 from dinodiff.embeddings.model_io import EmbeddingModel, load_embedding_model, sample_embeddings, save_embedding_model
+from dinodiff.files import write_json_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
+from dinodiff.runs import MetricsLog, commit, latest_checkpoint, prune, remove_stale_staging, staging_dir
 
 logger = logging.getLogger(__name__)
 

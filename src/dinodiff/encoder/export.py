@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from dinodiff.runs import write_json_atomic
 from dinodiff.encoder.dino import DINONet
+from dinodiff.files import write_json_atomic
 from dinodiff.models.encoders import load_encoder
 
 logger = logging.getLogger(__name__)

@@ -29,15 +29,23 @@ from lightly.loss.capi_loss import sinkhorn_knopp
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dinodiff import runs as ckpt
+from dinodiff import runs
 from dinodiff.config import save_config
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images
-from dinodiff.encoder.dino import (build_student_teacher, ema_update, lr_factor, momentum_at, param_groups,
-                                   set_teacher_mode, teacher_temp_at)
+from dinodiff.encoder.dino import (
+    build_student_teacher,
+    ema_update,
+    lr_factor,
+    momentum_at,
+    param_groups,
+    set_teacher_mode,
+    teacher_temp_at,
+)
 from dinodiff.encoder.export import save_encoder_folder, settings_record
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed, teacher_stats
 from dinodiff.encoder.settings import EncoderPretrainSettings, to_container
+from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +107,14 @@ class EncoderPretrainer:
         acc, s = self.accelerator, self.s
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_staging(self.run_dir)
+            runs.remove_stale_staging(self.run_dir)
             save_config(to_container(s), self.run_dir / "config.yaml")
             if not (self.run_dir / "encoder-init").is_dir() and self.step == 0:
                 save_encoder_folder(acc.unwrap_model(self.student), self.run_dir / "encoder-init",
                                     s.backbone.image_size, self._provenance(step=0))
         acc.wait_for_everyone()
         self._maybe_resume()
-        metrics = ckpt.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
+        metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
             metrics.truncate_after(self.step)
             acc.init_trackers("dinodiff-encoder")
@@ -194,7 +202,7 @@ class EncoderPretrainer:
         q = sinkhorn_knopp(logits, iterations=3, gather_distributed=True)
         return q.transpose(0, 1).clamp_min(1e-12)
 
-    def _log(self, metrics: ckpt.MetricsLog, row: dict) -> None:
+    def _log(self, metrics: runs.MetricsLog, row: dict) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             metrics.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -210,9 +218,9 @@ class EncoderPretrainer:
     def _save_checkpoint(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        staging = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.TMP_PREFIX}{self.step}"
+        staging = runs.checkpoint_dir(self.run_dir) / f"{runs.TMP_PREFIX}{self.step}"
         if acc.is_main_process:
-            ckpt.staging_dir(self.run_dir, self.step)
+            runs.staging_dir(self.run_dir, self.step)
         acc.wait_for_everyone()
         acc.save_state(str(staging))
         final = staging.parent / f"checkpoint-{self.step}"
@@ -225,17 +233,17 @@ class EncoderPretrainer:
             save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size,
                                 self._provenance(self.step))
             # state.json last: its presence marks the checkpoint complete.
-            ckpt.write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes,
+            write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes,
                                                                 "monitor_count": self.monitor.count})
-            final = ckpt.commit(staging, self.step)
-            ckpt.prune(self.run_dir, self.s.run.keep_last, protect=[final])
+            final = runs.commit(staging, self.step)
+            runs.prune(self.run_dir, self.s.run.keep_last, protect=[final])
             logger.info("saved %s", final)
         acc.wait_for_everyone()
         return final
 
     def _maybe_resume(self) -> None:
         acc = self.accelerator
-        resumed = ckpt.load_resume_state(acc, self.run_dir, self.s.run.resume)
+        resumed = runs.load_resume_state(acc, self.run_dir, self.s.run.resume)
         if resumed is None:
             return
         found, state = resumed

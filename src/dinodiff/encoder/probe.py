@@ -23,11 +23,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dinodiff.runs import write_json_atomic
-from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.data.sources import iter_sources
 from dinodiff.encoder.augment import global_views
 from dinodiff.encoder.settings import AugmentSettings
+from dinodiff.files import write_bytes_atomic, write_json_atomic
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.factory import resolve_encoder_path
 

@@ -15,8 +15,9 @@ from typing import Any, Optional
 import torch
 
 import dinodiff
-from dinodiff.data.shards import decode_png, write_bytes_atomic
+from dinodiff.data.shards import decode_png
 from dinodiff.data.sources import SourceImage, iter_sources
+from dinodiff.files import write_bytes_atomic
 from dinodiff.generate.plan import SOURCES_FILE, GenerateSettings, Item, image_path
 from dinodiff.generate.previews import save_interpolation_strips, save_rows
 from dinodiff.generate.sample import encode_sources

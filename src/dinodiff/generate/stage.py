@@ -22,9 +22,10 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from dinodiff.data.shards import encode_png, write_bytes_atomic
+from dinodiff.data.shards import encode_png
 from dinodiff.data.sources import label_names, positive_matrix
 from dinodiff.embeddings.generation import sampled_conditions
+from dinodiff.files import write_bytes_atomic
 from dinodiff.generate.outputs import read_or_encode_sources, start_provenance, write_outputs
 from dinodiff.generate.plan import GenerateSettings, image_path, item_conditions, plan_items
 from dinodiff.generate.sample import load_pipeline, sample_batches

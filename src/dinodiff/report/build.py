@@ -14,12 +14,19 @@ from typing import Any, Callable
 import yaml
 
 import dinodiff
-from dinodiff.data.shards import write_bytes_atomic
+from dinodiff.files import write_bytes_atomic
 from dinodiff.report.blocks import Missing, Section
 from dinodiff.report.discover import discover
 from dinodiff.report.render import render_html, render_markdown
-from dinodiff.report.sections import (config_section, fid_results_section, fid_section, generated_section,
-                                      results_section, samples_section, training_section)
+from dinodiff.report.sections import (
+    config_section,
+    fid_results_section,
+    fid_section,
+    generated_section,
+    results_section,
+    samples_section,
+    training_section,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from dinodiff import runs
 from dinodiff.config import save_config
+from dinodiff.files import write_json_atomic
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
@@ -285,7 +286,7 @@ class Trainer:
         final = staging.parent / f"checkpoint-{self.step}"
         if acc.is_main_process:
             # state.json last: its presence marks the checkpoint complete.
-            runs.write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
+            write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
             final = runs.commit(staging, self.step)
             runs.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
             logger.info("saved %s", final)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict
@@ -12,9 +11,8 @@ from typing import Any
 import numpy as np
 
 import dinodiff
-from dinodiff.runs import write_json_atomic
-from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.evaluate.audit import stats
+from dinodiff.files import write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

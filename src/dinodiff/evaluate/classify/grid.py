@@ -21,13 +21,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from dinodiff.runs import write_json_atomic
-
 from dinodiff.evaluate.classify.classifier import Part, fit_and_test
 from dinodiff.evaluate.classify.images import ImageSet, load_real, load_synthetic
 from dinodiff.evaluate.classify.settings import ClassifySettings
 from dinodiff.evaluate.classify.stats import macro_auc, per_label_auc
 from dinodiff.evaluate.classify.subsets import count_matched, read_subset
+from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,10 @@ from typing import Iterable, Optional
 import numpy as np
 from PIL import Image
 
-from dinodiff.runs import write_json_atomic
 from dinodiff.data.shards import decode_png
 from dinodiff.data.sources import SourceImage, iter_sources, label_names
-
 from dinodiff.evaluate.classify.settings import DataSettings
+from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from dinodiff.runs import write_json_atomic
-from dinodiff.data.shards import write_bytes_atomic
-
 from dinodiff.evaluate.classify.settings import ClassifySettings
 from dinodiff.evaluate.classify.stats import correct, mean_sd, paired_test, relative_improvement
+from dinodiff.files import write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

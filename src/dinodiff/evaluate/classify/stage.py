@@ -16,16 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dinodiff.runs import write_json_atomic
-from dinodiff.generate.plan import GenerateSettings
-from dinodiff.generate.stage import generate_dataset
-from dinodiff.runs import resolve_model
-
 from dinodiff.evaluate.classify.grid import GRID_FILE, plan_cells, run_cells, synthetic_folder
 from dinodiff.evaluate.classify.images import ImageSet, load_real, load_synthetic, source_options
 from dinodiff.evaluate.classify.report import write_report
 from dinodiff.evaluate.classify.settings import ClassifySettings, to_dict
 from dinodiff.evaluate.classify.subsets import NONE_STRATUM, build_subsets, read_subset
+from dinodiff.files import write_json_atomic
+from dinodiff.generate.plan import GenerateSettings
+from dinodiff.generate.stage import generate_dataset
+from dinodiff.runs import resolve_model
 
 logger = logging.getLogger(__name__)
 

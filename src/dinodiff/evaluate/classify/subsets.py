@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from dinodiff.data.shards import write_bytes_atomic
+from dinodiff.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

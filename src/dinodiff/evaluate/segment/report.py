@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.evaluate.segment.metrics import hungarian_scores, mean_sd
+from dinodiff.files import write_bytes_atomic
 
 COMBINED = "combined"
 PRIMARY = ("hungarian", "both")

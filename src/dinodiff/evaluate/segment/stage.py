@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinodiff.data.shards import write_bytes_atomic
 from dinodiff.evaluate.segment import report as seg_report
 from dinodiff.evaluate.segment.attention import CONDITIONS, AttentionModel, capture_attention, load_attention_model
 from dinodiff.evaluate.segment.data import SegCase, load_cases
 from dinodiff.evaluate.segment.diffseg import THRESHOLD_MODES, aggregate_attention, attention_entropy, diffseg, map_side
 from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans, score_labels
+from dinodiff.files import write_bytes_atomic
 from dinodiff.runs import list_checkpoints
 
 log = logging.getLogger("dinodiff.segment")
