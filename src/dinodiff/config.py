@@ -7,6 +7,7 @@ and choices. The resolved config is saved with every run as ``config.yaml``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -15,6 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -26,6 +28,10 @@ class EncoderConfig:
     library: str = "auto"  # auto | transformers | timm
     tokens: Optional[list[str]] = None  # subset of cls / pooler / registers; None = the family default
     image_size: Optional[int] = None  # None = the encoder's own resolution
+    # Used instead of name_or_path when that is a local folder that does not exist yet (cpu-small prefers the
+    # output of `dinodiff pretrain-encoder --config cpu-encoder`, else the random ViT). The choice is made once,
+    # when the config is loaded, and saved in the run's config.yaml; a resumed run keeps the encoder it began with.
+    fallback: Optional[str] = None
 
 
 @dataclass
@@ -207,8 +213,30 @@ def merge_preset(schema: type, source: str | Path | None = None, overrides: Sequ
 
 
 def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated."""
-    return merge_preset(Config, source, overrides, _CHOICES)
+    """Defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated; the encoder chosen."""
+    cfg = merge_preset(Config, source, overrides, _CHOICES)
+    choose_encoder(cfg)
+    return cfg
+
+
+def choose_encoder(cfg: DictConfig) -> None:
+    """Settle ``model.encoder.name_or_path`` when a ``fallback`` is given (see EncoderConfig.fallback).
+
+    A run that already has a config.yaml keeps the encoder recorded there, so resuming never swaps encoders.
+    """
+    enc = cfg.model.encoder
+    if not enc.fallback:
+        return
+    saved = Path(cfg.train.run_dir) / "config.yaml"
+    recorded = OmegaConf.select(OmegaConf.load(saved), "model.encoder.name_or_path") if saved.is_file() else None
+    if recorded:
+        chosen, why = recorded, f"recorded in {saved}"
+    elif Path(enc.name_or_path).expanduser().is_dir():
+        chosen, why = enc.name_or_path, "found"
+    else:
+        chosen, why = enc.fallback, f"{enc.name_or_path} not found (run `dinodiff pretrain-encoder` to make it)"
+    logger.info("encoder: %s (%s)", chosen, why)
+    enc.name_or_path, enc.fallback = chosen, None
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
