@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinodiff.data.datasets import (
-    MIMIC_LABELS, detect_kind, discover, is_image_file, make_id, read_jsrt_raw,
-)
+from dinodiff.data.datasets import MIMIC_LABELS, detect_kind, discover, is_image_file, make_id
 from dinodiff.data.phantoms import write_phantoms
+from dinodiff.data.readers import read_jsrt_raw
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # what a WebDataset key may be made of here
 

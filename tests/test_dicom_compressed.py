@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dinodiff.data.readers import UnreadableImage, load_grey_uint8, read_grey
+from dinodiff.data.readers import UnreadableImage, load_image, read_grey
 
 
 def _radiograph(bits: int, size: int = 64) -> np.ndarray:
@@ -129,7 +129,7 @@ def test_compressed_dicom_reads_back_the_encoded_pixels(compressed, name):
     if tolerance == 0:
         np.testing.assert_array_equal(arr, original.astype(np.float32))
     # and the uint8 image prepare would shard is the min-max rescale of those values
-    u8, _ = load_grey_uint8(path)
+    u8, _ = load_image(path)
     assert u8.dtype == np.uint8 and u8.min() == 0 and u8.max() == 255
 
 

@@ -19,7 +19,7 @@ from test_datasets import make_fake_jsrt, make_fake_mimic
 
 import dinodiff.prepare as prep
 from dinodiff.data.preprocess import CropInfo, preprocess_image, preprocess_mask
-from dinodiff.data.readers import load_grey_uint8, read_grey
+from dinodiff.data.readers import load_image, read_grey
 from dinodiff.data.shards import list_shards, read_samples
 from dinodiff.prepare import NothingUsable, prepare
 
@@ -75,7 +75,7 @@ def test_mixed_folder_gives_readable_shards_rejects_and_consistent_manifest(refe
 
 def test_shard_images_equal_preprocess_image_of_the_source(reference):
     for s in read_samples(reference):
-        img, _ = load_grey_uint8(s["json"]["path"])
+        img, _ = load_image(s["json"]["path"])
         want, info = preprocess_image(img, size=128)
         np.testing.assert_array_equal(s["image"], want)
         assert info.to_json()["crop_box"] == s["json"]["crop_box"]

@@ -17,7 +17,7 @@ from dinodiff.data.preprocess import (
     preprocess_image,
     preprocess_mask,
 )
-from dinodiff.data.readers import UnreadableImage, load_grey_uint8
+from dinodiff.data.readers import UnreadableImage, load_image
 
 RNG = np.random.default_rng(1)
 
@@ -149,13 +149,13 @@ REAL_BORDER_FREE = ["3a81faf3.jpg", "f6d980a0.jpg", "4fcafe41.jpg", "6646071b.jp
 def test_real_images_give_512_uint8_and_border_free_ones_keep_95_percent(shared_data):
     images = shared_data / "cxr-covid" / "images"
     for name in REAL_BORDER_FREE:  # flat, low-contrast edges that a loose rule would eat
-        img, _ = load_grey_uint8(images / name)
+        img, _ = load_image(images / name)
         out, info = preprocess_image(img)
         assert out.shape == (512, 512) and out.dtype == np.uint8
         t, l, b, r = info.content_box
         assert (b - t) * (r - l) >= 0.95 * img.size, (name, info.content_box)
     # A letterboxed film (black bands top and bottom) loses its bands.
-    img, _ = load_grey_uint8(images / "16708_5_1.jpg")
+    img, _ = load_image(images / "16708_5_1.jpg")
     out, info = preprocess_image(img)
     t, l, b, r = info.content_box
     assert t > 100 and img.shape[0] - b > 150 and out.shape == (512, 512)
@@ -174,7 +174,7 @@ def _reference_mask(mask: np.ndarray, info: CropInfo) -> np.ndarray:
 
 def _check_real_pairs(pairs, size: int = 256) -> None:
     for img_path, mask in pairs:
-        img, _ = load_grey_uint8(img_path)
+        img, _ = load_image(img_path)
         assert mask.shape == img.shape
         out, info = preprocess_image(img, size=size)
         pm = preprocess_mask(mask, info)

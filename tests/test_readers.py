@@ -14,7 +14,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from dinodiff.data.readers import UnreadableImage, load_grey_uint8, read_grey, to_uint8
+from dinodiff.data.readers import UnreadableImage, load_image, read_grey, to_uint8
+from dinodiff.data.sources import iter_sources
+from dinodiff.evaluate.fid.images import iter_images, list_images
 
 RNG = np.random.default_rng(0)
 
@@ -70,7 +72,7 @@ def test_16bit_png_is_read_as_uint16_and_rescaled_to_full_uint8_range(tmp_path):
     assert u8.dtype == np.uint8 and u8.min() == 0 and u8.max() == 255
     assert np.all(np.diff(u8.ravel().astype(int)) >= 0)  # monotone ramp stays monotone
     assert abs(int(u8.ravel()[len(u8.ravel()) // 2]) - 128) <= 1
-    u8b, meta_b = load_grey_uint8(tmp_path / "a.png")
+    u8b, meta_b = load_image(tmp_path / "a.png")
     assert np.array_equal(u8, u8b) and meta_b["uint8_rule"] == "minmax"
 
 
@@ -133,7 +135,7 @@ def test_real_cxr_covid_files_of_each_mode_read_as_2d_uint8(shared_data):
         with Image.open(p) as im:
             mode = im.mode
         if mode not in meta_by_mode:
-            arr, meta = load_grey_uint8(p)
+            arr, meta = load_image(p)
             assert arr.ndim == 2 and arr.dtype == np.uint8 and arr.shape == tuple(meta["shape"])
             assert arr.std() > 10  # a real radiograph, not a blank from a bad conversion
             meta_by_mode[mode] = meta["format"]
@@ -237,3 +239,28 @@ def test_missing_file_and_directory_raise_unreadable(tmp_path):
     for p in (tmp_path / "nope.png", tmp_path):
         with pytest.raises(UnreadableImage):
             read_grey(p)
+
+
+def test_a_jsrt_img_is_read_by_generate_sources_and_listed_and_read_by_fid_image_sets(tmp_path):
+    """JSRT's headerless .IMG (2048^2 big-endian 12-bit, stored inverted) is read wherever `prepare` reads it."""
+    stored = RNG.integers(0, 4096, (2048, 2048)).astype(np.uint16)  # texture: nothing looks like a border
+    folder = tmp_path / "jsrt"
+    folder.mkdir()
+    stored.astype(">u2").tofile(folder / "JPCLN001.IMG")
+    u8, meta = load_image(folder / "JPCLN001.IMG")
+    assert meta["format"] == "jsrt-raw" and meta["bit_depth"] == 12
+    np.testing.assert_array_equal(u8, to_uint8(4095 - stored))  # inverted back to bone bright
+
+    sources = list(iter_sources(folder, size=32, min_size=16))
+    assert [s.id for s in sources] == ["JPCLN001"] and sources[0].image.shape == (32, 32)
+
+    refs = list_images(folder, split=None)
+    assert [Path(r.path).name for r in refs] == ["JPCLN001.IMG"]
+    (image,) = iter_images(refs, 16)
+    assert image.shape == (1, 16, 16) and 0.0 <= image.min() < image.max() <= 1.0
+
+
+def test_a_file_named_img_that_is_no_jsrt_raw_is_rejected_with_a_reason(tmp_path):
+    (tmp_path / "x.img").write_bytes(b"\x00" * 100)
+    with pytest.raises(UnreadableImage, match="JSRT"):
+        load_image(tmp_path / "x.img")

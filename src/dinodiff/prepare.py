@@ -27,10 +27,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import dinodiff
-from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover, read_jsrt_raw
+from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
-from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, read_grey, to_uint8
-from dinodiff.data.shards import SHARD_DIR, encode_json, encode_png, file_digest, shard_path, sidecar_path, write_shard
+from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
+from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
+                                  sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -59,32 +60,11 @@ def _init_worker(settings: _Settings) -> None:
     _SETTINGS = settings
 
 
-def _load(path: Path, intensity: str) -> tuple[np.ndarray, dict]:
-    if path.suffix.lower() == ".img":  # JSRT raw; no reader can sniff a headerless file
-        try:
-            return to_uint8(read_jsrt_raw(path), intensity), {"format": "jsrt-raw", "bit_depth": 12, "view": "PA"}
-        except (ValueError, OSError):
-            raise UnreadableImage("not a JSRT .IMG (expected 2048x2048 16-bit raw)") from None
-    arr, meta = read_grey(path)
-    return to_uint8(arr, intensity), meta
-
-
-def _load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    mask, _ = read_grey(path)
-    if mask.shape != tuple(shape):
-        (mh, mw), (h, w) = mask.shape, shape
-        if abs(mh / mw - h / w) > 0.01:
-            raise ValueError(f"mask {mw}x{mh} does not match image {w}x{h}")
-        # SCR masks are half the JSRT resolution: bring them to the image size, nearest keeps 0/255
-        mask = np.asarray(Image.fromarray(to_uint8(mask)).resize((w, h), Image.Resampling.NEAREST))
-    return mask
-
-
 def process_record(rec: Record) -> tuple:
     """One record -> ('ok', sample dict, 256-bin histogram) or ('reject', reason, detail)."""
     s = _SETTINGS
     try:
-        img, meta = _load(rec.path, s.intensity)
+        img, meta = load_image(rec.path, s.intensity)
         out, info = preprocess_image(img, s.size, s.remove_borders, s.min_size)
     except UnreadableImage as e:
         return ("reject", e.reason, "")
@@ -94,7 +74,7 @@ def process_record(rec: Record) -> tuple:
     mask_errors = {}
     for name, mpath in sorted(rec.masks.items()):
         try:
-            sample[f"mask_{name}.png"] = encode_png(preprocess_mask(_load_mask(mpath, info.original_size), info))
+            sample[f"mask_{name}.png"] = encode_png(preprocess_mask(load_mask(mpath, info.original_size), info))
         except Exception as e:  # a bad mask costs the mask, not the image
             mask_errors[name] = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"[:200]
     sample["json"] = {
@@ -353,8 +333,6 @@ def prepare(
 
 def write_preview(out: str | Path, count: int = 64, columns: int = 8, tile: int = 128) -> Path:
     """`out/preview.png`: the first `count` prepared images as a contact sheet, for a person to check."""
-    from dinodiff.data.shards import list_shards, read_samples
-
     out = Path(out)
     tiles = []
     for sample in read_samples(list_shards(out)):

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
+from dinodiff.data.readers import has_dicom_preamble
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,6 @@ def dedupe_ids(records: list[Record], relpaths: list[str]) -> list[Record]:
     return sorted(records, key=lambda r: r.id)
 
 
-def _is_dicom_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def _walk_files(root: Path) -> list[Path]:
     """All regular files under root, skipping hidden files and folders (.DS_Store, ._x.png, .git)."""
     out: list[Path] = []
@@ -105,7 +96,7 @@ def _walk_files(root: Path) -> list[Path]:
 
 def is_image_file(path: Path) -> bool:
     """Image extension, or any other file with the DICOM `DICM` preamble (`IM0001`, `1.2.840.5`)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom_preamble(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS or has_dicom_preamble(path)
 
 
 def discover_folder(root: Path, dataset: str | None = None) -> list[Record]:
@@ -277,14 +268,15 @@ def discover_mimic(
     return dedupe_ids(recs, rels)
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The non-hidden files directly in `folder` (not in its subfolders), sorted; [] when it is no folder."""
     return [p for p in _walk_files(folder) if p.parent == folder] if folder.is_dir() else []
 
 
-def _by_stem(folder: Path, suffix: str = "") -> dict[str, Path]:
+def files_by_stem(folder: Path, suffix: str = "") -> dict[str, Path]:
     """Files in `folder` keyed by stem, with `suffix` (e.g. '_mask') removed."""
     out = {}
-    for p in _images_in(folder):
+    for p in images_in(folder):
         stem = p.stem[: -len(suffix)] if suffix and p.stem.endswith(suffix) else p.stem
         out.setdefault(stem, p)
     return out
@@ -297,7 +289,7 @@ def _tb_label(stem: str) -> dict[str, float | None]:
 
 def _with_masks(root: Path, img_dir: Path, dataset: str, mask_maps: dict[str, dict[str, Path]]) -> list[Record]:
     recs, rels = [], []
-    for p in _images_in(img_dir):
+    for p in images_in(img_dir):
         rel = p.relative_to(img_dir).as_posix()
         masks = {name: m[p.stem].resolve() for name, m in mask_maps.items() if p.stem in m}
         recs.append(Record(path=p.resolve(), id=make_id(rel), dataset=dataset, labels=_tb_label(p.stem), masks=masks))
@@ -308,7 +300,7 @@ def _with_masks(root: Path, img_dir: Path, dataset: str, mask_maps: dict[str, di
 def discover_montgomery(root: Path) -> list[Record]:
     """Montgomery layout: CXR_png/<stem>.png + ManualMask/leftMask|rightMask/<stem>.png."""
     root = Path(root)
-    maps = {"left": _by_stem(root / "ManualMask" / "leftMask"), "right": _by_stem(root / "ManualMask" / "rightMask")}
+    maps = {"left": files_by_stem(root / "ManualMask" / "leftMask"), "right": files_by_stem(root / "ManualMask" / "rightMask")}
     return _with_masks(root, root / "CXR_png", "montgomery", maps)
 
 
@@ -316,7 +308,7 @@ def discover_shenzhen(root: Path) -> list[Record]:
     """Shenzhen layout: CXR_png/<stem>.png + masks/<stem>_mask.png (or mask/); mask name 'lungs'."""
     root = Path(root)
     mask_dir = root / "masks" if (root / "masks").is_dir() else root / "mask"
-    return _with_masks(root, root / "CXR_png", "shenzhen", {"lungs": _by_stem(mask_dir, "_mask")})
+    return _with_masks(root, root / "CXR_png", "shenzhen", {"lungs": files_by_stem(mask_dir, "_mask")})
 
 
 def _norm_dir(name: str) -> str:
@@ -347,17 +339,6 @@ def discover_jsrt(root: Path) -> list[Record]:
         nodule = {"Nodule": float(stem[3] == "L")}
         recs.append(Record(path=p.resolve(), id=stem, dataset="jsrt", labels=nodule, masks=m))
     return attach_labels(root, sorted(recs, key=lambda r: r.id))
-
-
-def read_jsrt_raw(path: str | Path) -> np.ndarray:
-    """A JSRT `.IMG`: headerless 2048x2048 big-endian 12-bit, stored inverted (0 = dense/white).
-
-    Returned as uint16 with the usual display polarity (bone bright).
-    """
-    arr = np.fromfile(path, dtype=">u2")
-    if arr.size != 2048 * 2048:
-        raise ValueError(f"{path}: {arr.size * 2} bytes, expected a 2048x2048 16-bit JSRT .IMG")
-    return (4095 - np.clip(arr, 0, 4095)).reshape(2048, 2048).astype(np.uint16)
 
 
 def _has_dir(root: Path, names: set[str], depth: int = 3) -> bool:

@@ -1,4 +1,5 @@
-"""Read PNG/JPEG/TIFF/DICOM files into one single-channel array, bone bright.
+"""Read PNG/JPEG/TIFF/DICOM/JSRT .IMG files into one single-channel array, bone bright; :func:`load_image` is the
+one way the stages read an image (grey uint8).
 
 DICOM: uncompressed, RLE, JPEG baseline/extended, JPEG lossless (process 14 and SV1), JPEG-LS and JPEG 2000
 transfer syntaxes (decoded by pydicom with its Pillow and python-gdcm plugins). A syntax with no decoder
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+JSRT_SUFFIX = ".img"  # JSRT raw: headerless, known by its name only
 TO_UINT8_RULES = ("minmax", "percentile")
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF8")
 
@@ -35,10 +37,22 @@ class UnreadableImage(Exception):
         self.reason = reason
 
 
-def _is_dicom(path: Path) -> bool:
+def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(132)
-    return head[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES
+        return f.read(132)
+
+
+def _is_dicom(path: Path) -> bool:
+    return _head(path)[128:132] == b"DICM" or path.suffix.lower() in DICOM_SUFFIXES
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """Whether the file starts with DICOM's 128-byte preamble and ``DICM`` (False when it cannot be read)."""
+    try:
+        head = _head(path)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def read_grey(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -287,8 +301,41 @@ def grey_to_unit(image: Image.Image | np.ndarray, rule: str = "minmax") -> np.nd
     return to_uint8(arr, rule).astype(np.float32) / np.float32(255.0)
 
 
-def load_grey_uint8(path: str | os.PathLike, rule: str = "minmax") -> tuple[np.ndarray, dict]:
-    """:func:`read_grey` then :func:`to_uint8`; ``meta['uint8_rule']`` records the rule applied."""
-    arr, meta = read_grey(path)
+def read_jsrt_raw(path: str | os.PathLike) -> np.ndarray:
+    """A JSRT `.IMG`: headerless 2048x2048 big-endian 12-bit, stored inverted (0 = dense/white).
+
+    Returned as uint16 with the usual display polarity (bone bright).
+    """
+    arr = np.fromfile(path, dtype=">u2")
+    if arr.size != 2048 * 2048:
+        raise ValueError(f"{path}: {arr.size * 2} bytes, expected a 2048x2048 16-bit JSRT .IMG")
+    return (4095 - np.clip(arr, 0, 4095)).reshape(2048, 2048).astype(np.uint16)
+
+
+def load_image(path: str | os.PathLike, rule: str = "minmax") -> tuple[np.ndarray, dict]:
+    """Any image `prepare` accepts -> (2-D uint8 grey, meta): :func:`read_grey` (or :func:`read_jsrt_raw` for a
+    JSRT ``.IMG``, which no reader can sniff) then :func:`to_uint8` by ``rule``; ``meta['uint8_rule']`` records
+    the rule applied. Raises :class:`UnreadableImage` for anything unusable.
+    """
+    path = Path(path)
+    if path.suffix.lower() == JSRT_SUFFIX:
+        try:
+            arr, meta = read_jsrt_raw(path), {"format": "jsrt-raw", "bit_depth": 12, "view": "PA"}
+        except (ValueError, OSError):
+            raise UnreadableImage("not a JSRT .IMG (expected 2048x2048 16-bit raw)") from None
+    else:
+        arr, meta = read_grey(path)
     meta["uint8_rule"] = "none (already 8-bit)" if arr.dtype == np.uint8 else rule
     return to_uint8(arr, rule), meta
+
+
+def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """A mask file at an image's (height, width): one of another size but the same aspect (SCR masks are half
+    the JSRT resolution) is resized, nearest neighbour so 0/255 stay 0/255. Raises ValueError otherwise."""
+    mask, _ = read_grey(path)
+    if mask.shape != tuple(shape):
+        (mh, mw), (h, w) = mask.shape, shape
+        if abs(mh / mw - h / w) > 0.01:
+            raise ValueError(f"mask {mw}x{mh} does not match image {w}x{h}")
+        mask = np.asarray(Image.fromarray(to_uint8(mask)).resize((w, h), Image.Resampling.NEAREST))
+    return mask

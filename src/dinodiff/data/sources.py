@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+from PIL import Image
+
+from dinodiff.data.datasets import discover
+from dinodiff.data.preprocess import preprocess_image
+from dinodiff.data.readers import UnreadableImage, load_image
+from dinodiff.data.shards import list_shards, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,6 @@ def iter_sources(source: str | Path, *, size: int, kind: str = "auto", split: Op
 
 
 def _from_shards(source: str | Path, split: Optional[str]) -> Iterator[SourceImage]:
-    from dinodiff.data.shards import list_shards, read_samples
-
     path = Path(source)
     urls = [str(path)] if path.is_file() else list_shards(path, split)
     if not urls:
@@ -73,16 +77,12 @@ def _from_shards(source: str | Path, split: Optional[str]) -> Iterator[SourceIma
 
 def _from_records(source: str | Path, kind: str, split: Optional[str], size: int, min_size: int,
                   options: dict, ids: Optional[set[str]] = None) -> Iterator[SourceImage]:
-    from dinodiff.data.datasets import discover
-    from dinodiff.data.preprocess import preprocess_image
-    from dinodiff.data.readers import UnreadableImage, load_grey_uint8
-
     records = [r for r in discover(source, kind, **options)
                if (split is None or r.split == split) and (ids is None or r.id in ids)]  # read only what is needed
     skipped = 0
     for rec in records:
         try:
-            image, _ = preprocess_image(load_grey_uint8(rec.path)[0], size, True, min_size)
+            image, _ = preprocess_image(load_image(rec.path)[0], size, True, min_size)
         except (UnreadableImage, OSError, ValueError) as err:  # a bad source costs that source only
             skipped += 1
             log.warning("skipping source %s: %s", rec.path, getattr(err, "reason", err))
@@ -95,8 +95,6 @@ def _from_records(source: str | Path, kind: str, split: Optional[str], size: int
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape == (size, size):
         return image
-    from PIL import Image
-
     return np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
 
 

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinodiff.data.shards import open_shard
+from dinodiff.data.readers import load_image
+from dinodiff.data.shards import list_shards, open_shard
 from dinodiff.evaluate.fid.features import center_crop_resize
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".img"}  # .img: JSRT raw
 
 
 @dataclass(frozen=True, order=True)
@@ -59,8 +60,6 @@ def list_images(source: str | Path, split: Optional[str] = "test") -> list[Image
     shards; a synthetic dataset (a folder with ``images/``) gives ``images/``; any other folder gives its
     image files, recursively, except those in mask folders; a ``.tar`` gives its samples.
     """
-    from dinodiff.data.shards import list_shards
-
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"Image set {root} does not exist; give a folder of images, a `dinodiff prepare` "
@@ -111,9 +110,7 @@ def _png_to_tensor(data: bytes) -> torch.Tensor:
 
 
 def _read_file(path: str) -> torch.Tensor:
-    from dinodiff.data.readers import load_grey_uint8
-
-    arr, _ = load_grey_uint8(path)  # any bit depth / DICOM -> uint8 grey, as `prepare` does
+    arr, _ = load_image(path)  # any bit depth / DICOM / JSRT .IMG -> uint8 grey, as `prepare` does
     return torch.from_numpy(arr)[None].float().div_(255.0)
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dinodiff.data.datasets import Record, _by_stem, _images_in, detect_kind, discover, make_id
+from dinodiff.data.datasets import Record, detect_kind, discover, files_by_stem, images_in, make_id
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
-from dinodiff.data.readers import UnreadableImage
+from dinodiff.data.readers import UnreadableImage, load_image, load_mask  # the same reading rules as the shards
 from dinodiff.evaluate.segment.metrics import split_lungs
-from dinodiff.prepare import _load, _load_mask  # the same reading rules as the shards
 
 log = logging.getLogger(__name__)
 MASK_LAYOUTS = ("montgomery", "shenzhen", "jsrt")
@@ -36,10 +35,10 @@ class SegCase:
 
 def _folder_pairs(root: Path) -> list[Record]:
     images, masks = root / "images", root / "masks"
-    by_stem = _by_stem(masks, "_mask")
+    by_stem = files_by_stem(masks, "_mask")
     return [Record(path=p.resolve(), id=make_id(p.name), dataset=root.name,
                    masks={"lungs": by_stem[p.stem]} if p.stem in by_stem else {})
-            for p in sorted(_images_in(images))]
+            for p in sorted(images_in(images))]
 
 
 def find_records(source: str | Path) -> list[Record]:
@@ -63,9 +62,9 @@ def find_records(source: str | Path) -> list[Record]:
 
 def load_case(record: Record, size: int, dataset: str) -> SegCase:
     """Read, preprocess (borders, centre crop, resize) and carry the masks through the same crop."""
-    img, _ = _load(record.path, "minmax")
+    img, _ = load_image(record.path, "minmax")
     image, info = preprocess_image(img, size)
-    masks = {name: preprocess_mask(_load_mask(path, info.original_size), info) > 127
+    masks = {name: preprocess_mask(load_mask(path, info.original_size), info) > 127
              for name, path in record.masks.items()}
     lungs = {n: m for n, m in masks.items() if n in ("left", "right") and m.any()}
     if "lungs" in masks and not lungs:
