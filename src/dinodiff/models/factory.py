@@ -26,7 +26,7 @@ from dinodiff.models.autoencoders import LatentAutoencoder, load_autoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.projection import ConditionProjection
 from dinodiff.models.random_init import save_random_encoder
-from dinodiff.models.unet import build_unet
+from dinodiff.models.unet import UNET_PRESETS, build_unet
 
 RANDOM_PREFIX = "random:"
 # The frozen encoder and autoencoder run in this precision on every path, so c_GLB and latents are the same
@@ -171,6 +171,4 @@ def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoenco
 
 
 def _preset_cross_dim(preset: str, encoder_width: int) -> int:
-    from dinodiff.models.unet import UNET_PRESETS
-
     return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from dinodiff.models.unet import build_unet
+
 ENCODER_FAMILIES = ("transformers-vit", "transformers-dinov2", "timm")
 # Deliberately not ImageNet values, so tests can tell that normalisation is read from the saved config.
 _TEST_MEAN = [0.5, 0.4, 0.3]
@@ -195,8 +197,6 @@ def save_random_sd_components(
     ``load_autoencoder('kl', out_dir)`` and ``build_unet(..., pretrained=out_dir)``.
     """
     from diffusers import AutoencoderKL
-
-    from dinodiff.models.unet import build_unet
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
