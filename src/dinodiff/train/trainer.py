@@ -114,8 +114,6 @@ class Trainer:
         )
         acc = self.accelerator
         self._main_wait = main_wait_group(tcfg.eval_timeout_s)
-        logging.basicConfig(level=logging.INFO if acc.is_main_process else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s")
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         set_seed(tcfg.seed)  # identical initial weights on every rank

@@ -1,0 +1,173 @@
+"""The data stages: prepare (and phantoms) -> cache -> train -> generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dinodiff.cli.common import configure_logging, failures, floats, is_main_process, load_config
+
+
+def prepare(
+    sources: List[Path] = typer.Argument(..., help="Image folders, a CSV, or a dataset root (MIMIC-CXR-JPG, Montgomery, Shenzhen, JSRT/SCR)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, manifest.json and rejects.csv go here."),
+    kind: str = typer.Option("auto", help="Dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt."),
+    size: int = typer.Option(512, help="Side of the square output images in pixels."),
+    min_size: int = typer.Option(64, help="Reject images whose content (after border removal) has a shorter side below this."),
+    remove_borders: bool = typer.Option(True, help="Strip constant black/white frames and letterboxing before cropping."),
+    intensity: str = typer.Option("minmax", help="How >8-bit images become uint8: minmax or percentile (0.5-99.5%)."),
+    shard_size: int = typer.Option(1000, help="Input images per shard."),
+    workers: Optional[int] = typer.Option(None, help="Parallel worker processes (default: all cores)."),
+    seed: int = typer.Option(0, help="Seed of the train/test assignment when the dataset has no split."),
+    test_fraction: float = typer.Option(0.0, help="Fraction of images put in the test split when the dataset has none."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Turn raw chest X-rays into WebDataset shards of square, border-free uint8 grey PNGs.
+
+    Unusable files (zero-byte, truncated, not an image, DICOM without pixels, too small) are
+    listed with their reason in OUT/rejects.csv; the run stops only when nothing is usable.
+    Re-running skips finished shards and gives byte-identical output.
+    """
+    from dinodiff.prepare import NothingUsable, prepare as run_prepare
+
+    with failures({NothingUsable: 1, (FileNotFoundError, ValueError): 2}):
+        manifest = run_prepare(
+            sources, out, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders,
+            intensity=intensity, shard_size=shard_size, workers=workers, seed=seed,
+            test_fraction=test_fraction, progress=progress,
+        )
+    counts = manifest["counts"]
+    typer.echo(
+        f"{counts['written']} images written to {out / 'shards'} "
+        f"({counts['rejected']} rejected, see {out / 'rejects.csv'}); manifest: {out / 'manifest.json'}"
+    )
+
+
+def phantoms(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (Montgomery layout + labels.csv)."),
+    n: int = typer.Option(64, "-n", help="Number of phantoms."),
+    size: int = typer.Option(256, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Seed: same seed and index give the same phantom."),
+) -> None:
+    """Write deterministic synthetic chest-X-ray phantoms with lung masks and labels
+    (Cardiomegaly, Pleural Effusion, Consolidation) for demos and tests."""
+    from dinodiff.data.phantoms import write_phantoms
+
+    folder = write_phantoms(out, n, size=size, seed=seed)
+    typer.echo(f"{n} phantoms in {folder} (labels: {folder / 'labels.csv'})")
+
+
+
+def cache(
+    config: str = typer.Option(..., "--config", "-c", help="Preset name or YAML file (the model must match the training run)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the cached shards."),
+    views: int = typer.Option(4, help="Augmented views per image (K); training picks one per visit."),
+    batch_size: int = typer.Option(16, help="Images per forward pass of the frozen models."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.shards=prep/ model.resolution=256."),
+) -> None:
+    """Precompute VAE latent moments and encoder global tokens (c_GLB) for K augmented views of
+    every prepared image, so training runs only the UNet. Resumable."""
+    from dinodiff.cache import build_cache
+
+    cfg = load_config(config, overrides)
+    with failures({(FileNotFoundError, ValueError): 2}):  # missing or damaged shards: one line that names the fix
+        manifest = build_cache(cfg, out, views=views, batch_size=batch_size)
+    typer.echo(f"cached {manifest['count']} images x {views} views in {out}")
+
+
+def train(
+    config: str = typer.Option(..., "--config", "-c", help="Preset name (tiny, cpu-small, sd15-dinov1, sd15-dinov2) or YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=1000 optim.lr=2e-4 data.shards=prep/."),
+    resume: Optional[str] = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's train.resume, 'auto')."),
+) -> None:
+    """Train the DiNO-Diffusion UNet with HF accelerate (CPU, one or many GPUs, many nodes).
+
+    Launch multi-GPU with `accelerate launch -m dinodiff.cli train ...`. The run folder gets
+    config.yaml, metrics.csv, TensorBoard logs, samples/ and checkpoints/; a killed run resumes
+    from its newest checkpoint when started again.
+    """
+    from dinodiff.evaluate.fid.sweep import hook_from_config
+    from dinodiff.train import TrainingDiverged
+    from dinodiff.train import train as run_train
+
+    cfg = load_config(config, overrides)
+    if resume is not None:
+        cfg.train.resume = resume
+    configure_logging(main_process=is_main_process())
+    with failures({TrainingDiverged: 1, (FileNotFoundError, ValueError): 2}):
+        # with train.eval_every > 0, checkpoints are scored by FID as the config's `eval` section says
+        run_dir = run_train(cfg, eval_hook=hook_from_config(cfg) if cfg.train.eval_every else None)
+    typer.echo(f"run finished: {run_dir}")
+
+
+
+def generate(
+    model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
+    source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, labels.csv, provenance.json, preview.png."),
+    strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source), interpolation (mixes of label-sharing pairs) or sampled (c_GLB drawn from --embedding-model; sources give only labels)."),
+    ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
+    steps: int = typer.Option(25, help="Sampling steps."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
+    scheduler: str = typer.Option("dpm", help="Sampler: dpm (DPM-Solver++), ddim, euler, euler-a, ddpm, unipc, pndm or a diffusers scheduler class."),
+    batch_size: int = typer.Option(8, help="Images per forward pass. Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    seed: int = typer.Option(0, help="Base seed; item i uses a seed derived from (seed, i), recorded in labels.csv."),
+    mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
+    r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
+    r_values: Optional[str] = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
+    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper), or any pair."),
+    embedding_model: Optional[Path] = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
+    embedding_guidance: float = typer.Option(1.0, help="Sampled: guidance scale on the sources' labels (label-conditioned embedding model)."),
+    embedding_steps: int = typer.Option(50, help="Sampled: DDIM steps of the embedding model."),
+    kind: str = typer.Option("auto", help="Source layout: auto, shards, csv, folder, mimic-cxr, montgomery, shenzhen or jsrt."),
+    split: Optional[str] = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N sources."),
+    path_column: Optional[str] = typer.Option(None, help="CSV: column of image paths (default: path, filename, file, image...)."),
+    label_columns: Optional[str] = typer.Option(None, help="CSV: comma list of label columns; a text column (e.g. finding) becomes one label per value."),
+    root: Optional[Path] = typer.Option(None, help="CSV: folder the paths are relative to (default: the CSV's folder)."),
+    preview_rows: int = typer.Option(4, help="Rows of OUT/preview.png (reconstruction grid or interpolation strips); 0 = none."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    sync_timeout: float = typer.Option(6 * 3600, help="Several processes: seconds the others wait while the main one encodes the sources or writes the outputs."),
+) -> None:
+    """Generate a labelled synthetic dataset by reconstruction or interpolation of the sources' c_GLB.
+
+    Resumable: rerun the same command to finish an interrupted run. Spread it over processes/GPUs with
+    `accelerate launch -m dinodiff.cli generate ...` (each process makes a disjoint share; same images).
+    """
+    from dinodiff.generate.plan import GenerateSettings
+    from dinodiff.generate.stage import generate_dataset
+    from dinodiff.models.factory import check_model_source
+    from dinodiff.runs import resolve_model
+
+    configure_logging()
+    options = _source_options(kind, split, limit, path_column, label_columns, root)
+    with failures({(FileNotFoundError, ValueError): 2}):
+        settings = GenerateSettings(strategy=strategy, ratio=ratio, seed=seed, num_inference_steps=steps,
+                                    guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=_bounds(r_range),
+                                    r_values=floats(r_values), shared_label=shared_label, source_options=options,
+                                    embedding_model=str(embedding_model) if embedding_model else None,
+                                    embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
+        folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
+                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout)
+    typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"
+               + (", preview.png" if preview_rows else ""))
+
+
+
+def _source_options(kind: str, split: Optional[str], limit: Optional[int], path_column: Optional[str],
+                    label_columns: Optional[str], root: Optional[Path]) -> dict:
+    options = {"kind": kind, "split": split, "limit": limit}
+    if path_column or label_columns or root:
+        options.update(path_column=path_column, root=str(root) if root else None,
+                       label_columns=label_columns.split(",") if label_columns else None)
+    return options
+
+
+def _bounds(r_range: str) -> tuple[float, float]:
+    bounds = floats(r_range) or []
+    if len(bounds) != 2:
+        raise ValueError(f"--r-range takes LOW,HIGH (e.g. 0.2,0.8), got {r_range!r}.")
+    low, high = bounds
+    return low, high
