@@ -38,6 +38,7 @@ from dinodiff.data.shards import (
     read_samples,
     write_shard,
 )
+from dinodiff.files import write_json_atomic
 from dinodiff.models.autoencoders import estimate_latent_stats
 from dinodiff.models.factory import (
     FROZEN_DTYPE,
@@ -151,9 +152,7 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
         "frozen_dtype": str(FROZEN_DTYPE).removeprefix("torch."), "skipped_shards": skipped,
     }
     if state.is_main_process:
-        tmp = out / "cache.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(out / "cache.json")
+        write_json_atomic(out / "cache.json", info, indent=2)
     return info
 
 

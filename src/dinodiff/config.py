@@ -16,6 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinodiff.files import write_text_atomic
+
 logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -241,10 +243,7 @@ def choose_encoder(cfg: DictConfig) -> None:
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
