@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from dinodiff.files import atomic_folder, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -134,14 +136,11 @@ class MetricsLog:
 
 def promote_to_best(run_dir: Path, model_folder: Path, record: dict) -> Path:
     """Replace RUN/best/ with a copy of `model_folder` (as model/) and `record` (as best.json), atomically."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / ".best-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_folder, tmp / "model")
-    write_json_atomic(tmp / "best.json", record)
-    shutil.rmtree(run_dir / "best", ignore_errors=True)
-    tmp.rename(run_dir / "best")
-    return run_dir / "best"
+    best = Path(run_dir) / "best"
+    with atomic_folder(best) as tmp:
+        shutil.copytree(model_folder, tmp / "model")
+        write_json_atomic(tmp / "best.json", record)
+    return best
 
 
 def read_json(path: Path) -> dict:
