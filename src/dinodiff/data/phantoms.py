@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from dinodiff.files import write_bytes_atomic
+
 LABELS = ("Cardiomegaly", "Pleural Effusion", "Consolidation")
 PREVALENCE = 0.35  # each label independently, ~30-40% as in a small labelled pool
 GENERATOR = "dinodiff.data.phantoms v1"
@@ -134,13 +136,7 @@ def make_phantom(index: int, size: int = 256, seed: int = 0) -> Phantom:
 def _save_png(arr: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a reader never sees half a file; a crash leaves only a .tmp
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_phantoms(
@@ -167,7 +163,7 @@ def write_phantoms(
     dirs = [out / "CXR_png", out / "ManualMask" / "leftMask", out / "ManualMask" / "rightMask"]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(params_path, json.dumps({**params, "n": n}).encode())
+    write_bytes_atomic(params_path, json.dumps({**params, "n": n}).encode())
     rows = []
     try:
         from tqdm.auto import tqdm
@@ -190,8 +186,8 @@ def write_phantoms(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", *LABELS])
     writer.writerows(rows)
-    _atomic_write(out / "labels.csv", buf.getvalue().encode())
-    _atomic_write(out / "README.txt", _readme(n, size, seed).encode())
+    write_bytes_atomic(out / "labels.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "README.txt", _readme(n, size, seed).encode())
     return out
 
 

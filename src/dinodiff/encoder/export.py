@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from importlib.metadata import version
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from dinodiff.encoder.dino import DINONet
-from dinodiff.files import write_json_atomic
+from dinodiff.files import atomic_folder, write_json_atomic
 from dinodiff.models.encoders import load_encoder
 
 logger = logging.getLogger(__name__)
@@ -55,20 +54,12 @@ def _write_backbone(net: DINONet, folder: Path, image_size: int) -> None:
 def save_encoder_folder(net: DINONet, out_dir: str | Path, image_size: int, provenance: dict[str, Any]) -> Path:
     """Write `net`'s backbone to `out_dir` (replaced atomically) and check that it reloads to the same tokens."""
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_backbone(net, tmp, image_size)
-    record = {**provenance, "family": net.family, "image_size": image_size,
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
-    write_json_atomic(tmp / PROVENANCE_FILE, record)
-    _check_reload(net, tmp, image_size)
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(out) as tmp:
+        _write_backbone(net, tmp, image_size)
+        record = {**provenance, "family": net.family, "image_size": image_size,
+                  "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
+        write_json_atomic(tmp / PROVENANCE_FILE, record)
+        _check_reload(net, tmp, image_size)
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from dinodiff.files import temporary_sibling
 from dinodiff.models.autoencoders import LatentAutoencoder, load_autoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.projection import ConditionProjection
@@ -121,14 +123,13 @@ def resolve_encoder_path(name_or_path: str) -> str:
     folder = cache_home() / "random-encoders" / family
     if not (folder / "config.json").is_file():
         # Several processes may race here: each writes a private folder, the first rename wins.
-        tmp = folder.with_name(f".{family}-{os.getpid()}")
+        # (atomic_folder would replace a winner's folder while another process reads it.)
+        tmp = temporary_sibling(folder)
         with torch.random.fork_rng(devices=[]):  # making it must not shift the caller's RNG (UNet init)
             save_random_encoder(tmp, family=family)
         try:
             tmp.rename(folder)
         except OSError:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
 
