@@ -290,12 +290,34 @@ def prepare(
     records, params["kinds"] = _collect(sources, kind, out)
     if not records:
         raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
+    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed), settings)
+    n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
+    with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
+        for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
+            metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
+    _remove_unplanned(out / SHARD_DIR, plan)
+    manifest = _write_outputs(out, [metas[p] for p in plan], params)
+    counts = manifest["counts"]
+    if counts["written"] == 0:
+        why = ", ".join(f"{n} {r!r}" for r, n in counts["reject_reasons"].items())
+        raise NothingUsable(f"nothing usable in {', '.join(map(str, sources))}: {counts['found']} "
+                            f"file{'s' if counts['found'] != 1 else ''}, "
+                            f"all rejected: {why}. See {out / 'rejects.csv'}")
+    return manifest
+
+
+def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int) -> list[tuple]:
+    """(split, index, records) of each shard to write: records split, then cut into `shard_size` chunks."""
     by_split: dict[str, list[Record]] = {}
     for r in records:
         r.split = _split_of(r, test_fraction, seed)
         by_split.setdefault(r.split, []).append(r)
-    chunks = [(split, i // shard_size, recs[i:i + shard_size])
-              for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]
+    return [(split, i // shard_size, recs[i:i + shard_size])
+            for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]
+
+
+def _plan(out: Path, chunks: list[tuple], settings: _Settings) -> tuple[list[Path], dict[Path, dict], list[tuple]]:
+    """Every shard's path, the sidecars of those already done, and (tar, split, fingerprint, chunk) to do."""
     shards = out / SHARD_DIR
     shards.mkdir(parents=True, exist_ok=True)
     for p in shards.glob(".*.tmp"):  # leftovers of an interrupted run
@@ -308,26 +330,25 @@ def prepare(
             metas[tar] = meta
         else:
             todo.append((tar, split, fp, chunk))
-    n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
-    with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
-        for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
-            metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
+    return plan, metas, todo
+
+
+def _remove_unplanned(shards: Path, plan: list[Path]) -> None:
+    """Delete our shards and sidecars that this run did not plan: an earlier, larger input set would pollute
+    list_shards."""
     keep = {p.name for p in plan} | {_sidecar(p).name for p in plan}
-    for p in shards.iterdir():  # shards of an earlier, larger input set would pollute list_shards
+    for p in shards.iterdir():
         if _OURS.match(p.name) and p.name not in keep:
             p.unlink()
-    ordered = [metas[p] for p in plan]
-    manifest = _manifest(ordered, params)
-    _write_rejects(out / "rejects.csv", ordered)
+
+
+def _write_outputs(out: Path, metas: list[dict], params: dict) -> dict:
+    """manifest.json, rejects.csv and (when anything was written) preview.png; returns the manifest."""
+    manifest = _manifest(metas, params)
+    _write_rejects(out / "rejects.csv", metas)
     write_bytes_atomic(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
-    counts = manifest["counts"]
-    if counts["written"]:
+    if manifest["counts"]["written"]:
         write_preview(out)
-    if counts["written"] == 0:
-        why = ", ".join(f"{n} {r!r}" for r, n in counts["reject_reasons"].items())
-        raise NothingUsable(f"nothing usable in {', '.join(map(str, sources))}: {counts['found']} "
-                            f"file{'s' if counts['found'] != 1 else ''}, "
-                            f"all rejected: {why}. See {out / 'rejects.csv'}")
     return manifest
 
 

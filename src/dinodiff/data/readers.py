@@ -160,39 +160,8 @@ def pil_to_grey(im: Image.Image) -> tuple[np.ndarray, int]:
 
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        # force=True: files named .dcm without the 128-byte preamble are still common.
-        ds = pydicom.dcmread(path, force=True)
-    except InvalidDicomError:
-        raise UnreadableImage("not a DICOM file") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
-        raise UnreadableImage(f"corrupt DICOM: {e}"[:200]) from None
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        if len(ds) == 0 or "SOPClassUID" not in ds and "Rows" not in ds:
-            raise UnreadableImage("not an image")
-        raise UnreadableImage("DICOM without pixel data")
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        arr = ds.pixel_array
-    except (RuntimeError, NotImplementedError) as e:
-        compressed = tsyntax is not None and tsyntax.is_compressed
-        hint = _missing_decoder(tsyntax) if compressed else None
-        if hint:
-            raise UnreadableImage(
-                f"compressed DICOM '{tsyntax.name}' ({tsyntax}) cannot be decoded here: {hint}"
-            ) from None
-        what = f"compressed DICOM ({tsyntax.name})" if compressed else "DICOM pixel data"
-        raise UnreadableImage(f"cannot decode {what}: {e}"[:200]) from None
-    except (ValueError, EOFError, AttributeError, KeyError, TypeError) as e:
-        msg = str(e).lower()
-        if "length" in msg or "truncat" in msg or "buffer" in msg or isinstance(e, EOFError):
-            raise UnreadableImage("truncated DICOM pixel data") from None
-        raise UnreadableImage(f"corrupt DICOM pixel data: {e}"[:200]) from None
-
+    ds = _open_dicom(path)
+    arr = _dicom_pixels(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -211,22 +180,68 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
         out = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
         meta["voi"] = None
         return out.astype(np.float32), meta
-
-    out = apply_modality_lut(arr, ds)
-    meta["voi"] = None
-    if ds.get("VOILUTSequence") or "WindowCenter" in ds:
-        try:
-            out = apply_voi_lut(out, ds)
-            meta["voi"] = "lut" if ds.get("VOILUTSequence") else "window"
-        except (ValueError, TypeError, IndexError, AttributeError) as e:
-            # A broken window must not reject a good image; say so in the log and the metadata.
-            log.warning("%s: ignoring invalid VOI LUT/window (%s)", path, e)
-            meta["voi"] = "invalid, ignored"
-    out = np.asarray(out, dtype=np.float32)
+    out, meta["voi"] = _dicom_values(arr, ds, path)
     if photometric == "MONOCHROME1":
         # MONOCHROME1 stores bone dark; reflect about the data's own range so bone is bright.
         out = np.float32(out.max()) + np.float32(out.min()) - out
     return out, meta
+
+
+def _open_dicom(path: Path) -> Any:
+    """The dataset of a file holding pixel data; UnreadableImage otherwise."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        # force=True: files named .dcm without the 128-byte preamble are still common.
+        ds = pydicom.dcmread(path, force=True)
+    except InvalidDicomError:
+        raise UnreadableImage("not a DICOM file") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError) as e:
+        raise UnreadableImage(f"corrupt DICOM: {e}"[:200]) from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if len(ds) == 0 or "SOPClassUID" not in ds and "Rows" not in ds:
+            raise UnreadableImage("not an image")
+        raise UnreadableImage("DICOM without pixel data")
+    return ds
+
+
+def _dicom_pixels(ds: Any) -> np.ndarray:
+    """The decoded pixel array; a missing decoder, truncated or corrupt data -> UnreadableImage with the reason."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        return ds.pixel_array
+    except (RuntimeError, NotImplementedError) as e:
+        compressed = tsyntax is not None and tsyntax.is_compressed
+        hint = _missing_decoder(tsyntax) if compressed else None
+        if hint:
+            raise UnreadableImage(
+                f"compressed DICOM '{tsyntax.name}' ({tsyntax}) cannot be decoded here: {hint}"
+            ) from None
+        what = f"compressed DICOM ({tsyntax.name})" if compressed else "DICOM pixel data"
+        raise UnreadableImage(f"cannot decode {what}: {e}"[:200]) from None
+    except (ValueError, EOFError, AttributeError, KeyError, TypeError) as e:
+        msg = str(e).lower()
+        if "length" in msg or "truncat" in msg or "buffer" in msg or isinstance(e, EOFError):
+            raise UnreadableImage("truncated DICOM pixel data") from None
+        raise UnreadableImage(f"corrupt DICOM pixel data: {e}"[:200]) from None
+
+
+def _dicom_values(arr: np.ndarray, ds: Any, path: Path) -> tuple[np.ndarray, str | None]:
+    """Grey pixels -> float32 after the modality LUT and the VOI LUT or window, and which VOI was applied."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    out = apply_modality_lut(arr, ds)
+    voi = None
+    if ds.get("VOILUTSequence") or "WindowCenter" in ds:
+        try:
+            out = apply_voi_lut(out, ds)
+            voi = "lut" if ds.get("VOILUTSequence") else "window"
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            # A broken window must not reject a good image; say so in the log and the metadata.
+            log.warning("%s: ignoring invalid VOI LUT/window (%s)", path, e)
+            voi = "invalid, ignored"
+    return np.asarray(out, dtype=np.float32), voi
 
 
 def _missing_decoder(tsyntax: Any) -> str | None:

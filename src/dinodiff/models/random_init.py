@@ -40,53 +40,59 @@ def save_random_encoder(
     num_registers == 0) + BitImageProcessor config. 'timm': vit_base_patch14_reg4_dinov2's architecture
     resized, as timm's hub format (config.json with 'architecture' + model.safetensors).
     """
+    if family not in _RANDOM_WRITERS:
+        raise ValueError(f"family must be one of {ENCODER_FAMILIES}, got {family!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if family == "transformers-vit":
-        from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-        config = ViTConfig(
-            hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            intermediate_size=4 * hidden_size, image_size=image_size, patch_size=patch_size,
-        )  # fmt: skip
-        ViTModel(config, add_pooling_layer=True).save_pretrained(out)
-        size = {"height": image_size, "width": image_size}
-        ViTImageProcessor(size=size, image_mean=_TEST_MEAN, image_std=_TEST_STD).save_pretrained(out)
-    elif family == "transformers-dinov2":
-        from transformers import (
-            BitImageProcessor,
-            Dinov2Config,
-            Dinov2Model,
-            Dinov2WithRegistersConfig,
-            Dinov2WithRegistersModel,
-        )
-
-        common = dict(
-            hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            image_size=image_size, patch_size=patch_size,
-        )  # fmt: skip
-        if num_registers:
-            model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=num_registers, **common))
-        else:
-            model = Dinov2Model(Dinov2Config(**common))
-        model.save_pretrained(out)
-        BitImageProcessor(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-            do_center_crop=True, image_mean=_TEST_MEAN, image_std=_TEST_STD,
-        ).save_pretrained(out)  # fmt: skip
-    elif family == "timm":
-        import timm
-        from timm.models import save_for_hf
-
-        model = timm.create_model(
-            "vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, embed_dim=hidden_size, depth=num_layers,
-            num_heads=num_heads, patch_size=patch_size, img_size=image_size, reg_tokens=num_registers,
-        )  # fmt: skip
-        save_for_hf(model, out, safe_serialization=True, data_config={"mean": _TEST_MEAN, "std": _TEST_STD})
-    else:
-        raise ValueError(f"family must be one of {ENCODER_FAMILIES}, got {family!r}.")
+    size = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                image_size=image_size, patch_size=patch_size)
+    _RANDOM_WRITERS[family](out, size, num_registers)
     return out
+
+
+def _random_vit(out: Path, size: dict, num_registers: int) -> None:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    ViTModel(ViTConfig(**size, intermediate_size=4 * size["hidden_size"]), add_pooling_layer=True).save_pretrained(out)
+    crop = {"height": size["image_size"], "width": size["image_size"]}
+    ViTImageProcessor(size=crop, image_mean=_TEST_MEAN, image_std=_TEST_STD).save_pretrained(out)
+
+
+def _random_dinov2(out: Path, size: dict, num_registers: int) -> None:
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    if num_registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=num_registers, **size))
+    else:
+        model = Dinov2Model(Dinov2Config(**size))
+    model.save_pretrained(out)
+    image_size = size["image_size"]
+    BitImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, image_mean=_TEST_MEAN, image_std=_TEST_STD,
+    ).save_pretrained(out)  # fmt: skip
+
+
+def _random_timm(out: Path, size: dict, num_registers: int) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model(
+        "vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0, embed_dim=size["hidden_size"],
+        depth=size["num_hidden_layers"], num_heads=size["num_attention_heads"], patch_size=size["patch_size"],
+        img_size=size["image_size"], reg_tokens=num_registers,
+    )  # fmt: skip
+    save_for_hf(model, out, safe_serialization=True, data_config={"mean": _TEST_MEAN, "std": _TEST_STD})
+
+
+_RANDOM_WRITERS = {"transformers-vit": _random_vit, "transformers-dinov2": _random_dinov2, "timm": _random_timm}
 
 
 # Hub checkpoints of the paper's encoders (and RAD-DINO) -> the stand-in layout that mirrors each one.
