@@ -127,6 +127,8 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
     resumed = train_embeddings(_settings(cache, tmp_path / "b", max_steps=20, checkpoint_every=10), progress=False)
     a, b = load_embedding_model(whole).denoiser.state_dict(), load_embedding_model(resumed).denoiser.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    run = load_embedding_model(tmp_path / "b").denoiser.state_dict()  # a run folder (with checkpoints/) -> its model/
+    assert all(torch.equal(run[k], b[k]) for k in b)
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["10", "20"]
 

@@ -159,3 +159,17 @@ def resolve_model(model: str | Path) -> str:
     if (path / "model").is_dir() and (path / "trainer").is_dir():
         return str(path / "model")
     return str(model)
+
+
+def newest_model(run_dir: str | Path) -> Optional[Path]:
+    """The model/ folder of the run's newest complete checkpoint; None when it has none."""
+    found = latest_checkpoint(Path(run_dir))
+    return None if found is None else found / "model"
+
+
+def model_folders(path: str | Path) -> list[Path]:
+    """The folders that may hold the model `path` names, to try in this order: a training run's newest checkpoint's
+    model/, the folder itself, then its model/ (a checkpoint's, RUN/best/'s, a train-embeddings run's)."""
+    path = Path(path)
+    newest = newest_model(path) if (path / "checkpoints").is_dir() else None
+    return ([newest] if newest is not None else []) + [path, path / "model"]

@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
+from dinodiff.runs import model_folders
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class EmbeddingModel:
 def resolve_embedding_folder(folder: str | Path) -> Path:
     """A model folder, or a run folder of `dinodiff train-embeddings` (-> its model/)."""
     path = Path(folder)
-    for candidate in (path, path / "model"):
+    for candidate in model_folders(path):
         if (candidate / INFO_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"{path} is not an embedding model (no {INFO_FILE} in it or in its model/): train one "

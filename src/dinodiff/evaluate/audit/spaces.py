@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from dinodiff.models.encoders import GlobalTokenEncoder
+from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
+from dinodiff.runs import model_folders
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def find_encoder(encoder: str | Path | None, model: str | Path | None) -> tuple[
     """The encoder to audit with: a given encoder folder, else the model folder's image_encoder/."""
     candidates = [Path(encoder)] if encoder else []
     if model:
-        candidates += [Path(model) / "image_encoder", Path(model) / "model" / "image_encoder"]
+        candidates += [folder / "image_encoder" for folder in model_folders(model)]
     for folder in candidates:
         if (folder / "global_tokens.json").is_file():
             return GlobalTokenEncoder.from_pretrained(folder), str(folder)
@@ -158,7 +159,5 @@ def rad_dino_space() -> tuple[FeatureSpace | None, str]:
     found = try_to_load_from_cache(RAD_DINO, "config.json")
     if not isinstance(found, str):
         return None, f"unavailable: {RAD_DINO} is not in the local Hugging Face cache"
-    from dinodiff.models.encoders import load_encoder
-
     encoder = load_encoder(str(Path(found).parent), "transformers")
     return encoder_space(encoder, "rad-dino", f"{RAD_DINO} global tokens, standardised per dimension, L2"), found
