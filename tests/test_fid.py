@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import linalg
 
-import dinodiff.evaluate.fid as fid_mod
+import dinodiff.evaluate.fid.stage as fid_mod
 from dinodiff.evaluate.fid.features import (
     MissingWeights,
     build_extractor,

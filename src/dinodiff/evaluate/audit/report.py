@@ -12,13 +12,24 @@ import numpy as np
 
 import dinodiff
 from dinodiff.evaluate.audit import stats
-from dinodiff.files import write_bytes_atomic, write_json_atomic
+from dinodiff.files import atomic_path, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 GRID_FILE, HISTOGRAM_FILE, RESULTS_FILE, MARKDOWN_FILE = "closest-pairs.png", "dcr.png", "results.json", "audit.md"
 MARKDOWN_COLUMNS = ("dataset", "strategy", "ratio", "space", "dcr_n", "dcr_min", "dcr_p5", "dcr_median", "reference",
                     "reference_p5", "below_reference_p5", "flagged_copies")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out and write a figure atomically (the temporary name has no suffix, so the format is named), then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
 
 
 def _clean(value: Any) -> Any:
@@ -89,10 +100,7 @@ def closest_pairs_figure(path: Path, sets: list, train, closest: dict, space: st
         axes[row, 0].text(-0.1, 0.5, Path(syn.name).name, transform=axes[row, 0].transAxes, rotation=90,
                           va="center", ha="right", fontsize=8)
     fig.suptitle(f"Closest synthetic / real training pairs ({space} space)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def histogram_figure(path: Path, sets: list, spaces: list, closest: dict) -> Path:
@@ -115,10 +123,7 @@ def histogram_figure(path: Path, sets: list, spaces: list, closest: dict) -> Pat
         ax.set_title(f"DCR in {name} space", fontsize=9)
         ax.set_xlabel("distance to closest training record", fontsize=8)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_outputs(out: Path, settings, status: dict, train, holdout, sets: list, spaces: list, dcr_rows: list[dict],

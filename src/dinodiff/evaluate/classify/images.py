@@ -8,7 +8,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -19,7 +18,7 @@ from PIL import Image
 from dinodiff.data.shards import decode_png
 from dinodiff.data.sources import SourceImage, iter_sources, label_names
 from dinodiff.evaluate.classify.settings import DataSettings
-from dinodiff.files import write_json_atomic
+from dinodiff.files import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +54,11 @@ def source_options(data: DataSettings) -> dict:
 
 def _write_images(path: Path, images: Iterable[np.ndarray]) -> int:
     """Stream uint8 images into a raw file (temp + rename); returns how many were written."""
-    tmp, count = path.with_name(f".{path.name}.{os.getpid()}.tmp"), 0
-    with open(tmp, "wb") as f:
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for image in images:
             f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
             count += 1
-    os.replace(tmp, path)
     return count
 
 

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinodiff.files import atomic_path
+from dinodiff.models.encoders import load_encoder
+from dinodiff.models.factory import resolve_encoder_path
+
 EXTRACTORS = ("xrv", "inception", "dinov2", "rad-dino")
 XRV_WEIGHTS = "densenet121-res224-all"
 DINO_DEFAULTS = {"dinov2": "facebook/dinov2-base", "rad-dino": "microsoft/rad-dino"}
@@ -129,9 +133,8 @@ def save_random_xrv_weights(cache_dir: str | Path, weights: str = XRV_WEIGHTS, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = xrv.models.DenseNet(num_classes=len(xrv.models.model_urls[weights]["labels"]))
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(model, tmp)
     return path
 
 
@@ -175,9 +178,8 @@ def save_random_inception_weights(path: Optional[str | Path] = None, seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict()
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -189,9 +191,6 @@ class DinoExtractor(FeatureExtractor):
 
     def __init__(self, name: str, name_or_path: str):
         super().__init__()
-        from dinodiff.models.encoders import load_encoder
-        from dinodiff.models.factory import resolve_encoder_path
-
         self.encoder = load_encoder(resolve_encoder_path(name_or_path), tokens=["cls"])
         self.name, self.weights = name, name_or_path
         self.dim, self.input_size = self.encoder.hidden_size, self.encoder.image_size

@@ -8,6 +8,7 @@ KID = the unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -20,6 +21,8 @@ import torch
 
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
 from dinodiff.evaluate.fid.images import ImageRef, fingerprint, iter_images, list_images, select
+from dinodiff.files import atomic_path, write_text_atomic
+from dinodiff.models.factory import cache_home
 
 logger = logging.getLogger("dinodiff.evaluate")
 CACHE_VERSION = 1
@@ -109,8 +112,6 @@ def _safe(text: str) -> str:
 
 def cache_key(extractor: FeatureExtractor, refs: list[ImageRef]) -> str:
     """Hash of the extractor (name, tap, weights file), its input size and the exact images (files, sizes, mtimes)."""
-    import hashlib
-
     weights = Path(extractor.weights)
     weights_id = f"{weights.resolve()}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() \
         else extractor.weights
@@ -133,19 +134,14 @@ def cached_features(extractor: FeatureExtractor, refs: list[ImageRef], cache_dir
     start = time.time()
     features = extract_features(extractor, iter_images(refs, extractor.input_size), batch_size)
     mu, sigma = gaussian_stats(features) if len(features) > 1 else (features[0], None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:  # a file handle, so numpy keeps the name; renamed when complete
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle, so numpy keeps the name
         np.savez(handle, features=features, mu=mu, sigma=sigma if sigma is not None else np.zeros(0),
                  meta=np.array(json.dumps({**extractor.describe(), "images": len(refs)})))
-    tmp.replace(path)
     logger.info("extracted %d real-set features in %.1f s, cached to %s", len(refs), time.time() - start, path)
     return features
 
 
 def default_cache_dir() -> Path:
-    from dinodiff.models.factory import cache_home
-
     return cache_home() / "fid-stats"
 
 
@@ -182,9 +178,5 @@ def fid(real: str | Path, fake: str | Path, *, extractor: str = "xrv", weights: 
     result = {**scores(real_features, fake_features, kid_subsets, kid_subset_size, seed), **net.describe(),
               "real": str(real), "fake": str(fake), "seed": seed, "seconds": round(time.time() - start, 2)}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(result, indent=2))
     return result

@@ -18,12 +18,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dinodiff import runs
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
 from dinodiff.evaluate.fid.images import list_images, load_images, select
 from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
+from dinodiff.files import atomic_path
+from dinodiff.generate.sample import generate_reconstructions
+from dinodiff.generate.sample import load_pipeline as load_generation_pipeline
 
 logger = logging.getLogger("dinodiff.evaluate")
 
@@ -37,8 +40,6 @@ EvalHook = Callable[[Path, int], dict]  # = train.EvalHook (restated: importing 
 
 def real_set_of_run(run_dir: Path) -> str:
     """The run's training data (`data.shards` in its config.yaml); its test split is used when it has one."""
-    from omegaconf import OmegaConf
-
     config = Path(run_dir) / "config.yaml"
     shards = OmegaConf.load(config).data.shards if config.is_file() else None
     if not shards:
@@ -124,9 +125,7 @@ class CheckpointScorer:
 def load_pipeline(model_folder: str | Path, device: torch.device, scheduler: str = "dpm"):
     """The checkpoint's DiNODiffusionPipeline with `dinodiff generate`'s default sampler, so the sweep scores what
     generation makes."""
-    from dinodiff.generate.sample import load_pipeline as load
-
-    pipe = load(model_folder, scheduler, device)
+    pipe = load_generation_pipeline(model_folder, scheduler, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,8 +133,6 @@ def load_pipeline(model_folder: str | Path, device: torch.device, scheduler: str
 def reconstruct(pipe, sources: torch.Tensor, *, per_source: int, seed: int, steps: int,
                 batch_size: int) -> torch.Tensor:
     """`per_source` reconstructions of each source (the paper's strategy), (N * per_source, 1, H, W) in [0, 1]."""
-    from dinodiff.generate.sample import generate_reconstructions
-
     return generate_reconstructions(pipe, sources, per_source=per_source, seed=seed, batch_size=batch_size,
                                     num_inference_steps=steps)
 
@@ -150,12 +147,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Write fid.csv sorted by step, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
-    tmp.replace(path)
 
 
 def same_settings(row: dict, settings: dict) -> bool:
@@ -195,10 +190,9 @@ def plot_fid(rows: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from dinodiff.models.autoencoders import load_autoencoder
 from dinodiff.pipeline import DiNODiffusionPipeline, load_model_folder
 
 logger = logging.getLogger(__name__)
@@ -171,9 +172,7 @@ def load_sd15(folder: str | Path, device: str | torch.device = "cpu") -> Attenti
 
     The context is the empty prompt's text embedding whatever the condition, as in DiffSeg.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from dinodiff.models.autoencoders import load_autoencoder
+    from transformers import CLIPTextModel, CLIPTokenizer  # only for the SD 1.5 baseline
 
     folder = Path(folder)
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / p).is_dir()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dinodiff.evaluate.segment.metrics import hungarian_scores, mean_sd
-from dinodiff.files import write_bytes_atomic
+from dinodiff.files import atomic_path, write_bytes_atomic
 
 COMBINED = "combined"
 PRIMARY = ("hungarian", "both")
@@ -193,10 +192,8 @@ def write_overlays(out: Path, cases: Sequence[Any], records: Sequence[dict], n: 
         fig.suptitle(f"{dataset}: ground truth | DiffSeg segments | matched lungs", fontsize=9)
         fig.tight_layout()
         path = out / "overlays" / f"{dataset}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         paths[dataset] = str(path)
     return paths

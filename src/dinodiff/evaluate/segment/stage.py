@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from dinodiff.evaluate.segment import report as seg_report
 from dinodiff.evaluate.segment.attention import CONDITIONS, AttentionModel, capture_attention, load_attention_model
@@ -66,8 +67,6 @@ def model_resolution(path: Path) -> int:
     """The image size a model was trained at (its model_config.yaml, else from loading it)."""
     config = path / "model_config.yaml"
     if config.is_file():
-        from omegaconf import OmegaConf
-
         value = OmegaConf.select(OmegaConf.load(config), "resolution")
         if value:
             return int(value)
