@@ -15,8 +15,9 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
+from dinodiff.config import save_config
 from dinodiff.files import atomic_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -61,21 +62,63 @@ def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
     return path
 
 
-def load_resume_state(accelerator: Any, run_dir: Path, resume: str) -> tuple[Path, dict] | None:
-    """Find the checkpoint to resume from and restore accelerate's state from it (models, optimizer, RNG).
+def resume_checkpoint(accelerator: Any, run_dir: Path, resume: str, restore_own: Callable[[Path, dict], None]) -> int:
+    """Resume from the checkpoint `resume` names (see resolve_resume) and return its step, or 0 for a fresh start.
 
-    Returns (checkpoint folder, its trainer/state.json), or None for a fresh start. The caller restores
-    what is its own (EMA, teacher, lr schedule, step) from ``checkpoint/trainer/``.
+    Restores accelerate's state (models, optimizer, RNG), then calls ``restore_own(checkpoint, state)``, state being
+    its trainer/state.json, for what is the caller's own (EMA, teacher, lr schedule) in ``checkpoint/trainer/``.
     """
     found = resolve_resume(run_dir, resume)
     if found is None:
-        return None
+        return 0
     state = read_json(found / "trainer" / "state.json")
     if state["num_processes"] != accelerator.num_processes:
         logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
                        "from an uninterrupted run.", state["num_processes"], accelerator.num_processes)
     accelerator.load_state(str(found))
-    return found, state
+    restore_own(found, state)
+    logger.info("resumed from %s at step %d", found, int(state["step"]))
+    return int(state["step"])
+
+
+def start_run(accelerator: Any, run_dir: Path, config: Any, wait: Callable[[], None] | None = None) -> None:
+    """On the main process: create RUN/, remove what a killed checkpoint save left and write RUN/config.yaml
+    (`config`, a DictConfig or a dict); then `wait` (default: every process) for it."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(run_dir)
+        save_config(config, run_dir / "config.yaml")
+    (wait or accelerator.wait_for_everyone)()
+
+
+def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep_last: int, write_own: Callable[[Path], None],
+                    state: dict | None = None, wait: Callable[[], None] | None = None) -> Path:
+    """Write ``RUN/checkpoints/checkpoint-STEP`` from every process and return it.
+
+    accelerate's state first (models, optimizer, RNG), then ``write_own(staging)`` on every process (each writes
+    its own part under ``staging/trainer/``, which exists), then on the main process ``trainer/state.json``
+    (step, process count and ``state``) last, since its presence marks the checkpoint complete, the rename into
+    place and pruning to `keep_last`. `wait` is the barrier between these steps (default: every process).
+    """
+    wait = wait or accelerator.wait_for_everyone
+    accelerator.wait_for_everyone()
+    staging = checkpoint_dir(run_dir) / f"{TMP_PREFIX}{step}"
+    if accelerator.is_main_process:
+        staging_dir(run_dir, step)
+    wait()
+    accelerator.save_state(str(staging))
+    (staging / "trainer").mkdir(exist_ok=True)
+    write_own(staging)
+    wait()
+    final = staging.parent / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        write_json_atomic(staging / "trainer" / "state.json",
+                          {"step": step, "num_processes": accelerator.num_processes, **(state or {})})
+        final = commit(staging, step)
+        prune(run_dir, keep_last, protect=[final])
+        logger.info("saved %s", final)
+    wait()
+    return final
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:

@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dinodiff import runs
-from dinodiff.config import save_config
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images
 from dinodiff.encoder.dino import (
@@ -45,7 +44,6 @@ from dinodiff.encoder.dino import (
 from dinodiff.encoder.export import save_encoder_folder, settings_record
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed, teacher_stats
 from dinodiff.encoder.settings import EncoderPretrainSettings, to_container
-from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +103,10 @@ class EncoderPretrainer:
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> Path:
         acc, s = self.accelerator, self.s
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            runs.remove_stale_staging(self.run_dir)
-            save_config(to_container(s), self.run_dir / "config.yaml")
-            if not (self.run_dir / "encoder-init").is_dir() and self.step == 0:
-                save_encoder_folder(acc.unwrap_model(self.student), self.run_dir / "encoder-init",
-                                    s.backbone.image_size, self._provenance(step=0))
-        acc.wait_for_everyone()
+        runs.start_run(acc, self.run_dir, to_container(s))
+        if acc.is_main_process and not (self.run_dir / "encoder-init").is_dir():  # the ViT at step 0, before resuming
+            save_encoder_folder(acc.unwrap_model(self.student), self.run_dir / "encoder-init",
+                                s.backbone.image_size, self._provenance(step=0))
         self._maybe_resume()
         metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
@@ -216,43 +210,26 @@ class EncoderPretrainer:
 
     # -------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> Path:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        staging = runs.checkpoint_dir(self.run_dir) / f"{runs.TMP_PREFIX}{self.step}"
-        if acc.is_main_process:
-            runs.staging_dir(self.run_dir, self.step)
-        acc.wait_for_everyone()
-        acc.save_state(str(staging))
-        final = staging.parent / f"checkpoint-{self.step}"
-        if acc.is_main_process:
-            trainer_dir = staging / "trainer"
-            trainer_dir.mkdir(exist_ok=True)
-            state = {f"teacher.{k}": v.detach().contiguous() for k, v in self.teacher.state_dict().items()}
-            state["loss.center"] = self.criterion.center.detach().contiguous()
-            save_file(state, str(trainer_dir / "teacher.safetensors"))
-            save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size,
-                                self._provenance(self.step))
-            # state.json last: its presence marks the checkpoint complete.
-            write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes,
-                                                                "monitor_count": self.monitor.count})
-            final = runs.commit(staging, self.step)
-            runs.prune(self.run_dir, self.s.run.keep_last, protect=[final])
-            logger.info("saved %s", final)
-        acc.wait_for_everyone()
-        return final
+        return runs.save_checkpoint(self.accelerator, self.run_dir, self.step, self.s.run.keep_last,
+                                    self._write_own_state, state={"monitor_count": self.monitor.count})
+
+    def _write_own_state(self, staging: Path) -> None:
+        """Into a checkpoint, from the main process: the teacher and the loss centre, and encoder/."""
+        if not self.accelerator.is_main_process:
+            return
+        state = {f"teacher.{k}": v.detach().contiguous() for k, v in self.teacher.state_dict().items()}
+        state["loss.center"] = self.criterion.center.detach().contiguous()
+        save_file(state, str(staging / "trainer" / "teacher.safetensors"))
+        save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size, self._provenance(self.step))
 
     def _maybe_resume(self) -> None:
-        acc = self.accelerator
-        resumed = runs.load_resume_state(acc, self.run_dir, self.s.run.resume)
-        if resumed is None:
-            return
-        found, state = resumed
-        saved = load_file(str(found / "trainer" / "teacher.safetensors"), device=str(acc.device))
+        self.step = runs.resume_checkpoint(self.accelerator, self.run_dir, self.s.run.resume, self._restore_own_state)
+
+    def _restore_own_state(self, found: Path, state: dict) -> None:
+        saved = load_file(str(found / "trainer" / "teacher.safetensors"), device=str(self.accelerator.device))
         self.criterion.center.copy_(saved.pop("loss.center"))
         self.teacher.load_state_dict({k[len("teacher."):]: v for k, v in saved.items()})
         self.monitor.count = int(state.get("monitor_count", 0))
-        self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", found, self.step)
 
     def _provenance(self, step: int) -> dict:
         s = self.s

@@ -41,8 +41,6 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dinodiff import runs
-from dinodiff.config import save_config
-from dinodiff.files import write_json_atomic
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
@@ -156,11 +154,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> Path:
         acc, tcfg = self.accelerator, self.cfg.train
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            runs.remove_stale_staging(self.run_dir)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-        self._wait_for_main()
+        runs.start_run(acc, self.run_dir, self.cfg, wait=self._wait_for_main)
         self._maybe_resume()
         metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
@@ -265,31 +259,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> Path:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        staging = runs.checkpoint_dir(self.run_dir) / f"{runs.TMP_PREFIX}{self.step}"
-        if acc.is_main_process:
-            runs.staging_dir(self.run_dir, self.step)
-        self._wait_for_main()
-        acc.save_state(str(staging))
-        trainer_dir = staging / "trainer"
-        trainer_dir.mkdir(exist_ok=True)
+        return runs.save_checkpoint(self.accelerator, self.run_dir, self.step, self.cfg.train.keep_last,
+                                    self._write_own_state, wait=self._wait_for_main)
+
+    def _write_own_state(self, staging: Path) -> None:
+        """Into a checkpoint: every rank's noise generator; from the main process the lr schedule, EMA and model/."""
+        acc, trainer_dir = self.accelerator, staging / "trainer"
         torch.save(self.generator.get_state(), trainer_dir / f"generator_rank{acc.process_index}.pt")
         if acc.is_main_process:
             torch.save(self.lr_scheduler.state_dict(), trainer_dir / "lr_scheduler.pt")
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), trainer_dir / "ema.pt")
             self._write_model_folder(staging / "model")
-        self._wait_for_main()
-        final = staging.parent / f"checkpoint-{self.step}"
-        if acc.is_main_process:
-            # state.json last: its presence marks the checkpoint complete.
-            write_json_atomic(trainer_dir / "state.json", {"step": self.step, "num_processes": acc.num_processes})
-            final = runs.commit(staging, self.step)
-            runs.prune(self.run_dir, self.cfg.train.keep_last, protect=[final])
-            logger.info("saved %s", final)
-        self._wait_for_main()
-        return final
 
     def _write_model_folder(self, folder: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -311,20 +292,17 @@ class Trainer:
             self.ema.restore(model.parameters())
 
     def _maybe_resume(self) -> None:
-        acc = self.accelerator
-        resumed = runs.load_resume_state(acc, self.run_dir, self.cfg.train.resume)
-        if resumed is None:
-            return
-        found, state = resumed
+        self.step = runs.resume_checkpoint(self.accelerator, self.run_dir, self.cfg.train.resume,
+                                           self._restore_own_state)
+
+    def _restore_own_state(self, found: Path, state: dict) -> None:
         self._restore_lr_scheduler(found / "trainer" / "lr_scheduler.pt", int(state["step"]))
-        gen_file = found / "trainer" / f"generator_rank{acc.process_index}.pt"
+        gen_file = found / "trainer" / f"generator_rank{self.accelerator.process_index}.pt"
         if gen_file.is_file():
             self.generator.set_state(torch.load(gen_file, map_location="cpu", weights_only=True))
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(found / "trainer" / "ema.pt", map_location="cpu", weights_only=True))
-            self.ema.to(acc.device)
-        self.step = int(state["step"])
-        logger.info("resumed from %s at step %d", found, self.step)
+            self.ema.to(self.accelerator.device)
 
     def _restore_lr_scheduler(self, path: Path, step: int) -> None:
         if path.is_file():
