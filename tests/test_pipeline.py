@@ -1,4 +1,4 @@
-"""DiNODiffusionPipeline: save/load round trips (new and older folder layouts), guidance rules, schedulers, outputs."""
+"""DiNODiffusionPipeline: save/load round trips, guidance rules, schedulers, outputs."""
 
 from __future__ import annotations
 
@@ -76,28 +76,14 @@ def test_precomputed_c_glb_gives_the_same_images_as_source_images(tiny_model_fol
         pipe(images=_images(), c_glb=c_glb)
 
 
-def test_older_model_folder_layout_still_loads(tiny_model_folder, tmp_path):
-    """dinodiff <= 0.1 wrote unet/ projection/ autoencoder/ scheduler/ encoder.json; cond_dropout from the run."""
-    from omegaconf import OmegaConf
-
-    from dinodiff.config import load_config
+def test_a_model_folder_loads_as_training_components_and_a_folder_without_model_index_is_refused(tiny_model_folder,
+                                                                                                tmp_path):
     from dinodiff.pipeline import load_model_folder
 
-    new = _load(tiny_model_folder)
-    legacy = tmp_path / "run" / "checkpoints" / "checkpoint-5" / "model"
-    new.unet.save_pretrained(legacy / "unet")
-    new.projection.save_pretrained(legacy / "projection")
-    new.vae.save_pretrained(legacy / "autoencoder")
-    DDPMScheduler.from_config(new.scheduler.config).save_pretrained(legacy / "scheduler")
-    cfg = load_config("tiny", ["train.cond_dropout=0.2"])
-    (legacy / "encoder.json").write_text(json.dumps(OmegaConf.to_container(cfg.model.encoder)))
-    OmegaConf.save(cfg, tmp_path / "run" / "config.yaml")
-    old = _load(legacy)
-    assert old.config.cond_dropout == 0.2
-    assert isinstance(old.scheduler, DPMSolverMultistepScheduler)
-    assert torch.equal(_run(new), _run(old))
-    parts = load_model_folder(tiny_model_folder)  # the new layout, as training Components
+    parts = load_model_folder(tiny_model_folder)
     assert isinstance(parts.noise_scheduler, DDPMScheduler) and parts.latent_shape == (16, 8, 8)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        load_model_folder(tmp_path)
 
 
 def test_guidance_is_refused_without_condition_dropout(tiny_model_folder):

@@ -10,7 +10,6 @@ classifier-free guidance is only meaningful when it was > 0.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,19 +62,6 @@ class DiNODiffusionPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, image_encoder=image_encoder,
                               projection=projection)
         self.register_to_config(cond_dropout=float(cond_dropout))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "DiNODiffusionPipeline":
-        """A pipeline folder or hub id; also reads model folders of dinodiff <= 0.1 (no model_index.json)."""
-        folder = Path(pretrained_model_name_or_path)
-        if folder.is_dir() and not (folder / "model_index.json").is_file() and (folder / "encoder.json").is_file():
-            logger.info("%s is an older dinodiff model folder: loading it component by component.", folder)
-            # those folders did not record cond_dropout: the run's config.yaml is the only place it is written
-            pipe = cls.from_components(load_model_folder(folder), cond_dropout=run_cond_dropout(folder))
-            if kwargs.get("torch_dtype") is not None:
-                pipe.to(dtype=kwargs["torch_dtype"])
-            return pipe
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_components(cls, parts: Any, *, cond_dropout: float = 0.0,
@@ -246,30 +232,14 @@ def run_cond_dropout(model_folder: str | Path) -> float:
 
 
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> Components:
-    """Read back a model folder (pipeline layout, or the older one) as Components (training DDPM scheduler)."""
+    """Read back a model folder as Components (training DDPM scheduler)."""
     folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        pipe = DiNODiffusionPipeline.from_pretrained(folder)
-        parts = Components(pipe.image_encoder, pipe.vae, pipe.unet, pipe.projection,
-                           DDPMScheduler.from_config(pipe.scheduler.config))
-    else:
-        parts = _load_legacy_folder(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a dinodiff model folder: no model_index.json (give RUN/best/model, "
+                                "a checkpoint's model/ or a folder written by DiNODiffusionPipeline.save_pretrained).")
+    pipe = DiNODiffusionPipeline.from_pretrained(folder)
+    parts = Components(pipe.image_encoder, pipe.vae, pipe.unet, pipe.projection,
+                       DDPMScheduler.from_config(pipe.scheduler.config))
     for module in (parts.encoder, parts.autoencoder, parts.unet, parts.projection):
         module.to(device).eval()
     return parts
-
-
-def _load_legacy_folder(folder: Path) -> Components:
-    parts = ("unet", "projection", "autoencoder", "scheduler", "encoder.json")
-    missing = [p for p in parts if not (folder / p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a dinodiff model folder: no model_index.json, and for the older "
-                                f"layout missing {', '.join(missing)}.")
-    encoder_cfg = OmegaConf.create(json.loads((folder / "encoder.json").read_text()))
-    return Components(
-        encoder=build_encoder(encoder_cfg),
-        autoencoder=LatentAutoencoder.from_pretrained(folder / "autoencoder"),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        projection=ConditionProjection.from_pretrained(folder / "projection"),
-        noise_scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
-    )

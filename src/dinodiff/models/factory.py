@@ -4,8 +4,7 @@ Saving and loading an inference-ready model folder lives in `dinodiff.pipeline` 
 pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODiffusionPipeline` folder, written by its
 ``save_pretrained``: ``model_index.json`` + ``unet/``, ``vae/``, ``scheduler/`` (DPM-Solver++), ``image_encoder/``
 (the frozen encoder with its preprocessing, so the folder is self-contained), ``projection/``, plus
-``model_config.yaml``. Folders of dinodiff <= 0.1 (``unet/ projection/ autoencoder/ scheduler/ encoder.json``,
-the encoder referenced by id) are still read by ``pipeline.load_model_folder`` and ``DiNODiffusionPipeline.from_pretrained``.
+``model_config.yaml``.
 """
 
 from __future__ import annotations
