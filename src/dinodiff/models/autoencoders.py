@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from dinodiff.models.hub import pipeline_subfolder
 from dinodiff.models.taef2 import TAEF2
 
 KINDS = ("kl", "tiny", "taef2", "unshuffle")
@@ -168,20 +169,6 @@ def _build_inner(kind: str, model_config: dict[str, Any] | None) -> nn.Module | 
     return klass.from_config({k: v for k, v in model_config.items() if not k.startswith("_")})
 
 
-def _vae_subfolder(path: str) -> str | None:
-    """'vae' when ``path`` is a full SD pipeline (local dir with vae/ or hub repo with a vae subfolder)."""
-    from diffusers import AutoencoderKL
-
-    p = Path(path)
-    if p.is_dir():
-        return "vae" if (p / "vae" / "config.json").is_file() else None
-    try:
-        AutoencoderKL.load_config(path, subfolder="vae")
-        return "vae"
-    except (OSError, EnvironmentError):
-        return None
-
-
 def load_autoencoder(
     kind: str,
     path: str | None = None,
@@ -208,7 +195,7 @@ def load_autoencoder(
 
         path = str(path)
         if kind == "kl":
-            model = AutoencoderKL.from_pretrained(path, subfolder=_vae_subfolder(path))
+            model = AutoencoderKL.from_pretrained(path, subfolder=pipeline_subfolder(AutoencoderKL, path, "vae"))
         else:
             model = AutoencoderTiny.from_pretrained(path)
         cfg_scale = model.config.get("scaling_factor") or 1.0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 from diffusers import UNet2DConditionModel
+
+from dinodiff.models.hub import pipeline_subfolder
 
 _CROSS_DOWN, _DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -72,18 +73,6 @@ def unet_config(preset: str, *, in_channels: int, sample_size: int, cross_attent
     return config
 
 
-def _unet_subfolder(pretrained: str) -> str | None:
-    """'unet' for a full SD pipeline (a local dir with unet/, or a hub repo with model_index.json), else None."""
-    path = Path(pretrained)
-    if path.is_dir():
-        return "unet" if (path / "unet" / "config.json").is_file() else None
-    try:
-        UNet2DConditionModel.load_config(pretrained, subfolder="unet")
-        return "unet"
-    except (OSError, EnvironmentError):
-        return None
-
-
 def build_unet(
     preset: str,
     *,
@@ -104,7 +93,7 @@ def build_unet(
         config = unet_config(preset, **sizes, **overrides)
         return UNet2DConditionModel.from_config(config)
     pretrained = str(pretrained)
-    subfolder = _unet_subfolder(pretrained)
+    subfolder = pipeline_subfolder(UNet2DConditionModel, pretrained, "unet")
     ckpt = UNet2DConditionModel.load_config(pretrained, subfolder=subfolder)
     for name, wanted in (("in_channels", in_channels), ("cross_attention_dim", cross_attention_dim)):
         if ckpt[name] != wanted:
