@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from dinodiff.evaluate.fid.features import (
     xrv_weights_file,
 )
 from dinodiff.evaluate.fid.images import fingerprint, list_images, select
+from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.stage import (
     cached_features,
     fid,
@@ -243,11 +245,11 @@ def test_real_set_features_are_cached_by_extractor_and_file_list(two_sets, tmp_p
 
 def test_fid_stage_names_the_extractor_and_gives_zero_for_a_set_against_itself(two_sets, tmp_path: Path) -> None:
     real, fake = two_sets
-    same = fid(real, real, extractor="dinov2", weights="random:transformers-dinov2", cache_dir=tmp_path / "c",
-               batch_size=4, kid_subsets=5)
+    settings = FidSettings(extractor="dinov2", weights="random:transformers-dinov2", cache_dir=tmp_path / "c",
+                           batch_size=4, kid_subsets=5)
+    same = fid(real, real, settings)
     assert abs(same["fid"]) < 1e-3
-    other = fid(real, fake, extractor="dinov2", weights="random:transformers-dinov2", cache_dir=tmp_path / "c",
-                batch_size=4, num_samples=4, seed=3, out=tmp_path / "res.json", kid_subsets=5)
+    other = fid(real, fake, replace(settings, num_real=4, num_sources=4, seed=3), out=tmp_path / "res.json")
     assert other["fid"] > 1e-3 and (other["n_real"], other["n_fake"]) == (4, 4)
     assert np.isfinite(other["kid_mean"]) and other["kid_std"] >= 0
     written = json.loads((tmp_path / "res.json").read_text())

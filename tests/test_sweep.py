@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import dinodiff.evaluate.fid.sweep as sweep_mod
@@ -13,13 +14,14 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
+from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.sweep import best_row, hook_from_config, make_fid_hook, promote_best, sweep, upsert
 
 # A random tiny DINOv2 as the extractor keeps these tests fast; the XRV path is covered in test_fid.py.
 EVAL = ["eval.extractor=dinov2", "eval.weights=random:transformers-dinov2", "eval.num_real=6", "eval.num_sources=3",
         "eval.per_source=2", "eval.sample_steps=2", "eval.batch_size=4", "eval.split=train"]
-SCORER = dict(extractor="dinov2", weights="random:transformers-dinov2", num_real=6, num_sources=3, per_source=2,
-              sample_steps=2, batch_size=4, split="train")
+SETTINGS = FidSettings(extractor="dinov2", weights="random:transformers-dinov2", num_real=6, num_sources=3,
+                       per_source=2, sample_steps=2, batch_size=4, split="train")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +74,9 @@ def test_sweep_skips_scored_checkpoints_and_rescoring_is_deterministic(trained_r
     original = sweep_mod.CheckpointScorer.score
     monkeypatch.setattr(sweep_mod.CheckpointScorer, "score",
                         lambda self, folder, step: calls.append(step) or original(self, folder, step))
-    summary = sweep(run, **SCORER)
+    summary = sweep(run, SETTINGS)
     assert calls == [] and len(summary["rows"]) == 2  # everything already scored with these settings
-    summary = sweep(run, force=True, **SCORER)
+    summary = sweep(run, SETTINGS, force=True)
     assert calls == [2, 4]
     # same sources, same noise seeds, same real set: the numbers reproduce exactly
     assert {r["step"]: float(r["fid"]) for r in _rows(run)} == pytest.approx(before, rel=1e-6)
@@ -93,7 +95,7 @@ def test_every_checkpoint_reconstructs_the_same_sources_with_the_same_seeds(trai
         return original(pipe, sources, **kw)
 
     monkeypatch.setattr(sweep_mod, "reconstruct", spy)
-    summary = sweep(run, **SCORER)
+    summary = sweep(run, SETTINGS)
     assert len(seen) == 2 and len(summary["rows"]) == 2
     for sources, seed, per_source in seen[1:]:
         assert torch.equal(sources, seen[0][0]) and seed == seen[0][1] and per_source == 2
@@ -135,7 +137,7 @@ def test_fid_hook_returns_named_scores_and_leaves_the_global_rng_alone(trained_r
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sweep_mod, "build_extractor", drawing)
-    hook = make_fid_hook(run, cache_dir=tmp_path / "fresh-cache", **SCORER)
+    hook = make_fid_hook(run, replace(SETTINGS, cache_dir=tmp_path / "fresh-cache"))
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)

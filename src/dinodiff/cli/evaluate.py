@@ -34,13 +34,14 @@ def fid(
 
     The result names the extractor, its feature tap and weights: FIDs on different taps are not comparable.
     """
+    from dinodiff.evaluate.fid.settings import FidSettings
     from dinodiff.evaluate.fid.stage import fid as run_fid
 
+    settings = FidSettings(split=split, extractor=extractor, weights=weights, num_real=num_samples or None,
+                           num_sources=num_samples or None, batch_size=batch_size, seed=seed, device=device,
+                           cache_dir=cache_dir, cache=cache, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     with failures({(FileNotFoundError, ValueError): 2}):  # MissingWeights is a FileNotFoundError
-        result = run_fid(real, fake, extractor=extractor, weights=weights, num_samples=num_samples or None,
-                         seed=seed, split=split, batch_size=batch_size, device=device,
-                         cache_dir=(cache_dir or "default") if cache else None, out=out,
-                         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
+        result = run_fid(real, fake, settings, out=out)
     typer.echo(f"FID {result['fid']:.4f}  KID {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  "
                f"({result['extractor']}:{result['tap']}, {result['n_real']} real vs {result['n_fake']} fake)")
     if out is not None:
@@ -70,14 +71,15 @@ def sweep(
     Writes RUN_DIR/fid.csv and RUN_DIR/fid.png (best checkpoint starred) and keeps RUN_DIR/best/ up to date.
     Restartable: checkpoints already scored with the same settings are skipped.
     """
+    from dinodiff.evaluate.fid.settings import FidSettings
     from dinodiff.evaluate.fid.sweep import sweep as run_sweep
 
     configure_logging()  # one line per checkpoint
+    settings = FidSettings(real=real, sources=sources, split=split, extractor=extractor, weights=weights,
+                           num_real=num_real or None, num_sources=num_sources or None, per_source=per_source,
+                           sample_steps=steps, batch_size=batch_size, seed=seed, device=device, cache_dir=cache_dir)
     with failures({(FileNotFoundError, ValueError): 2}):  # MissingWeights is a FileNotFoundError
-        summary = run_sweep(run_dir, force=force, update_best=update_best, real=real, sources=sources, split=split,
-                            extractor=extractor, weights=weights, num_real=num_real or None,
-                            num_sources=num_sources or None, per_source=per_source, sample_steps=steps,
-                            batch_size=batch_size, seed=seed, device=device, cache_dir=cache_dir)
+        summary = run_sweep(run_dir, settings, force=force, update_best=update_best)
     for row in summary["rows"]:
         typer.echo(f"step {row['step']:>8}  FID {float(row['fid']):10.4f}  KID {float(row['kid_mean']):.5f}")
     best = summary["best"]

@@ -21,6 +21,7 @@ import torch
 
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
 from dinodiff.evaluate.fid.images import ImageRef, fingerprint, iter_images, list_images, select
+from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.files import atomic_path, write_text_atomic
 from dinodiff.models.factory import cache_home
 
@@ -158,25 +159,25 @@ def scores(real: np.ndarray, fake: np.ndarray, kid_subsets: int = 100, kid_subse
 
 
 # ------------------------------------------------------------------------------------------ stage
-def fid(real: str | Path, fake: str | Path, *, extractor: str = "xrv", weights: Optional[str] = None,
-        num_samples: Optional[int] = 5000, seed: int = 0, split: Optional[str] = "test", batch_size: int = 32,
-        device: str = "auto", cache_dir: Optional[str | Path] = "default", out: Optional[str | Path] = None,
-        kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+def fid(real: str | Path, fake: str | Path, settings: FidSettings = FidSettings(),
+        out: Optional[str | Path] = None) -> dict:
     """FID and KID between two image sets (folders, shards or synthetic datasets).
 
-    `num_samples` images of each set are drawn with `seed` (all when fewer or None). Real-set features
-    are cached in `cache_dir` ("default": ``$DINODIFF_CACHE/fid-stats``; None: no cache). The result
-    names the extractor, its tap and weights; with `out` it is also written there as JSON.
+    `settings.num_real` real and `settings.num_sources` fake images are drawn with `settings.seed` (all when
+    fewer or None). Real-set features are cached in `settings.cache_dir` (default ``$DINODIFF_CACHE/fid-stats``;
+    none when `settings.cache` is False). The result names the extractor, its tap and weights; with `out` it
+    is also written there as JSON.
     """
-    net = build_extractor(extractor, weights, device)
-    real_refs = select(list_images(real, split), num_samples, seed)
-    fake_refs = select(list_images(fake, split), num_samples, seed)
-    cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    s = settings
+    net = build_extractor(s.extractor, s.weights, s.device)
+    real_refs = select(list_images(real, s.split), s.num_real, s.seed)
+    fake_refs = select(list_images(fake, s.split), s.num_sources, s.seed)
+    cache = (Path(s.cache_dir) if s.cache_dir else default_cache_dir()) if s.cache else None
     start = time.time()
-    real_features = cached_features(net, real_refs, cache, batch_size)
-    fake_features = cached_features(net, fake_refs, None, batch_size)
-    result = {**scores(real_features, fake_features, kid_subsets, kid_subset_size, seed), **net.describe(),
-              "real": str(real), "fake": str(fake), "seed": seed, "seconds": round(time.time() - start, 2)}
+    real_features = cached_features(net, real_refs, cache, s.batch_size)
+    fake_features = cached_features(net, fake_refs, None, s.batch_size)
+    result = {**scores(real_features, fake_features, s.kid_subsets, s.kid_subset_size, s.seed), **net.describe(),
+              "real": str(real), "fake": str(fake), "seed": s.seed, "seconds": round(time.time() - start, 2)}
     if out is not None:
         write_text_atomic(out, json.dumps(result, indent=2))
     return result

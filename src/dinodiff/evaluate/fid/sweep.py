@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dinodiff import runs
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
 from dinodiff.evaluate.fid.images import list_images, load_images, select
+from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
 from dinodiff.files import atomic_path
 from dinodiff.generate.sample import generate_reconstructions
@@ -51,19 +52,15 @@ def real_set_of_run(run_dir: Path) -> str:
 class CheckpointScorer:
     """Scores model folders: reconstructions of fixed sources vs a fixed real set (set up on first use)."""
 
-    def __init__(self, run_dir: str | Path, *, real: Optional[str] = None, sources: Optional[str] = None,
-                 split: Optional[str] = "test", extractor: str = "xrv", weights: Optional[str] = None,
-                 num_real: Optional[int] = 5000, num_sources: Optional[int] = 5000, per_source: int = 1,
-                 sample_steps: int = 25, batch_size: int = 16, seed: int = 0, device: str = "auto",
-                 cache_dir: Optional[str | Path] = None):
-        self.run_dir = Path(run_dir)
-        self.real = real or real_set_of_run(self.run_dir)
-        self.sources = sources or self.real
-        self.split, self.extractor_name, self.weights = split, extractor, weights
-        self.num_real, self.num_sources, self.per_source = num_real, num_sources, per_source
-        self.sample_steps, self.batch_size, self.seed = sample_steps, batch_size, seed
-        self.device = resolve_device(device)
-        self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / "fid-cache"
+    def __init__(self, run_dir: str | Path, settings: FidSettings):
+        self.run_dir, self.settings = Path(run_dir), settings
+        self.real = settings.real or real_set_of_run(self.run_dir)
+        self.sources = settings.sources or self.real
+        self.split, self.per_source, self.seed = settings.split, settings.per_source, settings.seed
+        self.batch_size = settings.batch_size
+        self.device = resolve_device(settings.device)
+        cache_dir = Path(settings.cache_dir) if settings.cache_dir else self.run_dir / "fid-cache"
+        self.cache_dir = cache_dir if settings.cache else None
         self._net: Optional[FeatureExtractor] = None
         self._real_refs: Optional[list] = None
         self._real_features: Optional[np.ndarray] = None
@@ -72,12 +69,12 @@ class CheckpointScorer:
     @property
     def net(self) -> FeatureExtractor:
         if self._net is None:
-            self._net = build_extractor(self.extractor_name, self.weights, self.device)
+            self._net = build_extractor(self.settings.extractor, self.settings.weights, self.device)
         return self._net
 
     def real_refs(self) -> list:
         if self._real_refs is None:
-            self._real_refs = select(list_images(self.real, self.split), self.num_real, self.seed)
+            self._real_refs = select(list_images(self.real, self.split), self.settings.num_real, self.seed)
         return self._real_refs
 
     def real_features(self) -> np.ndarray:
@@ -88,17 +85,18 @@ class CheckpointScorer:
     def source_images(self, resolution: int) -> torch.Tensor:
         """The fixed sources (N, 1, resolution, resolution): the same seeded subset for every checkpoint."""
         if resolution not in self._source_images:
-            refs = select(list_images(self.sources, self.split), self.num_sources, self.seed)
+            refs = select(list_images(self.sources, self.split), self.settings.num_sources, self.seed)
             self._source_images[resolution] = load_images(refs, resolution)
         return self._source_images[resolution]
 
-    def settings(self, n_fake: int) -> dict:
-        return {"extractor": self.net.name, "tap": self.net.tap, "n_real": len(self.real_refs()),
-                "n_fake": n_fake, "per_source": self.per_source, "sample_steps": self.sample_steps, "seed": self.seed}
+    def row_settings(self, n_fake: int) -> dict:
+        """The SETTING_FIELDS of a fid.csv row."""
+        return {"extractor": self.net.name, "tap": self.net.tap, "n_real": len(self.real_refs()), "n_fake": n_fake,
+                "per_source": self.per_source, "sample_steps": self.settings.sample_steps, "seed": self.seed}
 
     def expected_settings(self) -> dict:
-        n_sources = len(select(list_images(self.sources, self.split), self.num_sources, self.seed))
-        return self.settings(n_sources * self.per_source)
+        n_sources = len(select(list_images(self.sources, self.split), self.settings.num_sources, self.seed))
+        return self.row_settings(n_sources * self.per_source)
 
     def score(self, model_folder: str | Path, step: int) -> dict:
         """Generate from `model_folder`, extract features chunk by chunk, and return one fid.csv row."""
@@ -110,11 +108,12 @@ class CheckpointScorer:
         for index, chunk in enumerate(sources.split(SOURCE_CHUNK)):
             # One seed per chunk (not per call): every checkpoint sees the same noise for the same source.
             images = reconstruct(pipe, chunk, per_source=self.per_source, seed=self.seed * 1_000_003 + index,
-                                 steps=self.sample_steps, batch_size=self.batch_size)
+                                 steps=self.settings.sample_steps, batch_size=self.batch_size)
             fake.append(extract_features(self.net, images, self.batch_size))
         del pipe
         fake_features = np.concatenate(fake)
-        row = {"step": step, **scores(real, fake_features, seed=self.seed), **self.settings(len(fake_features)),
+        kid = {"kid_subsets": self.settings.kid_subsets, "kid_subset_size": self.settings.kid_subset_size}
+        row = {"step": step, **scores(real, fake_features, seed=self.seed, **kid), **self.row_settings(len(fake_features)),
                "checkpoint": str(model_folder), "seconds": round(time.time() - start, 1)}
         logger.info("step %d: FID %.4f (%s:%s, %d real vs %d generated)", step, row["fid"], row["extractor"],
                     row["tap"], row["n_real"], row["n_fake"])
@@ -225,10 +224,10 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
 
 
 # ------------------------------------------------------------------------------------ entry points
-def sweep(run_dir: str | Path, *, force: bool = False, update_best: bool = True, **scorer_kwargs) -> dict:
+def sweep(run_dir: str | Path, settings: FidSettings = FidSettings(), *, force: bool = False,
+          update_best: bool = True) -> dict:
     """Score every complete checkpoint of `run_dir` (skipping ones already in fid.csv with the same settings).
 
-    `scorer_kwargs` are :class:`CheckpointScorer`'s (real, sources, extractor, num_real, num_sources, ...).
     Returns {"rows", "best", "csv", "plot", "best_dir"}.
     """
     run_dir = Path(run_dir)
@@ -236,7 +235,7 @@ def sweep(run_dir: str | Path, *, force: bool = False, update_best: bool = True,
     if not checkpoints:
         raise FileNotFoundError(f"No complete checkpoints under {runs.checkpoint_dir(run_dir)}; train first "
                                 "(`dinodiff train ...`) or point at a run folder.")
-    scorer = CheckpointScorer(run_dir, **scorer_kwargs)
+    scorer = CheckpointScorer(run_dir, settings)
     expected = scorer.expected_settings()
     done = {int(r["step"]) for r in read_rows(run_dir / "fid.csv") if same_settings(r, expected)}
     current: list[dict] = [r for r in read_rows(run_dir / "fid.csv") if same_settings(r, expected)]
@@ -253,13 +252,13 @@ def sweep(run_dir: str | Path, *, force: bool = False, update_best: bool = True,
     return {"rows": current, "best": best, "csv": run_dir / "fid.csv", "plot": plot, "best_dir": best_dir}
 
 
-def make_fid_hook(run_dir: str | Path, **scorer_kwargs) -> EvalHook:
+def make_fid_hook(run_dir: str | Path, settings: FidSettings) -> EvalHook:
     """A train.py EvalHook: (model folder, step) -> {"fid", "kid_mean", "kid_std", "extractor"}; also updates
     RUN/fid.csv and RUN/fid.png.
 
     The trainer keeps RUN/best/ itself from the returned "fid" (its first value).
     """
-    scorer = CheckpointScorer(run_dir, **scorer_kwargs)
+    scorer = CheckpointScorer(run_dir, settings)
 
     def hook(model_folder: Path, step: int) -> dict:
         # Building extractors draws from the global RNG (random init before loading); keep training's stream intact.
@@ -284,7 +283,4 @@ def hook_from_config(cfg: DictConfig) -> EvalHook:
         logger.warning("train.eval_every=%d is not a multiple of train.checkpoint_every=%d: FID runs only at "
                        "checkpoints that fall on a multiple of eval_every.", cfg.train.eval_every,
                        cfg.train.checkpoint_every)
-    return make_fid_hook(cfg.train.run_dir, real=str(real), sources=e.sources,
-                         split=e.split, extractor=e.extractor, weights=e.weights, num_real=e.num_real,
-                         num_sources=e.num_sources, per_source=e.per_source, sample_steps=e.sample_steps,
-                         batch_size=e.batch_size, seed=e.seed)
+    return make_fid_hook(cfg.train.run_dir, FidSettings.from_eval_config(e, real=str(real)))
