@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import typer
 from typer.testing import CliRunner
 
+import dinodiff
 from dinodiff.cli import app
+from dinodiff.cli.common import failures
 
 runner = CliRunner()
 
@@ -57,3 +64,37 @@ def test_phantoms_command_writes_the_montgomery_layout(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "ph" / "CXR_png").glob("*.png"))) == 3
     assert len(list((tmp_path / "ph" / "ManualMask" / "leftMask").glob("*.png"))) == 3
+
+
+def test_failures_maps_listed_errors_to_one_line_and_their_exit_code_and_lets_others_through():
+    class Diverged(RuntimeError):
+        pass
+
+    errors = {"diverged": Diverged("loss is nan"), "missing": FileNotFoundError("no shards at x"),
+              "bad": ValueError("bad value"), "bug": TypeError("a bug")}
+    one = typer.Typer()
+
+    @one.command()
+    def run(kind: str) -> None:
+        with failures({Diverged: 1, (FileNotFoundError, ValueError): 2, RuntimeError: 3}):  # first match wins
+            raise errors[kind]
+
+    for kind, code, line in [("diverged", 1, "error: loss is nan"), ("missing", 2, "error: no shards at x"),
+                             ("bad", 2, "error: bad value")]:
+        result = runner.invoke(one, [kind])
+        assert (result.exit_code, result.output.strip()) == (code, line)
+    result = runner.invoke(one, ["bug"])  # not listed: propagates as it is
+    assert isinstance(result.exception, TypeError)
+
+
+def test_python_dash_m_runs_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "dinodiff.cli", "phantoms", "--help"], capture_output=True, text=True,
+                          timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--seed" in proc.stdout and "Usage: python -m dinodiff.cli phantoms" in proc.stdout
+
+
+def test_only_the_cli_configures_logging():
+    src = Path(dinodiff.__file__).parent
+    callers = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.py") if "basicConfig" in p.read_text())
+    assert callers == ["cli/common.py"]
