@@ -149,6 +149,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A training run's whole configuration, saved as RUN/config.yaml (the sections below, in this order)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
