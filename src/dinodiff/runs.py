@@ -186,6 +186,12 @@ def promote_to_best(run_dir: Path, model_folder: Path, record: dict) -> Path:
     return best
 
 
+def read_best(run_dir: str | Path) -> Optional[dict]:
+    """RUN/best/best.json (the record promote_to_best wrote); None when the run has no best model yet."""
+    path = Path(run_dir) / "best" / "best.json"
+    return read_json(path) if path.is_file() else None
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -216,3 +222,19 @@ def model_folders(path: str | Path) -> list[Path]:
     path = Path(path)
     newest = newest_model(path) if (path / "checkpoints").is_dir() else None
     return ([newest] if newest is not None else []) + [path, path / "model"]
+
+
+def checkpoint_models(path: str | Path) -> list[Path]:
+    """Every model `path` names, oldest first: a run folder -> each complete checkpoint's model/; a checkpoint
+    (or RUN/best/) -> its model/; any other folder (a model or pipeline folder) -> itself."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (give a model folder, a checkpoint or a run folder).")
+    if (path / "checkpoints").is_dir():
+        found = [checkpoint / "model" for _, checkpoint in list_checkpoints(path)]
+        if not found:
+            raise FileNotFoundError(f"{path} is a run folder without complete checkpoints yet.")
+        return found
+    if (path / "model").is_dir() and not (path / "unet").is_dir():
+        return [path / "model"]
+    return [path]

@@ -111,15 +111,17 @@ def segment(
     Grid-searches thresholds x timesteps x grid sizes x checkpoints (cached per cell: a re-run computes only
     new cells) and compares with a mean-mask prior, a position-only k-means control and Otsu.
     """
+    from dinodiff.evaluate.segment.settings import SegmentSettings
     from dinodiff.evaluate.segment.stage import segment as run_segment
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
         ints = [int(v) for v in timesteps.split(",") if v.strip()], [int(v) for v in grid_sizes.split(",") if v.strip()]
-        results = run_segment(models, data, out, thresholds=floats(thresholds) or [], threshold_mode=threshold_mode,
-                              merge_iterations=merge_iterations, timesteps=ints[0], grid_sizes=ints[1],
-                              condition=condition, noise_seed=noise_seed, resolution=resolution, sd15=sd15,
-                              batch_size=batch_size, device=device, limit=limit, n_overlay=overlays)
+        settings = SegmentSettings(thresholds=floats(thresholds) or [], threshold_mode=threshold_mode,
+                                   merge_iterations=merge_iterations, timesteps=ints[0], grid_sizes=ints[1],
+                                   condition=condition, noise_seed=noise_seed, resolution=resolution, sd15=sd15,
+                                   batch_size=batch_size, device=device, limit=limit, n_overlay=overlays)
+        results = run_segment(models, data, out, settings)
     typer.echo(Path(results["tables"]["markdown"]).read_text())
     typer.echo(f"tables: {results['tables']['markdown']}, {results['tables']['csv']}; results: {out / 'results.json'}"
                + "".join(f"\noverlay: {p}" for p in results.get("overlays", {}).values()))

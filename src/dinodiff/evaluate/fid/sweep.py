@@ -208,11 +208,9 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
     """Copy the best checkpoint's model to RUN/best/ (model/ + best.json, as the trainer writes it)."""
     run_dir, folder = Path(run_dir), Path(best["checkpoint"])
     key = f"{best['extractor']}:{best['tap']}"
-    best_json = run_dir / "best" / "best.json"
-    if best_json.is_file():
-        current = runs.read_json(best_json)
-        if int(current.get("step", -1)) == int(best["step"]) and current.get("scores", {}).get("extractor") == key:
-            return run_dir / "best"
+    current = runs.read_best(run_dir) or {}
+    if int(current.get("step", -1)) == int(best["step"]) and current.get("scores", {}).get("extractor") == key:
+        return run_dir / "best"
     if not folder.is_dir():
         logger.warning("best checkpoint (step %s) is gone (pruned?): %s; RUN/best/ left as it is.",
                        best["step"], folder)

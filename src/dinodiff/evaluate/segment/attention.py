@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from dinodiff import runs
 from dinodiff.models.autoencoders import load_autoencoder
 from dinodiff.pipeline import DiNODiffusionPipeline, load_model_folder
 
@@ -152,9 +153,7 @@ def dinodiff_model(encoder: Any, autoencoder: Any, unet: UNet2DConditionModel, p
 
 def load_attention_model(folder: str | Path, device: str | torch.device = "cpu") -> AttentionModel:
     """A dinodiff model folder, checkpoint or pipeline folder, or a Stable Diffusion 1.x pipeline folder."""
-    folder = Path(folder)
-    if (folder / "model").is_dir() and not (folder / "unet").is_dir():
-        folder = folder / "model"  # RUN/checkpoints/checkpoint-N
+    folder = runs.checkpoint_models(folder)[-1]  # a checkpoint -> its model/; a run -> its newest checkpoint's
     if (folder / "text_encoder").is_dir():
         return load_sd15(folder, device)
     if (folder / "model_index.json").is_file():

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from dinodiff.evaluate.segment.metrics import hungarian_scores, mean_sd
+from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.files import atomic_path, write_bytes_atomic
 
 COMBINED = "combined"
@@ -57,23 +58,25 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def write_outputs(out: Path, table: Mapping[Any, Sequence[dict]], sd_table: Mapping[Any, Sequence[dict]],
-                  best: Mapping[str, Any], methods: Mapping[str, Sequence[dict]], common: dict,
-                  describe: Callable[[Any], str]) -> dict:
-    """table.csv + table.md; returns the results.json content (without the overlays)."""
-    datasets = [d for d in best if d != COMBINED]
-    rows_order = [*datasets, COMBINED]
-    summaries = {m: summarize(recs) for m, recs in methods.items()}
+def _configs(best: Mapping[str, Any], sd_table: Mapping[Any, Sequence[dict]],
+             methods: Mapping[str, Sequence[dict]]) -> dict[str, Any]:
+    """The best overall cell of each DiffSeg method (DiNO-Diffusion, and SD 1.5 when it ran)."""
     configs = {"diffseg": best[COMBINED]}
     if "sd15" in methods:
         configs["sd15"] = best_cells(sd_table, [])[COMBINED]
-    cols = [m for m in METHOD_NAMES if m in methods]
+    return configs
+
+
+def _method_tables(summaries: Mapping[str, dict], configs: Mapping[str, Any], rows_order: Sequence[str],
+                   settings: SegmentSettings) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """Header, Table 2 (hyper-parameters, then Hungarian Dice per dataset) and the union table, one column per method."""
+    cols = [m for m in METHOD_NAMES if m in summaries]
 
     def hyper(m: str, field: str) -> str:
         c = configs.get(m)
         if c is None:
             return "-"
-        return {"threshold": f"{common['threshold_mode']} {c.threshold:g} x{common['merge_iterations']}",
+        return {"threshold": f"{settings.threshold_mode} {c.threshold:g} x{settings.merge_iterations}",
                 "timestep": str(c.timestep), "grid": f"{c.grid}x{c.grid}", "model": c.model.rsplit("-", 1)[0]}[field]
 
     head = ["", *[METHOD_NAMES[m] for m in cols]]
@@ -82,26 +85,34 @@ def write_outputs(out: Path, table: Mapping[Any, Sequence[dict]], sd_table: Mapp
     main += [[d, *[_pct(summaries[m][d]["hungarian_both"]) for m in cols]] for d in rows_order]
     union = [[d, *[f"{_pct(summaries[m][d]['union_both'])} (k={summaries[m][d]['n_segments'][0]:.1f})"
                    for m in cols]] for d in rows_order]
+    return head, main, union
+
+
+def _best_rows(table: Mapping[Any, Sequence[dict]], best: Mapping[str, Any], rows_order: Sequence[str],
+               settings: SegmentSettings) -> tuple[list[list[str]], list[list[str]]]:
+    """The best DiNO-Diffusion configuration per dataset, and per checkpoint (combined)."""
     per_ds = []
     for d in rows_order:
         s = summarize(table[best[d]])[d]
-        per_ds.append([d, describe(best[d]), _pct(s["hungarian_both"]), _pct(s["hungarian_left"]),
+        per_ds.append([d, settings.describe(best[d]), _pct(s["hungarian_both"]), _pct(s["hungarian_left"]),
                        _pct(s["hungarian_right"]), f"{_pct(s['union_both'])} (k={s['n_segments'][0]:.1f})",
                        _pct(s["single_both"])])
     per_model = []
     for model in sorted({c.model for c in table}, key=_checkpoint_order):
         cell = best_cells({c: r for c, r in table.items() if c.model == model}, [])[COMBINED]
         s = summarize(table[cell])[COMBINED]
-        per_model.append([model.rsplit("-", 1)[0], describe(cell), _pct(s["hungarian_both"]),
+        per_model.append([model.rsplit("-", 1)[0], settings.describe(cell), _pct(s["hungarian_both"]),
                           f"{_pct(s['union_both'])} (k={s['n_segments'][0]:.1f})"])
-    n_images = {d: summaries[cols[0]][d]["n"] for d in rows_order}
-    best_records = table[best[COMBINED]]
-    entropy = {"mean": float(np.mean([r["entropy"] for r in best_records])),
-               "max_possible": best_records[0]["max_entropy"]}
-    md = "\n\n".join([
+    return per_ds, per_model
+
+
+def _table_markdown(n_images: Mapping[str, int], entropy: Mapping[str, float], settings: SegmentSettings,
+                    tables: tuple, best_rows: tuple) -> str:
+    (head, main, union), (per_ds, per_model) = tables, best_rows
+    return "\n\n".join([
         "# Zero-shot lung segmentation (DiffSeg)",
-        f"Images: {', '.join(f'{d} {n}' for d, n in n_images.items())}; resolution {common['resolution']} px, "
-        f"condition '{common['condition']}'. Dice in %, mean ± SD over images. Mean entropy of the aggregated "
+        f"Images: {', '.join(f'{d} {n}' for d, n in n_images.items())}; resolution {settings.resolution} px, "
+        f"condition '{settings.condition}'. Dice in %, mean ± SD over images. Mean entropy of the aggregated "
         f"self-attention (best configuration): {entropy['mean']:.3f} nats of a possible {entropy['max_possible']:.3f} "
         "(uniform attention).",
         "## Table 2: one segment per lung (Hungarian matching), both lungs, best overall configuration",
@@ -114,24 +125,46 @@ def write_outputs(out: Path, table: Mapping[Any, Sequence[dict]], sd_table: Mapp
         "## Best configuration per checkpoint (combined)",
         _markdown(["Checkpoint", "Configuration", "Both lungs", "Union (k)"], per_model),
     ]) + "\n"
+
+
+def _table_csv(table: Mapping[Any, Sequence[dict]], best: Mapping[str, Any], summaries: Mapping[str, dict],
+               configs: Mapping[str, Any], rows_order: Sequence[str], settings: SegmentSettings) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["table", "dataset", "method", "configuration", "metric", "mean", "sd", "n"])
-    for m in cols:
+    for m in [m for m in METHOD_NAMES if m in summaries]:
         for d in rows_order:
             for metric in (*METRICS, "n_segments"):
                 mean, sd = summaries[m][d][metric]
-                cfg = describe(configs[m]) if m in configs else "-"
+                cfg = settings.describe(configs[m]) if m in configs else "-"
                 writer.writerow(["overall-best", d, m, cfg, metric, f"{mean:.5f}", f"{sd:.5f}", summaries[m][d]["n"]])
     for d in rows_order:
         s = summarize(table[best[d]])[d]
         for metric in (*METRICS, "n_segments"):
-            writer.writerow(["dataset-best", d, "diffseg", describe(best[d]), metric, f"{s[metric][0]:.5f}",
+            writer.writerow(["dataset-best", d, "diffseg", settings.describe(best[d]), metric, f"{s[metric][0]:.5f}",
                              f"{s[metric][1]:.5f}", s["n"]])
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, table: Mapping[Any, Sequence[dict]], sd_table: Mapping[Any, Sequence[dict]],
+                  best: Mapping[str, Any], methods: Mapping[str, Sequence[dict]], settings: SegmentSettings) -> dict:
+    """table.csv + table.md; returns the results.json content (without the overlays)."""
+    datasets = [d for d in best if d != COMBINED]
+    rows_order = [*datasets, COMBINED]
+    summaries = {m: summarize(recs) for m, recs in methods.items()}
+    configs = _configs(best, sd_table, methods)
+    cols = [m for m in METHOD_NAMES if m in methods]
+    n_images = {d: summaries[cols[0]][d]["n"] for d in rows_order}
+    best_records = table[best[COMBINED]]
+    entropy = {"mean": float(np.mean([r["entropy"] for r in best_records])),
+               "max_possible": best_records[0]["max_entropy"]}
+    md = _table_markdown(n_images, entropy, settings, _method_tables(summaries, configs, rows_order, settings),
+                         _best_rows(table, best, rows_order, settings))
     write_bytes_atomic(out / "table.md", md.encode())
-    write_bytes_atomic(out / "table.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "table.csv", _table_csv(table, best, summaries, configs, rows_order, settings).encode())
+    describe = settings.describe
     return {
-        "settings": common,
+        "settings": settings.cell_settings(),
         "datasets": {d: n_images[d] for d in datasets},
         "cells": [{"cell": asdict(c), "description": describe(c), "summary": summarize(recs)}
                   for c, recs in sorted({**table, **sd_table}.items(), key=lambda kv: describe(kv[0]))],

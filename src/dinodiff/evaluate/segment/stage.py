@@ -8,69 +8,60 @@ computes missing cells). Outputs: ``results.json``, ``table.csv``, ``table.md``,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from dinodiff import runs
 from dinodiff.evaluate.segment import report as seg_report
-from dinodiff.evaluate.segment.attention import CONDITIONS, AttentionModel, capture_attention, load_attention_model
+from dinodiff.evaluate.segment.attention import AttentionModel, capture_attention, load_attention_model
 from dinodiff.evaluate.segment.data import SegCase, load_cases
-from dinodiff.evaluate.segment.diffseg import THRESHOLD_MODES, aggregate_attention, attention_entropy, diffseg, map_side
+from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_entropy, diffseg, map_side
 from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans, score_labels
+from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
-from dinodiff.runs import list_checkpoints
 
 log = logging.getLogger("dinodiff.segment")
 CELL_VERSION = 2
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One grid-search configuration."""
+class ModelLoader:
+    """Attention models on one device, keeping the last one loaded: the resolution look-up, the grid and the
+    overlays that use one model in turn load it once (and only one model is held at a time)."""
 
-    model: str  # model label (see model_label)
-    timestep: int
-    grid: int
-    threshold: float
+    def __init__(self, device: str) -> None:
+        self.device, self._path, self._model = device, None, None
 
-    def describe(self, mode: str, iterations: int) -> str:
-        return f"{self.model} t={self.timestep} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}"
+    def __call__(self, path: Path) -> AttentionModel:
+        if self._path != path:
+            self._path, self._model = None, None  # free the previous model before loading the next
+            self._model, self._path = load_attention_model(path, self.device), path
+        return self._model
 
 
 def expand_models(paths: Sequence[str | Path]) -> list[Path]:
     """A run folder -> each complete checkpoint's model/; a checkpoint -> its model/; else the folder itself."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise FileNotFoundError(f"model not found: {p} (give a model folder, a checkpoint or a run folder).")
-        if (p / "checkpoints").is_dir():
-            found = [c / "model" for _, c in list_checkpoints(p)]
-            if not found:
-                raise FileNotFoundError(f"{p} is a run folder without complete checkpoints yet.")
-            out.extend(found)
-        elif (p / "model").is_dir() and not (p / "unet").is_dir():
-            out.append(p / "model")
-        else:
-            out.append(p)
-    return out
+    return [model for path in paths for model in runs.checkpoint_models(path)]
 
 
-def model_resolution(path: Path) -> int:
+def model_resolution(path: Path, load: ModelLoader) -> int:
     """The image size a model was trained at (its model_config.yaml, else from loading it)."""
     config = path / "model_config.yaml"
     if config.is_file():
         value = OmegaConf.select(OmegaConf.load(config), "resolution")
         if value:
             return int(value)
-    return load_attention_model(path, "cpu").resolution
+    return load(path).resolution
 
 
 def model_label(path: Path) -> str:
@@ -80,15 +71,17 @@ def model_label(path: Path) -> str:
     return f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
 
 
-def _cell_path(out: Path, cell: Cell, common: dict) -> Path:
-    noise = "" if common["noise_seed"] is None else f"_noise{common['noise_seed']}"
-    name = (f"t{cell.timestep}_g{cell.grid}_{common['threshold_mode'][:3]}{cell.threshold:g}"
-            f"x{common['merge_iterations']}_{common['condition']}{noise}_r{common['resolution']}.json")
+def _cell_path(out: Path, cell: Cell, settings: SegmentSettings) -> Path:
+    s = settings
+    noise = "" if s.noise_seed is None else f"_noise{s.noise_seed}"
+    name = (f"t{cell.timestep}_g{cell.grid}_{s.threshold_mode[:3]}{cell.threshold:g}"
+            f"x{s.merge_iterations}_{s.condition}{noise}_r{s.resolution}.json")
     return out / "cells" / cell.model / name
 
 
-def _cell_key(cell: Cell, common: dict, model_path: Path) -> dict:
-    return {"version": CELL_VERSION, **asdict(cell), **common, "model_path": str(model_path.resolve())}
+def _cell_key(cell: Cell, settings: SegmentSettings, images: str, model_path: Path) -> dict:
+    return {"version": CELL_VERSION, **asdict(cell), **settings.cell_settings(), "images": images,
+            "model_path": str(model_path.resolve())}
 
 
 def _read_cell(path: Path, key: dict) -> list[dict] | None:
@@ -139,39 +132,41 @@ def _record(case: SegCase, labels: np.ndarray, extra: dict | None = None) -> dic
             **(extra or {})}
 
 
-def run_grid(models: Sequence[Path], cases: Sequence[SegCase], out: Path, *, thresholds: Sequence[float],
-             timesteps: Sequence[int], grid_sizes: Sequence[int], common: dict, batch_size: int,
-             device: str) -> dict[Cell, list[dict]]:
+def segment_with(model: AttentionModel, cases: Sequence[SegCase], cells: Sequence[Cell], timestep: int,
+                 settings: SegmentSettings) -> dict[Cell, list[tuple[np.ndarray, dict]]]:
+    """segment_cases with the settings' merging, condition, noise and batch size."""
+    s = settings
+    return segment_cases(model, cases, cells, timestep=timestep, threshold_mode=s.threshold_mode,
+                         merge_iterations=s.merge_iterations, condition=s.condition, noise_seed=s.noise_seed,
+                         batch_size=s.batch_size)
+
+
+def run_grid(models: Sequence[Path], cases: Sequence[SegCase], out: Path, settings: SegmentSettings,
+             load: ModelLoader) -> dict[Cell, list[dict]]:
     """Every cell's per-image records, from the cache where it is complete, else computed and cached."""
-    image_key = hashlib.sha1(json.dumps([(c.dataset, c.id) for c in cases]).encode()).hexdigest()[:12]
-    common = {**common, "images": image_key}
+    images = hashlib.sha1(json.dumps([(c.dataset, c.id) for c in cases]).encode()).hexdigest()[:12]
     table: dict[Cell, list[dict]] = {}
     for path in models:
-        label, model = model_label(path), None
-        for t in timesteps:
+        label = model_label(path)
+        for t in settings.timesteps:
             todo = []
-            for grid in grid_sizes:
-                for thr in thresholds:
+            for grid in settings.grid_sizes:
+                for thr in settings.thresholds:
                     cell = Cell(label, int(t), int(grid), float(thr))
-                    cached = _read_cell(_cell_path(out, cell, common), _cell_key(cell, common, path))
+                    cached = _read_cell(_cell_path(out, cell, settings), _cell_key(cell, settings, images, path))
                     if cached is None:
                         todo.append(cell)
                     else:
                         table[cell] = cached
             if not todo:
                 continue
-            model = model or load_attention_model(path, device)
             started = time.perf_counter()
-            computed = segment_cases(model, cases, todo, timestep=t, threshold_mode=common["threshold_mode"],
-                                     merge_iterations=common["merge_iterations"], condition=common["condition"],
-                                     noise_seed=common["noise_seed"], batch_size=batch_size)
-            for cell, items in computed.items():
+            for cell, items in segment_with(load(path), cases, todo, t, settings).items():
                 table[cell] = [_record(c, labels, info) for c, (labels, info) in zip(cases, items)]
-                body = {"key": _cell_key(cell, common, path), "images": table[cell]}
-                write_bytes_atomic(_cell_path(out, cell, common), json.dumps(body, indent=1).encode())
+                body = {"key": _cell_key(cell, settings, images, path), "images": table[cell]}
+                write_bytes_atomic(_cell_path(out, cell, settings), json.dumps(body, indent=1).encode())
             log.info("%s t=%d: %d cells on %d images in %.1f s", label, t, len(todo), len(cases),
                      time.perf_counter() - started)
-        del model
     return table
 
 
@@ -200,58 +195,47 @@ def run_baselines(cases: Sequence[SegCase],
     return out
 
 
-def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str | Path, *,
-            thresholds: Sequence[float] = (0.05,), threshold_mode: str = "absolute", merge_iterations: int = 3,
-            timesteps: Sequence[int] = (300,), grid_sizes: Sequence[int] = (16,), condition: str = "image",
-            noise_seed: int | None = None, resolution: int | None = None, sd15: str | Path | None = None,
-            batch_size: int = 8, device: str = "auto", limit: int | None = None, n_overlay: int = 3) -> dict:
-    """Grid search DiffSeg over models x timesteps x grid sizes x thresholds; tables, overlays, results.json.
-
-    Defaults are the paper's DiNO-Diffusion setting (absolute 0.05, t=300, 16x16). ``threshold_mode='relative'``
-    reads each threshold as a quantile of the image's anchor-to-anchor KL instead. ``resolution`` defaults to
-    the (first) model's. ``sd15``: a Stable Diffusion 1.x folder, run through the same code as a baseline.
-    """
-    if threshold_mode not in THRESHOLD_MODES:
-        raise ValueError(f"--threshold-mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}.")
-    if condition not in CONDITIONS:
-        raise ValueError(f"--condition must be one of {CONDITIONS}, got {condition!r}.")
-    if merge_iterations < 1 or not thresholds or not timesteps or not grid_sizes:
-        raise ValueError("need >= 1 merge iteration, threshold, timestep and grid size.")
-    out = Path(out)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    paths = expand_models(models)
-    sd_paths = [Path(sd15)] if sd15 else []
-    resolution = resolution or model_resolution(paths[0])
+def load_all_cases(data: Sequence[str | Path], resolution: int, limit: int | None) -> list[SegCase]:
+    """The cases of every data folder, in order; datasets are named after their folders, so names must differ."""
     per_source = [load_cases(src, resolution, limit) for src in data]
     if len({c[0].dataset for c in per_source}) < len(per_source):
         raise ValueError(f"two --data folders share a name ({[c[0].dataset for c in per_source]}): datasets are "
                          "named after their folder, so give each a distinct folder name.")
-    cases = [c for group in per_source for c in group]
-    names = [c.dataset for c in cases]
-    log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(sorted(set(names))), resolution,
-             len(paths))
-    common = {"threshold_mode": threshold_mode, "merge_iterations": merge_iterations, "condition": condition,
-              "noise_seed": noise_seed, "resolution": resolution}
-    grid_args = dict(thresholds=thresholds, timesteps=timesteps, grid_sizes=grid_sizes, common=common,
-                     batch_size=batch_size, device=device)
-    table = run_grid(paths, cases, out, **grid_args)
-    sd_table = run_grid(sd_paths, cases, out, **grid_args) if sd_paths else {}
-    best = seg_report.best_cells(table, sorted(set(names)))
-    labels_of = {model_label(p): p for p in paths + sd_paths}
+    return [c for group in per_source for c in group]
+
+
+def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str | Path,
+            settings: SegmentSettings = SegmentSettings(), **changes: Any) -> dict:
+    """Grid search DiffSeg over models x timesteps x grid sizes x thresholds; tables, overlays, results.json.
+
+    `settings` (with any `changes` to its fields, e.g. ``thresholds=[0.1]``): see :class:`SegmentSettings`.
+    Each model is loaded once for the grid and, when it is the best one, reused for the overlays.
+    """
+    settings = dataclasses.replace(settings, **changes) if changes else settings
+    settings.check()
+    out = Path(out)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    load = ModelLoader(device)
+    paths = expand_models(models)
+    sd_paths = [Path(settings.sd15)] if settings.sd15 else []
+    settings = dataclasses.replace(settings, device=device,
+                                   resolution=settings.resolution or model_resolution(paths[0], load))
+    cases = load_all_cases(data, settings.resolution, settings.limit)
+    names = sorted({c.dataset for c in cases})
+    log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(names), settings.resolution, len(paths))
+    table = run_grid(paths, cases, out, settings, load)
+    sd_table = run_grid(sd_paths, cases, out, settings, load) if sd_paths else {}
+    best = seg_report.best_cells(table, names)
     by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in table[best["combined"]]}
-    baselines = run_baselines(cases, by_id)
-    methods = {"diffseg": table[best["combined"]], **baselines}
+    methods = {"diffseg": table[best["combined"]], **run_baselines(cases, by_id)}
     if sd_table:
         methods["sd15"] = sd_table[seg_report.best_cells(sd_table, [])["combined"]]
-    results = seg_report.write_outputs(out, table, sd_table, best, methods, common,
-                                       describe=lambda c: c.describe(threshold_mode, merge_iterations))
-    if n_overlay > 0:
+    results = seg_report.write_outputs(out, table, sd_table, best, methods, settings)
+    if settings.n_overlay > 0:
         cell = best["combined"]
-        model = load_attention_model(labels_of[cell.model], device)
+        model = load({model_label(p): p for p in paths + sd_paths}[cell.model])
         results["overlays"] = seg_report.write_overlays(
-            out, cases, table[cell], n_overlay,
-            lambda sel: segment_cases(model, sel, [cell], timestep=cell.timestep, threshold_mode=threshold_mode,
-                                      merge_iterations=merge_iterations, condition=condition,
-                                      noise_seed=noise_seed, batch_size=batch_size)[cell])
+            out, cases, table[cell], settings.n_overlay,
+            lambda sel: segment_with(model, sel, [cell], cell.timestep, settings)[cell])
     write_bytes_atomic(out / "results.json", json.dumps(results, indent=1).encode())
     return results
