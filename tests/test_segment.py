@@ -29,7 +29,9 @@ from dinodiff.evaluate.segment.metrics import (
     split_lungs,
     union_scores,
 )
+from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.evaluate.segment.stage import segment
+from dinodiff.runs import checkpoint_models
 
 
 def _two_lungs(size: int = 20) -> dict[str, np.ndarray]:
@@ -211,6 +213,35 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     assert again["methods"]["diffseg"]["summary"] == results["methods"]["diffseg"]["summary"]
     segment([tiny_model], data, tmp_path, **{**kwargs, "timesteps": [300, 100], "n_overlay": 0})
     assert set(calls) == {100}  # only the new timestep's cells ran the UNet
+
+
+def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_data, tmp_path, monkeypatch):
+    loads = []
+    real_load = segment_module.load_attention_model
+    monkeypatch.setattr(segment_module, "load_attention_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    settings = SegmentSettings(thresholds=[0.3], threshold_mode="relative", grid_sizes=[4], limit=2, n_overlay=1)
+    results = segment([tiny_model], [shared_data / "lungs-shenzhen"], tmp_path, settings)
+    assert loads == [tiny_model] and len(results["overlays"]) == 1  # was loaded twice: grid, then overlays
+    assert results["settings"] == {"threshold_mode": "relative", "merge_iterations": 3, "condition": "image",
+                                   "noise_seed": None, "resolution": 32}
+
+
+def test_checkpoint_models_expands_runs_and_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    for step in (10, 2):
+        (run / "checkpoints" / f"checkpoint-{step}" / "trainer").mkdir(parents=True)
+        (run / "checkpoints" / f"checkpoint-{step}" / "trainer" / "state.json").write_text("{}")
+        (run / "checkpoints" / f"checkpoint-{step}" / "model").mkdir()
+    (run / "checkpoints" / "checkpoint-20" / "model").mkdir(parents=True)  # incomplete: no trainer/state.json
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    assert checkpoint_models(run) == [checkpoint / "model", run / "checkpoints" / "checkpoint-10" / "model"]
+    assert checkpoint_models(checkpoint) == [checkpoint / "model"]
+    assert checkpoint_models(checkpoint / "model") == [checkpoint / "model"]
+    (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="without complete checkpoints"):
+        checkpoint_models(tmp_path / "empty-run")
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        checkpoint_models(tmp_path / "nowhere")
 
 
 def test_grid_larger_than_the_attention_map_fails_with_the_fix(tiny_model, shared_data, tmp_path):

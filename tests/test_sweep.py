@@ -163,6 +163,15 @@ def test_best_row_upsert_and_pruned_best(tmp_path: Path, caplog: pytest.LogCaptu
     assert "pruned" in caplog.text and not (tmp_path / "best").exists()
 
 
+def test_fid_settings_from_the_config_eval_section_match_the_cli_defaults() -> None:
+    from dinodiff.config import load_config
+
+    cfg = load_config("tiny", EVAL + ["eval.real=somewhere"])
+    settings = FidSettings.from_eval_config(cfg.eval)
+    assert settings == replace(SETTINGS, real="somewhere")  # every eval.* field lands in the one settings object
+    assert FidSettings.from_eval_config(load_config("tiny", []).eval) == FidSettings()  # same defaults as the CLI's
+
+
 def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> None:
     from dinodiff.config import load_config
     from dinodiff.evaluate.fid.sweep import hook_from_config
