@@ -98,6 +98,7 @@ def tiny_run(tmp: Path) -> Path:
 
 
 def bench_sweep(args, tmp: Path, device: torch.device) -> list[tuple]:
+    from dinodiff.evaluate.fid.settings import FidSettings
     from dinodiff.evaluate.fid.sweep import sweep
     from dinodiff.runs import list_checkpoints
 
@@ -116,7 +117,7 @@ def bench_sweep(args, tmp: Path, device: torch.device) -> list[tuple]:
         for attempt in range(args.repeat):
             cache = tmp / f"fid-cache-{attempt}" if label.startswith("uncached") else tmp / "fid-cache-0"
             t0 = time.perf_counter()
-            summary = sweep(work, force=True, update_best=False, cache_dir=cache, **kw)
+            summary = sweep(work, FidSettings(**kw, cache_dir=cache), force=True, update_best=False)
             times.append(time.perf_counter() - t0)
         seconds = min(times)
         rows.append((label, n_ckpt, summary["rows"][0]["n_real"], summary["rows"][0]["n_fake"], seconds,
