@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The report's browser test (tests/test_report_browser.py) needs Chromium: installed once from Debian, never skipped.
+# The report's browser test (tests/report/test_report_browser.py) needs Chromium: installed once from Debian, never skipped.
 .PHONY: browser
 browser:
 	@command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
