@@ -340,9 +340,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         scores = self.eval_hook(checkpoint / "model", self.step)
-        best_file = self.run_dir / "best" / "best.json"
         name, value = next(iter(scores.items()))
-        previous = runs.read_json(best_file) if best_file.is_file() else None
+        previous = runs.read_best(self.run_dir)
         if previous is None or value < previous["value"]:
             runs.promote_to_best(self.run_dir, checkpoint / "model",
                                  {"step": self.step, "metric": name, "value": value, "scores": scores})
