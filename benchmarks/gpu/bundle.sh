@@ -39,7 +39,8 @@ fi
 src_cxr="$SHARED/cxr-covid/images"
 if [ -n "$LIMIT" ]; then  # a small subset for tests: links to the first N images
   src_cxr="$OUT/.cxr-subset"; mkdir -p "$src_cxr"
-  ls "$SHARED/cxr-covid/images" | sort | head -n "$LIMIT" | while read -r f; do
+  # sed, not head: head exits early and `sort` dies of SIGPIPE, which pipefail turns into a failure (exit 141)
+  ls "$SHARED/cxr-covid/images" | sort | sed -n "1,${LIMIT}p" | while read -r f; do
     ln -sf "$(realpath "$SHARED/cxr-covid/images/$f")" "$src_cxr/$f"; done
 fi
 if [ ! -f "$OUT/data/cxr-covid/manifest.json" ]; then
