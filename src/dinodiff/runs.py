@@ -102,7 +102,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep_last: int, 
     """
     wait = wait or accelerator.wait_for_everyone
     accelerator.wait_for_everyone()
-    staging = checkpoint_dir(run_dir) / f"{TMP_PREFIX}{step}"
+    staging = _staging_path(run_dir, step)
     if accelerator.is_main_process:
         staging_dir(run_dir, step)
     wait()
@@ -121,9 +121,13 @@ def save_checkpoint(accelerator: Any, run_dir: Path, step: int, keep_last: int, 
     return final
 
 
+def _staging_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"{TMP_PREFIX}{step}"
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
     """A fresh temporary folder for checkpoint `step` (left-overs of a killed save are removed)."""
-    tmp = checkpoint_dir(run_dir) / f"{TMP_PREFIX}{step}"
+    tmp = _staging_path(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -140,7 +144,8 @@ def commit(staging: Path, step: int) -> Path:
 def prune(run_dir: Path, keep_last: int, protect: Iterable[Path] = ()) -> None:
     """Delete all but the newest `keep_last` checkpoints (and any stale temporary folders)."""
     protect = {Path(p).resolve() for p in protect}
-    for _, path in list_checkpoints(run_dir)[: max(0, len(list_checkpoints(run_dir)) - keep_last)]:
+    found = list_checkpoints(run_dir)
+    for _, path in found[: max(0, len(found) - keep_last)]:
         if path.resolve() not in protect:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -200,11 +205,11 @@ def resolve_model(model: str | Path) -> str:
     """A run folder -> its newest checkpoint's model/; a checkpoint folder -> its model/; anything else as given."""
     path = Path(model)
     if (path / "checkpoints").is_dir() and not (path / "model_index.json").is_file():
-        found = latest_checkpoint(path)
+        found = newest_model(path)
         if found is None:
             raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint yet.")
-        logger.info("using the newest checkpoint of %s: %s", path, found)
-        return str(found / "model")
+        logger.info("using the newest checkpoint of %s: %s", path, found.parent)
+        return str(found)
     if (path / "model").is_dir() and (path / "trainer").is_dir():
         return str(path / "model")
     return str(model)
