@@ -30,6 +30,7 @@ import dinodiff
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
+from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_key
 from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
                                   sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
@@ -78,7 +79,7 @@ def process_record(rec: Record) -> tuple:
         except Exception as e:  # a bad mask costs the mask, not the image
             mask_errors[name] = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"[:200]
     sample["json"] = {
-        "id": rec.id, "path": str(rec.path), "dataset": rec.dataset, "split": rec.split,
+        "id": rec.id, "path": str(rec.path), "dataset": rec.dataset, "split": rec.split, "subject": rec.subject,
         "view": rec.view or meta.get("view"), "labels": rec.labels,
         "masks": sorted(k[5:-4] for k in sample if k.startswith("mask_")),
         "format": meta.get("format"), "bit_depth": meta.get("bit_depth"), **info.to_json(),
@@ -88,24 +89,29 @@ def process_record(rec: Record) -> tuple:
 
 
 def _split_of(rec: Record, test_fraction: float, seed: int) -> str:
+    """The dataset's own split, else a hash of the subject (the image when unknown): a patient never straddles."""
     if rec.split_fixed or test_fraction <= 0:
         return rec.split
-    h = int(hashlib.sha1(f"{seed}:{rec.id}".encode()).hexdigest()[:12], 16) / 16**12
-    return "test" if h < test_fraction else "train"
+    return hash_split(subject_key(rec.id, rec.subject), test_fraction, seed)
 
 
-def _collect(sources: list[Path], kind: str, out: Path) -> tuple[list[Record], dict[str, str]]:
+def _collect(sources: list[Path], kind: str, out: Path, subject_column: str | None = None,
+             subject_pattern: str | None = None) -> tuple[list[Record], dict[str, str]]:
     records: list[Record] = []
     kinds = {}
     for src in sources:
         kinds[str(src)] = detect_kind(src) if kind == "auto" else kind
+        options = {"subject_column": subject_column} if subject_column and kinds[str(src)] == "csv" else {}
         # an output folder inside a source must not feed its own shards back in on a rerun
-        recs = [r for r in discover(src, kinds[str(src)]) if out not in r.path.parents]
-        if len(sources) > 1:  # ids from different sources may clash: prefix the source's name
+        recs = [r for r in discover(src, kinds[str(src)], **options) if out not in r.path.parents]
+        if len(sources) > 1:  # ids (and patient numbers) from different sources may clash: prefix the source's name
             prefix = re.sub(r"[^A-Za-z0-9_-]+", "_", src.stem)
             for r in recs:
                 r.id = f"{prefix}__{r.id}"
+                r.subject = f"{prefix}__{r.subject}" if r.subject else None
         records.extend(recs)
+    if subject_pattern:
+        apply_subject_pattern(records, subject_pattern)
     return dedupe_ids(records, [str(r.path) for r in records]), kinds
 
 
@@ -119,7 +125,7 @@ def _fingerprint(chunk: list[Record], settings: _Settings) -> str:
         except OSError:
             stat = None
         masks = {k: str(v) for k, v in r.masks.items()}
-        h.update(encode_json({"r": [r.id, str(r.path), r.dataset, r.labels, r.view, r.split, masks, stat]}))
+        h.update(encode_json({"r": [r.id, str(r.path), r.dataset, r.labels, r.view, r.split, masks, stat, r.subject]}))
     return h.hexdigest()
 
 
@@ -267,9 +273,14 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
 def prepare(
     sources: list[str | Path], out: str | Path, *, kind: str = "auto", size: int = 512, min_size: int = 64,
     remove_borders: bool = True, intensity: str = "minmax", shard_size: int = 1000, workers: int | None = None,
-    seed: int = 0, test_fraction: float = 0.0, progress: bool = True,
+    seed: int = 0, test_fraction: float = 0.0, progress: bool = True, subject_column: str | None = None,
+    subject_pattern: str | None = None,
 ) -> dict:
     """Preprocess every image of `sources` into shards under `out`; returns the manifest.
+
+    Subjects (patients) come from the dataset (MIMIC-CXR, a CSV subject column) or `subject_pattern` (a regex
+    on ids; group 1 is the subject; it must match every id); they are stored in each sample's metadata, and
+    the `test_fraction` split hashes them, so a patient's images are all on one side.
 
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
@@ -286,8 +297,9 @@ def prepare(
     settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity)
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
-              "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction)}
-    records, params["kinds"] = _collect(sources, kind, out)
+              "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
+              "subject_column": subject_column, "subject_pattern": subject_pattern}
+    records, params["kinds"] = _collect(sources, kind, out, subject_column, subject_pattern)
     if not records:
         raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
     plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed), settings)
@@ -296,6 +308,8 @@ def prepare(
         for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
             metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
     _remove_unplanned(out / SHARD_DIR, plan)
+    subjects = {r.subject for r in records if r.subject}
+    params["subjects"] = {"images_with_subject": sum(1 for r in records if r.subject), "distinct": len(subjects)}
     manifest = _write_outputs(out, [metas[p] for p in plan], params)
     counts = manifest["counts"]
     if counts["written"] == 0:

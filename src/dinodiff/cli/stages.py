@@ -21,14 +21,17 @@ def prepare(
     shard_size: int = typer.Option(1000, help="Input images per shard."),
     workers: Optional[int] = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     seed: int = typer.Option(0, help="Seed of the train/test assignment when the dataset has no split."),
-    test_fraction: float = typer.Option(0.0, help="Fraction of images put in the test split when the dataset has none."),
+    test_fraction: float = typer.Option(0.0, help="Fraction of subjects (patients; images when unknown) put in the test split when the dataset has none."),
+    subject_column: Optional[str] = typer.Option(None, help="CSV sources: the column naming each image's patient (default: the first of subject, subject_id, patient, patient_id, patientid, PatientID). MIMIC-CXR needs none."),
+    subject_pattern: Optional[str] = typer.Option(None, help="A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it must match every id."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Turn raw chest X-rays into WebDataset shards of square, border-free uint8 grey PNGs.
 
     Unusable files (zero-byte, truncated, not an image, DICOM without pixels, too small) are
     listed with their reason in OUT/rejects.csv; the run stops only when nothing is usable.
-    Re-running skips finished shards and gives byte-identical output.
+    Re-running skips finished shards and gives byte-identical output. Each sample's metadata names its
+    subject (patient) when the dataset has one, and --test-fraction keeps a patient's images together.
     """
     from dinodiff.prepare import NothingUsable, prepare as run_prepare
 
@@ -36,7 +39,8 @@ def prepare(
         manifest = run_prepare(
             sources, out, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders,
             intensity=intensity, shard_size=shard_size, workers=workers, seed=seed,
-            test_fraction=test_fraction, progress=progress,
+            test_fraction=test_fraction, progress=progress, subject_column=subject_column,
+            subject_pattern=subject_pattern,
         )
     counts = manifest["counts"]
     typer.echo(

@@ -34,6 +34,7 @@ _MAX_ID = 120
 LABELS_FILE = "labels.csv"  # optional label table at the root of a folder or mask layout
 _JSRT_NAME = re.compile(r"^JPC[LN]N\d{3}$", re.IGNORECASE)
 _JSRT_EXTENSIONS = {".img", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"}
+SUBJECT_COLUMNS = ("subject", "subject_id", "patient", "patient_id", "patientid", "PatientID")  # CSV auto-detection
 _TB_NAME = re.compile(r"^(MCUCXR|CHNCXR)_\d+_([01])$")  # Montgomery/Shenzhen: suffix _1 = tuberculosis
 
 
@@ -49,6 +50,8 @@ class Record:
     split: str = "train"
     masks: dict[str, Path] = field(default_factory=dict)
     split_fixed: bool = False  # True when the dataset itself defines the split (MIMIC p19, a CSV column)
+    subject: str | None = None  # the patient (MIMIC subject, a CSV subject column, a pattern on ids); None: unknown
+
 
 
 def _short_hash(text: str) -> str:
@@ -149,14 +152,14 @@ def _categories(values) -> list[str]:
 def discover_csv(
     csv_path: Path, path_column: str | None = None, label_columns: list[str] | None = None,
     root: str | Path | None = None, view_column: str | None = None, split_column: str | None = None,
-    dataset: str | None = None,
+    dataset: str | None = None, subject_column: str | None = None,
 ) -> list[Record]:
     """Rows of a CSV: a path column (relative to `root`, default the CSV's folder) and labels.
 
     Without `label_columns`, every column whose values are all in {1, 0, -1, empty, true, false}
     is taken as a label. A named text column (e.g. `finding` = "COVID-19, ARDS") becomes one
     multi-hot label per distinct comma-separated value. `view_column` and `split_column` default
-    to `view`/`ViewPosition` and `split`.
+    to `view`/`ViewPosition` and `split`; `subject_column` (the patient) to the first of SUBJECT_COLUMNS present.
     """
     csv_path = Path(csv_path)
     with _open_text(csv_path) as f:
@@ -170,8 +173,11 @@ def discover_csv(
         raise ValueError(f"{csv_path}: no path column; pass path_column= (columns: {cols})")
     view_column = view_column or next((c for c in ("view", "ViewPosition") if c in cols), None)
     split_column = split_column or ("split" if "split" in cols else None)
+    if subject_column is not None and subject_column not in cols:
+        raise ValueError(f"{csv_path}: subject column {subject_column!r} not found (columns: {cols})")
+    subject_column = subject_column or next((c for c in SUBJECT_COLUMNS if c in cols), None)
     if label_columns is None:
-        skip = {path_column, view_column, split_column}
+        skip = {path_column, view_column, split_column, subject_column}
         label_columns = [c for c in cols if c not in skip and _is_label_column([r[c] for r in rows])]
     missing = [c for c in label_columns if c not in cols]
     if missing:
@@ -194,6 +200,7 @@ def discover_csv(
             view=(row.get(view_column) or None) if view_column else None,
             split=(row[split_column].strip() or "train") if split_column else "train",
             split_fixed=bool(split_column),
+            subject=(row[subject_column].strip() or None) if subject_column else None,
         ))
         rels.append(rel)
     return dedupe_ids(recs, rels)
@@ -218,6 +225,7 @@ def attach_labels(root: Path, records: list[Record]) -> list[Record]:
         if row is not None:
             rec.labels = {**rec.labels, **row.labels}
             rec.view = rec.view or row.view
+            rec.subject = rec.subject or row.subject
             if row.split_fixed:
                 rec.split, rec.split_fixed = row.split, True
     return records
@@ -260,7 +268,7 @@ def discover_mimic(
                 path=path.resolve(), id=make_id(rel), dataset="mimic-cxr",
                 labels=dict(study_labels.get((subj, study), {k: None for k in labels})),
                 view=r["ViewPosition"], split="test" if f"p{subj[:2]}" in test_groups else "train",
-                split_fixed=True,
+                split_fixed=True, subject=f"p{subj}",
             ))
             rels.append(rel)
     if missing:

@@ -27,6 +27,7 @@ class SourceImage:
     id: str
     labels: dict[str, Optional[float]] = field(default_factory=dict)  # 1 / 0 / -1 (uncertain) / None
     image: Optional[np.ndarray] = None  # uint8 (H, W)
+    subject: Optional[str] = None  # the patient, when the dataset names one (see dinodiff.data.subjects)
 
 
 def is_prepared(source: str | Path) -> bool:
@@ -60,7 +61,7 @@ def iter_sources(source: str | Path, *, size: int, kind: str = "auto", split: Op
             if item.id not in left:
                 continue
             left.discard(item.id)
-        yield SourceImage(item.id, item.labels, _resize(item.image, size))
+        yield SourceImage(item.id, item.labels, _resize(item.image, size), item.subject)
         if ids is not None and not left:
             return  # every wanted source found: do not read the rest
 
@@ -72,7 +73,7 @@ def _from_shards(source: str | Path, split: Optional[str]) -> Iterator[SourceIma
         raise FileNotFoundError(f"No {split + ' ' if split else ''}shards in {source}.")
     for sample in read_samples(urls):
         meta = sample.get("json", {})
-        yield SourceImage(sample["__key__"], dict(meta.get("labels") or {}), sample["image"])
+        yield SourceImage(sample["__key__"], dict(meta.get("labels") or {}), sample["image"], subject_of(meta))
 
 
 def _from_records(source: str | Path, kind: str, split: Optional[str], size: int, min_size: int,
@@ -87,9 +88,17 @@ def _from_records(source: str | Path, kind: str, split: Optional[str], size: int
             skipped += 1
             log.warning("skipping source %s: %s", rec.path, getattr(err, "reason", err))
             continue
-        yield SourceImage(rec.id, dict(rec.labels), image)
+        yield SourceImage(rec.id, dict(rec.labels), image, rec.subject)
     if skipped:
         log.warning("%d of %d sources could not be read and were skipped.", skipped, len(records))
+
+
+SUBJECT_KEYS = ("subject", "patient", "patient_id", "subject_id")  # metadata keys naming the patient, first wins
+
+
+def subject_of(meta: dict) -> Optional[str]:
+    """The patient a prepared sample's metadata names (`prepare` writes `subject`), or None."""
+    return next((str(meta[k]) for k in SUBJECT_KEYS if meta.get(k) not in (None, "")), None)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""Subjects (patients) of images, and the one split rule that keeps a subject's images together.
+
+A subject comes from the dataset (MIMIC-CXR's subject_id, a CSV's subject column) or from a pattern on ids.
+Splits and cross-validation folds group by subject, so no patient has images on both sides; an image whose
+subject is unknown is its own subject, and the results say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Optional, Protocol, Sequence
+
+
+class SubjectPatternMismatch(ValueError):
+    """A subject pattern that does not match every id: those images would silently become their own subjects."""
+
+
+class HasSubject(Protocol):
+    id: str
+    subject: Optional[str]
+
+
+def subject_key(ident: str, subject: Optional[str]) -> str:
+    """What a split or a fold groups by: the subject when known, else the image itself (its id)."""
+    return subject if subject else ident
+
+
+def subjects_from_pattern(ids: Sequence[str], pattern: str) -> list[str]:
+    """Group 1 (or the whole match) of `pattern` searched in each id; every id must match.
+
+    An id that does not match would silently count as its own subject and could put one patient on both
+    sides of a split, so a partial match is an error that names the ids.
+    """
+    regex = re.compile(pattern)
+    out, misses = [], []
+    for ident in ids:
+        match = regex.search(ident)
+        if match is None:
+            misses.append(ident)
+            continue
+        out.append(match.group(1) if regex.groups else match.group(0))
+    if misses:
+        raise SubjectPatternMismatch(
+            f"subject pattern {pattern!r} matches {len(ids) - len(misses)} of {len(ids)} ids (no match: "
+            f"{', '.join(misses[:3])}{', ...' if len(misses) > 3 else ''}); fix the pattern so that it matches "
+            "every id, or prepare those sources separately.")
+    return out
+
+
+def apply_subject_pattern(records: Sequence[HasSubject], pattern: str) -> None:
+    """Set each record's subject from its id (see subjects_from_pattern)."""
+    for rec, subject in zip(records, subjects_from_pattern([r.id for r in records], pattern)):
+        rec.subject = subject
+
+
+def hash_split(key: str, test_fraction: float, seed: int) -> str:
+    """'test' for a stable `test_fraction` of keys (a hash of seed and key), else 'train'; order-free.
+
+    Give it the subject key (`subject_key`), so that every image of a patient lands on the same side.
+    """
+    h = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12
+    return "test" if h < test_fraction else "train"
