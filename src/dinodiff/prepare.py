@@ -104,11 +104,12 @@ def _collect(sources: list[Path], kind: str, out: Path, subject_column: str | No
         options = {"subject_column": subject_column} if subject_column and kinds[str(src)] == "csv" else {}
         # an output folder inside a source must not feed its own shards back in on a rerun
         recs = [r for r in discover(src, kinds[str(src)], **options) if out not in r.path.parents]
-        if len(sources) > 1:  # ids (and patient numbers) from different sources may clash: prefix the source's name
+        if len(sources) > 1:  # ids from different sources may clash: prefix the source's name
             prefix = re.sub(r"[^A-Za-z0-9_-]+", "_", src.stem)
             for r in recs:
                 r.id = f"{prefix}__{r.id}"
-                r.subject = f"{prefix}__{r.subject}" if r.subject else None
+        # Subjects are not prefixed: the same patient named in two sources stays one patient (two sources that
+        # number their patients alike are merged, which only makes a split more conservative).
         records.extend(recs)
     if subject_pattern:
         apply_subject_pattern(records, subject_pattern)

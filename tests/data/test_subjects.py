@@ -73,10 +73,14 @@ def test_prepare_with_a_pattern_that_misses_ids_fails_with_the_fix(shared_data, 
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_several_sources_keep_their_patients_apart(patients_csv, tmp_path):
-    copy = tmp_path / "other.csv"
+def test_a_patient_named_in_two_sources_stays_one_patient(patients_csv, tmp_path):
+    copy = tmp_path / "other.csv"  # the same images and patients listed again, as a second source
     copy.write_text(patients_csv.read_text())
-    prepare([patients_csv, copy], tmp_path / "out", size=32, workers=1, progress=False)
-    subjects = {s["json"]["subject"] for s in read_samples(tmp_path / "out")}
-    assert len(subjects) == 20 and any(s.startswith("other__") for s in subjects)
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["parameters"]["subjects"]["distinct"] == 20
+    prepare([patients_csv, copy], tmp_path / "out", size=32, workers=1, progress=False, test_fraction=0.5)
+    sides: dict[str, set[str]] = defaultdict(set)
+    keys = set()
+    for sample in read_samples(tmp_path / "out"):
+        sides[sample["json"]["subject"]].add(sample["json"]["split"])
+        keys.add(sample["__key__"])
+    assert len(keys) == 80 and len(sides) == 10 and all(len(s) == 1 for s in sides.values())
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["parameters"]["subjects"]["distinct"] == 10
