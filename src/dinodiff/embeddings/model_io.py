@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
+from dinodiff.sampling import inference_scheduler
 from dinodiff.runs import model_folders
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def ddim_sample(model: EmbeddingModel, n: int, labels: torch.Tensor | None = Non
     """
     denoiser = model.denoiser
     device = denoiser.mean.device
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler = inference_scheduler(model.scheduler, "ddim")  # no x0 clipping: the embeddings have unit variance
     scheduler.set_timesteps(steps)
     x = torch.randn(n, denoiser.config.dim, generator=generator).to(device) * scheduler.init_noise_sigma
     guided = labels is not None and guidance != 1.0
