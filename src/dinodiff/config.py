@@ -136,7 +136,7 @@ class EvalConfig:
 
     real: Optional[str] = None  # real images (folder/shards); None = data.shards
     sources: Optional[str] = None  # images whose c_GLB is reconstructed; None = the real set
-    split: str = "test"  # split used when a prepared folder has one
+    split: Optional[str] = None  # None: "val" when the prepared folder has one, else "train"; never "test" unless named
     extractor: str = "xrv"  # xrv (the paper's) | inception | dinov2 | rad-dino
     weights: Optional[str] = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
     num_real: int = 5000

@@ -88,11 +88,17 @@ def process_record(rec: Record) -> tuple:
     return ("ok", sample, np.bincount(out.ravel(), minlength=256))
 
 
-def _split_of(rec: Record, test_fraction: float, seed: int) -> str:
-    """The dataset's own split, else a hash of the subject (the image when unknown): a patient never straddles."""
-    if rec.split_fixed or test_fraction <= 0:
+def _split_of(rec: Record, test_fraction: float, seed: int, val_fraction: float = 0.0) -> str:
+    """The dataset's own split, else a hash of the subject (the image when unknown): a patient never straddles.
+
+    A dataset's own test split is kept; `val_fraction` then carves the validation split from its training side.
+    """
+    if rec.split_fixed and (rec.split != "train" or val_fraction <= 0):
         return rec.split
-    return hash_split(subject_key(rec.id, rec.subject), test_fraction, seed)
+    if test_fraction <= 0 and val_fraction <= 0:
+        return rec.split
+    test = 0.0 if rec.split_fixed else test_fraction
+    return hash_split(subject_key(rec.id, rec.subject), test, seed, val_fraction)
 
 
 def _collect(sources: list[Path], kind: str, out: Path, subject_column: str | None = None,
@@ -275,13 +281,15 @@ def prepare(
     sources: list[str | Path], out: str | Path, *, kind: str = "auto", size: int = 512, min_size: int = 64,
     remove_borders: bool = True, intensity: str = "minmax", shard_size: int = 1000, workers: int | None = None,
     seed: int = 0, test_fraction: float = 0.0, progress: bool = True, subject_column: str | None = None,
-    subject_pattern: str | None = None,
+    subject_pattern: str | None = None, val_fraction: float = 0.0,
 ) -> dict:
     """Preprocess every image of `sources` into shards under `out`; returns the manifest.
 
     Subjects (patients) come from the dataset (MIMIC-CXR, a CSV subject column) or `subject_pattern` (a regex
     on ids; group 1 is the subject; it must match every id); they are stored in each sample's metadata, and
-    the `test_fraction` split hashes them, so a patient's images are all on one side.
+    the `test_fraction` split hashes them, so a patient's images are all on one side. `val_fraction` puts
+    another share of subjects in a `val` split: what checkpoint selection (`dinodiff sweep`) tunes on, so that
+    the test split stays unseen by every choice.
 
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
@@ -292,18 +300,18 @@ def prepare(
     out = Path(out).expanduser().resolve()
     if intensity not in TO_UINT8_RULES:
         raise ValueError(f"intensity={intensity!r}: use one of {TO_UINT8_RULES}")
-    if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"need shard_size >= 1, size >= 8 and 0 <= test_fraction < 1 "
-                         f"(got {shard_size}, {size}, {test_fraction})")
+    if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0 or not 0.0 <= val_fraction < 1 - test_fraction:
+        raise ValueError(f"need shard_size >= 1, size >= 8, 0 <= test_fraction < 1 and 0 <= val_fraction < "
+                         f"1 - test_fraction (got {shard_size}, {size}, {test_fraction}, {val_fraction})")
     settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity)
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
-              "subject_column": subject_column, "subject_pattern": subject_pattern}
+              "val_fraction": float(val_fraction), "subject_column": subject_column, "subject_pattern": subject_pattern}
     records, params["kinds"] = _collect(sources, kind, out, subject_column, subject_pattern)
     if not records:
         raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
-    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed), settings)
+    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed, val_fraction), settings)
     n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
     with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
         for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
@@ -321,11 +329,12 @@ def prepare(
     return manifest
 
 
-def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int) -> list[tuple]:
+def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int,
+            val_fraction: float = 0.0) -> list[tuple]:
     """(split, index, records) of each shard to write: records split, then cut into `shard_size` chunks."""
     by_split: dict[str, list[Record]] = {}
     for r in records:
-        r.split = _split_of(r, test_fraction, seed)
+        r.split = _split_of(r, test_fraction, seed, val_fraction)
         by_split.setdefault(r.split, []).append(r)
     return [(split, i // shard_size, recs[i:i + shard_size])
             for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]

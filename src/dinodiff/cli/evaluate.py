@@ -50,7 +50,7 @@ def fid(
 
 def sweep(
     run_dir: Path = typer.Argument(..., help="A training run folder (with checkpoints/)."),
-    real: Optional[str] = typer.Option(None, help="Real images (default: the run's data.shards, test split when present)."),
+    real: Optional[str] = typer.Option(None, help="Real images (default: the run's data.shards)."),
     sources: Optional[str] = typer.Option(None, help="Images whose reconstructions are scored (default: the real set)."),
     extractor: str = typer.Option("xrv", help=_EXTRACTOR_HELP),
     weights: Optional[str] = typer.Option(None, help=_WEIGHTS_HELP),
@@ -58,7 +58,7 @@ def sweep(
     num_sources: int = typer.Option(5000, help="Source images, the same for every checkpoint (seeded subset; 0 = all)."),
     per_source: int = typer.Option(1, help="Reconstructions per source image."),
     steps: int = typer.Option(25, help="Sampling steps per image."),
-    split: str = typer.Option("test", help="Split used when a prepared folder has one."),
+    split: Optional[str] = typer.Option(None, help="Split of a prepared folder to select on (default: 'val' when present, else 'train'; never 'test' unless named: fid and classify report on it)."),
     batch_size: int = typer.Option(16, help="Images per batch, for sampling and for the extractor."),
     seed: int = typer.Option(0, help="Seed of the subsets and of the sampling noise (the same for every checkpoint)."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),

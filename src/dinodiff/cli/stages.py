@@ -22,6 +22,7 @@ def prepare(
     workers: Optional[int] = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     seed: int = typer.Option(0, help="Seed of the train/test assignment when the dataset has no split."),
     test_fraction: float = typer.Option(0.0, help="Fraction of subjects (patients; images when unknown) put in the test split when the dataset has none."),
+    val_fraction: float = typer.Option(0.0, help="Fraction of subjects put in a 'val' split (from the training side): what `dinodiff sweep` selects checkpoints on, so the test split stays unseen."),
     subject_column: Optional[str] = typer.Option(None, help="CSV sources: the column naming each image's patient (default: the first of subject, subject_id, patient, patient_id, patientid, PatientID). MIMIC-CXR needs none."),
     subject_pattern: Optional[str] = typer.Option(None, help="A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it must match every id."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -40,7 +41,7 @@ def prepare(
             sources, out, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders,
             intensity=intensity, shard_size=shard_size, workers=workers, seed=seed,
             test_fraction=test_fraction, progress=progress, subject_column=subject_column,
-            subject_pattern=subject_pattern,
+            subject_pattern=subject_pattern, val_fraction=val_fraction,
         )
     counts = manifest["counts"]
     typer.echo(

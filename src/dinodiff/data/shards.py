@@ -156,6 +156,11 @@ def list_shards(prepared_dir: str | Path, split: str | None = None) -> list[str]
     return sorted(str(p) for p in folder.glob(pattern) if p.is_file())
 
 
+def available_splits(prepared_dir: str | Path) -> list[str]:
+    """The splits a prepared dir (or folder of .tar files) has shards of (`train-000000.tar` -> 'train'), sorted."""
+    return sorted({Path(p).name.rsplit("-", 1)[0] for p in list_shards(prepared_dir)})
+
+
 def encode_png(arr: np.ndarray) -> bytes:
     """Deterministic PNG of a 2-D uint8 array (no metadata chunks, fixed compression level)."""
     if arr.dtype != np.uint8 or arr.ndim != 2:

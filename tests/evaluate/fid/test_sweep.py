@@ -179,3 +179,52 @@ def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> No
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.eval_every=10", "data.cache=somewhere"])
     with pytest.raises(ValueError, match="eval.real="):
         hook_from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared_with_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 phantoms prepared with a test and a validation split."""
+    from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.prepare import prepare
+
+    root = tmp_path_factory.mktemp("val")
+    source = write_phantoms(root / "raw", 30, size=64, seed=1, progress=False)
+    prepare([source], root / "prepared", size=32, shard_size=8, workers=1, test_fraction=0.3, val_fraction=0.3,
+            seed=0, progress=False)
+    return root / "prepared"
+
+
+def _split_keys(prepared: Path, split: str) -> set[str]:
+    from dinodiff.data.shards import list_shards, read_samples
+
+    return {s["__key__"] for s in read_samples(list_shards(prepared, split))}
+
+
+def test_checkpoints_are_selected_on_the_validation_split_never_on_test(prepared_with_val: Path, tmp_path: Path,
+                                                                         prepared_phantoms: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    settings = replace(SETTINGS, split=None, num_real=None, num_sources=None, real=str(prepared_with_val))
+    scorer = sweep_mod.CheckpointScorer(tmp_path, settings)
+    val, test = _split_keys(prepared_with_val, "val"), _split_keys(prepared_with_val, "test")
+    assert val and test and scorer.split == "val" and scorer.source_split == "val"
+    assert {ref.key for ref in scorer.real_refs()} == val  # every validation image, no test image
+    assert scorer.expected_settings()["split"] == "val"
+    with caplog.at_level("WARNING"):  # no val split: training images, said so; the test split is never taken
+        scorer = sweep_mod.CheckpointScorer(tmp_path, replace(settings, real=str(prepared_phantoms)))
+    assert scorer.split == "train" and "no 'val' split" in caplog.text
+    assert not {ref.key for ref in scorer.real_refs()} & _split_keys(prepared_phantoms, "test")
+    with caplog.at_level("WARNING"):
+        assert sweep_mod.selection_split(prepared_with_val, "test") == "test"
+    assert "TEST split" in caplog.text
+    with pytest.raises(FileNotFoundError, match="has no 'val' split"):
+        sweep_mod.selection_split(prepared_phantoms, "val")
+
+
+def test_the_validation_split_is_drawn_by_subject_and_leaves_the_test_split_alone(tmp_path: Path) -> None:
+    from dinodiff.data.subjects import hash_split
+
+    keys = [f"patient-{i}" for i in range(2000)]
+    without = [hash_split(k, 0.2, 0) for k in keys]
+    with_val = [hash_split(k, 0.2, 0, val_fraction=0.1) for k in keys]
+    assert [a == "test" for a in without] == [b == "test" for b in with_val]  # same test subjects
+    assert 150 < with_val.count("val") < 250 and set(with_val) == {"train", "val", "test"}

@@ -19,7 +19,9 @@ class FidSettings:
 
     real: Optional[str] = None  # real images (folder/shards); None = the run's data.shards (sweep)
     sources: Optional[str] = None  # images whose c_GLB is reconstructed; None = the real set (sweep)
-    split: Optional[str] = "test"  # split used when a prepared folder has one
+    # Split of a prepared folder. None: `fid` reports on "test"; checkpoint selection (sweep, training hook) uses
+    # "val" when present, else "train", never "test" unless named (see sweep.selection_split).
+    split: Optional[str] = None
     extractor: str = "xrv"  # xrv (the paper's) | inception | dinov2 | rad-dino
     weights: Optional[str] = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
     num_real: Optional[int] = 5000  # None = all

@@ -27,6 +27,7 @@ from dinodiff.models.factory import cache_home
 
 logger = logging.getLogger("dinodiff.evaluate")
 CACHE_VERSION = 1
+REPORT_SPLIT = "test"  # what `fid` reports on when no split is named: the held-out images
 
 
 # ------------------------------------------------------------------------------------------ maths
@@ -169,9 +170,10 @@ def fid(real: str | Path, fake: str | Path, settings: FidSettings = FidSettings(
     is also written there as JSON.
     """
     s = settings
+    split = s.split or REPORT_SPLIT
     net = build_extractor(s.extractor, s.weights, s.device)
-    real_refs = select(list_images(real, s.split), s.num_real, s.seed)
-    fake_refs = select(list_images(fake, s.split), s.num_sources, s.seed)
+    real_refs = select(list_images(real, split), s.num_real, s.seed)
+    fake_refs = select(list_images(fake, split), s.num_sources, s.seed)
     cache = (Path(s.cache_dir) if s.cache_dir else default_cache_dir()) if s.cache else None
     start = time.time()
     real_features = cached_features(net, real_refs, cache, s.batch_size)

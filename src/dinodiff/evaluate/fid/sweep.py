@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinodiff import runs
+from dinodiff.data.shards import available_splits
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
 from dinodiff.evaluate.fid.images import list_images, load_images, select
 from dinodiff.evaluate.fid.settings import FidSettings
@@ -32,21 +33,49 @@ from dinodiff.generate.sample import load_pipeline as load_generation_pipeline
 logger = logging.getLogger("dinodiff.evaluate")
 
 FIELDS = ["step", "fid", "kid_mean", "kid_std", "extractor", "tap", "n_real", "n_fake", "per_source",
-          "sample_steps", "seed", "checkpoint", "seconds"]
+          "sample_steps", "seed", "split", "checkpoint", "seconds"]
 # A row is reused, plotted and compared only with rows scored under the same settings.
-SETTING_FIELDS = ["extractor", "tap", "n_real", "n_fake", "per_source", "sample_steps", "seed"]
+SETTING_FIELDS = ["extractor", "tap", "n_real", "n_fake", "per_source", "sample_steps", "seed", "split"]
+SELECTION_SPLITS = ("val", "train")  # what checkpoints are selected on by default, in order of preference
 SOURCE_CHUNK = 64  # sources reconstructed per call: bounds memory whatever the number of sources
 EvalHook = Callable[[Path, int], dict]  # = train.EvalHook (restated: importing train here would be circular)
 
 
 def real_set_of_run(run_dir: Path) -> str:
-    """The run's training data (`data.shards` in its config.yaml); its test split is used when it has one."""
+    """The run's training data (`data.shards` in its config.yaml); see selection_split for which of its splits."""
     config = Path(run_dir) / "config.yaml"
     shards = OmegaConf.load(config).data.shards if config.is_file() else None
     if not shards:
         raise FileNotFoundError(f"No real image set given and none found in {config}; pass the real images "
                                 "(e.g. `--real prepared/`) or set eval.real.")
     return str(shards)
+
+
+def selection_split(images: str | Path, requested: Optional[str]) -> Optional[str]:
+    """The split of `images` that checkpoints are scored on: the one named, else 'val', else 'train'.
+
+    Never 'test' unless it is named (then with a warning): classify and fid report on the test split, and a
+    checkpoint chosen on it would bias them. None for images that are not a prepared folder (used as given).
+    A named split the folder lacks is an error, never a silent fall-back to every shard.
+    """
+    splits = available_splits(images) if Path(images).is_dir() else []
+    if not splits:
+        return requested
+    if requested:
+        if requested not in splits:
+            raise FileNotFoundError(f"{images} has no {requested!r} split (it has {', '.join(splits)}); choose one "
+                                    "of those, or leave the split unset.")
+        if requested == "test":
+            logger.warning("selecting checkpoints on the TEST split of %s: numbers later reported on it (fid, "
+                           "classify) are then biased; prepare with --val-fraction and select on 'val'.", images)
+        return requested
+    chosen = next((s for s in SELECTION_SPLITS if s in splits), None)
+    if chosen is None:
+        raise FileNotFoundError(f"{images} has only {', '.join(splits)} shards; name the split to select on.")
+    if chosen == "train":
+        logger.warning("%s has no 'val' split: checkpoints are selected on training images (never on the test "
+                       "split); `dinodiff prepare --val-fraction 0.1` gives a held-out validation split.", images)
+    return chosen
 
 
 class CheckpointScorer:
@@ -56,7 +85,9 @@ class CheckpointScorer:
         self.run_dir, self.settings = Path(run_dir), settings
         self.real = settings.real or real_set_of_run(self.run_dir)
         self.sources = settings.sources or self.real
-        self.split, self.per_source, self.seed = settings.split, settings.per_source, settings.seed
+        self.split = selection_split(self.real, settings.split)
+        self.source_split = selection_split(self.sources, settings.split)
+        self.per_source, self.seed = settings.per_source, settings.seed
         self.batch_size = settings.batch_size
         self.device = resolve_device(settings.device)
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else self.run_dir / "fid-cache"
@@ -85,17 +116,18 @@ class CheckpointScorer:
     def source_images(self, resolution: int) -> torch.Tensor:
         """The fixed sources (N, 1, resolution, resolution): the same seeded subset for every checkpoint."""
         if resolution not in self._source_images:
-            refs = select(list_images(self.sources, self.split), self.settings.num_sources, self.seed)
+            refs = select(list_images(self.sources, self.source_split), self.settings.num_sources, self.seed)
             self._source_images[resolution] = load_images(refs, resolution)
         return self._source_images[resolution]
 
     def row_settings(self, n_fake: int) -> dict:
         """The SETTING_FIELDS of a fid.csv row."""
         return {"extractor": self.net.name, "tap": self.net.tap, "n_real": len(self.real_refs()), "n_fake": n_fake,
-                "per_source": self.per_source, "sample_steps": self.settings.sample_steps, "seed": self.seed}
+                "per_source": self.per_source, "sample_steps": self.settings.sample_steps, "seed": self.seed,
+                "split": self.split or "-"}
 
     def expected_settings(self) -> dict:
-        n_sources = len(select(list_images(self.sources, self.split), self.settings.num_sources, self.seed))
+        n_sources = len(select(list_images(self.sources, self.source_split), self.settings.num_sources, self.seed))
         return self.row_settings(n_sources * self.per_source)
 
     def score(self, model_folder: str | Path, step: int) -> dict:
@@ -153,7 +185,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def same_settings(row: dict, settings: dict) -> bool:
-    return all(str(row.get(k)) == str(settings[k]) for k in SETTING_FIELDS)
+    return all(str(row.get(k)) == str(settings.get(k)) for k in SETTING_FIELDS)
 
 
 def upsert(rows: list[dict], row: dict) -> list[dict]:
@@ -216,7 +248,8 @@ def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
                        best["step"], folder)
         return None
     fields = {"fid": float(best["fid"]), "kid_mean": float(best["kid_mean"]), "kid_std": float(best["kid_std"]),
-              "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"])}
+              "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"]),
+              "split": best.get("split") or "-"}
     return runs.promote_to_best(run_dir, folder, {"step": int(best["step"]), "metric": "fid",
                                                   "value": float(best["fid"]), "scores": fields})
 
