@@ -52,14 +52,19 @@ def probe_encoder(
     k: int = typer.Option(10, help="Neighbours of the k-NN probe."),
     min_count: int = typer.Option(10, help="Smallest number of positives and of negatives for a label to be probed."),
     seed: int = typer.Option(0, help="Seed of the folds and of the augmented views."),
+    transductive: bool = typer.Option(False, "--transductive", help="Probe the images the encoders trained on too (every number is then labelled transductive where it is)."),
 ) -> None:
-    """Measure encoders on the same labelled images: k-NN and linear-probe ROC AUC per label
-    (cross-validated, mean ± SD) and augmented-view retrieval top-1 among 2N views."""
+    """Measure encoders on the same labelled images that none of them trained on: k-NN and linear-probe ROC AUC
+    per label (cross-validated, grouped by subject, mean ± SD) and view retrieval top-1 among 2N views drawn with
+    augmentations pretraining never used (plus the pretraining augmentation's, labelled pretext).
+
+    The images each encoder trained on come from its training_images.json (written by pretrain-encoder) and are
+    left out; an encoder without one (a hub model) is labelled unknown."""
     from dinodiff.encoder.probe import ProbeSettings, markdown_table, probe_encoders
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     settings = ProbeSettings(size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
-                             min_count=min_count, seed=seed)
+                             min_count=min_count, seed=seed, transductive=transductive)
     with failures({(FileNotFoundError, ValueError, OSError): 2}):
         results = probe_encoders(encoders, data, out, settings)
     typer.echo(markdown_table(results), nl=False)
