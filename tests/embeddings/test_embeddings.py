@@ -23,7 +23,8 @@ from dinodiff.embeddings import (
     sample_embeddings,
     train_embeddings,
 )
-from dinodiff.embeddings.metrics import COPY_FACTOR
+from dinodiff.embeddings.metrics import (COPY_FACTOR, coverage, knn_radii, nearest, nearest_training,
+                                         own_distances)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -150,34 +151,49 @@ def test_metrics_agree_with_their_definitions():
     assert report["copy_fraction"] == 1.0 and report["nn_min"] == 0.0
 
 
-def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_model_folder, tmp_path):
-    import csv
+def _brute_force_knn(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False):
+    d = torch.cdist(query.double(), reference.double())
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    return d.topk(k, dim=1, largest=False)
 
-    from dinodiff.data.phantoms import write_phantoms
-    from dinodiff.generate.plan import GenerateSettings
-    from dinodiff.generate.stage import generate_dataset
-    from dinodiff.pipeline import DiNODiffusionPipeline
 
-    labels_csv = write_phantoms(tmp_path / "raw", 6, size=64, seed=0, progress=False) / "labels.csv"
-    pipe = DiNODiffusionPipeline.from_pretrained(tiny_model_folder)
-    s, n = pipe.encode_images(torch.rand(1, 1, 32, 32)).shape[1:]
+def test_chunked_float32_neighbours_radii_and_coverage_equal_brute_force_in_bounded_blocks(monkeypatch):
     rng = np.random.default_rng(0)
-    names = ["Cardiomegaly", "Consolidation", "Pleural Effusion"]
-    labels = [{k: float(rng.random() < 0.5) for k in names} for _ in range(40)]
-    cache = write_fake_cache(tmp_path / "cache", rng.normal(size=(40, 1, s, n)), labels)
-    embedding = train_embeddings(_settings(cache, tmp_path / "emb", max_steps=20, width=32), progress=False)
-    settings = GenerateSettings(strategy="sampled", ratio=2, num_inference_steps=2, embedding_model=str(embedding),
-                                source_options={"kind": "csv"})
-    out = generate_dataset(tiny_model_folder, labels_csv, tmp_path / "syn", settings, batch_size=4, progress=False)
-    with (out / "labels.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    with labels_csv.open() as handle:
-        sources = {Path(r["path"]).stem: r for r in csv.DictReader(handle)}
-    assert len(rows) == 12 and len(list((out / "images").glob("*.png"))) == 12
-    for row in rows:  # conditioned on (and labelled with) the labels of the source it was planned from
-        source = next(v for k, v in sources.items() if row["source_a"].endswith(k))
-        assert [float(row[k]) for k in names] == [float(source[k]) for k in names]
-    provenance = json.loads((out / "provenance.json").read_text())
-    assert provenance["settings"]["strategy"] == "sampled" and provenance["settings"]["embedding_model"]
-    with pytest.raises(ValueError, match="embedding-model"):
-        GenerateSettings(strategy="sampled")
+    real = torch.from_numpy(rng.normal(size=(300, 16)) * 3 + 5).float()
+    fake = torch.from_numpy(rng.normal(size=(250, 16)) * 3 + 5.5).float()
+    want_d, want_i = _brute_force_knn(fake, real, 3)
+    radii = _brute_force_knn(real, real, 3, exclude_self=True)[0][:, -1]
+    fake_radii = _brute_force_knn(fake, fake, 3, exclude_self=True)[0][:, -1]
+    inside = (torch.cdist(fake.double(), real.double()) <= radii[None]).any(1).double().mean().item()
+    recall = (torch.cdist(real.double(), fake.double()) <= fake_radii[None]).any(1).double().mean().item()
+    blocks = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda x, y, *a, **kw: blocks.append((len(x), len(y))) or cdist(x, y, *a, **kw))
+    for chunk in (7, 64, 10_000):
+        blocks.clear()
+        d, i = nearest(fake, real, k=3, chunk=chunk)
+        assert torch.equal(i, want_i) and torch.allclose(d.double(), want_d, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(knn_radii(real, 3, chunk).double(), radii, rtol=1e-5, atol=1e-5)
+        assert coverage(fake, real, radii.float(), chunk) == pytest.approx(inside, abs=1e-12)
+        assert precision_recall(real, fake, 3, chunk) == pytest.approx((inside, recall), abs=1e-12)
+        assert max(max(b) for b in blocks) <= chunk  # memory: one chunk x chunk block of distances at a time
+    assert len(blocks) > 1
+
+
+def test_copy_distance_is_the_nearest_of_all_cached_views_of_each_training_image():
+    rng = np.random.default_rng(1)
+    views = torch.from_numpy(rng.normal(size=(40, 3, 8))).float()  # 40 training images x 3 cached views
+    sampled = torch.stack([views[5, 2], views[17, 1], torch.full((8,), 50.0)])  # copies of views other than the first
+    distance, image = nearest_training(sampled, views)
+    assert distance[:2].tolist() == [0.0, 0.0] and image[:2].tolist() == [5, 17]
+    report = embedding_report(sampled, views)
+    assert report["nn_min"] == 0.0 and report["copy_fraction"] == pytest.approx(2 / 3)
+    assert report["train_views"] == 3
+    # the scale a copy is judged against: the nearest view of *another* image (another subject when given)
+    near_twins = views.clone()
+    near_twins[:, 1:] = near_twins[:, :1] + 1e-3  # an image's own views are nearly identical
+    assert float(own_distances(near_twins).min()) > 0.1
+    twins = torch.cat([views[:20, :1], views[:20, :1]])  # images i and i + 20 are the same patient's
+    subjects = torch.arange(40) % 20
+    assert float(own_distances(twins).min()) == 0.0 and float(own_distances(twins, subjects).min()) > 0.1
