@@ -23,6 +23,7 @@ from dinodiff.embeddings import (
     sample_embeddings,
     train_embeddings,
 )
+from dinodiff.embeddings.data import CachedEmbeddings, split_holdout
 from dinodiff.embeddings.metrics import (COPY_FACTOR, coverage, knn_radii, nearest, nearest_training,
                                          own_distances)
 
@@ -33,11 +34,13 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_fake_cache(folder: Path, c_glb: np.ndarray, labels: list[dict] | None = None) -> Path:
-    """A cache folder in `dinodiff cache`'s layout: c_glb (M, K, S, N) as float16 views."""
+def write_fake_cache(folder: Path, c_glb: np.ndarray, labels: list[dict] | None = None,
+                     subjects: list[str] | None = None) -> Path:
+    """A cache folder in `dinodiff cache`'s layout: c_glb (M, K, S, N) as float16 views (+ each image's subject)."""
     labels = labels or [{} for _ in range(len(c_glb))]
-    samples = [{"__key__": f"img{i:05d}", "c_glb.npy": _npy(c.astype(np.float16)), "json": {"labels": lab}}
-               for i, (c, lab) in enumerate(zip(c_glb, labels))]
+    metas = [{"labels": lab, **({"subject": subjects[i]} if subjects else {})} for i, lab in enumerate(labels)]
+    samples = [{"__key__": f"img{i:05d}", "c_glb.npy": _npy(c.astype(np.float16)), "json": meta}
+               for i, (c, meta) in enumerate(zip(c_glb, metas))]
     write_shard(folder / "shards" / "train-000000.tar", samples)
     (folder / "cache.json").write_text(json.dumps({"views": c_glb.shape[1], "count": len(c_glb)}))
     return folder
@@ -197,3 +200,82 @@ def test_copy_distance_is_the_nearest_of_all_cached_views_of_each_training_image
     twins = torch.cat([views[:20, :1], views[:20, :1]])  # images i and i + 20 are the same patient's
     subjects = torch.arange(40) % 20
     assert float(own_distances(twins).min()) == 0.0 and float(own_distances(twins, subjects).min()) > 0.1
+
+
+def test_holdout_takes_whole_subjects_and_is_seeded():
+    subjects = [f"p{i // 3}" for i in range(90)]  # 30 patients x 3 images
+    data = CachedEmbeddings(torch.zeros(90, 1, 1, 2), [f"k{i}" for i in range(90)], [{}] * 90, subjects)
+    split = split_holdout(data, 0.3, seed=4)
+    held = {subjects[i] for i in split.holdout}
+    assert split.by == "subject" and 0 < len(held) < 30
+    assert not held & {subjects[i] for i in split.train}  # no patient on both sides
+    assert sorted([*split.train, *split.holdout]) == list(range(90))
+    assert np.array_equal(split_holdout(data, 0.3, seed=4).holdout, split.holdout)
+    assert not np.array_equal(split_holdout(data, 0.3, seed=5).holdout, split.holdout)
+    assert len(split_holdout(data, 0.0, seed=4).holdout) == 0
+    with pytest.raises(ValueError, match="holdout-fraction 0"):
+        split_holdout(CachedEmbeddings(torch.zeros(2, 1, 1, 2), ["a", "b"], [{}, {}]), 0.01, seed=0)
+
+
+def test_eval_measures_samples_against_held_out_embeddings_beside_the_real_floor(tmp_path):
+    data = correlated_gaussian(240, seed=5).reshape(120, 2, 2, 4)  # 120 images x 2 cached views
+    subjects = [f"p{i // 2}" for i in range(120)]
+    cache = write_fake_cache(tmp_path / "cache", data, subjects=subjects)
+    settings = _settings(cache, tmp_path / "run", max_steps=60, holdout_fraction=0.25)
+    folder = train_embeddings(settings, progress=False)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    model = load_embedding_model(folder)
+    held_keys = model.info["holdout"]["holdout_keys"]
+    held = np.array([int(k[3:]) for k in held_keys])
+    train = np.setdiff1d(np.arange(120), held)
+    assert report["protocol"] == "held-out" and report["holdout"]["by"] == "subject"
+    assert len(held) == report["n_reference"] and 0 < len(held) < 120 and report["holdout"]["holdout_keys"] == held_keys
+    assert not {subjects[i] for i in held} & {subjects[i] for i in train}
+    assert model.info["num_train_images"] == len(train) == report["n_train"] == report["n_sampled"]
+    # the held-out images never reached the model: its normalisation statistics are the training images' alone
+    train_views = torch.from_numpy(data[train].astype(np.float16).astype(np.float32)).reshape(len(train) * 2, -1)
+    assert torch.allclose(model.denoiser.mean, train_views.mean(0), atol=1e-5)
+    # precision/recall/FD are those of the samples against the held-out images' first views
+    normalise = model.denoiser.normalize
+    reference = normalise(torch.from_numpy(data[held, 0].astype(np.float16).astype(np.float32)))
+    sampled = normalise(sample_embeddings(model, len(train), seed=settings.seed + 1, steps=settings.eval_steps))
+    assert (report["precision"], report["recall"]) == pytest.approx(precision_recall(reference, sampled), abs=1e-9)
+    assert report["fd"] == pytest.approx(frechet_distance(reference, sampled), rel=1e-6)
+    floor = report["real_floor"]  # the training embeddings against the same held-out reference, as many as samples
+    firsts = normalise(torch.from_numpy(data[train, 0].astype(np.float16).astype(np.float32)))
+    assert floor["n"] == len(train)
+    assert (floor["precision"], floor["recall"]) == pytest.approx(precision_recall(reference, firsts), abs=1e-9)
+    assert report["copy_reference"].startswith("nearest of all 2 cached views")
+
+
+def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_model_folder, tmp_path):
+    import csv
+
+    from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.generate.plan import GenerateSettings
+    from dinodiff.generate.stage import generate_dataset
+    from dinodiff.pipeline import DiNODiffusionPipeline
+
+    labels_csv = write_phantoms(tmp_path / "raw", 6, size=64, seed=0, progress=False) / "labels.csv"
+    pipe = DiNODiffusionPipeline.from_pretrained(tiny_model_folder)
+    s, n = pipe.encode_images(torch.rand(1, 1, 32, 32)).shape[1:]
+    rng = np.random.default_rng(0)
+    names = ["Cardiomegaly", "Consolidation", "Pleural Effusion"]
+    labels = [{k: float(rng.random() < 0.5) for k in names} for _ in range(40)]
+    cache = write_fake_cache(tmp_path / "cache", rng.normal(size=(40, 1, s, n)), labels)
+    embedding = train_embeddings(_settings(cache, tmp_path / "emb", max_steps=20, width=32), progress=False)
+    settings = GenerateSettings(strategy="sampled", ratio=2, num_inference_steps=2, embedding_model=str(embedding),
+                                source_options={"kind": "csv"})
+    out = generate_dataset(tiny_model_folder, labels_csv, tmp_path / "syn", settings, batch_size=4, progress=False)
+    with (out / "labels.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    with labels_csv.open() as handle:
+        sources = {Path(r["path"]).stem: r for r in csv.DictReader(handle)}
+    assert len(rows) == 12 and len(list((out / "images").glob("*.png"))) == 12
+    for row in rows:  # conditioned on (and labelled with) the labels of the source it was planned from
+        source = next(v for k, v in sources.items() if row["source_a"].endswith(k))
+        assert [float(row[k]) for k in names] == [float(source[k]) for k in names]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["settings"]["strategy"] == "sampled" and provenance["settings"]["embedding_model"]
+    with pytest.raises(ValueError, match="embedding-model"):
+        GenerateSettings(strategy="sampled")
