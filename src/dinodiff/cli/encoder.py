@@ -52,14 +52,19 @@ def probe_encoder(
     k: int = typer.Option(10, help="Neighbours of the k-NN probe."),
     min_count: int = typer.Option(10, help="Smallest number of positives and of negatives for a label to be probed."),
     seed: int = typer.Option(0, help="Seed of the folds and of the augmented views."),
+    transductive: bool = typer.Option(False, "--transductive", help="Probe the images the encoders trained on too (every number is then labelled transductive where it is)."),
 ) -> None:
-    """Measure encoders on the same labelled images: k-NN and linear-probe ROC AUC per label
-    (cross-validated, mean ± SD) and augmented-view retrieval top-1 among 2N views."""
+    """Measure encoders on the same labelled images that none of them trained on: k-NN and linear-probe ROC AUC
+    per label (cross-validated, grouped by subject, mean ± SD) and view retrieval top-1 among 2N views drawn with
+    augmentations pretraining never used (plus the pretraining augmentation's, labelled pretext).
+
+    The images each encoder trained on come from its training_images.json (written by pretrain-encoder) and are
+    left out; an encoder without one (a hub model) is labelled unknown."""
     from dinodiff.encoder.probe import ProbeSettings, markdown_table, probe_encoders
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     settings = ProbeSettings(size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
-                             min_count=min_count, seed=seed)
+                             min_count=min_count, seed=seed, transductive=transductive)
     with failures({(FileNotFoundError, ValueError, OSError): 2}):
         results = probe_encoders(encoders, data, out, settings)
     typer.echo(markdown_table(results), nl=False)
@@ -79,12 +84,16 @@ def train_embeddings_command(
     checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a killed run resumes from the newest)."),
     seed: int = typer.Option(0, help="Seed of the weights, batches and noise."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N cached images."),
+    holdout_fraction: float = typer.Option(0.1, help="Fraction of the subjects (patients; images when unknown), drawn with --seed, held out of training: eval.json measures the samples against them. 0: against the training embeddings (transductive)."),
+    metrics_chunk: int = typer.Option(2048, help="Rows per block of eval.json's distance computations (memory grows with its square)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the embedding generator for source-free generation: a small diffusion model over c_GLB (after RCG).
 
     Then `dinodiff generate MODEL --strategy sampled --embedding-model OUT ...` draws new c_GLB and decodes them.
-    OUT/eval.json compares sampled with training embeddings (nearest-neighbour distance, precision/recall, FD).
+    OUT/eval.json compares sampled embeddings with the held-out images' (precision/recall, FD), beside the real
+    floor (training embeddings against the same held-out ones), and counts copies of training images (nearest of
+    all their cached views).
     """
     import json
 
@@ -94,10 +103,15 @@ def train_embeddings_command(
     with failures({(FileNotFoundError, ValueError): 2}):
         settings = EmbeddingTrainSettings(cache=str(cache_dir), out=str(out), max_steps=steps, batch_size=batch_size,
                                           lr=lr, width=width, depth=depth, labels=labels, label_dropout=label_dropout,
-                                          checkpoint_every=checkpoint_every, seed=seed, limit=limit)
+                                          checkpoint_every=checkpoint_every, seed=seed, limit=limit,
+                                          holdout_fraction=holdout_fraction, metrics_chunk=metrics_chunk)
         folder = train_embeddings(settings, progress=progress)
     report = json.loads((out / "eval.json").read_text())
-    typer.echo(f"embedding model: {folder}; sampled vs training: NN median {report['nn_median']:.3f} "
-               f"(training's own {report['train_nn_median']:.3f}), copies {report['copy_fraction']:.1%}, "
-               f"precision {report['precision']:.3f}, recall {report['recall']:.3f}, FD {report['fd']:.3f}")
+    floor = report.get("real_floor")
+    typer.echo(f"embedding model: {folder}; nearest training image: NN median {report['nn_median']:.3f} (training's "
+               f"own {report['train_nn_median']:.3f}), copies {report['copy_fraction']:.1%}; against "
+               f"{report['n_reference']} {report['protocol']} embeddings: precision {report['precision']:.3f}, "
+               f"recall {report['recall']:.3f}, FD {report['fd']:.3f}"
+               + (f" (real training embeddings: {floor['precision']:.3f}, {floor['recall']:.3f}, {floor['fd']:.3f})"
+                  if floor else ""))
 

@@ -28,6 +28,7 @@ class SourceImage:
     labels: dict[str, Optional[float]] = field(default_factory=dict)  # 1 / 0 / -1 (uncertain) / None
     image: Optional[np.ndarray] = None  # uint8 (H, W)
     subject: Optional[str] = None  # the patient, when the dataset names one (see dinodiff.data.subjects)
+    path: Optional[str] = None  # the source file (as `prepare` recorded it for shards), when known
 
 
 def is_prepared(source: str | Path) -> bool:
@@ -61,7 +62,7 @@ def iter_sources(source: str | Path, *, size: int, kind: str = "auto", split: Op
             if item.id not in left:
                 continue
             left.discard(item.id)
-        yield SourceImage(item.id, item.labels, _resize(item.image, size), item.subject)
+        yield SourceImage(item.id, item.labels, _resize(item.image, size), item.subject, item.path)
         if ids is not None and not left:
             return  # every wanted source found: do not read the rest
 
@@ -73,7 +74,8 @@ def _from_shards(source: str | Path, split: Optional[str]) -> Iterator[SourceIma
         raise FileNotFoundError(f"No {split + ' ' if split else ''}shards in {source}.")
     for sample in read_samples(urls):
         meta = sample.get("json", {})
-        yield SourceImage(sample["__key__"], dict(meta.get("labels") or {}), sample["image"], subject_of(meta))
+        yield SourceImage(sample["__key__"], dict(meta.get("labels") or {}), sample["image"], subject_of(meta),
+                          str(meta["path"]) if meta.get("path") else None)
 
 
 def _from_records(source: str | Path, kind: str, split: Optional[str], size: int, min_size: int,
@@ -88,7 +90,7 @@ def _from_records(source: str | Path, kind: str, split: Optional[str], size: int
             skipped += 1
             log.warning("skipping source %s: %s", rec.path, getattr(err, "reason", err))
             continue
-        yield SourceImage(rec.id, dict(rec.labels), image, rec.subject)
+        yield SourceImage(rec.id, dict(rec.labels), image, rec.subject, str(rec.path))
     if skipped:
         log.warning("%d of %d sources could not be read and were skipped.", skipped, len(records))
 

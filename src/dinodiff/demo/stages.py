@@ -80,7 +80,8 @@ def stage_encoder(s: DemoSettings) -> dict[str, Path]:
 
 
 def stage_probe(s: DemoSettings) -> dict[str, Path]:
-    """k-NN / linear-probe AUC per label and view retrieval: the demo's encoder against its random init."""
+    """k-NN / linear-probe AUC per label and view retrieval: the demo's encoder against its random init, on the
+    prepared images it did not train on (the test split: probe-encoder leaves out its training images)."""
     run, out = s.root / "encoder", s.root / "encoder" / "probe"
     probe_encoders([str(run / "encoder"), str(run / "encoder-init")], [s.root / "prepared"], out,
                    ProbeSettings(size=s.size, folds=3, min_count=5, seed=s.seed))

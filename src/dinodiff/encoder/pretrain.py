@@ -8,7 +8,8 @@ under a temporary name and renamed when complete; a killed run resumes from its 
 because every batch is a pure function of (seed, step) (see encoder/data.py), ends bit-identical to an
 uninterrupted one. The output, `RUN/encoder/` (or `run.out`), is the teacher's backbone (DINO evaluates
 the teacher), loadable as `model.encoder.name_or_path=ENC`; `RUN/encoder-init/` is the same
-architecture at step 0, the random baseline to probe against.
+architecture at step 0, the random baseline to probe against. Every encoder folder it writes records the
+images it was fitted to (`training_images.json`), so that `probe-encoder` can probe others.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class EncoderPretrainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         if s.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.images = load_images(s.data.shards, s.data.split, s.data.load_size, s.data.max_images)
+        self.data = load_images(s.data.shards, s.data.split, s.data.load_size, s.data.max_images)
+        self.images = self.data.images
         grey = self.images.float() / 255
         mean, std = float(grey.mean()), float(grey.std().clamp_min(1e-3))
         set_seed(s.run.seed)  # identical initial weights on every rank
@@ -106,7 +108,7 @@ class EncoderPretrainer:
         runs.start_run(acc, self.run_dir, to_container(s))
         if acc.is_main_process and not (self.run_dir / "encoder-init").is_dir():  # the ViT at step 0, before resuming
             save_encoder_folder(acc.unwrap_model(self.student), self.run_dir / "encoder-init",
-                                s.backbone.image_size, self._provenance(step=0))
+                                s.backbone.image_size, self._provenance(step=0), self.data.record(step=0))
         self._maybe_resume()
         metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
@@ -133,7 +135,8 @@ class EncoderPretrainer:
         bar.close()
         out = s.out_dir
         if acc.is_main_process:
-            save_encoder_folder(self.teacher, out, s.backbone.image_size, self._provenance(self.step))
+            save_encoder_folder(self.teacher, out, s.backbone.image_size, self._provenance(self.step),
+                                self.data.record(self.step))
             logger.info("encoder written to %s", out)
         acc.wait_for_everyone()
         acc.end_training()
@@ -220,7 +223,8 @@ class EncoderPretrainer:
         state = {f"teacher.{k}": v.detach().contiguous() for k, v in self.teacher.state_dict().items()}
         state["loss.center"] = self.criterion.center.detach().contiguous()
         save_file(state, str(staging / "trainer" / "teacher.safetensors"))
-        save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size, self._provenance(self.step))
+        save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size, self._provenance(self.step),
+                            self.data.record(self.step))
 
     def _maybe_resume(self) -> None:
         self.step = runs.resume_checkpoint(self.accelerator, self.run_dir, self.s.run.resume, self._restore_own_state)
