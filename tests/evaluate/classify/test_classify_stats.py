@@ -137,3 +137,39 @@ def test_relative_improvement_and_mean_sd() -> None:
     assert relative_improvement(np.array([0.8, 0.9]), np.array([0.8, 0.6])) == pytest.approx([0.0, 50.0])
     assert mean_sd([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert mean_sd([4.0]) == (4.0, 0.0)
+
+
+def _cells(setups: list[tuple[str, str, int]], shift: dict, targets: np.ndarray) -> tuple[list[dict], dict]:
+    """Fake cell rows (2 folds x 2 seeds) and their test scores: each arm's scores = targets x its shift + noise."""
+    rng = np.random.default_rng(7)
+    rows, scores = [], {}
+    for experiment, strategy, ratio in setups:
+        for fold in range(2):
+            for seed in range(2):
+                key = f"{experiment}-{strategy}-{ratio}-{fold}-{seed}"
+                scores[key] = shift[experiment] * targets + rng.random(targets.shape)
+                rows.append({"regime": 20, "experiment": experiment, "strategy": strategy, "ratio": ratio,
+                             "fold": fold, "seed": seed, "key": key, "auc": macro_auc(scores[key], targets),
+                             "train_images": 10, "real_images": 10, "val_images": 10})
+    return rows, scores
+
+
+def test_each_arm_is_compared_with_the_control_of_its_count_when_the_grid_has_it() -> None:
+    from dinodiff.evaluate.classify.compare import summarise
+
+    targets = (np.random.default_rng(8).random((80, 2)) < 0.5).astype(float)
+    setups = [("real", "-", 0), ("control", "-", 1), ("augmentation", "reconstruction", 1),
+              ("full-synthetic", "reconstruction", 2)]
+    rows, scores = _cells(setups, {"real": 0.2, "control": 0.2, "augmentation": 0.8, "full-synthetic": 0.0}, targets)
+    settings = load_settings(None, ["synthetic.ratios=[1,2]", "bootstrap=200"])
+    summary = {r["arm"]: r for r in summarise(rows, settings, targets, scores.__getitem__)}
+    full = summary["full-synthetic reconstruction 1:2"]  # real x2 = the augmentation control 1:1: those cells
+    assert full["control"].startswith("control for augmentation 1:1 (real x2) (= control for full-synthetic 1:2")
+    assert full["d_vs_control"] < 0 and full["ci_vs_control_high"] < 0 and not full["beats_control"]
+    aug = summary["augmentation reconstruction 1:1"]
+    assert aug["d_vs_control"] > 0 and aug["ci_vs_control_low"] > 0 and aug["df"] == 3
+    without = load_settings(None, ["synthetic.ratios=[1,2]", "bootstrap=200", "experiments=[augmentation]"])
+    no_control = [r for r in rows if r["experiment"] != "control"]
+    summary = {r["arm"]: r for r in summarise(no_control, without, targets, scores.__getitem__)}
+    assert summary["augmentation reconstruction 1:1"]["control"] is None
+    assert np.isnan(summary["augmentation reconstruction 1:1"]["p_vs_control"])

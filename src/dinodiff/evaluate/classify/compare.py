@@ -58,18 +58,19 @@ def _regime_rows(regime: int, setups: dict[Setup, dict], targets: np.ndarray, sc
     for setup, runs in sorted(setups.items(), key=lambda kv: (ORDER.get(kv[0][0], 9), kv[0][1], kv[0][2])):
         mean, sd = mean_sd(runs_auc(runs))
         keys = sorted(set(runs) & set(real))
+        control = matched_control(setup, ratios, settings.experiments)
+        control = control if control in setups else None  # not in the grid's experiments: no comparison
         row: dict[str, Any] = {
             "regime": regime, "arm": arm_name(setup), "experiment": setup[0], "strategy": setup[1], "ratio": setup[2],
             "runs": len(runs), "train_images": float(np.mean([r["train_images"] for r in runs.values()])),
             "auc_mean": mean, "auc_sd": sd, "rel_improvement": float(np.mean(relative_improvement(
                 [runs[k]["auc"] for k in keys], [real[k]["auc"] for k in keys]))) if keys else np.nan,
-            "control": control_name(setup, matched_control(setup, ratios, settings.experiments))}
+            "control": control_name(setup, control)}
         if setup != REAL and real:
             vs = _difference(runs, real, boot, (setup, REAL), sizes, settings.ci_level)
             row.update(d_vs_real=vs["d"], ci_vs_real_low=vs["low"], ci_vs_real_high=vs["high"], t_vs_real=vs["t"],
                        p_vs_real=vs["p"], df=vs["df"])
-        control = matched_control(setup, ratios, settings.experiments)
-        if control is not None and control in setups:
+        if control is not None:
             vs = _difference(runs, setups[control], boot, (setup, control), sizes, settings.ci_level)
             row.update(control_auc_mean=float(np.mean(runs_auc(setups[control]))), d_vs_control=vs["d"],
                        ci_vs_control_low=vs["low"], ci_vs_control_high=vs["high"], t_vs_control=vs["t"],
