@@ -1,7 +1,7 @@
 """Confidence intervals of AUC differences: a paired bootstrap over test images (Efron & Tibshirani 1993, ch. 13,
 percentile interval).
 
-Each resample draws the test images with replacement (multinomial counts, numpy); the same resamples serve
+Each resample draws the test images with replacement (as counts per image); the same resamples serve
 every arm of a regime, so a difference is paired image by image. On each resample an arm's value is its macro
 AUC averaged over its cells (folds x seeds), as in the table; the interval of a difference is the percentile
 interval of (arm - other) over the resamples. Resamples come from a seeded generator in fixed chunks, so
@@ -28,11 +28,14 @@ _CHUNK_VALUES = 1 << 22  # resample weights held at once: chunk x test images
 
 
 def resample_weights(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
-    """Chunks of (resamples in chunk, n) bootstrap counts (each row sums to n); the same for the same arguments."""
+    """Chunks of (resamples in chunk, n) bootstrap counts: how often each test image is drawn, with replacement,
+    in n draws (each row sums to n). The same chunks for the same arguments."""
     chunk = max(1, min(resamples, _CHUNK_VALUES // max(n, 1)))
     for index, start in enumerate(range(0, resamples, chunk)):
-        rng = np.random.default_rng([seed, index])
-        yield rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, resamples - start)).astype(np.float32)
+        size = min(chunk, resamples - start)
+        drawn = np.random.default_rng([seed, index]).integers(0, n, size=(size, n))
+        drawn += np.arange(size)[:, None] * n  # row r counts into bins r*n ... r*n + n - 1
+        yield np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n).astype(np.float32)
 
 
 class _Ranked:
@@ -74,16 +77,16 @@ def bootstrap_arms(arms: Mapping[str, Sequence[np.ndarray]], targets: np.ndarray
     """Per arm, (resamples,) macro AUC averaged over its cells, on shared resamples of the test images.
 
     arms: name -> the per-image test scores (test images, labels) of each of its cells; targets: (test images,
-    labels) 0/1, the same for every cell.
+    labels) 0/1, the same for every cell. Arms are done one at a time (the resamples drawn again for each,
+    identical), so memory holds one arm's sorted scores and one chunk of resamples.
     """
     positive = np.asarray(targets) > 0.5
-    ranked = {name: [[_Ranked(np.asarray(s)[:, j], positive[:, j]) for j in range(positive.shape[1])] for s in cells]
-              for name, cells in arms.items()}
-    out: dict[str, list[np.ndarray]] = {name: [] for name in arms}
-    for weights in resample_weights(len(positive), resamples, seed):
-        for name, cells in ranked.items():
-            out[name].append(np.mean([weighted_macro_auc(cell, weights) for cell in cells], axis=0))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    out = {}
+    for name, cells in arms.items():
+        ranked = [[_Ranked(np.asarray(s)[:, j], positive[:, j]) for j in range(positive.shape[1])] for s in cells]
+        out[name] = np.concatenate([np.mean([weighted_macro_auc(cell, weights) for cell in ranked], axis=0)
+                                    for weights in resample_weights(len(positive), resamples, seed)])
+    return out
 
 
 def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
