@@ -1,5 +1,6 @@
 """The RUN/ layout: checkpoint folders (atomic, newest complete one, keep-last-K), best/, and resolving a
-run, checkpoint or model folder to the model folder a stage loads.
+run, checkpoint or model folder to the model folder a stage loads (`resolve_model`: newest checkpoint;
+`selected_model`: best/ first), and a model folder's identity (`model_identity`: path + weight hash).
 
 Layout of ``RUN/checkpoints/checkpoint-STEP/``: accelerate's state (model, optimizer, lr scheduler,
 RNG), ``trainer/`` (step, EMA weights, per-rank noise-generator states) and ``model/`` (an
@@ -10,10 +11,12 @@ when complete, so a killed run never leaves a half-written ``checkpoint-STEP``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -213,6 +216,70 @@ def resolve_model(model: str | Path) -> str:
     if (path / "model").is_dir() and (path / "trainer").is_dir():
         return str(path / "model")
     return str(model)
+
+
+def selected_model(path: str | Path) -> tuple[Path, str]:
+    """(model folder, how it was chosen) for a run, a checkpoint, RUN/best or a model folder.
+
+    A run folder gives its selected model ``RUN/best/model`` when it has one (the checkpoint the sweep or
+    training chose), else its newest complete checkpoint's model/. Unlike `resolve_model`, best/ comes first.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (give a model folder, a checkpoint or a run folder).")
+    if (path / "model_index.json").is_file():
+        return path, "model folder"
+    best = path / "best" / "model"
+    if (best / "model_index.json").is_file():
+        return best, "the run's selected best/model"
+    if (path / "checkpoints").is_dir():
+        found = newest_model(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a run folder without best/model or a complete checkpoint yet.")
+        return found, f"the run's newest checkpoint ({found.parent.name}; the run has no best/model)"
+    if (path / "model" / "model_index.json").is_file():
+        return path / "model", f"the model/ of {path.name}"
+    return path, "model folder"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".onnx")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")  # component configs change what the weights compute
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a model folder is: its resolved path and a sha256 over its weight (and config) files."""
+
+    path: str
+    sha256: str
+    files: int
+
+    @property
+    def key(self) -> str:
+        """A short name for everything made with this model (synthetic sets, cells): 12 hex digits."""
+        return hashlib.sha256(f"{self.path}\n{self.sha256}".encode()).hexdigest()[:12]
+
+
+_IDENTITIES: dict[tuple, ModelIdentity] = {}
+
+
+def model_identity(folder: str | Path) -> ModelIdentity:
+    """Identity of a model folder: resolved path + sha256 over its weight and config files (relative path and
+    bytes of each, in sorted order). Computed once per process for unchanged files (keyed by size and mtime)."""
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"{root} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): not a model folder.")
+    signature = (str(root), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if signature not in _IDENTITIES:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _IDENTITIES[signature] = ModelIdentity(str(root), digest.hexdigest(), len(files))
+    return _IDENTITIES[signature]
 
 
 def newest_model(run_dir: str | Path) -> Optional[Path]:

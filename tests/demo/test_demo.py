@@ -50,11 +50,14 @@ def test_every_stage_runs_and_its_images_decode(demo):
 def test_classification_table_has_the_baseline_the_synthetic_arms_and_the_control(demo):
     out, _ = demo
     rows = _results(out)["tables"]["classification (macro AUC, held-out test split)"]
-    arms = {r["arm"] for r in rows}
-    assert "real" in arms and "control (count-matched real) 1:1" in arms
+    arms = {r["arm"]: r for r in rows}
+    assert "real only" in arms and "control for augmentation 1:1 (real x2)" in arms
     for experiment in ("augmentation", "full-synthetic"):
         for strategy in ("reconstruction", "interpolation"):
             assert f"{experiment} {strategy} 1:1" in arms
+    assert arms["augmentation reconstruction 1:1"]["matched control"] == "control for augmentation 1:1 (real x2)"
+    assert arms["full-synthetic interpolation 1:1"]["matched control"].startswith("real only")  # real x1
+    assert "[" in arms["augmentation interpolation 1:1"]["AUC - real only [95% CI]"]
     assert all(0.0 <= r["AUC mean"] <= 1.0 for r in rows)
 
 

@@ -219,6 +219,24 @@ def test_classify_results_written_before_the_convention_are_recognised(tmp_path)
     assert "<td>0.66</td>" in page and len(_images(page)) == 1
 
 
+def test_a_classify_grid_shows_as_one_section_without_its_per_fold_synthetic_sets(tmp_path):
+    folder = tmp_path / "work" / "classify"
+    _png(folder / "figure4.png", (80, 60), 8)
+    (folder / "table.md").write_text("| arm | n = 50 |\n|---|---|\n| real only | 0.61 ± 0.02 |\n")
+    (folder / "grid.json").write_text("{}")
+    for fold in range(3):  # what `dinodiff classify` generates: one interpolation set per fold, its own input
+        (folder / "synthetic" / "m0123" / "n50" / "interpolation-x1" / f"s0-f{fold}").mkdir(parents=True)
+        (folder / "synthetic" / "m0123" / "n50" / "interpolation-x1" / f"s0-f{fold}" / "provenance.json").write_text(
+            json.dumps({"complete": True, "images": 40, "settings": {"strategy": "interpolation"}}))
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "classify", "provenance": {"synthetic model": "run/best/model", "synthetic model chosen": "best"},
+        "tables": {"Table 1 and differences (table.md)": "table.md"}, "figures": {"Figure 4": "figure4.png"}}))
+    summary = build_report(tmp_path / "work")
+    assert summary["keys"] == ["classify"]  # the grid's synthetic sets are not sections of their own
+    page = summary["html"].read_text()
+    assert "0.61 ± 0.02" in page and "run/best/model" in page and len(_images(page)) == 1
+
+
 def test_the_report_package_imports_no_evaluation_code():
     import subprocess
     import sys

@@ -156,16 +156,18 @@ def classify(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.source=prep/ synthetic.model=run/ regimes=[50,100] classifier.max_epochs=20."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (else the settings' `out`): results.csv, table.md/csv, figure4.png, results.json; cells/ caches each trained cell."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="Labelled real images (data.source): prepared shards, a labelled CSV or a dataset root (MIMIC-CXR-JPG ...)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder for synthetic sets (synthetic.model); without one only real-only and the control run."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for synthetic sets (synthetic.model): a model folder, a checkpoint, or a run (its selected best/model, else its newest checkpoint); without one only real-only and the controls run."),
     workers: Optional[int] = typer.Option(None, help="Cells trained in parallel processes (one per GPU when several are visible)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Downstream classification (the paper's Table 1 and Figure 4): real-only vs augmentation (real + synthetic)
-    vs full-synthetic vs a count-matched control (real images repeated to the same count).
+    vs full-synthetic, each synthetic arm beside the count-matched control of its own size (real images repeated
+    to (1 + r) n for augmentation, to r n for full-synthetic).
 
-    Label-balanced nested subsets per regime, synthetic sets made from each regime's subset with `generate`,
-    k-fold cross-validation, test AUC, a paired test with Holm correction. Every cell is cached: rerun the same
-    command to resume an interrupted grid.
+    Label-balanced nested subsets per regime, split and grouped by subject (patient); repeated k-fold
+    cross-validation; synthetic sets made with `generate` from each fold's training images only (keyed on the
+    model's weights); test AUC, the corrected resampled t-test with Holm correction and paired-bootstrap 95%
+    intervals of every difference. Every cell is cached: rerun the same command to resume an interrupted grid.
     """
     from dinodiff.evaluate.classify import classify as run_classify, load_settings
 

@@ -122,7 +122,7 @@ def generate(
     mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
     r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
     r_values: Optional[str] = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
-    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper), or any pair."),
+    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper; sources with no label pair with each other), or any pair."),
     embedding_model: Optional[Path] = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
     embedding_guidance: float = typer.Option(1.0, help="Sampled: guidance scale on the sources' labels (label-conditioned embedding model)."),
     embedding_steps: int = typer.Option(50, help="Sampled: DDIM steps of the embedding model."),

@@ -42,6 +42,7 @@ class DemoSettings:
     classify_regimes: list[int] = field(default_factory=lambda: [64])
     classify_ratios: list[int] = field(default_factory=lambda: [1])
     classify_folds: int = 3
+    classify_seeds: list[int] = field(default_factory=lambda: [0])  # repetitions of the cross-validation
     classify_epochs: int = 15
     # 8 segment
     segment_limit: int = 24

@@ -7,6 +7,7 @@ they depend on, and skips a stage whose record matches (the stage functions them
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from dinodiff.data.phantoms import write_phantoms
 from dinodiff.encoder.pretrain import pretrain_encoder
 from dinodiff.encoder.probe import ProbeSettings, probe_encoders
 from dinodiff.encoder.settings import load_encoder_settings
-from dinodiff.evaluate.classify import classify, load_settings
+from dinodiff.evaluate.classify import GridMismatch, classify, load_settings
 from dinodiff.evaluate.segment.stage import segment
 from dinodiff.generate.plan import GenerateSettings
 from dinodiff.generate.stage import generate_dataset
@@ -139,6 +140,7 @@ def classify_settings(s: DemoSettings) -> Any:
     overrides = [f"out={s.root / 'classify'}", f"data.source={s.root / 'prepared'}",
                  f"synthetic.model={model_folder(s)}", f"regimes=[{','.join(map(str, s.classify_regimes))}]",
                  f"synthetic.ratios=[{','.join(map(str, s.classify_ratios))}]", f"folds={s.classify_folds}",
+                 f"seeds=[{','.join(map(str, s.classify_seeds))}]",
                  f"classifier.max_epochs={s.classify_epochs}", f"synthetic.num_inference_steps={s.sample_steps}",
                  f"synthetic.scheduler={s.sampler}",
                  f"classifier.image_size={min(32, s.size)}"]
@@ -146,7 +148,12 @@ def classify_settings(s: DemoSettings) -> Any:
 
 
 def stage_classify(s: DemoSettings) -> dict[str, Path]:
-    classify(classify_settings(s))
+    try:
+        classify(classify_settings(s))
+    except GridMismatch as err:  # the demo's own grid, made with other settings or an older protocol: start again
+        logger.warning("%s: replacing the demo's classify folder", err)
+        shutil.rmtree(s.root / "classify")
+        classify(classify_settings(s))
     return {"results": s.root / "classify" / "results.json", "table": s.root / "classify" / "table.md"}
 
 

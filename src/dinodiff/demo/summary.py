@@ -1,5 +1,5 @@
-"""The downstream rows of the demo's checks: classification (real-only AUC beside the synthetic arms and the
-count-matched control) and segmentation (DiffSeg beside the prior, Otsu and position-only baselines), read from
+"""The downstream rows of the demo's checks: classification (real-only AUC beside the synthetic arms and their
+count-matched controls) and segmentation (DiffSeg beside the prior, Otsu and position-only baselines), read from
 the results.json files the classify and segment stages wrote, and added to OUT/checks/results.json."""
 
 from __future__ import annotations
@@ -14,16 +14,22 @@ AUC_MARGIN = 0.6  # "clearly above 0.5": the real-only baseline's mean AUC over 
 SEGMENT_METHODS = ("diffseg", "prior", "otsu", "position")
 
 
+def _interval(row: dict[str, Any], side: str) -> str | None:
+    d, low, high = (row.get(k) for k in (f"d_vs_{side}", f"ci_vs_{side}_low", f"ci_vs_{side}_high"))
+    return None if d is None or low is None or high is None else f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def classify_rows(path: Path) -> list[dict[str, Any]]:
-    """One row per arm of the grid (regime, experiment, strategy, ratio): mean AUC over folds."""
+    """One row per arm of the grid (regime, arm as classify names it): mean AUC over folds x seeds, the difference
+    from real only and from the arm's matched control with their bootstrap intervals, and corrected p-values."""
     data = json.loads(path.read_text())
+    level = f"{100 * (data.get('ci') or {}).get('level', 0.95):g}% CI"
     rows = []
     for r in data.get("summary", []):
-        arm = r["experiment"] if r["strategy"] == "-" else f"{r['experiment']} {r['strategy']} 1:{r['ratio']}"
-        if r["experiment"] == "control":
-            arm = f"control (count-matched real) 1:{r['ratio']}"
-        rows.append({"regime": r["regime"], "arm": arm, "AUC mean": r["auc_mean"], "AUC SD": r["auc_sd"],
-                     "p vs real (adj.)": r.get("p_vs_real_adj"), "p vs control (adj.)": r.get("p_vs_control_adj")})
+        rows.append({"regime": r["regime"], "arm": r["arm"], "AUC mean": r["auc_mean"], "AUC SD": r["auc_sd"],
+                     f"AUC - real only [{level}]": _interval(r, "real"), "p vs real (adj.)": r.get("p_vs_real_adj"),
+                     "matched control": r.get("control"), f"AUC - control [{level}]": _interval(r, "control"),
+                     "p vs control (adj.)": r.get("p_vs_control_adj")})
     return rows
 
 
@@ -49,7 +55,7 @@ def add_downstream(root: Path) -> dict[str, Any] | None:
     if (root / "classify" / "results.json").is_file():
         rows = classify_rows(root / "classify" / "results.json")
         tables["classification (macro AUC, held-out test split)"] = rows
-        real = [r["AUC mean"] for r in rows if r["arm"] == "real"]
+        real = [r["AUC mean"] for r in rows if r["arm"] == "real only"]
         if real:
             checks.append({"check": "classification: real-only baseline AUC (chance 0.5)", "trained": round(real[0], 4),
                            "chance": 0.5, "holds": bool(real[0] >= AUC_MARGIN)})

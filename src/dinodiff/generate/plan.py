@@ -32,7 +32,7 @@ class GenerateSettings:
     mix: str = "lerp"  # interpolation of c_GLB: lerp | slerp
     r_range: tuple[float, float] = (0.0, 1.0)
     r_values: Optional[list[float]] = None  # draw r from this list instead of r_range
-    shared_label: bool = True  # interpolate only pairs sharing a positive label (the paper)
+    shared_label: bool = True  # pairs share a positive label (the paper) or both have none (see dinodiff.interpolate)
     source_options: dict = field(default_factory=dict)  # iter_sources options: kind, split, limit, path_column, ...
     embedding_model: Optional[str] = None  # sampled: a `dinodiff train-embeddings` folder
     embedding_guidance: float = 1.0  # sampled: classifier-free guidance on the labels of a conditional model
@@ -69,7 +69,8 @@ def item_seed(seed: int, index: int) -> int:
 
 
 def plan_items(settings: GenerateSettings, positive: np.ndarray) -> list[Item]:
-    """Reconstruction: `ratio` variations of each source. Interpolation: ratio x N pairs under the pairing rules."""
+    """Reconstruction: `ratio` variations of each source. Interpolation: ratio x N interpolations under the pairing
+    rules, each source anchoring (nearer in r, so labelling) `ratio` of them (see `plan_interpolations`)."""
     n, k = len(positive), settings.ratio
     if settings.strategy in ("reconstruction", "sampled"):  # sampled: the source gives only the labels
         pairs = [(a, None, None) for a in range(n) for _ in range(k)]

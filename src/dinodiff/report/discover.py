@@ -14,6 +14,10 @@ logger = logging.getLogger(__name__)
 # Folders that hold bulk data, never results: not descended into.
 SKIP_DIRS = {"images", "shards", "checkpoints", "cells", "fid-cache", "trainer", "model", "logs", "dinodiff",
              "__pycache__", "node_modules", "masks", "raw"}
+# A `dinodiff classify` grid (grid.json) keeps its inputs beside its results: synthetic sets (one per regime,
+# ratio and, for interpolation, fold), decoded images and subsets. Its results.json reports them; they are not
+# sections of their own.
+GRID_INPUT_DIRS = {"synthetic", "cache", "subsets"}
 MAX_DEPTH = 8
 MAX_JSON_BYTES = 50_000_000
 
@@ -100,7 +104,8 @@ def discover(root: str | Path) -> Found:
         folder = Path(current)
         depth = len(folder.relative_to(root).parts)
         _visit(folder, set(files), set(dirs), found)
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
+        skip = SKIP_DIRS | (GRID_INPUT_DIRS if "grid.json" in files else set())
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith(".") and depth < MAX_DEPTH)
     logger.info("found %d run(s), %d generated set(s), %d results.json, %d fid result(s) under %s",
                 len(found.runs), len(found.generated), len(found.results), len(found.fid_results), root)
     return found

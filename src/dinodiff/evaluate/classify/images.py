@@ -1,11 +1,11 @@
 """Decoded, resized images cached once per grid (a raw uint8 memmap + a JSON index), for the real pool, the real
 test set and every synthetic set. Cells open the memmaps read-only, so no fold decodes an image again.
+The real index also holds each image's subject and split (see `split`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -18,9 +18,12 @@ from PIL import Image
 from dinodiff.data.shards import decode_png
 from dinodiff.data.sources import SourceImage, iter_sources, label_names
 from dinodiff.evaluate.classify.settings import DataSettings
+from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
 from dinodiff.files import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+REAL_FORMAT = 2  # 2: subjects and a split by subject
 
 
 @dataclass
@@ -31,7 +34,9 @@ class ImageSet:
     ids: list[str]
     positive: np.ndarray
     names: list[str]
-    split: Optional[np.ndarray] = None  # 'train' / 'test' per image (real pool only)
+    split: Optional[np.ndarray] = None  # 'train' / 'test' / 'excluded' per image (real images only)
+    subjects: Optional[list[str]] = None  # the subject (patient) key of each image (real images only)
+    subject_counts: Optional[dict[str, int]] = None  # how many images got their subject each way (see split)
     source_a: Optional[list[str]] = None  # synthetic: the source(s) each image was made from
     source_b: Optional[list[str]] = None
 
@@ -46,7 +51,7 @@ class ImageSet:
 
 def source_options(data: DataSettings) -> dict:
     options: dict = {"kind": data.kind}
-    for key in ("label_columns", "path_column", "root"):
+    for key in ("label_columns", "path_column", "root", "subject_column"):
         if getattr(data, key) is not None:
             options[key] = getattr(data, key)
     return options
@@ -68,14 +73,8 @@ def _open(path: Path, count: int, size: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size))
 
 
-def hash_split(ident: str, test_fraction: float, seed: int) -> str:
-    """The same id-hash rule as `dinodiff prepare --test-fraction`: stable whatever the order of the ids."""
-    h = int(hashlib.sha1(f"{seed}:{ident}".encode()).hexdigest()[:12], 16) / 16**12
-    return "test" if h < test_fraction else "train"
-
-
-def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], list[str]]:
-    """Every labelled source image with its split: the source's own test split, else an id-hash split."""
+def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], Optional[list[str]]]:
+    """Every labelled source image, and the source's own split ('train'/'test') when it has a test split."""
     options = source_options(data)
     try:
         test = list(iter_sources(data.source, size=size, split="test", **options))
@@ -85,14 +84,15 @@ def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], lis
         train = list(iter_sources(data.source, size=size, split="train", **options))
         return train + test, ["train"] * len(train) + ["test"] * len(test)
     every = list(iter_sources(data.source, size=size, split=None, **options))
-    logger.info("%s has no test split: %.0f%% of its images go to the test set by id hash (seed %d)",
+    logger.info("%s has no test split: %.0f%% of its subjects go to the test set by subject hash (seed %d)",
                 data.source, 100 * data.test_fraction, data.split_seed)
-    return every, [hash_split(s.id, data.test_fraction, data.split_seed) for s in every]
+    return every, None
 
 
 def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
-    """The real images at `size` px with their split, decoded once into `cache` (rebuilt if the data settings change)."""
-    key = {"data": asdict(data), "size": size}
+    """The real images at `size` px with their subjects and split, decoded once into `cache` (rebuilt if the data
+    settings change). Raises SubjectPatternMismatch when data.subject_pattern misses an id that needs it."""
+    key = {"data": asdict(data), "size": size, "format": REAL_FORMAT}
     index_path, raw_path = cache / f"real-{size}.json", cache / f"real-{size}.u8"
     if index_path.is_file() and raw_path.is_file():
         index = json.loads(index_path.read_text())
@@ -100,14 +100,17 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
             return _real_set(index, raw_path, size)
     if not data.source:
         raise ValueError("No real data: set data.source (a prepared folder, shards, a labelled CSV or a dataset root).")
-    cache.mkdir(parents=True, exist_ok=True)
-    sources, splits = _read_sources(data, size)
+    sources, own_split = _read_sources(data, size)
     if not sources:
         raise FileNotFoundError(f"No labelled images found in {data.source}.")
+    ids = [s.id for s in sources]
+    subjects, counts = resolve_subjects(ids, [s.subject for s in sources], data.subject_pattern)
+    splits = split_by_subject(subjects, own_split, data.test_fraction, data.split_seed)
+    cache.mkdir(parents=True, exist_ok=True)
     names = label_names(sources)
     count = _write_images(raw_path, (s.image for s in sources))
-    index = {"key": key, "count": count, "names": names, "ids": [s.id for s in sources], "split": splits,
-             "labels": [[s.labels.get(n) for n in names] for s in sources]}
+    index = {"key": key, "count": count, "names": names, "ids": ids, "split": splits.tolist(), "subjects": subjects,
+             "subject_counts": counts, "labels": [[s.labels.get(n) for n in names] for s in sources]}
     write_json_atomic(index_path, index)
     logger.info("cached %d real images at %d px in %s", count, size, raw_path)
     return _real_set(index, raw_path, size)
@@ -116,7 +119,8 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
 def _real_set(index: dict, raw_path: Path, size: int) -> ImageSet:
     labels = np.array([[v == 1.0 for v in row] for row in index["labels"]], dtype=bool)
     return ImageSet(_open(raw_path, index["count"], size), index["ids"],
-                    labels.reshape(index["count"], len(index["names"])), index["names"], np.array(index["split"]))
+                    labels.reshape(index["count"], len(index["names"])), index["names"], np.array(index["split"]),
+                    index["subjects"], index["subject_counts"])
 
 
 def _resized(path: Path, size: int) -> np.ndarray:

@@ -19,8 +19,14 @@ from dinodiff.config import ConfigError, merge_preset
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENTS = ("augmentation", "full-synthetic", "control")
+# control: real images repeated to (1 + r) n, the count of augmentation at ratio r; control-full: repeated to r n,
+# the count of full-synthetic at ratio r (at r = 1 that is the real-only cell itself, which is reused).
+EXPERIMENTS = ("augmentation", "full-synthetic", "control", "control-full")
 STRATEGIES = ("reconstruction", "interpolation")
+TESTS = ("corrected-ttest",)  # the corrected resampled t-test (stats.corrected_resampled_ttest)
+_REFUSED_TESTS = {"ttest": "a plain paired t-test over cross-validation folds ignores that the folds share training "
+                           "images and is anti-conservative",
+                  "wilcoxon": "a signed-rank test over cross-validation folds treats overlapping folds as independent"}
 
 
 @dataclass
@@ -35,9 +41,10 @@ class DataSettings:
     labels: Optional[list[str]] = None  # the labels L to classify; None = every label with enough positives
     min_positives: int = 10  # auto-chosen labels need this many positives in both the pool and the test set
     balance_none: bool = False  # also draw images positive for none of L (a '(none)' stratum): gives negatives
-    test_fraction: float = 0.25  # test share by id hash when the source has no test split
+    test_fraction: float = 0.25  # test share by subject hash when the source has no test split
     split_seed: int = 0
-    subject_pattern: Optional[str] = None  # regex on ids whose group 1 is the subject (MIMIC: '^p\d+__(p\d+)__')
+    subject_column: Optional[str] = None  # CSV: the patient column (default: subject, patient_id, ... when present)
+    subject_pattern: Optional[str] = None  # images without a subject: regex on ids, group 1 (MIMIC: '^p\d+__(p\d+)__')
     test_limit: Optional[int] = None  # use at most this many test images (first by id)
 
 
@@ -76,7 +83,6 @@ class SyntheticSettings:
     seed: int = 0
     batch_size: int = 16
     folder: Optional[str] = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
-    train_sources_only: bool = True  # per fold, use only synthetic images made from that fold's training images
 
 
 @dataclass
@@ -85,12 +91,15 @@ class ClassifySettings:
     regimes: list[int] = field(default_factory=lambda: [50, 100, 500, 1000, 5000, 10000])
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # real-only always runs
     folds: int = 5
-    seeds: list[int] = field(default_factory=lambda: [0])
-    subset_seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])  # repetitions: each re-draws the folds and the training
+    subset_seed: int = 0  # the regimes' subsets (fixed across repetitions)
     workers: int = 1  # cell processes run in parallel (one per GPU on a multi-GPU machine)
-    test: str = "ttest"  # paired test over folds x seeds: ttest | wilcoxon
+    test: str = "corrected-ttest"  # over folds x seeds: the corrected resampled t-test (Nadeau & Bengio 2003)
     correction: str = "holm"  # holm | bonferroni, over all comparisons of the grid
     alpha: float = 0.05
+    ci_level: float = 0.95  # confidence intervals of AUC differences: paired bootstrap over test images
+    bootstrap: int = 2000  # bootstrap resamples
+    bootstrap_seed: int = 0
     data: DataSettings = field(default_factory=DataSettings)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
@@ -103,11 +112,22 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
         raise ConfigError(f"Unknown experiments/strategies {bad}; use {EXPERIMENTS} and {STRATEGIES}.")
     if settings.folds < 2:
         raise ConfigError(f"folds must be >= 2 (cross-validation), got {settings.folds}.")
-    if settings.test not in ("ttest", "wilcoxon") or settings.correction not in ("holm", "bonferroni"):
-        raise ConfigError(f"test must be ttest|wilcoxon and correction holm|bonferroni, got {settings.test!r}, "
+    if settings.test in _REFUSED_TESTS:
+        raise ConfigError(f"test={settings.test} is refused: {_REFUSED_TESTS[settings.test]}; use "
+                          "test=corrected-ttest (the corrected resampled t-test).")
+    if settings.test not in TESTS or settings.correction not in ("holm", "bonferroni"):
+        raise ConfigError(f"test must be one of {TESTS} and correction holm|bonferroni, got {settings.test!r}, "
                           f"{settings.correction!r}.")
     if any(r < 1 for r in settings.synthetic.ratios) or any(n < 2 for n in settings.regimes):
         raise ConfigError("ratios must be >= 1 and regimes >= 2.")
+    if not 0.5 <= settings.ci_level < 1 or settings.bootstrap < 100:
+        raise ConfigError(f"ci_level must be in [0.5, 1) and bootstrap >= 100, got {settings.ci_level}, "
+                          f"{settings.bootstrap}.")
+    data = settings.data
+    is_csv = data.kind == "csv" or (data.kind == "auto" and data.source.endswith((".csv", ".csv.gz")))
+    if data.subject_column and not is_csv:
+        raise ConfigError(f"data.subject_column names a CSV column, but data.source {data.source!r} is not a CSV "
+                          "(its adapter or prepare's metadata gives the subjects); remove data.subject_column.")
     if settings.classifier.weights not in ("auto", "imagenet", "none"):
         raise ConfigError(f"classifier.weights={settings.classifier.weights!r} is not one of auto, imagenet, none.")
     return settings
