@@ -231,7 +231,13 @@ def selected_model(path: str | Path) -> tuple[Path, str]:
         return path, "model folder"
     best = path / "best" / "model"
     if (best / "model_index.json").is_file():
-        return best, "the run's selected best/model"
+        record = read_best(path) or {}
+        split = (record.get("scores") or {}).get("split")
+        if split == "test":
+            logger.warning("%s/best was selected on the TEST split: numbers reported on that split are biased; "
+                           "select on 'val' (`dinodiff prepare --val-fraction`, then `dinodiff sweep`).", path)
+        chosen = f" (step {record['step']}, by {record.get('metric', '?')} on the {split!r} split)" if split else ""
+        return best, f"the run's selected best/model{chosen}"
     if (path / "checkpoints").is_dir():
         found = newest_model(path)
         if found is None:

@@ -51,6 +51,19 @@ def test_selected_model_prefers_the_runs_best_model_then_its_newest_checkpoint(t
         selected_model(tmp_path / "missing")
 
 
+def test_a_best_model_names_the_split_it_was_selected_on_and_warns_on_test(tmp_path, caplog):
+    run = tmp_path / "run"
+    _checkpoint(run, 10)
+    _fake_model(run / "best" / "model")
+    record = {"step": 10, "metric": "fid", "value": 3.0, "scores": {"split": "val"}}
+    (run / "best" / "best.json").write_text(json.dumps(record))
+    assert "step 10, by fid on the 'val' split" in selected_model(run)[1]
+    (run / "best" / "best.json").write_text(json.dumps({**record, "scores": {"split": "test"}}))
+    with caplog.at_level("WARNING"):
+        assert "'test' split" in selected_model(run)[1]
+    assert "selected on the TEST split" in caplog.text
+
+
 def test_model_identity_follows_the_weights_and_is_hashed_once(tmp_path, monkeypatch):
     model = _fake_model(tmp_path / "m")
     first = model_identity(model)
