@@ -162,6 +162,20 @@ def test_a_results_json_of_a_new_kind_is_shown_without_report_code(tmp_path):
     assert len(summary["missing"]) == 10  # every known section, each with its command
 
 
+def test_a_results_json_note_and_warnings_are_shown(tmp_path):
+    folder = tmp_path / "work" / "audit"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "audit", "note": "95% intervals: exact Clopper-Pearson.",
+        "warnings": ["holdout->train (pixels) has only 29 distances, too few to calibrate."],
+        "headline": {"flagged copies, syn (pixels)": "0/32 = 0.0% [0.0, 10.9]"},
+        "tables": {"dcr": [{"dataset": "syn", "flagged_copies (95% CI)": "0/32 = 0.0% [0.0, 10.9]"}]}}))
+    summary = build_report(tmp_path / "work")
+    page, md = summary["html"].read_text(), summary["markdown"].read_text()
+    for text in ("exact Clopper-Pearson", "only 29 distances, too few to calibrate", "0/32 = 0.0% [0.0, 10.9]"):
+        assert text in page and text in md
+
+
 def test_unreadable_results_are_listed_and_the_rest_still_reported(tmp_path):
     work = make_workdir(tmp_path / "work")
     (work / "audit").mkdir()

@@ -194,12 +194,19 @@ def audit(
     xrv_weights: Optional[Path] = typer.Option(None, help="TorchXRayVision weights folder (default ~/.torchxrayvision/models_data/); the xrv space is 'unavailable' without it."),
     spaces: str = typer.Option("pixels,c_glb,xrv,rad-dino", help="Comma list of feature spaces."),
     size: int = typer.Option(128, help="Images are compared at this size in pixels."),
-    limit: Optional[int] = typer.Option(None, help="At most N images per set."),
+    limit: Optional[int] = typer.Option(None, help="At most N synthetic images per dataset and N held-out images. Never caps the training set: every training image is searched (a truncated training set would push distances up and hide copies)."),
     pairs: int = typer.Option(8, help="Closest synthetic/real pairs drawn per dataset."),
+    candidates: int = typer.Option(16, help="Pixel copy search: training images registered per query (rotation, zoom, shift)."),
+    calibration_queries: int = typer.Option(2000, help="train->train reference: at most N training images as queries (a seeded subsample; each still searched against the whole training set)."),
+    seed: int = typer.Option(0, help="Seed of the train->train subsample."),
+    chunk: int = typer.Option(1024, help="Training images decoded and compared at a time (the training set is streamed)."),
+    max_memory_mb: float = typer.Option(512, help="Working memory of one distance or registration block, in MB."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu or cuda."),
 ) -> None:
     """Privacy audit: each synthetic image's distance to its closest training record (DCR), per feature space,
-    calibrated on real held-out and train-vs-other-train distances; near-copies flagged; reconstruction's
-    per-source memorisation reported apart."""
+    calibrated on real held-out and train-vs-other-patient-train distances; near-copies flagged (the pixel space
+    registers each candidate over rotation, zoom and shift, after equalising intensities), every fraction with an
+    exact 95% CI; reconstruction's per-source memorisation reported apart."""
     from dinodiff.evaluate.audit import AuditSettings, audit as run_audit
 
     configure_logging()
@@ -207,7 +214,9 @@ def audit(
         settings = AuditSettings(train=str(train_data), holdout=str(holdout) if holdout else None,
                                  model=str(model) if model else None, encoder=str(encoder) if encoder else None,
                                  xrv_weights=str(xrv_weights) if xrv_weights else None, size=size, limit=limit,
-                                 pairs=pairs, spaces=[s for s in spaces.split(",") if s])
+                                 pairs=pairs, spaces=[s for s in spaces.split(",") if s], candidates=candidates,
+                                 calibration_queries=calibration_queries, seed=seed, chunk=chunk,
+                                 max_memory_mb=max_memory_mb, device=device)
         run_audit(synthetic, out, settings)
     typer.echo((out / "audit.md").read_text())
     typer.echo(f"results: {out / 'results.json'}; closest pairs: {out / 'closest-pairs.png'}")

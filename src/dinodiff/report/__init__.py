@@ -20,6 +20,8 @@ Sections without results are listed with the command that makes them.
       "provenance": {"checkpoint": ..., "extractor": ..., "tap": ..., "seeds": [...], "data": ...,
                      "command": "dinodiff classify ..."},   # anything: shown as the numbers' provenance
       "headline": {"AUC (real only)": 0.81},  # optional: a few numbers shown as tiles at the top
+      "note": "How the numbers were made.",    # optional: shown under the heading
+      "warnings": ["Reference too small."],    # optional: what limits the numbers, shown as warnings
       "tables": {"Table 1": [{"arm": ..., "auc": ...}, ...]   # a list of row dicts,
                  "per seed": "tables/seeds.md"},             #   Markdown text, or a .md/.csv file path
       "figures": {"Figure 4": "figure4.png"},  # PNG/JPEG paths, relative to the results.json folder

@@ -253,9 +253,11 @@ def results_section(path: Path, data: dict) -> Section:
     if kind == "segment" and "methods" in data:
         extra_headline, extra_provenance = _segment_extras(data)
         headline, provenance = {**extra_headline, **headline}, {**provenance, **extra_provenance}
-    warning = f"Named but not found: {', '.join(missing)}." if missing else ""
+    warnings = [str(w) for w in data["warnings"] if w] if isinstance(data.get("warnings"), list) else []
+    warning = " ".join([*warnings, *([f"Named but not found: {', '.join(missing)}."] if missing else [])])
+    note = str(data["note"]) if isinstance(data.get("note"), str) else ""
     title = str(data.get("title") or TITLES.get(kind) or kind)
-    return Section(kind, title, path, blocks, provenance, headline, warning=warning)
+    return Section(kind, title, path, blocks, provenance, headline, note=note, warning=warning)
 
 
 def fid_results_section(results: list[tuple[Path, dict]]) -> Section:
