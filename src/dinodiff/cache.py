@@ -249,4 +249,4 @@ def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: i
         pick_view,
         wds.batched(batch_size, partial=False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
