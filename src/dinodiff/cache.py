@@ -37,7 +37,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dinodiff.data.augment import paper_augmentation
+from dinodiff.data.augment import augment_seeded, paper_augmentation
 from dinodiff.data.loader import GuardedTarSamples, SeededShuffle, first_images
 from dinodiff.data.ranks import rank_share
 from dinodiff.data.shards import (
@@ -76,9 +76,7 @@ def _augmented_views(image_u8: np.ndarray, key: str, views: int, size: int, augm
     transform = paper_augmentation() if augment else None
     out = []
     for view in range(views):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_stable_seed(seed, key, view))
-            img = transform(base) if transform is not None else base
+        img = augment_seeded(transform, base, _stable_seed(seed, key, view)) if transform is not None else base
         out.append(img.float() / 255.0)
     return torch.stack(out)
 
