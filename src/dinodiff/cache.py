@@ -54,6 +54,7 @@ from dinodiff.models.factory import (
     FROZEN_DTYPE,
     build_autoencoder,
     build_encoder,
+    enable_tf32,
     frozen_precision,
 )
 
@@ -193,6 +194,8 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     if not inputs:
         raise FileNotFoundError(f"No train shards in {source}/shards; run `dinodiff prepare` first.")
     device = state.device
+    if device.type == "cuda" and cfg.train.tf32:
+        enable_tf32()  # as the trainer does for its on-the-fly frozen models, so both give the same numbers
     encoder = build_encoder(cfg.model.encoder).to(device).eval()
     ae = build_autoencoder(cfg.model.autoencoder).to(device).eval()
     ensure_latent_stats(ae, cfg, device)
