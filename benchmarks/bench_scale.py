@@ -7,8 +7,10 @@ in its own process: `prepare` (1 worker), `cache` (the `tiny` models, 2 views, 1
 of `generate` (encode the sources into sources/, plan N reconstructions, find this process's chunks, write
 labels.csv; sampling itself is per image and left out). Each row is the stage's own wall time and CPU time
 (user + system, its DataLoader workers included; imports and interpreter start-up excluded) and the process's
-peak RSS. CPU time is what the exponents are fitted on by default: on a shared machine the wall time follows the
-other jobs' load. The growth exponent is the log-log slope of time (and of peak RSS) against N: from the last two
+peak RSS. CPU time is what the exponents are fitted on: on a shared machine the wall time follows the other jobs'
+load, and even CPU time drifts with it (SMT and cache contention: the same 10k prepare took 10.5 and 15.5 CPU s an
+hour apart at load 8-12). So each stage runs its sizes up and back down (1k, 10k, 100k, 10k, 1k): the smaller
+sizes bracket the largest in time, and their two runs are averaged. The growth exponent is the log-log slope of time (and of peak RSS) against N: from the last two
 sizes, and a least-squares fit over all sizes. Linear time is 1.0; flat memory is ~0.
 
 Rows are kept in `--work`/results.json, so an interrupted run (the 100k point takes a while on 2 cores) goes on
@@ -162,6 +164,20 @@ def run_stage(stage: str, data: Path, n: int) -> dict:
     return {"stage": stage, "n": n, **json.loads(result.read_text())}
 
 
+def average_runs(rows: list[dict]) -> list[dict]:
+    """One row per (stage, N): times averaged over its runs, the highest peak RSS, and the runs' CPU times."""
+    out = []
+    for key in sorted({(r["stage"], r["n"]) for r in rows}):
+        mine = [r for r in rows if (r["stage"], r["n"]) == key]
+        out.append({"stage": key[0], "n": key[1], "runs": len(mine),
+                    "seconds": sum(r["seconds"] for r in mine) / len(mine),
+                    "cpu_seconds": sum(r["cpu_seconds"] for r in mine) / len(mine),
+                    "cpu_seconds_runs": [round(r["cpu_seconds"], 2) for r in mine],
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                    "baseline_rss_mb": min(r["baseline_rss_mb"] for r in mine)})
+    return out
+
+
 def slope(xs: list[float], ys: list[float]) -> Optional[float]:
     """Least-squares slope of log(y) on log(x); None with fewer than two sizes."""
     if len(xs) < 2:
@@ -190,10 +206,11 @@ def exponents(rows: list[dict], clock: str = "cpu_seconds") -> dict:
 
 
 def table(rows: list[dict], fits: dict) -> str:
-    lines = ["| stage | N | wall s | CPU s | CPU us/image | peak RSS MB | RSS after imports MB |",
+    lines = ["| stage | N | wall s | CPU s (runs) | CPU us/image | peak RSS MB | RSS after imports MB |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (STAGES.index(r["stage"]) if r["stage"] in STAGES else 99, r["n"])):
-        lines.append(f"| {r['stage']} | {r['n']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+        runs = ", ".join(f"{v:.1f}" for v in r.get("cpu_seconds_runs", [r["cpu_seconds"]]))
+        lines.append(f"| {r['stage']} | {r['n']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} ({runs}) | "
                      f"{1e6 * r['cpu_seconds'] / r['n']:.0f} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} |")
     lines += ["", "| stage | sizes | CPU-time exponent (last two) | CPU-time exponent (fit) | wall exponent (last two) "
               "| RSS exponent (last two) | RSS growth MB (last two) |", "|---|---|---|---|---|---|---|"]
@@ -241,6 +258,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--work", default="/tmp/dinodiff-scale")
     parser.add_argument("--plot", default=None, help="PNG of time and memory against N")
     parser.add_argument("--force", action="store_true", help="redo rows already in WORK/results.json")
+    parser.add_argument("--once", action="store_true", help="each size once (no way back down): faster, noisier")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -253,17 +271,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
     rows = [] if args.force or not saved.is_file() else json.loads(saved.read_text())["rows"]
-    for n in [int(s) for s in args.sizes.split(",")]:
-        data = work / f"n{n}"
-        write_phantom_folder(data / "raw", n)
-        for stage in args.stages.split(","):
-            if any(r["stage"] == stage and r["n"] == n for r in rows):
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    for n in sizes:
+        write_phantom_folder(work / f"n{n}" / "raw", n)
+    # prepare before cache and generate-plan (they read its output), each stage up the sizes and back down
+    for stage in args.stages.split(","):
+        for run, n in enumerate(sizes + ([] if args.once else sizes[-2::-1])):
+            attempt = 1 if run < len(sizes) else 2
+            if any(r["stage"] == stage and r["n"] == n and r.get("run", 1) == attempt for r in rows):
                 continue
-            rows.append(run_stage(stage, data, n))
-            print(f"{stage} N={n}: {rows[-1]['seconds']:.2f} s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+            rows.append({**run_stage(stage, work / f"n{n}", n), "run": attempt})
+            print(f"{stage} N={n} (run {attempt}): {rows[-1]['seconds']:.2f} s, {rows[-1]['cpu_seconds']:.2f} CPU s, "
+                  f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
             saved.write_text(json.dumps({"rows": rows}, indent=1))
-    wanted = {int(s) for s in args.sizes.split(",")}
-    rows_now = [r for r in rows if r["n"] in wanted and r["stage"] in args.stages.split(",")]
+    rows_now = average_runs([r for r in rows if r["n"] in sizes and r["stage"] in args.stages.split(",")])
     fits = exponents(rows_now)
     report = {"rows": rows_now, "exponents": fits, "load": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                   time.gmtime())}

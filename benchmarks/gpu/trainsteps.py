@@ -227,6 +227,13 @@ def eight_bit(trainer: Trainer, rows: Rows, base: dict, batch: int, seconds: flo
     if dry or not torch.cuda.is_available():
         rows.rows.append({**row, "status": "skipped: needs CUDA"})
         return
+    try:
+        import bitsandbytes  # optional: from the bundle's slimmed wheel
+
+        rows.info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError as err:
+        rows.rows.append({**row, "status": f"skipped: bitsandbytes not importable ({err})"})
+        return
     trainer.cfg.optim.use_8bit_adam = True
     acc = trainer.accelerator
     old = trainer.optimizer

@@ -49,6 +49,7 @@ from dinodiff.data.shards import (
     write_shard,
 )
 from dinodiff.files import write_json_atomic
+from dinodiff.memory import fix_mmap_threshold
 from dinodiff.models.autoencoders import estimate_latent_stats
 from dinodiff.models.factory import (
     FROZEN_DTYPE,
@@ -187,6 +188,7 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
 
     num_workers: DataLoader workers that read and augment (None: data.num_workers).
     """
+    fix_mmap_threshold()  # batch-sized tensors in mmap: memory stays flat over any number of shards
     state, out, source = PartialState(), Path(out), str(cfg.data.shards)
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"data.shards={source!r} must be a folder made by `dinodiff prepare`.")

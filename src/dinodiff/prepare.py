@@ -36,6 +36,7 @@ from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_ke
 from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
                                   sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
+from dinodiff.memory import fix_mmap_threshold
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -324,6 +325,7 @@ def prepare(
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
     """
+    fix_mmap_threshold()  # image-sized buffers in mmap: memory stays flat over any number of images
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sources = [Path(s).expanduser().resolve() for s in sources]

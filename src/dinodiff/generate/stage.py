@@ -33,6 +33,7 @@ from dinodiff.generate.plan import GenerateSettings, ItemPlan, image_path, item_
 from dinodiff.generate.sample import default_batch_size, load_pipeline, sample_batches
 from dinodiff.generate.sources import SourceTable
 from dinodiff.generate.writer import ImageWriter
+from dinodiff.memory import fix_mmap_threshold
 from dinodiff.pipeline import DiNODiffusionPipeline, to_uint8_array
 
 logger = logging.getLogger("dinodiff.generate")
@@ -88,6 +89,7 @@ def generate_dataset(model: str | Path, source: str | Path, out: str | Path, set
     batch_size: None = 32 on CUDA, 8 on a CPU. precision: auto (bf16 on CUDA, fp32 on a CPU) | fp32 | bf16 | fp16.
     writers: threads that encode and write PNGs.
     """
+    fix_mmap_threshold()  # batch-sized image tensors in mmap: memory stays flat over any number of batches
     # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU; without it CPU processes would not form a group.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state, out = PartialState(cpu=cpu, timeout=timedelta(seconds=sync_timeout_s)), Path(out)
