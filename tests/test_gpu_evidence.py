@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("train_throughput", "sampling", "diffseg", "real_data")
+SECTIONS = ("train_throughput", "trainer_steps", "sampling", "diffseg", "real_data", "generate_precision")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,13 @@ def test_dry_run_measures_throughput_rows_and_real_data_figures(evidence):
     assert results["train_throughput"]["flops_per_image_fwd_bwd"] > 0
     assert [r["scheduler"] for r in results["sampling"]["rows"]] == ["DPMSolverMultistepScheduler", "PNDMScheduler"]
     assert results["diffseg"]["s_per_image"] > 0
+    trainer = results["trainer_steps"]["rows"]
+    measured = {(r.get("kind"), r["batch"]) for r in trainer if r.get("images_per_s", 0) > 0}
+    assert {("trainer", 1), ("trainer", 2), ("bare UNet (sections.train_step)", 1)} <= measured
+    assert any(r.get("gradient_checkpointing") and r.get("images_per_s", 0) > 0 for r in trainer)
+    precision = results["generate_precision"]
+    assert [r["precision"] for r in precision["rows"]] == ["fp32", "bf16"]
+    assert 0 <= precision["bf16_vs_fp32"]["mean_abs_diff_u8"] < 255
     real = results["real_data"]
     assert real["train"]["steps"] >= real["train"]["probe_steps"] > 0
     recon = real["eval"]["reconstruction"]

@@ -2,8 +2,8 @@
 
     python benchmarks/gpu/evidence.py --out $OUT [--bundle .gpu] [--dry-run] [--budget-s 520]
 
-Sections: (a) train_throughput, (b) sampling, (c) diffseg, (d) real_data (gets the time the others
-left). A section that fails or overruns is recorded as such in results.json and the next one runs.
+Sections: (a) train_throughput, (e) trainer_steps (issue 22: the real Trainer), (b) sampling, (c) diffseg,
+(d) real_data (gets the time the others leave), (f) generate_precision (issue 22: fp32 vs bf16 on (d)'s model). A section that fails or overruns is recorded as such in results.json and the next one runs.
 $OUT receives at most 8 flat files: results.json, summary.md, evidence.log (written by evidence.sh),
 training.png, evaluation.png and the fp16 model folder as model-fp16.tar (or up to 3 parts).
 """
@@ -24,7 +24,8 @@ from dinodiff.files import write_json_atomic
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
 # (name, seconds on the GPU, seconds in the CPU dry run); real_data takes what is left.
-PLAN = [("train_throughput", 75, 90), ("sampling", 40, 90), ("diffseg", 35, 90), ("real_data", None, 240)]
+PLAN = [("train_throughput", 75, 90), ("trainer_steps", 150, 150), ("sampling", 40, 90), ("diffseg", 35, 90),
+        ("real_data", None, 240), ("generate_precision", 30, 90)]
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
@@ -99,10 +100,32 @@ def summary_md(results: dict) -> str:
         lines.append("```\n" + json.dumps(ev["reconstruction"], indent=1) + "\n```")
     if ev.get("segment"):
         lines.append(ev["segment"].get("table_md", ""))
+    lines += trainer_summary(results["sections"])
     for name, sec in results["sections"].items():
         if sec.get("status") != "ok":
             lines.append(f"\n**{name} failed**: {sec.get('error')}")
     return "\n".join(lines) + "\n"
+
+
+def trainer_summary(sections: dict) -> list[str]:
+    """(e) and (f) of issue 22 in Markdown."""
+    e, lines = sections.get("trainer_steps", {}), []
+    lines.append(f"\n## (e) Trainer steps (issue 22): {e.get('status')}\n")
+    if e.get("rows"):
+        lines.append("| kind | batch | grad ckpt | SDPA | optimizer | images/s | s/step | peak GiB | MFU |\n"
+                     "|---|---|---|---|---|---|---|---|---|")
+        for r in e["rows"]:
+            lines.append(f"| {r.get('kind', 'trainer')}{' + compile' if r.get('compile') else ''} | {r.get('batch')} | "
+                         f"{r.get('gradient_checkpointing', '')} | {r.get('sdpa_backend', '')} | {r.get('optimizer', '')} | "
+                         f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('s_per_step'))} | {_fmt(r.get('peak_mem_GiB'))} | "
+                         f"{_fmt(r.get('mfu'), True)} {r.get('status', '')} |")
+        lines.append("\nrecommended: " + json.dumps(e.get("recommended")))
+    f = sections.get("generate_precision", {})
+    lines.append(f"\n## (f) generation fp32 vs bf16 (issue 22): {f.get('status')}\n")
+    if f.get("rows"):
+        lines.append("```\n" + json.dumps({"rows": f["rows"], "bf16_vs_fp32": f.get("bf16_vs_fp32")}, indent=1)
+                     + "\n```")
+    return lines
 
 
 def write_outputs(out: Path, results: dict) -> None:
@@ -135,7 +158,8 @@ def main() -> None:
         if name not in wanted:
             continue
         left = args.budget_s - (time.time() - start)
-        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 15)
+        later = sum(p[1] or 0 for p in PLAN[PLAN.index((name, gpu_s, dry_s)) + 1:] if p[0] in wanted)
+        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 15 - later)
         budget = min(budget, left - 15)
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}

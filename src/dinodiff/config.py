@@ -98,6 +98,7 @@ class OptimConfig:
     adam_epsilon: float = 1e-8
     use_8bit_adam: bool = True  # bitsandbytes on CUDA when installed; plain AdamW otherwise (logged)
     max_grad_norm: Optional[float] = 1.0
+    fused: bool = True  # torch AdamW's fused CUDA kernel (CUDA only; not with 8-bit Adam)
 
 
 @dataclass
@@ -110,12 +111,17 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | fp16 | bf16
     gradient_checkpointing: bool = False
     attention: str = "auto"  # auto (xformers when installed, else SDPA) | sdpa | xformers
+    # GPU speed (train/performance.py); none of them changes what is learnt beyond float rounding.
+    sdpa_backend: str = "auto"  # auto (PyTorch chooses) | flash | efficient | cudnn | math; see BENCHMARKS.md
+    channels_last: Optional[bool] = None  # None = on CUDA only: UNet and autoencoder weights in NHWC
+    compile: str = "none"  # none | default | max-autotune-no-cudagraphs: torch.compile of the UNet
+    tf32: bool = True  # CUDA only: TF32 matmuls/convolutions (the fp32 frozen models above all)
     ema: bool = False
     ema_decay: float = 0.9999
     snr_gamma: Optional[float] = None  # Min-SNR weighting; None = plain MSE (the paper)
     noise_offset: float = 0.0
     cond_dropout: float = 0.0  # probability of a null condition, enables classifier-free guidance
-    log_every: int = 10
+    log_every: int = 10  # metrics row + the non-finite check; loss/grad norm stay on the device in between
     checkpoint_every: int = 2500
     keep_last: int = 3
     sample_every: int = 2500
@@ -165,6 +171,8 @@ _CHOICES = {
     "model.noise.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.attention": ("auto", "sdpa", "xformers"),
+    "train.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
+    "train.compile": ("none", "default", "max-autotune-no-cudagraphs"),
     "eval.extractor": ("xrv", "inception", "dinov2", "rad-dino"),
     "data.on_corrupt": ("skip", "stop"),
 }

@@ -151,8 +151,9 @@ class DiNODiffusionPipeline(DiffusionPipeline):
         elif c_glb.ndim != 3:
             raise ValueError(f"c_glb must be (B, S, N) global tokens, got shape {tuple(c_glb.shape)}.")
         c_glb = c_glb.to(self.device, torch.float32).repeat_interleave(num_images_per_condition, dim=0)
-        context = self.projection(c_glb)
-        null = self.projection(torch.zeros_like(c_glb)) if guided else None
+        width = self.projection.dtype  # bf16/fp16 when the pipeline was loaded in half precision
+        context = self.projection(c_glb.to(width))
+        null = self.projection(torch.zeros_like(c_glb, dtype=width)) if guided else None
         sampled = sample_latents(self.unet, self.scheduler, context, latent_shape=self.latent_shape,
                                  num_inference_steps=num_inference_steps, generator=generator,
                                  guidance_scale=guidance_scale, null_cond=null, latents=latents,

@@ -18,7 +18,9 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import threading
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_ke
 from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
                                   sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
+from dinodiff.memory import fix_mmap_threshold
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -253,9 +256,35 @@ def _write_rejects(path: Path, metas: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
+class _Window:
+    """At most `size` records in flight between the pool's feeder and the consumer: memory stays bounded.
+
+    `Pool.imap` otherwise submits every record at once and queues every result (a 512^2 PNG each) that the
+    consumer, writing shards, has not taken yet.
+    """
+
+    def __init__(self, size: int):
+        self.slots, self.stopped = threading.Semaphore(size), False
+
+    def feed(self, records: Iterable[Record]) -> Iterator[Record]:
+        for rec in records:
+            self.slots.acquire()
+            if self.stopped:
+                return
+            yield rec
+
+    def taken(self) -> None:
+        self.slots.release()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.slots.release()  # wakes the feeder thread if it waits, so the pool can shut down
+
+
 def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
     """Yield (chunk, results) for each chunk in `todo`, processing records on `workers` processes."""
-    recs = [r for _, _, _, chunk in todo for r in chunk]
+    recs = (r for _, _, _, chunk in todo for r in chunk)
+    window = _Window(64 * workers)
     if workers <= 1:
         _init_worker(settings)
         stream = map(process_record, recs)
@@ -263,16 +292,18 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
     else:
         pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
         # ordered imap over records (not chunks): parallel even when there is a single shard
-        stream = pool.imap(process_record, recs, chunksize=4)
+        stream = pool.imap(process_record, window.feed(recs), chunksize=4)
     try:
         for item in todo:
             results = []
             for _ in item[3]:
                 results.append(next(stream))
+                window.taken()
                 bar.update(1)
             yield item, results
     finally:
         if pool is not None:
+            window.stop()
             pool.terminate()
             pool.join()
 
@@ -294,6 +325,7 @@ def prepare(
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
     """
+    fix_mmap_threshold()  # image-sized buffers in mmap: memory stays flat over any number of images
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sources = [Path(s).expanduser().resolve() for s in sources]

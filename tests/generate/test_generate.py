@@ -141,7 +141,7 @@ def _settings(**kw) -> GenerateSettings:
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted((folder / "images").rglob("*.png"))}
 
 
 def test_dataset_from_a_labelled_csv_has_images_labels_and_provenance(tiny_model_folder, labelled_csv, tmp_path):
@@ -154,6 +154,7 @@ def test_dataset_from_a_labelled_csv_has_images_labels_and_provenance(tiny_model
     with (out / "labels.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 20 and len(_pngs(out)) == 20 and (out / "preview.png").is_file()
+    assert [r["path"] for r in rows] == list(_pngs(out)) == [f"images/000/{i:07d}.png" for i in range(20)]
     with labelled_csv.open() as handle:
         source_labels = {make_id(row["path"]): row for row in csv.DictReader(handle)}
     names = ["Cardiomegaly", "Consolidation", "Pleural Effusion"]
@@ -175,10 +176,10 @@ def test_rerun_finishes_what_is_missing_with_the_same_images(tiny_model_folder, 
     out = generate_dataset(tiny_model_folder, labelled_csv, tmp_path / "syn", settings, batch_size=4,
                            preview_rows=0, progress=False)
     before = _pngs(out)
-    kept = out / "images" / "0000000.png"
+    kept = out / "images" / "000" / "0000000.png"
     stamp = kept.stat().st_mtime_ns
     for name in ("0000005.png", "0000006.png", "0000019.png"):
-        (out / "images" / name).unlink()
+        (out / "images" / "000" / name).unlink()
     (out / "labels.csv").unlink()
     generate_dataset(tiny_model_folder, labelled_csv, out, settings, batch_size=4, preview_rows=0, progress=False)
     assert _pngs(out) == before and (out / "labels.csv").is_file()

@@ -111,13 +111,14 @@ def train(
 def generate(
     model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
     source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, labels.csv, provenance.json, preview.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/NNN/*.png (10,000 per folder), labels.csv, provenance.json, preview.png."),
     strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source), interpolation (mixes of label-sharing pairs) or sampled (c_GLB drawn from --embedding-model; sources give only labels)."),
     ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
     steps: int = typer.Option(25, help="Sampling steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
     scheduler: str = typer.Option("dpm", help="Sampler: dpm (DPM-Solver++), ddim, euler, euler-a, ddpm, unipc, pndm or a diffusers scheduler class."),
-    batch_size: int = typer.Option(8, help="Images per forward pass. Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass (default 32 on CUDA, 8 on a CPU). Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    precision: str = typer.Option("auto", help="UNet/projection/VAE precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16. The encoder stays fp32."),
     seed: int = typer.Option(0, help="Base seed; item i uses a seed derived from (seed, i), recorded in labels.csv."),
     mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
     r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
@@ -155,7 +156,8 @@ def generate(
                                     embedding_model=str(embedding_model) if embedding_model else None,
                                     embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
         folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
-                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout)
+                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout,
+                                  precision=precision)
     typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"
                + (", preview.png" if preview_rows else ""))
 

@@ -95,9 +95,11 @@ class TrainData:
         ae = self.parts.autoencoder
         with torch.no_grad(), frozen_precision(self.device):  # fp32 whatever the UNet's autocast
             if self.cache_info is not None:
-                moments = batch["moments"].to(self.device, torch.float32)
-                return ae.moments_to_latents(moments, generator=generator), batch["c_glb"].to(self.device, torch.float32)
-            pixels = batch["pixel_values"].to(self.device, torch.float32)
+                # non_blocking: from pinned loader memory the copy overlaps the GPU's work instead of waiting for it
+                moments = batch["moments"].to(self.device, torch.float32, non_blocking=True)
+                c_glb = batch["c_glb"].to(self.device, torch.float32, non_blocking=True)
+                return ae.moments_to_latents(moments, generator=generator), c_glb
+            pixels = batch["pixel_values"].to(self.device, torch.float32, non_blocking=True)
             return ae.encode(pixels, generator=generator), self.parts.encoder(pixels)
 
     # ---------------------------------------------------------------------- held-out images

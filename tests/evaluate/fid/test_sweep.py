@@ -228,3 +228,28 @@ def test_the_validation_split_is_drawn_by_subject_and_leaves_the_test_split_alon
     with_val = [hash_split(k, 0.2, 0, val_fraction=0.1) for k in keys]
     assert [a == "test" for a in without] == [b == "test" for b in with_val]  # same test subjects
     assert 150 < with_val.count("val") < 250 and set(with_val) == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_fid_hook_spread_over_two_processes_scores_like_one(trained_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    run, model = _copy(trained_run, tmp_path), trained_run / "checkpoints" / "checkpoint-2" / "model"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
+           str(REPO_ROOT / "tests" / "scripts" / "ddp_fid.py"), str(run), str(model), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.json.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["chunks"] == [0, 2] and ranks[1]["chunks"] == [1]  # every source chunk made once, shared out
+    assert ranks[1]["scores"] == {}  # only the main process scores
+    monkeypatch.setattr(sweep_mod, "SOURCE_CHUNK", 1)
+    row = sweep_mod.CheckpointScorer(run, replace(SETTINGS, cache=False)).score(model, 2)  # one process
+    assert ranks[0]["scores"]["fid"] == pytest.approx(row["fid"], rel=1e-5)

@@ -4,7 +4,8 @@ Each checkpoint's model folder reconstructs the same fixed source images (fresh 
 every checkpoint) and the samples are scored against the same real set, whose features are extracted
 once and cached. Rows go to ``RUN/fid.csv`` (restartable: scored checkpoints are skipped), the curve to
 ``RUN/fid.png`` with the best checkpoint marked, and the best model to ``RUN/best/`` (the trainer's layout).
-The trainer calls the same code every `train.eval_every` steps through :func:`make_fid_hook`.
+The trainer calls the same code every `train.eval_every` steps through :func:`make_fid_hook`, on every process:
+each reconstructs its share of the source chunks (`spread.Spread`) and the main one scores them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dinodiff.data.shards import available_splits
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
 from dinodiff.evaluate.fid.images import list_images, load_images, select
 from dinodiff.evaluate.fid.settings import FidSettings
+from dinodiff.evaluate.fid.spread import Spread
 from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
 from dinodiff.files import atomic_path
 from dinodiff.generate.sample import generate_reconstructions
@@ -95,7 +97,7 @@ class CheckpointScorer:
         self._net: Optional[FeatureExtractor] = None
         self._real_refs: Optional[list] = None
         self._real_features: Optional[np.ndarray] = None
-        self._source_images: dict[int, torch.Tensor] = {}
+        self._source_refs: Optional[list] = None
 
     @property
     def net(self) -> FeatureExtractor:
@@ -113,12 +115,23 @@ class CheckpointScorer:
             self._real_features = cached_features(self.net, self.real_refs(), self.cache_dir, self.batch_size)
         return self._real_features
 
-    def source_images(self, resolution: int) -> torch.Tensor:
-        """The fixed sources (N, 1, resolution, resolution): the same seeded subset for every checkpoint."""
-        if resolution not in self._source_images:
-            refs = select(list_images(self.sources, self.source_split), self.settings.num_sources, self.seed)
-            self._source_images[resolution] = load_images(refs, resolution)
-        return self._source_images[resolution]
+    def source_refs(self) -> list:
+        """The fixed sources: the same seeded subset for every checkpoint (decoded chunk by chunk when used)."""
+        if self._source_refs is None:
+            self._source_refs = select(list_images(self.sources, self.source_split), self.settings.num_sources,
+                                       self.seed)
+        return self._source_refs
+
+    def chunk_features(self, pipe, chunks: list[int]) -> dict[int, np.ndarray]:
+        """Features of the reconstructions of the given source chunks (SOURCE_CHUNK sources each)."""
+        refs, out = self.source_refs(), {}
+        for index in chunks:
+            sources = load_images(refs[index * SOURCE_CHUNK:(index + 1) * SOURCE_CHUNK], pipe.resolution)
+            # One seed per chunk (not per call): every checkpoint sees the same noise for the same source.
+            images = reconstruct(pipe, sources, per_source=self.per_source, seed=self.seed * 1_000_003 + index,
+                                 steps=self.settings.sample_steps, batch_size=self.batch_size)
+            out[index] = extract_features(self.net, images, self.batch_size)
+        return out
 
     def row_settings(self, n_fake: int) -> dict:
         """The SETTING_FIELDS of a fid.csv row."""
@@ -127,28 +140,31 @@ class CheckpointScorer:
                 "split": self.split or "-"}
 
     def expected_settings(self) -> dict:
-        n_sources = len(select(list_images(self.sources, self.source_split), self.settings.num_sources, self.seed))
-        return self.row_settings(n_sources * self.per_source)
+        return self.row_settings(len(self.source_refs()) * self.per_source)
 
-    def score(self, model_folder: str | Path, step: int) -> dict:
-        """Generate from `model_folder`, extract features chunk by chunk, and return one fid.csv row."""
-        start = time.time()
-        real = self.real_features()
+    def score(self, model_folder: str | Path, step: int, spread: Optional[Spread] = None) -> Optional[dict]:
+        """Generate from `model_folder`, extract features chunk by chunk, and return one fid.csv row.
+
+        With `spread` over several processes, each makes its share of the chunks and only the main process
+        (which alone extracts the real set) returns the row; the others return None.
+        """
+        start, spread = time.time(), spread or Spread()
+        real = self.real_features() if spread.is_main else None
         pipe = load_pipeline(model_folder, self.device)
-        sources = self.source_images(pipe.resolution)
-        fake = []
-        for index, chunk in enumerate(sources.split(SOURCE_CHUNK)):
-            # One seed per chunk (not per call): every checkpoint sees the same noise for the same source.
-            images = reconstruct(pipe, chunk, per_source=self.per_source, seed=self.seed * 1_000_003 + index,
-                                 steps=self.settings.sample_steps, batch_size=self.batch_size)
-            fake.append(extract_features(self.net, images, self.batch_size))
+        chunks = -(-len(self.source_refs()) // SOURCE_CHUNK)
+        mine = self.chunk_features(pipe, spread.share(chunks))
         del pipe
-        fake_features = np.concatenate(fake)
+        shares = spread.gather(mine)
+        if shares is None:
+            return None
+        merged = {index: feats for share in shares for index, feats in share.items()}
+        fake_features = np.concatenate([merged[i] for i in range(chunks)])
         kid = {"kid_subsets": self.settings.kid_subsets, "kid_subset_size": self.settings.kid_subset_size}
         row = {"step": step, **scores(real, fake_features, seed=self.seed, **kid), **self.row_settings(len(fake_features)),
                "checkpoint": str(model_folder), "seconds": round(time.time() - start, 1)}
-        logger.info("step %d: FID %.4f (%s:%s, %d real vs %d generated)", step, row["fid"], row["extractor"],
-                    row["tap"], row["n_real"], row["n_fake"])
+        logger.info("step %d: FID %.4f (%s:%s, %d real vs %d generated, %d process%s)", step, row["fid"],
+                    row["extractor"], row["tap"], row["n_real"], row["n_fake"], spread.world,
+                    "es" if spread.world > 1 else "")
         return row
 
 
@@ -283,23 +299,28 @@ def sweep(run_dir: str | Path, settings: FidSettings = FidSettings(), *, force: 
     return {"rows": current, "best": best, "csv": run_dir / "fid.csv", "plot": plot, "best_dir": best_dir}
 
 
-def make_fid_hook(run_dir: str | Path, settings: FidSettings) -> EvalHook:
+def make_fid_hook(run_dir: str | Path, settings: FidSettings, timeout_s: float = 6 * 3600) -> EvalHook:
     """A train.py EvalHook: (model folder, step) -> {"fid", "kid_mean", "kid_std", "extractor"}; also updates
     RUN/fid.csv and RUN/fid.png.
 
-    The trainer keeps RUN/best/ itself from the returned "fid" (its first value).
+    It runs on every process of a distributed run (`hook.all_ranks`): each reconstructs its share of the sources,
+    the main process scores them and returns the scores (the others return {}); `timeout_s` bounds how long the
+    others wait for it. The trainer keeps RUN/best/ itself from the returned "fid" (its first value).
     """
-    scorer = CheckpointScorer(run_dir, settings)
+    scorer, spread = CheckpointScorer(run_dir, settings), Spread(timeout_s)
 
     def hook(model_folder: Path, step: int) -> dict:
         # Building extractors draws from the global RNG (random init before loading); keep training's stream intact.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            row = scorer.score(model_folder, step)
+            row = scorer.score(model_folder, step, spread)
+        if row is None:
+            return {}
         record(Path(run_dir), row)
         return {"fid": row["fid"], "kid_mean": row["kid_mean"], "kid_std": row["kid_std"],
                 "extractor": f"{row['extractor']}:{row['tap']}"}
 
+    hook.all_ranks = True  # type: ignore[attr-defined]
     return hook
 
 
@@ -314,4 +335,5 @@ def hook_from_config(cfg: DictConfig) -> EvalHook:
         logger.warning("train.eval_every=%d is not a multiple of train.checkpoint_every=%d: FID runs only at "
                        "checkpoints that fall on a multiple of eval_every.", cfg.train.eval_every,
                        cfg.train.checkpoint_every)
-    return make_fid_hook(cfg.train.run_dir, FidSettings.from_eval_config(e, real=str(real)))
+    return make_fid_hook(cfg.train.run_dir, FidSettings.from_eval_config(e, real=str(real)),
+                         timeout_s=cfg.train.eval_timeout_s)
