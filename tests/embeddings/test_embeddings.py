@@ -271,7 +271,7 @@ def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_mo
         rows = list(csv.DictReader(handle))
     with labels_csv.open() as handle:
         sources = {Path(r["path"]).stem: r for r in csv.DictReader(handle)}
-    assert len(rows) == 12 and len(list((out / "images").glob("*.png"))) == 12
+    assert len(rows) == 12 and len(list((out / "images").rglob("*.png"))) == 12  # nested images/NNN/
     for row in rows:  # conditioned on (and labelled with) the labels of the source it was planned from
         source = next(v for k, v in sources.items() if row["source_a"].endswith(k))
         assert [float(row[k]) for k in names] == [float(source[k]) for k in names]

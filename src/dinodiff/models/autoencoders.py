@@ -109,6 +109,13 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype; float32 for the parameter-free pixel-unshuffle (diffusers' own lookup fails on a
+        module without parameters)."""
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
     # -- encoding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:

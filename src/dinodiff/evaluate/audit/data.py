@@ -1,6 +1,6 @@
 """Image sets the audit reads, as uint8 (N, size, size) with each image's patient (subject).
 
-- Synthetic datasets (``images/*.png`` + ``labels.csv`` + ``provenance.json`` of `dinodiff generate`) and held-out
+- Synthetic datasets (``images/**/*.png`` + ``labels.csv`` + ``provenance.json`` of `dinodiff generate`) and held-out
   real images are read whole (`--limit` caps them).
 - The training set is **streamed** (`TrainingSet`): a first pass reads ids and patients only, later passes decode
   one chunk at a time, or only the images asked for. It is never truncated: a training set cut short would push
@@ -99,7 +99,7 @@ def load_synthetic(folder: str | Path, size: int, limit: int | None = None) -> I
         with labels_file.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
     else:
-        rows = [{"path": p.relative_to(folder).as_posix()} for p in sorted((folder / "images").glob("*.png"))]
+        rows = [{"path": p.relative_to(folder).as_posix()} for p in sorted((folder / "images").rglob("*.png"))]
     rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise FileNotFoundError(f"No images in {folder / 'images'}: the generate run made none; rerun it.")

@@ -1,4 +1,4 @@
-"""Image sets to score: a folder of image files, `prepare` shards, or a synthetic dataset (`images/*.png`).
+"""Image sets to score: a folder of image files, `prepare` shards, or a synthetic dataset (`images/**/*.png`).
 
 An image set is a sorted list of :class:`ImageRef` (a file, or a sample key inside a shard), so a seeded
 subset and a cache key over exactly the files used are both well defined.
