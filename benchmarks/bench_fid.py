@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.fid.features import (
     MissingWeights,
     build_extractor,
-    resolve_device,
     save_random_inception_weights,
     save_random_xrv_weights,
 )

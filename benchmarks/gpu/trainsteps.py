@@ -262,7 +262,7 @@ def compiled(trainer: Trainer, rows: Rows, base: dict, batch: int, seconds: floa
 
 def generate_precision(args: argparse.Namespace) -> dict:
     """(f) the same seeds in fp32 and bf16 (UNet + projection + VAE decode; the encoder stays fp32)."""
-    from dinodiff.data.sources import iter_sources
+    from dinodiff.data.image_sets import iter_sources
 
     device = args.device
     run = Path(args.work).parent / "real_data" / "run"

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
 from dinodiff.config import EncoderConfig
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.encoder.augment import MultiCrop, random_crops
 from dinodiff.encoder.export import read_provenance
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed

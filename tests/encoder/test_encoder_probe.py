@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dinodiff.cli import app
 from dinodiff.data.phantoms import write_phantoms
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.encoder.augment import PRETRAINING_FAMILY
 from dinodiff.encoder.pretrain import EncoderPretrainer
 from dinodiff.encoder.probe import ProbeSettings, knn_auc, linear_auc, make_views, retrieval_top1

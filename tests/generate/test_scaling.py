@@ -13,7 +13,7 @@ from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny mode
 
 import dinodiff.generate.sources as sources_mod
 from dinodiff.data.shards import decode_png
-from dinodiff.data.sources import SourceImage, label_names, positive_matrix
+from dinodiff.data.image_sets import SourceImage, label_names, positive_matrix
 from dinodiff.generate.outputs import preview_items
 from dinodiff.generate.plan import GenerateSettings, image_path, item_conditions, plan_arrays, plan_items
 from dinodiff.generate.sample import load_pipeline, resolve_precision, sample_batches

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dinodiff.data.sources import subject_of
+from dinodiff.data.image_sets import subject_of
 from dinodiff.data.subjects import hash_split, subject_key
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dinodiff.data.shards import list_shards, read_samples
-from dinodiff.data.sources import subject_of
+from dinodiff.data.image_sets import image_records, resize_square
+from dinodiff.data.shards import list_shards
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.models.training_images import TrainingImages
 
@@ -61,17 +60,11 @@ def load_images(shards: str | Path, split: str | None, size: int, limit: int | N
         raise NoImages(f"No {split or ''} shards (*.tar) in {shards}; run `dinodiff prepare SRC --out {shards}` "
                        "first, or set data.split=null to use every split.")
     images, ids, paths, subjects = [], [], [], []
-    for sample in read_samples(urls):
-        if "image" not in sample:
-            continue
-        img = Image.fromarray(sample["image"])
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-        images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
-        meta = sample.get("json") or {}
-        ids.append(sample["__key__"])
-        paths.append(str(meta["path"]) if meta.get("path") else None)
-        subjects.append(subject_of(meta))
+    for record in image_records(path, size=size, kind="shards", split=split):
+        images.append(torch.from_numpy(resize_square(record.decode(), size, Image.Resampling.BICUBIC)))
+        ids.append(record.id)
+        paths.append(record.path)
+        subjects.append(record.subject)
         if limit is not None and len(images) >= limit:
             break
     if not images:

@@ -45,6 +45,7 @@ from dinodiff.encoder.dino import (
 from dinodiff.encoder.export import save_encoder_folder, settings_record
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed, teacher_stats
 from dinodiff.encoder.settings import EncoderPretrainSettings, to_container
+from dinodiff.devices import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,6 @@ METRIC_FIELDS = ["step", "loss", "koleo", "lr", "momentum", "teacher_temp", "tea
 
 class EncoderDiverged(RuntimeError):
     """A non-finite DINO loss; nothing is saved after the last checkpoint."""
-
-
-def _resolve_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _maybe_inject_fault(step: int) -> None:
@@ -73,7 +68,7 @@ class EncoderPretrainer:
         self.s = s = settings
         self.run_dir = Path(s.run.run_dir)
         self.accelerator = acc = Accelerator(
-            mixed_precision=_resolve_precision(s.run.mixed_precision), log_with="tensorboard",
+            mixed_precision=resolve_mixed_precision(s.run.mixed_precision), log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         if s.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.data.subjects import subject_key
 from dinodiff.models.training_images import TrainingImages
 

@@ -21,7 +21,7 @@ import torch
 
 import dinodiff
 from dinodiff.data.shards import decode_png
-from dinodiff.data.sources import SourceImage, iter_sources
+from dinodiff.data.image_sets import SourceImage, iter_sources
 from dinodiff.files import atomic_path, write_bytes_atomic
 from dinodiff.generate.plan import GenerateSettings, Item, ItemPlan, image_path
 from dinodiff.generate.previews import save_interpolation_strips, save_rows

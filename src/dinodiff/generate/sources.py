@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from dinodiff.data.sources import SourceImage
+from dinodiff.data.image_sets import SourceImage
 from dinodiff.files import atomic_path, write_bytes_atomic
 
 logger = logging.getLogger("dinodiff.generate")
@@ -59,7 +59,7 @@ class SourceTable:
         return self._ids
 
     def positive(self) -> np.ndarray:
-        """(N, L) bool: source i is positive (1.0) for label l, as data.sources.positive_matrix."""
+        """(N, L) bool: source i is positive (1.0) for label l, as data.image_sets.positive_matrix."""
         return np.asarray(self.labels == 1.0)
 
     def label_row(self, index: int) -> dict[str, Optional[float]]:

@@ -54,6 +54,7 @@ from dinodiff.train.data import TrainData, check_data_config
 from dinodiff.train.performance import make_optimizer, sdpa_backend, tune_components
 from dinodiff.train.samples import save_reconstruction_grid
 from dinodiff.train.stats import StatsReading, StepStats
+from dinodiff.devices import resolve_mixed_precision
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -67,13 +68,6 @@ EvalHook = Callable[[Path, int], dict]
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the step is abandoned and no checkpoint is written."""
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    # bf16 autocast is 5-14x slower than fp32 on CPUs without AMX; use it only on GPUs.
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def main_wait_group(timeout_s: float) -> Optional[dist.ProcessGroup]:

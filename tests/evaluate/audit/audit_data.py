@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dinodiff.data.shards import encode_png, shard_path, write_shard
-from dinodiff.data.sources import SourceImage, iter_sources
+from dinodiff.data.image_sets import SourceImage, iter_sources
 
 SIZE = 64
 # cxr-covid publishes one patient's series twice: eurorad 16660_{2..5}_1 = radiopaedia

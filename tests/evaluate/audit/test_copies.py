@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.audit import copies
 
 from audit_data import SIZE, disguise

@@ -7,27 +7,23 @@
   distances up and hide copies. A `dinodiff prepare` folder is streamed from its shards; another dataset is read
   into memory first (prepare it for large sets).
 
-Patients come from the prepared metadata (`subject`, see `dinodiff.data.sources.subject_of`) or the dataset's
+Patients come from the prepared metadata (`subject`, see `dinodiff.data.image_sets.subject_of`) or the dataset's
 adapter; an image without one is its own patient (`dinodiff.data.subjects.subject_key`). Patients are compared as
 64-bit integer groups (a hash of the subject key), never as object arrays.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-from array import array
-import json
 import logging
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from dinodiff.data.shards import decode_png, list_shards, read_members
-from dinodiff.data.sources import is_prepared, iter_sources, subject_of
+from dinodiff.data.image_sets import (SyntheticDataset, SyntheticRow, image_records, is_prepared,
+                                     iter_sources, resize_square)
 from dinodiff.data.subjects import subject_key
 
 logger = logging.getLogger(__name__)
@@ -53,7 +49,7 @@ class ImageSet:
     ids: list[str]
     images: np.ndarray
     subjects: list[str | None] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)  # synthetic: the labels.csv row of each image
+    rows: list[SyntheticRow] = field(default_factory=list)  # synthetic: the labels.csv row of each image
     provenance: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -66,12 +62,6 @@ class ImageSet:
     @property
     def subjects_known(self) -> int:
         return sum(s is not None for s in self.subjects)
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
@@ -88,31 +78,16 @@ def load_real(source: str | Path, size: int, split: str | None = None, limit: in
 
 
 def load_synthetic(folder: str | Path, size: int, limit: int | None = None) -> ImageSet:
-    """A generated dataset: its images in labels.csv order (or sorted), its labels.csv rows and provenance.json."""
-    folder = Path(folder)
-    provenance_file = folder / "provenance.json"
-    if not provenance_file.is_file():
-        raise FileNotFoundError(f"{provenance_file} not found: pass a folder written by `dinodiff generate`.")
-    provenance = json.loads(provenance_file.read_text())
-    labels_file = folder / "labels.csv"
-    if labels_file.is_file():
-        with labels_file.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        rows = [{"path": p.relative_to(folder).as_posix()} for p in sorted((folder / "images").rglob("*.png"))]
-    rows = rows[:limit] if limit is not None else rows
-    if not rows:
-        raise FileNotFoundError(f"No images in {folder / 'images'}: the generate run made none; rerun it.")
-    images = [_resize(decode_png((folder / r["path"]).read_bytes()), size) for r in rows]
-    return ImageSet(str(folder), [r["path"] for r in rows], _stack(images, size), [None] * len(rows), rows,
-                    provenance)
+    """A generated dataset (`SyntheticDataset`): its images in labels.csv order, its rows and provenance.json."""
+    dataset = SyntheticDataset.read(folder, limit)
+    return ImageSet(str(dataset.folder), [r.path for r in dataset.rows], _stack(list(dataset.images(size)), size),
+                    [None] * len(dataset), dataset.rows, dataset.provenance)
 
 
 def strategy_and_ratio(synthetic: ImageSet) -> tuple[str, int | None]:
-    """(strategy, ratio) from provenance.json's settings (strategy also read from labels.csv when absent)."""
-    settings = synthetic.provenance.get("settings") or {}
-    strategy = settings.get("strategy") or (synthetic.rows[0].get("strategy") if synthetic.rows else None)
-    return str(strategy or "unknown"), settings.get("ratio")
+    """(strategy, ratio) of a synthetic set, as `SyntheticDataset` reads them."""
+    dataset = SyntheticDataset(Path(synthetic.name), synthetic.rows, [], synthetic.provenance)
+    return dataset.strategy, dataset.ratio
 
 
 @dataclass
@@ -170,16 +145,11 @@ def open_training(source: str | Path, size: int, split: str | None, wanted: Iter
 
 
 def _shard_records(source: str | Path, size: int, split: str | None) -> Callable[[], Iterator[Record]]:
-    path = Path(source)
-    urls = [str(path)] if path.is_file() else list_shards(path, split)
-    if not urls:
-        raise FileNotFoundError(f"No {split or ''} shards in {source}: pass a `dinodiff prepare` folder "
-                                "(or another --split).")
+    image_records(source, size=size, kind="shards", split=split)  # a missing split is named now, not at a pass
 
     def records() -> Iterator[Record]:
-        for key, fields in read_members(urls):
-            meta = json.loads(fields["json"]) if "json" in fields else {}
-            yield key, subject_of(meta), lambda png=fields["png"]: _resize(decode_png(png), size)
+        for record in image_records(source, size=size, kind="shards", split=split):
+            yield record.id, record.subject, lambda decode=record.decode: resize_square(decode(), size)
 
     return records
 

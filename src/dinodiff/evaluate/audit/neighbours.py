@@ -22,13 +22,6 @@ logger = logging.getLogger(__name__)
 NO_GROUP = -1  # a query without a group excludes no row
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None or "auto": the GPU when there is one, else the CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class Neighbours:
     """Each query's k nearest rows: distances (Q, k) float32 ascending (inf where fewer rows were eligible) and

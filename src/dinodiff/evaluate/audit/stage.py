@@ -21,12 +21,12 @@ import torch
 from dinodiff.evaluate.audit import tables
 from dinodiff.evaluate.audit.data import ImageSet, TrainingSet, load_real, load_synthetic, open_training, \
     strategy_and_ratio
-from dinodiff.evaluate.audit.neighbours import resolve_device
 from dinodiff.evaluate.audit.report import write_outputs
 from dinodiff.evaluate.audit.search import QuerySet, calibration_positions, pair_distances, search
 from dinodiff.evaluate.audit.spaces import (FeatureSpace, encoder_space, find_encoder, pixel_space, rad_dino_space,
                                             xrv_space)
 from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space
+from dinodiff.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def _fetch(train: TrainingSet, positions: list[int], chunk: int) -> dict[int, np
 
 
 def _source_ids(sets: list[ImageSet]) -> set[str]:
-    return {r["source_a"] for s in sets if strategy_and_ratio(s)[0] == "reconstruction" for r in s.rows
-            if r.get("source_a")}
+    return {r.source_a for s in sets if strategy_and_ratio(s)[0] == "reconstruction" for r in s.rows
+            if r.source_a}
 
 
 def _sources(ids: list[str], train: TrainingSet, holdout: ImageSet | None,
@@ -144,10 +144,10 @@ def _memorisation(syn: ImageSet, spaces: list[FeatureSpace], sources: tuple[Quer
                   found: dict) -> list[dict]:
     """Per space: reconstruction variations against their own source and the source's other-patient neighbour."""
     query, row_of = sources
-    keep = [i for i, r in enumerate(syn.rows) if r.get("source_a") in row_of]
+    keep = [i for i, r in enumerate(syn.rows) if r.source_a in row_of]
     if not keep:
         return []
-    source_of = np.array([row_of[syn.rows[i]["source_a"]] for i in keep])
+    source_of = np.array([row_of[syn.rows[i].source_a] for i in keep])
     return [tables.memorisation_row(syn, sp.name, pair_distances(sp, syn.images[keep], query.images[source_of]),
                                     source_of, found[sp.name][SOURCES].dcr) for sp in spaces]
 

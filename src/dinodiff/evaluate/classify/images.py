@@ -5,7 +5,6 @@ The real index also holds each image's subject and split (see `split`).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -13,10 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
-from PIL import Image
-
-from dinodiff.data.shards import decode_png
-from dinodiff.data.sources import SourceImage, iter_sources, label_names
+from dinodiff.data.image_sets import SourceImage, SyntheticDataset, iter_sources, label_names
 from dinodiff.evaluate.classify.settings import DataSettings
 from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
 from dinodiff.files import atomic_path, write_json_atomic
@@ -123,24 +119,13 @@ def _real_set(index: dict, raw_path: Path, size: int) -> ImageSet:
                     index["subjects"], index["subject_counts"])
 
 
-def _resized(path: Path, size: int) -> np.ndarray:
-    image = decode_png(path.read_bytes())
-    if image.shape != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
-    return image
-
-
 def load_synthetic(folder: Path, size: int) -> ImageSet:
-    """A `dinodiff generate` folder (images/ + labels.csv) at `size` px, decoded once into the folder."""
-    with open(folder / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    fixed = {"path", "strategy", "source_a", "source_b", "r", "seed"}
-    names = [c for c in (rows[0].keys() if rows else []) if c not in fixed]
+    """A `dinodiff generate` folder (`SyntheticDataset`) at `size` px, decoded once into the folder."""
+    dataset = SyntheticDataset.read(folder)
     raw_path, index_path = folder / f"images-{size}.u8", folder / f"images-{size}.json"
-    if not (index_path.is_file() and json.loads(index_path.read_text()).get("count") == len(rows)):
-        count = _write_images(raw_path, (_resized(folder / r["path"], size) for r in rows))
+    if not (index_path.is_file() and json.loads(index_path.read_text()).get("count") == len(dataset)):
+        count = _write_images(raw_path, dataset.images(size))
         write_json_atomic(index_path, {"count": count, "size": size})
-    positive = np.array([[r[n].strip() not in ("", "0", "-1") and float(r[n]) == 1.0 for n in names] for r in rows],
-                        dtype=bool).reshape(len(rows), len(names))
-    return ImageSet(_open(raw_path, len(rows), size), [r["path"] for r in rows], positive, names,
-                    source_a=[r["source_a"] for r in rows], source_b=[r["source_b"] or r["source_a"] for r in rows])
+    return ImageSet(_open(raw_path, len(dataset), size), [r.path for r in dataset.rows], dataset.positive(),
+                    dataset.label_names, source_a=[r.source_a for r in dataset.rows],
+                    source_b=[r.source_b or r.source_a for r in dataset.rows])

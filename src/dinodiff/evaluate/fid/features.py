@@ -25,6 +25,7 @@ from torch import nn
 from dinodiff.files import atomic_path
 from dinodiff.models.encoders import load_encoder
 from dinodiff.models.factory import resolve_encoder_path
+from dinodiff.devices import resolve_device
 
 EXTRACTORS = ("xrv", "inception", "dinov2", "rad-dino")
 XRV_WEIGHTS = "densenet121-res224-all"
@@ -212,8 +213,3 @@ def build_extractor(name: str = "xrv", weights: Optional[str] = None,
         raise ValueError(f"Unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}.")
     return extractor.to(resolve_device(device)).eval()
 
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

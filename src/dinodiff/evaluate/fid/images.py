@@ -7,7 +7,6 @@ subset and a cache key over exactly the files used are both well defined.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import re
 from collections import defaultdict
@@ -15,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 
+from dinodiff.data.image_sets import image_records
 from dinodiff.data.readers import load_image
 from dinodiff.data.shards import list_shards, open_shard
 from dinodiff.evaluate.fid.features import center_crop_resize
@@ -103,12 +101,6 @@ def fingerprint(refs: Iterable[ImageRef]) -> str:
     return digest.hexdigest()
 
 
-def _png_to_tensor(data: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L") if im.mode != "L" else im)
-    return torch.from_numpy(arr.copy())[None].float().div_(255.0)
-
-
 def _read_file(path: str) -> torch.Tensor:
     arr, _ = load_image(path)  # any bit depth / DICOM / JSRT .IMG -> uint8 grey, as `prepare` does
     return torch.from_numpy(arr)[None].float().div_(255.0)
@@ -134,15 +126,10 @@ def iter_images(refs: list[ImageRef], size: int) -> Iterator[torch.Tensor]:
 
 
 def _read_shard(path: str, keys: set[str], size: int) -> dict[ImageRef, torch.Tensor]:
-    out = {}
-    with open_shard(path) as tar:
-        for member in tar:
-            base = member.name.rsplit("/", 1)[-1]
-            stem, _, ext = base.partition(".")
-            key = member.name[: len(member.name) - len(base)] + stem
-            if ext == "png" and key in keys:
-                out[ImageRef(path, key)] = center_crop_resize(_png_to_tensor(tar.extractfile(member).read()), size)
-    return out
+    """The selected samples of one shard (the others are not decoded), centre-cropped and resized."""
+    return {ImageRef(path, record.id): center_crop_resize(torch.from_numpy(record.decode())[None].float().div_(255.0),
+                                                          size)
+            for record in image_records(path, size=size, kind="shards", ids=keys)}
 
 
 def load_images(refs: list[ImageRef], size: int) -> torch.Tensor:

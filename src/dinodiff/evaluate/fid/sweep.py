@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinodiff import runs
 from dinodiff.data.shards import available_splits
-from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor, resolve_device
+from dinodiff.devices import resolve_device
+from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
 from dinodiff.evaluate.fid.images import list_images, load_images, select
 from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.spread import Spread

@@ -30,6 +30,7 @@ from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_ent
 from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans, score_labels
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
+from dinodiff.devices import resolve_device
 
 log = logging.getLogger("dinodiff.segment")
 CELL_VERSION = 2
@@ -214,7 +215,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     settings = dataclasses.replace(settings, **changes) if changes else settings
     settings.check()
     out = Path(out)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    device = resolve_device(settings.device)
     load = ModelLoader(device)
     paths = expand_models(models)
     sd_paths = [Path(settings.sd15)] if settings.sd15 else []
