@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from dinodiff.demo.checks import load_split, source_retrieval
-from dinodiff.generate.sample import generate_reconstructions, load_pipeline
+from dinodiff.pipeline.sample import generate_reconstructions, load_pipeline
 from dinodiff.runs import resolve_model
 
 

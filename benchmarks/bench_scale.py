@@ -113,7 +113,7 @@ def stage_generate_plan(data: Path, n: int) -> None:
 
     from dinodiff.generate.outputs import start_provenance, write_labels
     from dinodiff.generate.plan import GenerateSettings
-    from dinodiff.generate.sample import load_pipeline
+    from dinodiff.pipeline.sample import load_pipeline
     from dinodiff.generate.stage import plan_job
 
     out, model, prepared = data / "generated", tiny_model(data.parent), data / "prepared"

@@ -30,8 +30,8 @@ from sections import Sizes, chip_peak, count_train_flops, save_partial, sizes, s
 
 from dinodiff.config import load_config
 from dinodiff.data.shards import write_shard
-from dinodiff.generate.plan import item_seed
-from dinodiff.generate.sample import load_pipeline, sample_batches
+from dinodiff.sampling import item_seed
+from dinodiff.pipeline.sample import load_pipeline, sample_batches
 from dinodiff.models.random_init import save_random_encoder
 from dinodiff.pipeline import to_uint8_array
 from dinodiff.runs import resolve_model

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import zlib
 from pathlib import Path
 from typing import Iterator, Optional
@@ -38,11 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from dinodiff.data.augment import augment_seeded, paper_augmentation
-from dinodiff.data.loader import GuardedTarSamples, SeededShuffle, first_images
-from dinodiff.data.ranks import rank_share
 from dinodiff.data.shards import (
     CorruptShard,
-    UnsafeShard,
     list_shards,
     read_samples,
     sidecar_path,
@@ -50,9 +46,9 @@ from dinodiff.data.shards import (
 )
 from dinodiff.files import write_json_atomic
 from dinodiff.memory import fix_mmap_threshold
-from dinodiff.models.autoencoders import estimate_latent_stats
 from dinodiff.models.factory import (
     FROZEN_DTYPE,
+    ensure_latent_stats,
     build_autoencoder,
     build_encoder,
     enable_tf32,
@@ -61,9 +57,6 @@ from dinodiff.models.factory import (
 
 logger = logging.getLogger("dinodiff.cache")
 CACHE_VERSION = 1
-CACHE_FIX = "delete that cache shard and rerun `dinodiff cache` (finished shards are kept)"
-# The members `build_cache` writes, and the only ones a cache reader decodes (see _decode_cache_sample).
-CACHE_MEMBERS = ("moments.npy", "c_glb.npy", "json")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -230,99 +223,3 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     if state.is_main_process:
         write_json_atomic(out / "cache.json", info, indent=2)
     return info
-
-
-def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
-    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
-    ae_cfg = cfg.model.autoencoder
-    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
-        return  # given, or read from the autoencoder's own config
-    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
-                          on_corrupt=cfg.data.on_corrupt)
-    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
-    ae.set_latent_stats(scale, shift)
-    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
-
-
-def read_cache_info(cache_dir: str | Path, model_cfg: DictConfig) -> dict:
-    """cache.json, checked against the model config the trainer is about to use."""
-    path = Path(cache_dir) / "cache.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `dinodiff cache --config ... --out {cache_dir}` first "
-                                "(or the cache run did not finish; rerun it to complete).")
-    info = json.loads(path.read_text())
-    wanted = {
-        "resolution": model_cfg.resolution,
-        "encoder": OmegaConf.to_container(model_cfg.encoder, resolve=True),
-        "autoencoder.kind": model_cfg.autoencoder.kind,
-        "autoencoder.path": model_cfg.autoencoder.path,
-    }
-    have = {"resolution": info["resolution"], "encoder": info["encoder"],
-            "autoencoder.kind": info["autoencoder"]["kind"], "autoencoder.path": info["autoencoder"]["path"]}
-    mismatched = [k for k in wanted if wanted[k] != have[k]]
-    if mismatched:
-        details = "; ".join(f"{k}: cache has {have[k]!r}, config wants {wanted[k]!r}" for k in mismatched)
-        raise ValueError(f"The cache in {cache_dir} was made for another model ({details}). "
-                         "Rebuild it with `dinodiff cache` using this config, or drop data.cache.")
-    return info
-
-
-def _decode_cache_sample(sample: dict) -> dict:
-    """Decode the members `build_cache` writes, refusing every other one (a `.pkl`/`.pyd` could run code).
-
-    webdataset's default `wds.decode()` would unpickle such members; here `.npy` is read with
-    `allow_pickle=False` and anything else stops the run with UnsafeShard.
-    """
-
-    url, key = sample.get("__url__", "?"), sample.get("__key__")
-    out = {k: v for k, v in sample.items() if k.startswith("__")}
-    for name, data in sample.items():
-        if name.startswith("__"):
-            continue
-        if name not in CACHE_MEMBERS:
-            raise UnsafeShard(f"cache shard {url} holds '{key}.{name}', a member dinodiff never writes (only "
-                              f"{', '.join(CACHE_MEMBERS)}); refusing to decode it (a pickle can run code). "
-                              "Rebuild the cache with `dinodiff cache` from trusted prepared shards.")
-        try:
-            out[name] = np.load(io.BytesIO(data), allow_pickle=False) if name.endswith(".npy") else json.loads(data)
-        except ValueError as err:  # an object array needs pickle: refused
-            raise UnsafeShard(f"cache shard {url}: '{key}.{name}' is not a plain array ({err}); refusing it. "
-                              "Rebuild the cache with `dinodiff cache`.") from None
-    return out
-
-
-def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: int = 0, seed: int = 0,
-                       shuffle_buffer: int = 1000, on_corrupt: str = "skip"):
-    """Endless batches {"moments": (B, C', h, w), "c_glb": (B, S, N)}, one random view per visit.
-
-    Decodes only our own members (`_decode_cache_sample`); a damaged shard is skipped or stops, per `on_corrupt`.
-    """
-    import webdataset as wds
-
-    shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"No cached shards in {cache_dir}/shards; run `dinodiff cache --out {cache_dir}`.")
-
-    def pick_view(stream: Iterator[dict]) -> Iterator[dict]:
-        worker = torch.utils.data.get_worker_info()
-        rng = random.Random(seed * 1000 + (worker.id if worker else 0))
-        for sample in stream:
-            sample = _decode_cache_sample(sample)
-            view = rng.randrange(sample["moments.npy"].shape[0])
-            yield {"moments": torch.from_numpy(sample["moments.npy"][view].astype(np.float32)),
-                   "c_glb": torch.from_numpy(sample["c_glb.npy"][view].astype(np.float32))}
-
-    shards, keep = rank_share(shards)  # each rank resamples its own shards: ranks never share a sample
-    pipeline = wds.DataPipeline(
-        # Resampled shards are distinct per rank and worker (webdataset seeds them so); deterministic=True
-        # makes the stream a function of the seed, which resume relies on. The shuffle is seeded per rank,
-        # worker and epoch too: one seeded Random here would be copied into every worker, giving all the same order.
-        wds.ResampledShards(shards, seed=seed, deterministic=True),
-        GuardedTarSamples(on_corrupt, fix=CACHE_FIX, total=len(shards)),
-        *([keep] if keep is not None else []),
-        SeededShuffle(shuffle_buffer, seed),
-        # no wds.decode(): it unpickles .pkl/.pyd members; pick_view decodes our own members only
-        pick_view,
-        wds.batched(batch_size, partial=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())

@@ -25,6 +25,10 @@ from dinodiff.files import atomic_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
+# What the trainer calls at a checkpoint when train.eval_every > 0: (its model folder, the step) -> named scores, the
+# first of which decides RUN/best/ (the FID hook of `dinodiff.evaluate.fid.sweep.make_fid_hook` is one).
+EvalHook = Callable[[Path, int], dict]
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Iterable, Optional, Union
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -106,3 +107,8 @@ def sample_latents(
             pred = uncond + guidance_scale * (conditioned - uncond)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
+
+
+def item_seed(seed: int, index: int) -> int:
+    """Seed of item `index`'s generator: a hash of (seed, index), so neighbouring items share no noise."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
+from dinodiff.data.cached import CacheError
 from dinodiff.data.shards import write_shard
 from dinodiff.embeddings import (
-    EmbeddingCacheError,
     EmbeddingTrainSettings,
     embedding_report,
     frechet_distance,
@@ -138,7 +138,7 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
 
 
 def test_missing_cache_names_the_file_and_the_command(tmp_path):
-    with pytest.raises(EmbeddingCacheError, match=r"cache.json not found: run `dinodiff cache"):
+    with pytest.raises(CacheError, match=r"cache.json not found: run `dinodiff cache"):
         read_cached_embeddings(tmp_path)
 
 

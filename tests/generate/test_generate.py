@@ -18,8 +18,9 @@ from conftest import REPO_ROOT
 from test_pipeline import _load, tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
 from dinodiff.data.datasets import make_id
-from dinodiff.generate.plan import GenerateSettings, item_seed, plan_items
-from dinodiff.generate.sample import generate_reconstructions
+from dinodiff.generate.plan import GenerateSettings, plan_items
+from dinodiff.sampling import item_seed
+from dinodiff.pipeline.sample import generate_reconstructions
 from dinodiff.generate.stage import generate_dataset
 from dinodiff.interpolate import lerp, plan_interpolations, slerp
 

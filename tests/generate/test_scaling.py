@@ -16,7 +16,7 @@ from dinodiff.data.shards import decode_png
 from dinodiff.data.image_sets import SourceImage, label_names, positive_matrix
 from dinodiff.generate.outputs import preview_items
 from dinodiff.generate.plan import GenerateSettings, image_path, item_conditions, plan_arrays, plan_items
-from dinodiff.generate.sample import load_pipeline, resolve_precision, sample_batches
+from dinodiff.pipeline.sample import load_pipeline, resolve_precision, sample_batches
 from dinodiff.generate.sources import SourceTable, write_sources
 from dinodiff.generate.writer import ImageWriter
 

@@ -110,7 +110,7 @@ def _fake_cache(folder: Path, shards: int, per_shard: int) -> Path:
 
 def _ids_by_worker(cache: Path, seed: int, batches: int = 8) -> tuple[list[int], list[int]]:
     """Sample ids of the first `batches` batches of a 2-worker loader, split by worker (batches alternate)."""
-    from dinodiff.cache import build_cache_loader
+    from dinodiff.data.cached import build_cache_loader
 
     loader = build_cache_loader(cache, batch_size=4, num_workers=2, seed=seed, shuffle_buffer=16)
     ids: tuple[list[int], list[int]] = ([], [])

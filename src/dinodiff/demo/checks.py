@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
 from dinodiff.files import write_json_atomic
-from dinodiff.generate.plan import item_seed
-from dinodiff.generate.previews import interpolation_strip, save_rows
-from dinodiff.generate.sample import generate_reconstructions, load_pipeline
+from dinodiff.sampling import item_seed
+from dinodiff.pipeline.figures import interpolation_strip, save_rows
+from dinodiff.pipeline.sample import generate_reconstructions, load_pipeline
 from dinodiff.pipeline import DiNODiffusionPipeline
 
 logger = logging.getLogger(__name__)

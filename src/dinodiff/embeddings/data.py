@@ -2,29 +2,23 @@
 
 `dinodiff cache` writes ``OUT/shards/train-%06d.tar`` whose samples hold ``c_glb.npy`` (K, S, N) float16 (K
 augmented views) and ``json`` (the prepared image's metadata, with its ``labels``). Only those two members are
-decoded here, with ``np.load(..., allow_pickle=False)``: nothing in a shard is ever unpickled.
+decoded, by `dinodiff.data.cached` (``np.load(..., allow_pickle=False)``): nothing in a shard is ever unpickled.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
+from dinodiff.data.cached import CacheError, iter_cached
 from dinodiff.data.image_sets import subject_of
 from dinodiff.data.subjects import hash_split, subject_key
 
 logger = logging.getLogger(__name__)
-
-
-class EmbeddingCacheError(FileNotFoundError):
-    """The cache folder is missing, empty or unreadable; the message says which file and what to run."""
 
 
 @dataclass
@@ -84,36 +78,15 @@ def split_holdout(data: CachedEmbeddings, fraction: float, seed: int) -> Holdout
     return HoldoutSplit(everything[~held], everything[held], fraction, seed, by)
 
 
-def cache_shards(cache_dir: str | Path) -> list[str]:
-    """The train shards of a cache folder, sorted; a clear error when there are none."""
-    folder = Path(cache_dir)
-    if not (folder / "cache.json").is_file():
-        raise EmbeddingCacheError(f"{folder / 'cache.json'} not found: run `dinodiff cache --config ... --out "
-                                  f"{folder}` first (or finish that run).")
-    shards = sorted(str(p) for p in (folder / "shards").glob("train-*.tar"))
-    if not shards:
-        raise EmbeddingCacheError(f"No cached shards in {folder / 'shards'}: rerun `dinodiff cache` to complete it.")
-    return shards
-
-
-def _load_npy(data: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as err:
-        raise EmbeddingCacheError(f"{where}: c_glb.npy is not a plain numeric array ({err}); rebuild the cache "
-                                  "with `dinodiff cache`.") from err
-
-
 def read_cached_embeddings(cache_dir: str | Path, limit: int | None = None) -> CachedEmbeddings:
     """Every cached image's K views of c_GLB, in shard order (the first `limit` images when given)."""
     arrays, keys, labels, subjects = [], [], [], []
-    dataset = wds.WebDataset(cache_shards(cache_dir), shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        where = f"{sample.get('__url__', cache_dir)}:{sample['__key__']}"
+    for sample in iter_cached(cache_dir):
         if "c_glb.npy" not in sample:
-            raise EmbeddingCacheError(f"{where} has no c_glb.npy: rebuild the cache with `dinodiff cache`.")
-        arrays.append(_load_npy(sample["c_glb.npy"], where).astype(np.float32))
-        meta = json.loads(sample["json"]) if "json" in sample else {}
+            raise CacheError(f"{sample.get('__url__', cache_dir)}:{sample['__key__']} has no c_glb.npy: rebuild the "
+                             "cache with `dinodiff cache`.")
+        arrays.append(sample["c_glb.npy"].astype(np.float32))
+        meta = sample.get("json") or {}
         keys.append(sample["__key__"])
         labels.append(dict(meta.get("labels") or {}))
         subjects.append(subject_of(meta))
@@ -121,7 +94,7 @@ def read_cached_embeddings(cache_dir: str | Path, limit: int | None = None) -> C
             break
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise EmbeddingCacheError(f"Cached c_GLB in {cache_dir} have different shapes {sorted(shapes)}; rebuild it.")
+        raise CacheError(f"Cached c_GLB in {cache_dir} have different shapes {sorted(shapes)}; rebuild it.")
     logger.info("read %d cached images x %d views of c_GLB %s from %s", len(keys), arrays[0].shape[0],
                 arrays[0].shape[1:], cache_dir)
     return CachedEmbeddings(torch.from_numpy(np.stack(arrays)), keys, labels, subjects)

@@ -24,8 +24,8 @@ from dinodiff.data.shards import decode_png
 from dinodiff.data.image_sets import SourceImage, iter_sources
 from dinodiff.files import atomic_path, write_bytes_atomic
 from dinodiff.generate.plan import GenerateSettings, Item, ItemPlan, image_path
-from dinodiff.generate.previews import save_interpolation_strips, save_rows
-from dinodiff.generate.sample import encode_sources
+from dinodiff.pipeline.figures import save_interpolation_strips, save_rows
+from dinodiff.pipeline.sample import encode_sources
 from dinodiff.generate.sources import SOURCES_DIR, SourceTable, is_complete, write_sources
 from dinodiff.pipeline import DiNODiffusionPipeline
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from dinodiff.sampling import item_seed
 from dinodiff.interpolate import MIXES, mix, nearer_source, plan_interpolations
 
 STRATEGIES = ("reconstruction", "interpolation", "sampled")  # sampled: c_GLB from an embedding model (no source)
@@ -65,11 +66,6 @@ class Item:
     @property
     def label_source(self) -> int:
         return self.a if self.b is None or nearer_source(self.r) == 0 else self.b
-
-
-def item_seed(seed: int, index: int) -> int:
-    """Seed of item `index`'s generator: a hash of (seed, index), so neighbouring items share no noise."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dinodiff.embeddings.generation import sampled_conditions
 from dinodiff.generate.outputs import open_sources, start_provenance, write_outputs
 from dinodiff.generate.plan import GenerateSettings, ItemPlan, image_path, item_conditions, plan_arrays
-from dinodiff.generate.sample import default_batch_size, load_pipeline, sample_batches
+from dinodiff.pipeline.sample import default_batch_size, load_pipeline, sample_batches
 from dinodiff.generate.sources import SourceTable
 from dinodiff.generate.writer import ImageWriter
 from dinodiff.memory import fix_mmap_threshold

@@ -10,6 +10,7 @@ pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODif
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -22,12 +23,16 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from dinodiff.data.cached import cache_key
+from dinodiff.data.loader import first_images
 from dinodiff.files import temporary_sibling
-from dinodiff.models.autoencoders import LatentAutoencoder, load_autoencoder
+from dinodiff.models.autoencoders import LatentAutoencoder, estimate_latent_stats, load_autoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.projection import ConditionProjection
 from dinodiff.models.random_init import save_random_encoder
 from dinodiff.models.unet import UNET_PRESETS, build_unet
+
+logger = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 # The frozen encoder and autoencoder run in this precision on every path, so c_GLB and latents are the same
@@ -180,3 +185,21 @@ def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoenco
 
 def _preset_cross_dim(preset: str, encoder_width: int) -> int:
     return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))
+
+
+def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
+    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
+        return  # given, or read from the autoencoder's own config
+    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
+                          on_corrupt=cfg.data.on_corrupt)
+    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
+    ae.set_latent_stats(scale, shift)
+    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
+
+
+def model_cache_key(model_cfg: DictConfig) -> dict[str, Any]:
+    """What a cache made for this model records (see dinodiff.data.cached.cache_key)."""
+    return cache_key(model_cfg.resolution, OmegaConf.to_container(model_cfg.encoder, resolve=True),
+                     model_cfg.autoencoder.kind, model_cfg.autoencoder.path)

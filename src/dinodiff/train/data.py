@@ -15,10 +15,10 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import DictConfig
 
-from dinodiff.cache import build_cache_loader, ensure_latent_stats, read_cache_info
+from dinodiff.data.cached import build_cache_loader, read_cache_info
 from dinodiff.data.loader import build_train_loader, first_images
 from dinodiff.data.shards import list_shards
-from dinodiff.models.factory import FROZEN_DTYPE, Components, frozen_precision
+from dinodiff.models.factory import FROZEN_DTYPE, Components, ensure_latent_stats, frozen_precision, model_cache_key
 
 logger = logging.getLogger("dinodiff.train")
 
@@ -66,8 +66,7 @@ class TrainData:
         self._holdout: Optional[torch.Tensor] = None
         self.cache_info: Optional[dict] = None
         if cfg.data.cache:
-
-            self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
+            self.cache_info = read_cache_info(cfg.data.cache, model_cache_key(cfg.model))
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
         else:
             ensure_latent_stats(parts.autoencoder, cfg, self.device)
@@ -78,12 +77,10 @@ class TrainData:
         """An endless stream of micro-batches for this rank, deterministic in (seed, segment, rank)."""
         seed = _stream_seed(self.cfg.train.seed, segment, self.rank)
         if self.cache_info is not None:
-
             loader = build_cache_loader(self.cfg.data.cache, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, seed=seed,
                                         shuffle_buffer=self.cfg.data.shuffle_buffer, on_corrupt=self.cfg.data.on_corrupt)
         else:
-
             loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
                                         augment=self.cfg.data.augment, resampled=True, seed=seed,

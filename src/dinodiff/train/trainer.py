@@ -34,7 +34,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dinodiff import runs
+from dinodiff.runs import EvalHook
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
@@ -63,7 +64,6 @@ logger = logging.getLogger("dinodiff.train")
 METRIC_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "images_seen", "elapsed_s"]
 # (model folder, step) -> {"fid": ...} (lower first value is better). Called on the main process only, unless the
 # hook has `all_ranks = True`: then on every process (each does its share; the main one returns the scores).
-EvalHook = Callable[[Path, int], dict]
 
 
 class TrainingDiverged(RuntimeError):

@@ -15,13 +15,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinodiff import runs
+from dinodiff.runs import EvalHook
 from dinodiff.data.shards import available_splits
 from dinodiff.devices import resolve_device
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
@@ -30,8 +31,8 @@ from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.spread import Spread
 from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
 from dinodiff.files import atomic_path
-from dinodiff.generate.sample import generate_reconstructions
-from dinodiff.generate.sample import load_pipeline as load_generation_pipeline
+from dinodiff.pipeline.sample import generate_reconstructions
+from dinodiff.pipeline.sample import load_pipeline as load_generation_pipeline
 
 logger = logging.getLogger("dinodiff.evaluate")
 
@@ -41,7 +42,6 @@ FIELDS = ["step", "fid", "kid_mean", "kid_std", "extractor", "tap", "n_real", "n
 SETTING_FIELDS = ["extractor", "tap", "n_real", "n_fake", "per_source", "sample_steps", "seed", "split"]
 SELECTION_SPLITS = ("val", "train")  # what checkpoints are selected on by default, in order of preference
 SOURCE_CHUNK = 64  # sources reconstructed per call: bounds memory whatever the number of sources
-EvalHook = Callable[[Path, int], dict]  # = train.EvalHook (restated: importing train here would be circular)
 
 
 def real_set_of_run(run_dir: Path) -> str:

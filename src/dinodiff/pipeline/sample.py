@@ -1,4 +1,4 @@
-"""Low-level sampling shared by the generate stage, the checkpoint sweep and the training grids.
+"""Sampling at the pipeline level, shared by generate, the checkpoint sweep, the training grids and the demo.
 
 A pipeline with a chosen sampler, the sources' c_GLB, and images drawn one generator per item.
 """
@@ -10,9 +10,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from dinodiff.generate.plan import item_seed
+from dinodiff.sampling import item_seed
 from dinodiff.models.factory import enable_tf32
-from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.pipeline.diffusion import DiNODiffusionPipeline
 from dinodiff.sampling import inference_scheduler
 
 
