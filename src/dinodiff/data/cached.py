@@ -40,11 +40,8 @@ def cache_key(resolution: int, encoder: Mapping[str, Any], autoencoder_kind: str
 
 
 def cache_shards(cache_dir: str | Path) -> list[str]:
-    """The train shards of a finished cache folder, sorted; a clear error when there are none."""
+    """The train shards of a cache folder, sorted; a clear error when there are none."""
     folder = Path(cache_dir)
-    if not (folder / CACHE_FILE).is_file():
-        raise CacheError(f"{folder / CACHE_FILE} not found: run `dinodiff cache --config ... --out {folder}` first "
-                         "(or finish that run).")
     shards = sorted(str(p) for p in (folder / "shards").glob("train-*.tar"))
     if not shards:
         raise CacheError(f"No cached shards in {folder / 'shards'}: rerun `dinodiff cache --out {folder}` to "
@@ -54,10 +51,10 @@ def cache_shards(cache_dir: str | Path) -> list[str]:
 
 def read_cache_info(cache_dir: str | Path, wanted: Mapping[str, Any] | None = None) -> dict:
     """cache.json; with `wanted` (see `cache_key`), checked against the model a run is about to use."""
-    path = Path(cache_dir) / "cache.json"
+    path = Path(cache_dir) / CACHE_FILE
     if not path.is_file():
         raise CacheError(f"{path} not found: run `dinodiff cache --config ... --out {cache_dir}` first "
-                                "(or the cache run did not finish; rerun it to complete).")
+                         "(or the cache run did not finish; rerun it to complete).")
     info = json.loads(path.read_text())
     if wanted is None:
         return info
@@ -99,6 +96,7 @@ def iter_cached(cache_dir: str | Path) -> Iterator[dict]:
     """Every cached sample in shard order, decoded by `decode_cache_sample` (keys ``__key__``, ``__url__``, ...)."""
     import webdataset as wds
 
+    read_cache_info(cache_dir)  # an unfinished cache (no cache.json yet) is named with the fix
     for sample in wds.WebDataset(cache_shards(cache_dir), shardshuffle=False, empty_check=False):
         yield decode_cache_sample(sample)
 
