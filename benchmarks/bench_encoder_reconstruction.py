@@ -49,7 +49,7 @@ def run_encoder(path: Path) -> str:
 
 
 def measure(label: str, path: str, args: argparse.Namespace) -> dict:
-    folder = resolve_model(path)
+    folder = resolve_model(path).location
     pipeline = load_pipeline(folder, "dpm", "cpu")
     pipeline.set_progress_bar_config(disable=True)
     sources = load_split(Path(args.prepared), args.split, pipeline.resolution, args.limit)

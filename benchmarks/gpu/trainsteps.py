@@ -266,7 +266,7 @@ def generate_precision(args: argparse.Namespace) -> dict:
 
     device = args.device
     run = Path(args.work).parent / "real_data" / "run"
-    model = resolve_model(run) if (run / "checkpoints").is_dir() else random_cxr_model(args)
+    model = resolve_model(run).location if (run / "checkpoints").is_dir() else random_cxr_model(args)
     batch, batches = (1, 1) if args.dry_run else (16, 2)
     sources = [s.image for s in iter_sources(Path(args.bundle) / "data" / "cxr-covid", size=64 if args.dry_run else 256,
                                              split="test", limit=batch * batches)]

@@ -21,6 +21,7 @@ from dinodiff.data.phantoms import write_phantoms
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.encoder.augment import PRETRAINING_FAMILY
 from dinodiff.encoder.pretrain import EncoderPretrainer
+from dinodiff.encoder.probe_table import TABLE_NAME
 from dinodiff.encoder.probe import ProbeSettings, knn_auc, linear_auc, make_views, retrieval_top1
 from dinodiff.encoder.probe_data import ProbeImages, seen_mask
 from dinodiff.encoder.settings import load_encoder_settings
@@ -107,7 +108,8 @@ def test_probe_encoder_cli_writes_a_table_for_each_encoder(tmp_path, prepared_ph
                                       str(prepared_phantoms), "--out", str(out), "--size", "32", "--folds", "2",
                                       "--min-count", "3", "--k", "3"])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    results = record["data"]
     assert list(results["encoders"]) == [str(enc), "random:transformers-vit"]
     for res in results["encoders"].values():
         assert res["labels"], "the phantoms' labels were not probed"
@@ -115,8 +117,8 @@ def test_probe_encoder_cli_writes_a_table_for_each_encoder(tmp_path, prepared_ph
         assert all(0.0 <= r["knn_auc"] <= 1.0 and 0.0 <= r["linear_auc"] <= 1.0 for r in res["labels"].values())
     assert (out / "table.md").read_text().count("|") > 10 and "k-NN AUC" in result.output
     # The report reads it by the results.json convention: one table row per encoder and label.
-    assert results["kind"] == "encoder-probe"
-    assert len(results["table"]) == sum(len(res["labels"]) for res in results["encoders"].values())
+    assert record["kind"] == "encoder-probe"
+    assert len(record["tables"][TABLE_NAME]) == sum(len(res["labels"]) for res in results["encoders"].values())
     page = build_report(out, tmp_path / "report.html")
     assert "Encoder probe" in page["sections"][0] and "k-NN AUC" in Path(page["html"]).read_text()
 
@@ -134,7 +136,8 @@ def test_probe_leaves_out_the_images_its_encoders_trained_on_and_probes_the_rest
     encoders = [str(run / "encoder"), str(run / "encoder-init"), "random:transformers-vit"]
     result = _probe([*encoders, "--data", str(prepared), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    results = record["data"]
     trained_on = set(read_training_images(run / "encoder").ids)
     probed = set(results["probe_images"]["ids"])
     assert trained_on == _split_ids(prepared, "train")
@@ -148,7 +151,7 @@ def test_probe_leaves_out_the_images_its_encoders_trained_on_and_probes_the_rest
     assert statement.startswith(f"probe images: {len(probed)}, none seen in pretraining")
     table = (out / "table.md").read_text()
     assert statement in table and statement in result.output and "TRANSDUCTIVE" not in table
-    assert {row["images"] for row in results["table"]} == {"held-out"}
+    assert {row["images"] for row in record["tables"][TABLE_NAME]} == {"held-out"}
     assert "pretext" in results["views"]["pretext"]["measure"] and "pretext top-1" in table
 
 
@@ -158,7 +161,8 @@ def test_transductive_probe_when_asked_labels_the_numbers_transductive(tmp_path,
     result = _probe([str(run / "encoder"), "random:transformers-vit", "--data", str(prepared), "--out", str(out),
                      "--transductive"])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    results = record["data"]
     everything = _split_ids(prepared, "train") | _split_ids(prepared, "test")
     assert set(results["probe_images"]["ids"]) == everything and results["probe_images"]["transductive"]
     trained = results["encoders"][str(run / "encoder")]
@@ -177,7 +181,8 @@ def test_an_encoder_without_a_training_record_is_labelled_unknown(tmp_path, pret
     out = tmp_path / "probe"
     result = _probe([str(run / "encoder"), str(hub_like), "--data", str(prepared), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    results = record["data"]
     assert results["encoders"][str(hub_like)]["protocol"] == "unknown"
     assert results["encoders"][str(run / "encoder")]["protocol"] == "held-out"
     assert set(results["probe_images"]["ids"]) == _split_ids(prepared, "test")  # the recorded encoder's rule holds

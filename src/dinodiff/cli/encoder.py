@@ -67,7 +67,7 @@ def probe_encoder(
                              min_count=min_count, seed=seed, transductive=transductive)
     with failures({(FileNotFoundError, ValueError, OSError): 2}):
         results = probe_encoders(encoders, data, out, settings)
-    typer.echo(markdown_table(results), nl=False)
+    typer.echo(markdown_table(results.data), nl=False)
 
 
 

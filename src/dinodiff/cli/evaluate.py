@@ -177,10 +177,11 @@ def classify(
     with failures({(FileNotFoundError, ValueError, RuntimeError): 2}):  # a ConfigError is a ValueError
         settings = load_settings(config, [*(overrides or []), *extra])
         results = run_classify(settings, progress=progress)
-    typer.echo(Path(results["files"]["table_markdown"]).read_text())
-    typer.echo(f"classifier weights: {', '.join(results['classifier']['weights'])}; results: "
-               f"{results['files']['results_csv']}, {Path(settings.out) / 'results.json'}"
-               + (f"; figure: {results['files']['figure']}" if "figure" in results["files"] else ""))
+    files = results.data["files"]
+    typer.echo(Path(files["table_markdown"]).read_text())
+    typer.echo(f"classifier weights: {', '.join(results.data['classifier']['weights'])}; results: "
+               f"{files['results_csv']}, {Path(settings.out) / 'results.json'}"
+               + (f"; figure: {files['figure']}" if "figure" in files else ""))
 
 
 

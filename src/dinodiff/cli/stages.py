@@ -155,7 +155,7 @@ def generate(
                                     r_values=floats(r_values), shared_label=shared_label, source_options=options,
                                     embedding_model=str(embedding_model) if embedding_model else None,
                                     embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
-        folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
+        folder = generate_dataset(resolve_model(check_model_source(model)).location, source, out, settings, batch_size=batch_size,
                                   preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout,
                                   precision=precision)
     typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"

@@ -18,6 +18,7 @@ from rich.table import Table
 from dinodiff.demo import stages
 from dinodiff.demo.checks import learning_checks
 from dinodiff.demo.settings import DemoSettings
+from dinodiff.results import RESULTS_FILE, read_results
 from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Outcome]:
     for index, stage in enumerate(STAGES, 1):
         outcomes[stage.name] = _run_stage(stage, s, index)
     console.print(_table(outcomes))
-    checks = json.loads((s.root / "checks" / "results.json").read_text())
-    for row in checks["tables"]["learning checks"]:
+    checks = read_results(s.root / "checks" / RESULTS_FILE)
+    for row in checks.tables["learning checks"]:
         mark = "[green]holds[/green]" if row["holds"] else "[red]does not hold[/red]"
         console.print(f"{mark}  {row['check']}: trained {row['trained']}")
     console.print(f"Open [bold]{outcomes['report'].outputs.get('html')}[/bold] in a browser.")

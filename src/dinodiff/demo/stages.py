@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dinodiff.cache import build_cache
-from dinodiff.runs import newest_model
+from dinodiff.runs import resolve_model
 from dinodiff.config import load_config
 from dinodiff.data.phantoms import write_phantoms
 from dinodiff.encoder.pretrain import pretrain_encoder
@@ -42,10 +42,10 @@ def source_folder(s: DemoSettings) -> Path:
 
 
 def model_folder(s: DemoSettings) -> Path:
-    found = newest_model(s.root / "run")
-    if found is None:
-        raise FileNotFoundError(f"{s.root / 'run'} has no checkpoint: rerun the demo (training resumes).")
-    return found
+    try:
+        return resolve_model(s.root / "run").path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{s.root / 'run'} has no checkpoint: rerun the demo (training resumes).") from None
 
 
 def stage_phantoms(s: DemoSettings) -> dict[str, Path]:

@@ -5,10 +5,11 @@ the results.json files the classify and segment stages wrote, and added to OUT/c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dinodiff.files import write_json_atomic
+from dinodiff.results import Results, read_results, write_results
 
 AUC_MARGIN = 0.6  # "clearly above 0.5": the real-only baseline's mean AUC over folds reaches this
 SEGMENT_METHODS = ("diffseg", "prior", "otsu", "position")
@@ -22,7 +23,7 @@ def _interval(row: dict[str, Any], side: str) -> str | None:
 def classify_rows(path: Path) -> list[dict[str, Any]]:
     """One row per arm of the grid (regime, arm as classify names it): mean AUC over folds x seeds, the difference
     from real only and from the arm's matched control with their bootstrap intervals, and corrected p-values."""
-    data = json.loads(path.read_text())
+    data = read_results(path).data
     level = f"{100 * (data.get('ci') or {}).get('level', 0.95):g}% CI"
     rows = []
     for r in data.get("summary", []):
@@ -44,14 +45,14 @@ def segment_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def add_downstream(root: Path) -> dict[str, Any] | None:
+def add_downstream(root: Path) -> Results | None:
     """Add the classification and segmentation rows (and their checks) to OUT/checks/results.json."""
     path = root / "checks" / "results.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
-    checks = [r for r in results["tables"]["learning checks"] if not r["check"].startswith(("classification", "segm"))]
-    tables = results["tables"]
+    results = read_results(path)
+    checks = [r for r in results.tables["learning checks"] if not r["check"].startswith(("classification", "segm"))]
+    tables = dict(results.tables)
     if (root / "classify" / "results.json").is_file():
         rows = classify_rows(root / "classify" / "results.json")
         tables["classification (macro AUC, held-out test split)"] = rows
@@ -66,6 +67,7 @@ def add_downstream(root: Path) -> dict[str, Any] | None:
                        "trained": " ".join(f"{r['key']} {r['Dice mean']:.3f}" for r in rows),
                        "holds": all(m in shown for m in SEGMENT_METHODS)})
     tables["learning checks"] = checks
-    results["headline"]["checks that hold"] = f"{sum(r['holds'] for r in checks)}/{len(checks)}"
-    write_json_atomic(path, results)
+    headline = {**results.headline, "checks that hold": f"{sum(r['holds'] for r in checks)}/{len(checks)}"}
+    results = replace(results, tables=tables, headline=headline)
+    write_results(path, results)
     return results

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
 from dinodiff.sampling import inference_scheduler
-from dinodiff.runs import model_folders
+from dinodiff.runs import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ class EmbeddingModel:
 def resolve_embedding_folder(folder: str | Path) -> Path:
     """A model folder, or a run folder of `dinodiff train-embeddings` (-> its model/)."""
     path = Path(folder)
-    for candidate in model_folders(path):
-        if (candidate / INFO_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} is not an embedding model (no {INFO_FILE} in it or in its model/): train one "
-                            "with `dinodiff train-embeddings --cache CACHE --out DIR`, then pass DIR.")
+    try:
+        return resolve_model(path, marker=INFO_FILE).path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not an embedding model (no {INFO_FILE} in it or in its model/): train "
+                                "one with `dinodiff train-embeddings --cache CACHE --out DIR`, then pass DIR.") from None
 
 
 def save_embedding_model(folder: str | Path, denoiser: EmbeddingDenoiser, scheduler: DDPMScheduler,

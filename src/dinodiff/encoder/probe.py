@@ -27,10 +27,11 @@ import torch
 from dinodiff.encoder.augment import PRETRAINING_FAMILY, global_views
 from dinodiff.encoder.probe_data import ProbeImages, ProbeSelection, load_probe_images, select_probe_images
 from dinodiff.encoder.probe_metrics import grouped, knn_auc, linear_auc, retrieval_top1
-from dinodiff.encoder.probe_table import markdown_table, table_rows
+from dinodiff.encoder.probe_table import TABLE_NAME, VIEW_NOTE, markdown_table, table_rows
 from dinodiff.encoder.settings import AugmentSettings
 from dinodiff.encoder.views import HeldOutViewSettings, heldout_views
-from dinodiff.files import write_bytes_atomic, write_json_atomic
+from dinodiff.files import write_bytes_atomic
+from dinodiff.results import Results, write_results
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.factory import RANDOM_PREFIX, resolve_encoder_path
 from dinodiff.models.training_images import TrainingImages
@@ -124,8 +125,12 @@ def _load(name: str) -> tuple[GlobalTokenEncoder, TrainingImages | None]:
 
 
 def probe_encoders(encoders: list[str], sources: list[str | Path], out: str | Path | None,
-                   settings: ProbeSettings | None = None) -> dict:
-    """Probe every encoder on the same images and views; writes OUT/results.json and OUT/table.md."""
+                   settings: ProbeSettings | None = None) -> Results:
+    """Probe every encoder on the same images and views; writes OUT/results.json and OUT/table.md.
+
+    The record's data holds every number: `encoders` (per encoder: protocol, labels, view retrieval), the probe
+    images (`probe_images`), the cross-validation and the views' descriptions.
+    """
     settings = settings or ProbeSettings()
     if len(set(encoders)) != len(encoders):
         raise ValueError(f"An encoder is named twice in {encoders}: name each once.")
@@ -142,25 +147,24 @@ def probe_encoders(encoders: list[str], sources: list[str | Path], out: str | Pa
         results["encoders"][name] = {"protocol": protocol, "probe_images_seen_in_pretraining": seen,
                                      "training_record": _record_summary(record),
                                      **probe_one(encoder, data, views, settings)}
-    # The report's results.json convention (dinodiff.report): one row per encoder and label, and provenance.
-    results["table"] = table_rows(results)
-    results["provenance"] = {"data": results["data"], "encoders": list(encoders), "seeds": [settings.seed],
-                             "probe images": results["probe_images"]["statement"],
-                             "command": "dinodiff probe-encoder " + " ".join(encoders)
-                             + (" --transductive" if settings.transductive else "")}
+    provenance = {"data": results["data"], "encoders": list(encoders), "seeds": [settings.seed],
+                  "probe images": results["probe_images"]["statement"], "cross-validation": results["cross_validation"],
+                  "command": "dinodiff probe-encoder " + " ".join(encoders)
+                  + (" --transductive" if settings.transductive else "")}
+    record = Results(kind="encoder-probe", title="Encoder probe: label AUCs and view retrieval", provenance=provenance,
+                     tables={TABLE_NAME: table_rows(results)}, note=f"{results['probe_images']['statement']}. {VIEW_NOTE}",
+                     data=results)
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "results.json", results)
+        write_results(folder, record)
         write_bytes_atomic(folder / "table.md", markdown_table(results).encode())
-    return results
+    return record
 
 
 def _header(sources: list[str | Path], loaded: ProbeImages, data: ProbeImages, selection: ProbeSelection,
             settings: ProbeSettings) -> dict:
     folds = "stratified k-fold, grouped by subject" if grouped(data.groups()) else "stratified k-fold (by image)"
-    return {"kind": "encoder-probe", "title": "Encoder probe: label AUCs and view retrieval",
-            "data": [str(s) for s in sources], "num_images": len(data.ids),
+    return {"data": [str(s) for s in sources], "num_images": len(data.ids),
             "probe_images": {"statement": selection.statement(), "count": len(data.ids), "loaded": len(loaded.ids),
                              "left_out": len(loaded.ids) - len(data.ids), "transductive": settings.transductive,
                              "ids": list(data.ids)},

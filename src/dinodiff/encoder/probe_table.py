@@ -12,6 +12,7 @@ from dinodiff.encoder.probe_data import TRANSDUCTIVE, UNKNOWN
 
 logger = logging.getLogger(__name__)
 
+TABLE_NAME = "label AUCs and view retrieval, one row per encoder and label"
 VIEW_NOTE = ("view top-1: retrieval of each image's other view among 2N views, both drawn from augmentations "
              "pretraining never applies (shear, zoom out, resolution loss, noise, JPEG): the invariance measure. "
              "pretext top-1: the same with the pretraining augmentation, the encoder's own training objective "

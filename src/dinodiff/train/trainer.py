@@ -356,14 +356,12 @@ class Trainer:
         if not (spread or self.accelerator.is_main_process):
             return
         scores = self.eval_hook(checkpoint / "model", self.step)
-        if not self.accelerator.is_main_process:
+        if not self.accelerator.is_main_process or not scores:
             return
-        name, value = next(iter(scores.items()))
-        previous = runs.read_best(self.run_dir)
-        if previous is None or value < previous["value"]:
-            runs.promote_to_best(self.run_dir, checkpoint / "model",
-                                 {"step": self.step, "metric": name, "value": value, "scores": scores})
-        self.accelerator.log(scores, step=self.step)
+        name, value = next(iter(scores.items()))  # the hook's first score decides, as runs.keep_best says
+        runs.keep_best(self.run_dir, checkpoint / "model",
+                       {"step": self.step, "metric": scores.get("metric", name), "value": value, "scores": scores})
+        self.accelerator.log({k: v for k, v in scores.items() if isinstance(v, (int, float))}, step=self.step)
 
 
 def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:

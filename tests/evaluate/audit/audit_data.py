@@ -128,5 +128,5 @@ def cxr_audit(cxr, tmp_path_factory) -> dict:
 
 
 def row(results: dict, dataset: str, space: str = "pixels") -> dict:
-    rows = results["tables"]["dcr"] + results["tables"]["dcr_reconstruction"]
+    rows = results.tables["dcr"] + results.tables["dcr_reconstruction"]
     return next(r for r in rows if r["dataset"] == dataset and r["space"] == space)

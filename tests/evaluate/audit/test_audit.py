@@ -21,7 +21,7 @@ from audit_data import cxr, cxr_audit  # noqa: F401  (fixtures)
 
 
 def _calibration(results: dict, reference: str, space: str = "pixels") -> dict:
-    return next(r for r in results["tables"]["calibration"] if r["reference"] == reference and r["space"] == space)
+    return next(r for r in results.tables["calibration"] if r["reference"] == reference and r["space"] == space)
 
 
 # ------------------------------------------------------------------------------------- disguised copies (item 8)
@@ -86,7 +86,7 @@ def test_results_carry_exact_intervals_and_say_the_held_out_reference_is_too_sma
     assert status["pixels"] == "available" and status["xrv"].startswith("unavailable")
     for name in saved["figures"].values():
         assert Image.open(out / name).size[0] > 100
-    assert results["tables"]["dcr"] == saved["tables"]["dcr"]
+    assert results.tables["dcr"] == saved["tables"]["dcr"]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def small_audit(cxr, tmp_path_factory) -> dict:
 
 def test_limit_caps_synthetic_and_held_out_images_never_the_training_set(small_audit):
     results = small_audit[7]
-    assert results["provenance"]["train"]["images"] == 40
-    assert results["provenance"]["holdout"]["images"] == 8
+    assert results.provenance["train"]["images"] == 40
+    assert results.provenance["holdout"]["images"] == 8
     found = row(results, "late")
     assert found["dcr_n"] == 8  # 5 copies and 3 unrelated images
     assert found["flagged_copies_k"] == 5, found  # copies of the last training images are still found

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import dinodiff.evaluate.classify.grid as grid
 from dinodiff.cli import app
+from dinodiff.results import read_results
 from dinodiff.evaluate.classify import classify, load_settings
 from dinodiff.evaluate.classify.stage import GridMismatch
 from dinodiff.evaluate.classify.subsets import read_subset, subset_path
@@ -81,7 +82,7 @@ def test_every_synthetic_arm_sees_ratio_times_its_real_training_images_in_every_
             with open(path, newline="") as f:
                 made_from = {s for r in csv.DictReader(f) for s in (r["source_a"], r["source_b"])}
             assert made_from <= {real_ids[i] for i in train}  # no validation image reaches training
-    assert results["cells"] == len(rows) == 2 * 2 * (1 + 2 + 1 + 8)  # real, 2 controls, control-full 1:3, 8 arms
+    assert results.data["cells"] == len(rows) == 2 * 2 * (1 + 2 + 1 + 8)  # real, 2 controls, control-full 1:3, 8 arms
 
 
 def test_each_synthetic_arm_is_compared_with_the_control_of_its_own_count(full_grid):
@@ -94,7 +95,7 @@ def test_each_synthetic_arm_is_compared_with_the_control_of_its_own_count(full_g
         if r["experiment"] == "control-full":
             assert int(r["train_images"]) == ratio * train_real
     assert {r["ratio"] for r in rows if r["experiment"] == "control-full"} == {"3"}  # 1:1 is real only: not retrained
-    summary = {r["arm"]: r for r in results["summary"]}
+    summary = {r["arm"]: r for r in results.data["summary"]}
     assert summary["augmentation interpolation 1:3"]["control"] == "control for augmentation 1:3 (real x4)"
     assert summary["full-synthetic reconstruction 1:3"]["control"] == "control for full-synthetic 1:3 (real x3)"
     at_one = summary["full-synthetic reconstruction 1:1"]
@@ -127,11 +128,15 @@ def test_interpolation_sets_keep_the_label_prevalence_of_their_folds_training_im
 
 def test_results_json_names_the_test_the_interval_and_the_subjects(full_grid):
     out, results = full_grid
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["kind"] == "classify" and "corrected resampled t-test" in saved["test"]["description"]
+    record = read_results(out / "results.json")
+    assert record == results  # what the stage returned is what it wrote
+    saved = record.data
+    assert record.kind == "classify" and "corrected resampled t-test" in saved["test"]["description"]
+    assert "corrected resampled t-test" in record.provenance["test"] and "bootstrap" in record.provenance[
+        "confidence intervals"]
     assert saved["ci"]["level"] == 0.95 and saved["ci"]["resamples"] == 200 and "bootstrap" in saved["ci"]["method"]
     n_images = sum(saved["subjects"].values())
-    assert saved["provenance"]["subjects unknown (each image its own subject)"] == n_images  # phantoms: no subjects
+    assert record.provenance["subjects unknown (each image its own subject)"] == n_images  # phantoms: no subjects
     for row in saved["summary"]:
         if row["experiment"] != "real":
             assert row["ci_vs_real_low"] <= row["d_vs_real"] + 1e-9 and row["d_vs_real"] <= row["ci_vs_real_high"] + 1e-9
@@ -186,9 +191,9 @@ def test_interrupted_grid_resumes_only_missing_cells(phantoms, tiny_model_folder
     assert all(0.0 <= float(r["auc"]) <= 1.0 for r in rows)
     assert (out / "table.md").read_text().startswith("| arm | n = 12 |")
     assert (out / "figure4.png").stat().st_size > 1000
-    saved = json.loads((out / "results.json").read_text())
+    saved = read_results(out / "results.json").data
     assert saved["classifier"]["weights"] == ["scratch"] and len(saved["summary"]) == 4
-    assert results["cells"] == 8
+    assert results.data["cells"] == 8
 
 
 def test_rerun_with_other_settings_is_refused(phantoms, tmp_path):

@@ -18,7 +18,7 @@ import dinodiff.runs as runs
 from dinodiff.evaluate.classify import classify, load_settings
 from dinodiff.evaluate.classify.synthetic import complete
 from dinodiff.generate import GenerateSettings
-from dinodiff.runs import model_identity, selected_model
+from dinodiff.runs import model_identity, resolve_model
 
 
 def _fake_model(folder: Path, weights: bytes = b"w") -> Path:
@@ -36,19 +36,21 @@ def _checkpoint(run: Path, step: int) -> Path:
     return model
 
 
-def test_selected_model_prefers_the_runs_best_model_then_its_newest_checkpoint(tmp_path):
+def test_resolve_model_prefers_the_runs_best_model_then_its_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
     _checkpoint(run, 10)
     newest = _checkpoint(run, 20)
-    folder, how = selected_model(run)
-    assert folder == newest and "newest checkpoint" in how and "checkpoint-20" in how
+    choice = resolve_model(run)
+    assert choice.path == newest and "newest checkpoint" in choice.how and "checkpoint-20" in choice.how
     best = _fake_model(run / "best" / "model")
-    folder, how = selected_model(run)
-    assert folder == best and "best" in how  # the selected checkpoint, not merely the newest
-    assert selected_model(newest.parent) == (newest, "the model/ of checkpoint-20")
-    assert selected_model(best)[0] == best
-    with pytest.raises(FileNotFoundError):
-        selected_model(tmp_path / "missing")
+    choice = resolve_model(run)
+    assert choice.path == best and "best" in choice.how  # the selected checkpoint, not merely the newest
+    assert resolve_model(newest.parent).path == resolve_model(newest).path == newest
+    assert resolve_model(newest.parent).how == "the model/ of checkpoint-20"
+    assert resolve_model(best).path == best
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        resolve_model(tmp_path / "missing")
+    assert resolve_model("owner/name").location == "owner/name"  # a hub id passes through to the loader
 
 
 def test_a_best_model_names_the_split_it_was_selected_on_and_warns_on_test(tmp_path, caplog):
@@ -57,10 +59,10 @@ def test_a_best_model_names_the_split_it_was_selected_on_and_warns_on_test(tmp_p
     _fake_model(run / "best" / "model")
     record = {"step": 10, "metric": "fid", "value": 3.0, "scores": {"split": "val"}}
     (run / "best" / "best.json").write_text(json.dumps(record))
-    assert "step 10, by fid on the 'val' split" in selected_model(run)[1]
+    assert "step 10, lowest fid on the 'val' split" in resolve_model(run).how
     (run / "best" / "best.json").write_text(json.dumps({**record, "scores": {"split": "test"}}))
     with caplog.at_level("WARNING"):
-        assert "'test' split" in selected_model(run)[1]
+        assert "TEST split" in resolve_model(run).how
     assert "selected on the TEST split" in caplog.text
 
 
@@ -106,7 +108,7 @@ def test_a_changed_model_regenerates_and_reruns_only_the_synthetic_cells(phantom
                                                                          monkeypatch):  # noqa: F811
     out = tmp_path / "grid"
     first = classify(_settings(out, phantoms, tiny_model_folder), progress=False)
-    assert first["provenance"]["synthetic model chosen"] == "model folder"
+    assert first.provenance["synthetic model chosen"] == "model folder"
     run = tmp_path / "run"
     shutil.copytree(tiny_model_folder, run / "checkpoints" / "checkpoint-5" / "model")
     (run / "checkpoints" / "checkpoint-5" / "trainer").mkdir()
@@ -118,14 +120,14 @@ def test_a_changed_model_regenerates_and_reruns_only_the_synthetic_cells(phantom
     monkeypatch.setattr(grid, "fit_and_test", lambda *a, **k: trained.append(1) or real_fit(*a, **k))
     second = classify(_settings(out, phantoms, run), progress=False)  # -m RUN, the same out folder
     assert len(trained) == 2 * 2  # 2 folds x (augmentation, full-synthetic); real-only and control stay cached
-    provenance = second["provenance"]
+    provenance = second.provenance
     assert provenance["synthetic model"] == str(best.resolve()) and "best" in provenance["synthetic model chosen"]
-    assert provenance["synthetic model sha256"] == model_identity(best).sha256 != first["provenance"][
+    assert provenance["synthetic model sha256"] == model_identity(best).sha256 != first.provenance[
         "synthetic model sha256"]
     assert len(list((out / "synthetic").glob("m*/n12/reconstruction-x1/labels.csv"))) == 2  # a new set, made now
-    rows = {r["arm"]: r for r in second["summary"]}
-    assert rows["real only"]["auc_mean"] == {r["arm"]: r for r in first["summary"]}["real only"]["auc_mean"]
-    assert len(second["summary"]) == len(first["summary"])  # the old model's cells are not mixed in
+    rows = {r["arm"]: r for r in second.data["summary"]}
+    assert rows["real only"]["auc_mean"] == {r["arm"]: r for r in first.data["summary"]}["real only"]["auc_mean"]
+    assert len(second.data["summary"]) == len(first.data["summary"])  # the old model's cells are not mixed in
 
 
 def test_a_complete_synthetic_set_is_reused_only_with_the_same_generation_settings(tmp_path):

@@ -69,9 +69,9 @@ def test_no_patient_is_in_both_pool_and_test_nor_in_two_folds(shared_data, patie
             folds.setdefault(subject, set()).add(int(fold))
         assert all(len(f) == 1 for f in folds.values()), folds  # no patient in two folds
         assert len(folds) < len(subset.rows)  # some patients have several images in the subset: grouping matters
-    assert results["subjects"] == {FROM_DATA: 48, "from data.subject_pattern": 0,
+    assert results.data["subjects"] == {FROM_DATA: 48, "from data.subject_pattern": 0,
                                    "none known: the image is its own subject": 0}
-    assert results["provenance"]["subjects unknown (each image its own subject)"] == 0
+    assert results.provenance["subjects unknown (each image its own subject)"] == 0
 
 
 def test_a_subject_pattern_that_misses_ids_stops_with_one_clean_line(shared_data, tmp_path):

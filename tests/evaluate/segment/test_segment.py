@@ -31,7 +31,7 @@ from dinodiff.evaluate.segment.metrics import (
 )
 from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.evaluate.segment.stage import segment
-from dinodiff.runs import checkpoint_models
+from dinodiff.runs import run_models
 
 
 def _two_lungs(size: int = 20) -> dict[str, np.ndarray]:
@@ -226,22 +226,23 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
                                    "noise_seed": None, "resolution": 32}
 
 
-def test_checkpoint_models_expands_runs_and_checkpoints(tmp_path):
+def test_run_models_expands_runs_and_checkpoints(tmp_path):
     run = tmp_path / "run"
     for step in (10, 2):
         (run / "checkpoints" / f"checkpoint-{step}" / "trainer").mkdir(parents=True)
         (run / "checkpoints" / f"checkpoint-{step}" / "trainer" / "state.json").write_text("{}")
         (run / "checkpoints" / f"checkpoint-{step}" / "model").mkdir()
+        (run / "checkpoints" / f"checkpoint-{step}" / "model" / "model_index.json").write_text("{}")
     (run / "checkpoints" / "checkpoint-20" / "model").mkdir(parents=True)  # incomplete: no trainer/state.json
     checkpoint = run / "checkpoints" / "checkpoint-2"
-    assert checkpoint_models(run) == [checkpoint / "model", run / "checkpoints" / "checkpoint-10" / "model"]
-    assert checkpoint_models(checkpoint) == [checkpoint / "model"]
-    assert checkpoint_models(checkpoint / "model") == [checkpoint / "model"]
+    assert run_models(run) == [checkpoint / "model", run / "checkpoints" / "checkpoint-10" / "model"]
+    assert run_models(checkpoint) == [checkpoint / "model"]
+    assert run_models(checkpoint / "model") == [checkpoint / "model"]
     (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="without complete checkpoints"):
-        checkpoint_models(tmp_path / "empty-run")
+        run_models(tmp_path / "empty-run")
     with pytest.raises(FileNotFoundError, match="model not found"):
-        checkpoint_models(tmp_path / "nowhere")
+        run_models(tmp_path / "nowhere")
 
 
 def test_grid_larger_than_the_attention_map_fails_with_the_fix(tiny_model, shared_data, tmp_path):

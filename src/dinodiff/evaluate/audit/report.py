@@ -12,7 +12,8 @@ import numpy as np
 
 import dinodiff
 from dinodiff.evaluate.audit import copies, stats, tables
-from dinodiff.files import atomic_path, write_bytes_atomic, write_json_atomic
+from dinodiff.files import atomic_path, write_bytes_atomic
+from dinodiff.results import Results, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,12 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, results: dict) -> None:
-    table_rows = results["tables"]
-    parts = [f"# {results['title']}", "", "Feature spaces: " + "; ".join(f"{r['space']}: {r['status']}"
-                                                                        for r in table_rows["spaces"]), "",
-             results["note"], ""]
-    parts += [f"**Warning.** {w}\n" for w in results["warnings"]]
+def write_markdown(path: Path, results: Results) -> None:
+    table_rows = results.tables
+    parts = [f"# {results.title}", "", "Feature spaces: " + "; ".join(f"{r['space']}: {r['status']}"
+                                                                      for r in table_rows["spaces"]), "",
+             results.note, ""]
+    parts += [f"**Warning.** {w}\n" for w in results.warnings]
     for name, title in (("dcr", "Interpolation, sampled and other strategies"),
                         ("dcr_reconstruction", "Reconstruction (conditions on the patient's own embedding)")):
         if table_rows[name]:
@@ -125,7 +126,7 @@ def histogram_figure(path: Path, sets: list, spaces: list, closest: dict) -> Pat
 
 def write_outputs(out: Path, settings, status: dict, train, holdout, sets: list, spaces: list, dcr_rows: list[dict],
                   memo_rows: list[dict], closest: dict, nearest: dict[int, np.ndarray],
-                  queries: dict[str, str]) -> dict:
+                  queries: dict[str, str]) -> Results:
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     if spaces:
@@ -141,15 +142,13 @@ def write_outputs(out: Path, settings, status: dict, train, holdout, sets: list,
         "spaces": [{"space": k, "status": v, "describe": describe.get(k, "")} for k, v in status.items()],
     }
     table_rows = {k: [{c: _clean(v) for c, v in row.items()} for row in rows] for k, rows in table_rows.items()}
-    results = {
-        "kind": "audit", "title": "Privacy audit: distance of synthetic images to their closest training record",
-        "headline": tables.headline(table_rows["dcr"] + table_rows["dcr_reconstruction"]),
-        "note": f"Copy rule: {copy_rule()} {CI_METHOD}",
-        "warnings": tables.warnings(spaces, train.subjects_known, len(train)),
-        "provenance": _provenance(settings, train, holdout, sets, queries),
-        "tables": table_rows, "figures": figures,
-    }
-    write_json_atomic(out / RESULTS_FILE, results)
+    results = Results(
+        kind="audit", title="Privacy audit: distance of synthetic images to their closest training record",
+        headline=tables.headline(table_rows["dcr"] + table_rows["dcr_reconstruction"]),
+        note=f"Copy rule: {copy_rule()} {CI_METHOD}",
+        warnings=tuple(tables.warnings(spaces, train.subjects_known, len(train))),
+        provenance=_provenance(settings, train, holdout, sets, queries), tables=table_rows, figures=figures)
+    write_results(out / RESULTS_FILE, results)
     write_markdown(out / MARKDOWN_FILE, results)
     return results
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from dinodiff.evaluate.audit import copies
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
-from dinodiff.runs import model_folders
+from dinodiff.runs import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ def find_encoder(encoder: str | Path | None, model: str | Path | None) -> tuple[
     """The encoder to audit with: a given encoder folder, else the model folder's image_encoder/."""
     candidates = [Path(encoder)] if encoder else []
     if model:
-        candidates += [folder / "image_encoder" for folder in model_folders(model)]
+        try:
+            candidates.append(resolve_model(model, marker="image_encoder/global_tokens.json").path / "image_encoder")
+        except FileNotFoundError:
+            pass  # said below: the c_glb space is unavailable
     for folder in candidates:
         if (folder / "global_tokens.json").is_file():
             return GlobalTokenEncoder.from_pretrained(folder), str(folder)

@@ -27,6 +27,7 @@ from dinodiff.evaluate.audit.spaces import (FeatureSpace, encoder_space, find_en
                                             xrv_space)
 from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space
 from dinodiff.devices import resolve_device
+from dinodiff.results import Results
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def build_spaces(settings: AuditSettings, model: str | None,
     return found, status
 
 
-def audit(synthetic: list[str | Path], out: str | Path, settings: AuditSettings) -> dict:
+def audit(synthetic: list[str | Path], out: str | Path, settings: AuditSettings) -> Results:
     """Audit each synthetic dataset against the training set; writes OUT/results.json, audit.md and the figures."""
     sets = [load_synthetic(s, settings.size, settings.limit) for s in synthetic]
     train = open_training(settings.train, settings.size, settings.train_split, _source_ids(sets))

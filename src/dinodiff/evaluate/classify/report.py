@@ -19,7 +19,8 @@ from dinodiff.evaluate.classify.arms import REAL
 from dinodiff.evaluate.classify.compare import by_setup
 from dinodiff.evaluate.classify.settings import ClassifySettings
 from dinodiff.evaluate.classify.stats import TEST_NAME, relative_improvement
-from dinodiff.files import write_bytes_atomic, write_json_atomic
+from dinodiff.files import write_bytes_atomic
+from dinodiff.results import Results, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,11 @@ def _clean(value: Any) -> Any:
 
 
 def write_report(out: Path, rows: list[dict], summary: list[dict], settings: ClassifySettings,
-                 provenance: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """results.csv, table.md, table.csv, figure4.png and results.json in `out`; returns the results.json payload.
+                 provenance: dict[str, Any], extra: dict[str, Any]) -> Results:
+    """results.csv, table.md, table.csv, figure4.png and results.json in `out`; returns the results record.
 
-    results.json: kind, title, provenance (model, subjects, test, interval ...), headline, tables, figures (the
-    report's convention), and `summary` (one row per regime x arm, the keys of table.csv) with `files`.
+    The record's data holds `summary` (one row per regime x arm, the keys of table.csv), `files`, the test and
+    the interval, and `extra`.
     """
     files = {"results_csv": str(write_csv(out / "results.csv", rows)),
              "table_csv": str(write_csv(out / "table.csv", summary))}
@@ -173,14 +174,14 @@ def write_report(out: Path, rows: list[dict], summary: list[dict], settings: Cla
         files["figure"] = str(figure)
     headline = {f"AUC, real only, n = {r['regime']}": round(r["auc_mean"], 4) for r in summary
                 if r["experiment"] == "real"}
-    payload = {"kind": "classify", "evaluation": "classify", "title": "Classification: Table 1 and Figure 4",
-               "provenance": provenance, "headline": headline,
-               "tables": {"Table 1 and differences (table.md)": "table.md"},
-               "figures": {"Figure 4: relative AUC improvement over real only": "figure4.png"} if figure else {},
-               "test": {"name": settings.test, "description": TEST_NAME, "correction": settings.correction,
-                        "alpha": settings.alpha},
-               "ci": {"level": settings.ci_level, "method": CI_NAME, "resamples": settings.bootstrap,
-                      "seed": settings.bootstrap_seed},
-               **extra, "summary": [{k: _clean(v) for k, v in r.items()} for r in summary], "files": files}
-    write_json_atomic(out / "results.json", payload)
-    return payload
+    test = {"name": settings.test, "description": TEST_NAME, "correction": settings.correction, "alpha": settings.alpha}
+    ci = {"level": settings.ci_level, "method": CI_NAME, "resamples": settings.bootstrap, "seed": settings.bootstrap_seed}
+    results = Results(
+        kind="classify", title="Classification: Table 1 and Figure 4",
+        provenance={**provenance, "test": TEST_NAME, "confidence intervals": CI_NAME}, headline=headline,
+        tables={"Table 1 and differences (table.md)": "table.md"},
+        figures={"Figure 4: relative AUC improvement over real only": "figure4.png"} if figure else {},
+        data={"test": test, "ci": ci, **extra, "summary": [{k: _clean(v) for k, v in r.items()} for r in summary],
+              "files": files})
+    write_results(out, results)
+    return results

@@ -26,6 +26,7 @@ from dinodiff.evaluate.classify.settings import ClassifySettings, to_dict
 from dinodiff.evaluate.classify.split import EXCLUDED, OWN
 from dinodiff.evaluate.classify.subsets import NONE_STRATUM, build_subsets
 from dinodiff.evaluate.classify.synthetic import SyntheticModel, make_synthetic, synthetic_model
+from dinodiff.results import Results
 from dinodiff.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _provenance(settings: ClassifySettings, real: ImageSet, model: Optional[Synt
             "command": "dinodiff classify"}
 
 
-def classify(settings: ClassifySettings, progress: bool = True) -> dict:
+def classify(settings: ClassifySettings, progress: bool = True) -> Results:
     """Run (or finish) the grid described by `settings` and write its tables, figure and results.json."""
     start, out = time.time(), Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The synthetic training sets of a classification grid, made with `dinodiff.generate` and keyed on the model.
 
-The model: `synthetic.model` through `dinodiff.runs.selected_model` (a run's selected ``best/model`` first, else
+The model: `synthetic.model` through `dinodiff.runs.resolve_model` (a run's selected ``best/model`` first, else
 its newest checkpoint). Synthetic sets and synthetic cells are keyed on the model's identity (resolved path +
 sha256 of its weight and config files) and the generation settings, so a changed model or setting makes new
 sets and reruns the synthetic cells, while real-only and control cells stay cached.
@@ -31,7 +31,7 @@ from dinodiff.evaluate.classify.images import ImageSet, load_synthetic, source_o
 from dinodiff.evaluate.classify.settings import ClassifySettings
 from dinodiff.evaluate.classify.subsets import read_subset, subset_path
 from dinodiff.generate import GenerateSettings, generate_dataset
-from dinodiff.runs import model_identity, selected_model
+from dinodiff.runs import model_identity, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ class SyntheticModel:
 def synthetic_model(settings: ClassifySettings) -> SyntheticModel:
     """Select and identify `synthetic.model` (hashing its weights once) and log which model is used."""
     syn = settings.synthetic
-    folder, chosen = selected_model(str(syn.model))
-    identity = model_identity(folder)
+    choice = resolve_model(str(syn.model))
+    if not choice.path.exists():
+        raise FileNotFoundError(f"synthetic.model={syn.model}: no such folder (a hub id cannot be hashed; download the "
+                                "model and give its folder).")
+    chosen, identity = choice.how, model_identity(choice.path)
     made_with = {"model": identity.key, "steps": syn.num_inference_steps, "guidance": syn.guidance_scale,
                  "scheduler": syn.scheduler, "seed": syn.seed}
     key = hashlib.sha256(json.dumps(made_with, sort_keys=True).encode()).hexdigest()[:12]

@@ -253,22 +253,28 @@ def record(run_dir: Path, row: dict) -> tuple[list[dict], Path]:
     return current, plot_fid(current, Path(run_dir) / "fid.png")
 
 
+def metric_name(row: dict) -> str:
+    """What a FID is comparable with: the same features, split and sizes (RUN/best/ compares only these)."""
+    return (f"fid {row['extractor']}:{row['tap']} on {row.get('split') or '-'} ({row['n_real']} real vs "
+            f"{row['n_fake']} generated, {row['per_source']} per source, {row['sample_steps']} steps, seed {row['seed']})")
+
+
+def best_scores(row: dict) -> dict:
+    """A fid.csv row as the scores best.json (and the training hook) record; the first is the FID."""
+    return {"fid": float(row["fid"]), "kid_mean": float(row["kid_mean"]), "kid_std": float(row["kid_std"]),
+            "extractor": f"{row['extractor']}:{row['tap']}", "n_real": int(row["n_real"]),
+            "n_fake": int(row["n_fake"]), "split": row.get("split") or "-", "metric": metric_name(row)}
+
+
 def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
-    """Copy the best checkpoint's model to RUN/best/ (model/ + best.json, as the trainer writes it)."""
-    run_dir, folder = Path(run_dir), Path(best["checkpoint"])
-    key = f"{best['extractor']}:{best['tap']}"
+    """Offer the best row's checkpoint to RUN/best/ under the one policy (runs.keep_best); RUN/best/ when it holds
+    that checkpoint now, None when it could not (the checkpoint was pruned)."""
+    scores = best_scores(best)
+    runs.keep_best(run_dir, best["checkpoint"], {"step": int(best["step"]), "metric": scores["metric"],
+                                                 "value": scores["fid"], "scores": scores})
     current = runs.read_best(run_dir) or {}
-    if int(current.get("step", -1)) == int(best["step"]) and current.get("scores", {}).get("extractor") == key:
-        return run_dir / "best"
-    if not folder.is_dir():
-        logger.warning("best checkpoint (step %s) is gone (pruned?): %s; RUN/best/ left as it is.",
-                       best["step"], folder)
-        return None
-    fields = {"fid": float(best["fid"]), "kid_mean": float(best["kid_mean"]), "kid_std": float(best["kid_std"]),
-              "extractor": key, "n_real": int(best["n_real"]), "n_fake": int(best["n_fake"]),
-              "split": best.get("split") or "-"}
-    return runs.promote_to_best(run_dir, folder, {"step": int(best["step"]), "metric": "fid",
-                                                  "value": float(best["fid"]), "scores": fields})
+    held = current.get("metric") == scores["metric"] and int(current.get("step", -1)) == int(best["step"])
+    return Path(run_dir) / "best" if held else None
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -301,8 +307,8 @@ def sweep(run_dir: str | Path, settings: FidSettings = FidSettings(), *, force: 
 
 
 def make_fid_hook(run_dir: str | Path, settings: FidSettings, timeout_s: float = 6 * 3600) -> EvalHook:
-    """A train.py EvalHook: (model folder, step) -> {"fid", "kid_mean", "kid_std", "extractor"}; also updates
-    RUN/fid.csv and RUN/fid.png.
+    """A train.py EvalHook: (model folder, step) -> best_scores (fid first, then kid, extractor, sizes, split and
+    the comparable `metric` name); also updates RUN/fid.csv and RUN/fid.png.
 
     It runs on every process of a distributed run (`hook.all_ranks`): each reconstructs its share of the sources,
     the main process scores them and returns the scores (the others return {}); `timeout_s` bounds how long the
@@ -318,8 +324,7 @@ def make_fid_hook(run_dir: str | Path, settings: FidSettings, timeout_s: float =
         if row is None:
             return {}
         record(Path(run_dir), row)
-        return {"fid": row["fid"], "kid_mean": row["kid_mean"], "kid_std": row["kid_std"],
-                "extractor": f"{row['extractor']}:{row['tap']}"}
+        return best_scores(row)
 
     hook.all_ranks = True  # type: ignore[attr-defined]
     return hook

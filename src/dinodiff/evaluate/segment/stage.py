@@ -52,7 +52,7 @@ class ModelLoader:
 
 def expand_models(paths: Sequence[str | Path]) -> list[Path]:
     """A run folder -> each complete checkpoint's model/; a checkpoint -> its model/; else the folder itself."""
-    return [model for path in paths for model in runs.checkpoint_models(path)]
+    return [model for path in paths for model in runs.run_models(path)]
 
 
 def model_resolution(path: Path, load: ModelLoader) -> int:
