@@ -27,7 +27,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import resource
 import shutil

@@ -68,7 +68,7 @@ def _fmt(value, pct: bool = False) -> str:
 def summary_md(results: dict) -> str:
     """A short Markdown page of every section's figures (results.json has everything)."""
     meta = results["meta"]
-    lines = [f"# GPU evidence (issue 16)\n", f"device: {meta.get('device')}; torch {meta.get('torch')}; "
+    lines = ["# GPU evidence (issue 16)\n", f"device: {meta.get('device')}; torch {meta.get('torch')}; "
              f"date {meta.get('date')}; dry run: {meta.get('dry_run')}; wall {meta.get('wall_s')} s\n"]
     a = results["sections"].get("train_throughput", {})
     lines.append(f"## (a) training throughput: {a.get('status')}\n")

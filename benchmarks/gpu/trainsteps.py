@@ -194,7 +194,7 @@ def trainer_steps(args: argparse.Namespace) -> dict:
         rows.measure({**base, "batch": batch}, lambda b=batch: time_trainer(trainer, b, 12, seconds))
         bare = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
         rows.measure({"kind": "bare UNet (sections.train_step)", "batch": batch},
-                     lambda b=batch: time_train(unet, bare, train_scheduler(), sz, b, device, 12, seconds))
+                     lambda b=batch, o=bare: time_train(unet, o, train_scheduler(), sz, b, device, 12, seconds))
         del bare
     memory_plan = [(True, b) for b in ((2,) if args.dry_run else (32, 64))]
     memory_plan += [(False, b) for b in ((3,) if args.dry_run else (48, 64))] + ([] if args.dry_run else [(True, 96)])

@@ -25,8 +25,8 @@ import io
 import json
 import logging
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,14 +48,14 @@ from dinodiff.files import write_json_atomic
 from dinodiff.memory import fix_mmap_threshold
 from dinodiff.models.factory import (
     FROZEN_DTYPE,
-    ensure_latent_stats,
     build_autoencoder,
     build_encoder,
     enable_tf32,
+    ensure_latent_stats,
     frozen_precision,
 )
 
-logger = logging.getLogger("dinodiff.cache")
+logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
@@ -176,7 +176,7 @@ def _cache_shards(loader, out: Path, encoder, ae, views: int, device, progress: 
 
 
 def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True,
-                num_workers: Optional[int] = None) -> dict:
+                num_workers: int | None = None) -> dict:
     """Cache K views of every prepared train image; returns the contents of cache.json.
 
     num_workers: DataLoader workers that read and augment (None: data.num_workers).

@@ -21,8 +21,8 @@ Two additions keep the synthetic label distribution equal to the real one (`plan
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ class _Pairs:
     """Partners of each source (sharing a class), and the mixes each unordered pair has had."""
 
     def __init__(self, classes: np.ndarray, rng: np.random.Generator, r_range: tuple[float, float],
-                 r_values: Optional[Sequence[float]]) -> None:
+                 r_values: Sequence[float] | None) -> None:
         self.classes, self.rng, self.r_range, self.r_values = classes, rng, r_range, r_values
         self.members = [np.flatnonzero(classes[:, j]) for j in range(classes.shape[1])]
         self.used: dict[tuple[int, int], set[float]] = {}  # (low, high) -> weights on `high` already made
@@ -100,7 +100,7 @@ class _Pairs:
         eligible[a] = False
         return np.flatnonzero(eligible)
 
-    def new_partner(self, a: int) -> Optional[int]:
+    def new_partner(self, a: int) -> int | None:
         """A partner `a` has no pair with yet: drawn class first (balances classes), else from the exact set."""
         own = self.classes_of(a)
         for _ in range(16):
@@ -111,7 +111,7 @@ class _Pairs:
         left = [int(b) for b in self.partners(a) if _key(a, int(b)) not in self.used]
         return int(self.rng.choice(left)) if left else None
 
-    def anchored(self, a: int, b: int) -> Optional[Interpolation]:
+    def anchored(self, a: int, b: int) -> Interpolation | None:
         """An interpolation of (a, b) nearer `a` (so labelled by `a`) with a mix the pair has not had, or None."""
         low, high = _key(a, b)
         had = self.used.setdefault((low, high), set())
@@ -123,7 +123,7 @@ class _Pairs:
                 return item
         return None
 
-    def next_for(self, a: int) -> Optional[Interpolation]:
+    def next_for(self, a: int) -> Interpolation | None:
         """An interpolation anchored at `a`: a new pair first; else an old pair with a new mix; None when none is left."""
         b = self.new_partner(a)
         if b is not None:
@@ -140,7 +140,7 @@ def _key(a: int, b: int) -> tuple[int, int]:
 
 
 def _r_candidates(rng: np.random.Generator, lo: float, hi: float,
-                  r_values: Optional[Sequence[float]]) -> Iterator[float]:
+                  r_values: Sequence[float] | None) -> Iterator[float]:
     """r values to try in turn: the r_values in a random order, or up to 100 uniform draws from [lo, hi]."""
     if r_values is not None:
         yield from (float(v) for v in rng.permutation(np.asarray(r_values, dtype=np.float64)))
@@ -156,7 +156,7 @@ def _quotas(anchors: np.ndarray, count: int, rng: np.random.Generator) -> dict[i
 
 
 def plan_interpolations(positive: np.ndarray, count: int, *, seed: int = 0, r_range: tuple[float, float] = (0.0, 1.0),
-                        r_values: Optional[Sequence[float]] = None, shared_label: bool = True) -> list[Interpolation]:
+                        r_values: Sequence[float] | None = None, shared_label: bool = True) -> list[Interpolation]:
     """`count` interpolations, each anchored at (nearer to, labelled by) a source, every source anchoring as many.
 
     Partners share a class (`pairing_classes`) when `shared_label`, else any source. An anchor takes a partner

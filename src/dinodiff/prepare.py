@@ -11,6 +11,7 @@ rewritten), and reproduces the same bytes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,9 +34,18 @@ import dinodiff
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
+from dinodiff.data.shards import (
+    SHARD_DIR,
+    encode_json,
+    encode_png,
+    file_digest,
+    list_shards,
+    read_samples,
+    shard_path,
+    sidecar_path,
+    write_shard,
+)
 from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_key
-from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
-                                  sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
 from dinodiff.memory import fix_mmap_threshold
 
@@ -308,23 +319,42 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
             pool.join()
 
 
-def prepare(
-    sources: list[str | Path], out: str | Path, *, kind: str = "auto", size: int = 512, min_size: int = 64,
-    remove_borders: bool = True, intensity: str = "minmax", shard_size: int = 1000, workers: int | None = None,
-    seed: int = 0, test_fraction: float = 0.0, progress: bool = True, subject_column: str | None = None,
-    subject_pattern: str | None = None, val_fraction: float = 0.0,
-) -> dict:
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything `prepare` depends on (recorded in manifest.json, except `workers`: any count gives the same bytes)."""
+
+    kind: str = "auto"  # dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt
+    size: int = 512  # side of the square output images in pixels
+    min_size: int = 64  # reject images whose content (after border removal) has a shorter side below this
+    remove_borders: bool = True  # strip constant frames and letterboxing before cropping
+    intensity: str = "minmax"  # how >8-bit images become uint8: minmax or percentile
+    shard_size: int = 1000  # input images per shard
+    workers: int | None = None  # parallel worker processes (None: all cores)
+    seed: int = 0  # seed of the train/test/val assignment when the dataset has no split
+    test_fraction: float = 0.0  # fraction of subjects (patients; images when unknown) in the test split
+    val_fraction: float = 0.0  # fraction of subjects in a 'val' split (checkpoint selection tunes on it)
+    subject_column: str | None = None  # CSV sources: the column naming each image's patient
+    subject_pattern: str | None = None  # a regex on ids whose group 1 is the patient; it must match every id
+
+
+def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSettings | None = None, *,
+            progress: bool = True, **changes: Any) -> dict:
     """Preprocess every image of `sources` into shards under `out`; returns the manifest.
 
     Subjects (patients) come from the dataset (MIMIC-CXR, a CSV subject column) or `subject_pattern` (a regex
     on ids; group 1 is the subject; it must match every id); they are stored in each sample's metadata, and
     the `test_fraction` split hashes them, so a patient's images are all on one side. `val_fraction` puts
     another share of subjects in a `val` split: what checkpoint selection (`dinodiff sweep`) tunes on, so that
-    the test split stays unseen by every choice.
+    the test split stays unseen by every choice. `settings` (default PrepareSettings()) with `changes` to its
+    fields, e.g. ``prepare([src], out, size=128, test_fraction=0.2)``.
 
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
     """
+    p = dataclasses.replace(settings or PrepareSettings(), **changes)
+    kind, size, min_size, remove_borders, intensity = p.kind, p.size, p.min_size, p.remove_borders, p.intensity
+    shard_size, workers, seed, test_fraction, val_fraction = p.shard_size, p.workers, p.seed, p.test_fraction, \
+        p.val_fraction
     fix_mmap_threshold()  # image-sized buffers in mmap: memory stays flat over any number of images
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -339,8 +369,9 @@ def prepare(
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
-              "val_fraction": float(val_fraction), "subject_column": subject_column, "subject_pattern": subject_pattern}
-    records, params["kinds"] = _collect(sources, kind, out, subject_column, subject_pattern)
+              "val_fraction": float(val_fraction), "subject_column": p.subject_column,
+              "subject_pattern": p.subject_pattern}
+    records, params["kinds"] = _collect(sources, kind, out, p.subject_column, p.subject_pattern)
     if not records:
         raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
     plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed, val_fraction), settings)

@@ -88,4 +88,8 @@ def read_results(path: str | Path) -> Results:
     if unknown:
         raise ResultsError(f"{path}: keys {unknown} are not part of a results record; rerun the stage that wrote it.")
     payload["warnings"] = tuple(payload.get("warnings") or ())
-    return Results(**payload)
+    payload.setdefault("title", payload["kind"])
+    try:
+        return Results(**payload)
+    except (TypeError, ResultsError) as err:
+        raise ResultsError(f"{path}: {err}; rerun the stage that wrote it.") from None

@@ -16,9 +16,10 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from dinodiff.config import save_config
 from dinodiff.files import atomic_folder, write_json_atomic
@@ -49,12 +50,12 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     """'auto'/'latest' -> newest checkpoint (None when there is none; 'latest' then fails), 'none' -> None, else a path."""
     if resume in ("none", "", None):
         return None
@@ -210,7 +211,7 @@ def keep_best(run_dir: str | Path, model_folder: str | Path, record: dict) -> bo
     return True
 
 
-def read_best(run_dir: str | Path) -> Optional[dict]:
+def read_best(run_dir: str | Path) -> dict | None:
     """RUN/best/best.json (the record keep_best wrote); None when the run has no best model yet."""
     path = Path(run_dir) / "best" / "best.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -251,6 +252,8 @@ def resolve_model(path: str | Path, marker: str = MODEL_MARKER) -> ModelChoice:
                   *([(newest / "model", f"the run's newest checkpoint ({newest.name}; no best/ holds this model)")]
                     if newest is not None else []),
                   (path / "model", f"the model/ of {path.name}")]
+    if marker == MODEL_MARKER and not (path / marker).is_file() and (path / "unet" / "config.json").is_file():
+        return ModelChoice(str(path), "a diffusers components folder (unet/ without model_index.json)")
     for folder, how in candidates:
         if (folder / marker).is_file():
             if "TEST split" in how:
@@ -284,7 +287,7 @@ def run_models(path: str | Path) -> list[Path]:
     return [resolve_model(path).path]
 
 
-def checkpoint_step(path: str | Path) -> Optional[int]:
+def checkpoint_step(path: str | Path) -> int | None:
     """The training step of a checkpoint a path lies in (``.../checkpoint-STEP/...``), else None."""
     for part in reversed(Path(path).parts):
         match = _NAME.match(part)

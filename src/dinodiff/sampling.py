@@ -7,7 +7,8 @@ This is the one sampling loop of dinodiff: training-time sample grids, `DiNODiff
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
 import numpy as np
 import torch
@@ -73,9 +74,9 @@ def sample_latents(
     num_inference_steps: int = 25,
     generator: Generators = None,
     guidance_scale: float = 1.0,
-    null_cond: Optional[torch.Tensor] = None,
-    latents: Optional[torch.Tensor] = None,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    null_cond: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> torch.Tensor:
     """Denoise from pure noise with `cond` (B, S, D) as cross-attention context.
 

@@ -27,7 +27,13 @@ from PIL import Image
 from dinodiff.data.datasets import discover
 from dinodiff.data.preprocess import preprocess_image
 from dinodiff.data.readers import UnreadableImage, load_image
-from dinodiff.data.shards import CorruptShard, ShardError, decode_png, list_shards, read_members
+from dinodiff.data.shards import (
+    CorruptShard,
+    ShardError,
+    decode_png,
+    list_shards,
+    read_members,
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class SubjectPatternMismatch(ValueError):
@@ -18,10 +19,10 @@ class SubjectPatternMismatch(ValueError):
 
 class HasSubject(Protocol):
     id: str
-    subject: Optional[str]
+    subject: str | None
 
 
-def subject_key(ident: str, subject: Optional[str]) -> str:
+def subject_key(ident: str, subject: str | None) -> str:
     """What a split or a fold groups by: the subject when known, else the image itself (its id)."""
     return subject if subject else ident
 

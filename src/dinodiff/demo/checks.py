@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +26,11 @@ import torch.nn.functional as F
 
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
-from dinodiff.results import RESULTS_FILE, Results, read_results, write_results
-from dinodiff.sampling import item_seed
+from dinodiff.pipeline import DiNODiffusionPipeline
 from dinodiff.pipeline.figures import interpolation_strip, save_rows
 from dinodiff.pipeline.sample import generate_reconstructions, load_pipeline
-from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.results import RESULTS_FILE, Results, read_results, write_results
+from dinodiff.sampling import item_seed
 
 logger = logging.getLogger(__name__)
 STRIP_R = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -18,8 +18,8 @@ from rich.table import Table
 from dinodiff.demo import stages
 from dinodiff.demo.checks import learning_checks
 from dinodiff.demo.settings import DemoSettings
-from dinodiff.results import RESULTS_FILE, read_results
 from dinodiff.files import write_json_atomic
+from dinodiff.results import RESULTS_FILE, read_results
 
 logger = logging.getLogger(__name__)
 console = Console()

@@ -15,9 +15,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dinodiff.cache import build_cache
-from dinodiff.runs import resolve_model
 from dinodiff.config import load_config
 from dinodiff.data.phantoms import write_phantoms
+from dinodiff.demo.settings import DemoSettings
+from dinodiff.demo.summary import add_downstream
 from dinodiff.encoder.pretrain import pretrain_encoder
 from dinodiff.encoder.probe import ProbeSettings, probe_encoders
 from dinodiff.encoder.settings import load_encoder_settings
@@ -27,10 +28,8 @@ from dinodiff.generate.plan import GenerateSettings
 from dinodiff.generate.stage import generate_dataset
 from dinodiff.prepare import prepare
 from dinodiff.report import build_report
+from dinodiff.runs import resolve_model
 from dinodiff.train.trainer import train
-
-from dinodiff.demo.settings import DemoSettings
-from dinodiff.demo.summary import add_downstream
 
 logger = logging.getLogger(__name__)
 ENCODER_PRESET = "cpu-encoder"

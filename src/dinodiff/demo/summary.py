@@ -4,7 +4,6 @@ the results.json files the classify and segment stages wrote, and added to OUT/c
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ def classify_rows(path: Path) -> list[dict[str, Any]]:
 
 def segment_rows(path: Path) -> list[dict[str, Any]]:
     """Dice (both lungs, Hungarian matching) of each method, combined over datasets."""
-    data = json.loads(path.read_text())
+    data = read_results(path).data
     rows = []
     for key, method in data.get("methods", {}).items():
         combined = method["summary"].get("combined") or next(iter(method["summary"].values()))

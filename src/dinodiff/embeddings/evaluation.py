@@ -22,8 +22,17 @@ import numpy as np
 import torch
 
 from dinodiff.embeddings.data import CachedEmbeddings, HoldoutSplit, multi_hot
-from dinodiff.embeddings.metrics import embedding_report, frechet_distance, nearest_training, precision_recall
-from dinodiff.embeddings.model_io import EmbeddingModel, load_embedding_model, sample_embeddings
+from dinodiff.embeddings.metrics import (
+    embedding_report,
+    frechet_distance,
+    nearest_training,
+    precision_recall,
+)
+from dinodiff.embeddings.model_io import (
+    EmbeddingModel,
+    load_embedding_model,
+    sample_embeddings,
+)
 
 logger = logging.getLogger(__name__)
 

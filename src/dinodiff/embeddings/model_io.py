@@ -17,8 +17,8 @@ from diffusers import DDPMScheduler
 
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
-from dinodiff.sampling import inference_scheduler
 from dinodiff.runs import resolve_model
+from dinodiff.sampling import inference_scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -22,19 +22,32 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from dinodiff.embeddings.data import (CachedEmbeddings, HoldoutSplit, label_names, multi_hot, read_cached_embeddings,
-                                      split_holdout)
+from dinodiff.embeddings.data import (
+    CachedEmbeddings,
+    HoldoutSplit,
+    label_names,
+    multi_hot,
+    read_cached_embeddings,
+    split_holdout,
+)
 from dinodiff.embeddings.evaluation import evaluate_against_cache
 from dinodiff.embeddings.metrics import CHUNK
 from dinodiff.embeddings.model_io import save_embedding_model
 from dinodiff.files import write_json_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
-from dinodiff.runs import MetricsLog, commit, latest_checkpoint, prune, remove_stale_staging, staging_dir
+from dinodiff.runs import (
+    MetricsLog,
+    commit,
+    latest_checkpoint,
+    prune,
+    remove_stale_staging,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbeddingTrainSettings:
     """Everything a `train-embeddings` run depends on (saved as settings.json in the run folder)."""
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dinodiff import runs
+from dinodiff.devices import resolve_mixed_precision
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images
 from dinodiff.encoder.dino import (
@@ -45,7 +46,6 @@ from dinodiff.encoder.dino import (
 from dinodiff.encoder.export import save_encoder_folder, settings_record
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed, teacher_stats
 from dinodiff.encoder.settings import EncoderPretrainSettings, to_container
-from dinodiff.devices import resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 

@@ -25,16 +25,26 @@ import numpy as np
 import torch
 
 from dinodiff.encoder.augment import PRETRAINING_FAMILY, global_views
-from dinodiff.encoder.probe_data import ProbeImages, ProbeSelection, load_probe_images, select_probe_images
+from dinodiff.encoder.probe_data import (
+    ProbeImages,
+    ProbeSelection,
+    load_probe_images,
+    select_probe_images,
+)
 from dinodiff.encoder.probe_metrics import grouped, knn_auc, linear_auc, retrieval_top1
-from dinodiff.encoder.probe_table import TABLE_NAME, VIEW_NOTE, markdown_table, table_rows
+from dinodiff.encoder.probe_table import (
+    TABLE_NAME,
+    VIEW_NOTE,
+    markdown_table,
+    table_rows,
+)
 from dinodiff.encoder.settings import AugmentSettings
 from dinodiff.encoder.views import HeldOutViewSettings, heldout_views
 from dinodiff.files import write_bytes_atomic
-from dinodiff.results import Results, write_results
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.factory import RANDOM_PREFIX, resolve_encoder_path
 from dinodiff.models.training_images import TrainingImages
+from dinodiff.results import Results, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ __all__ = ["ProbeSettings", "embed", "knn_auc", "linear_auc", "markdown_table", 
            "retrieval_top1"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeSettings:
     size: int = 128  # side at which images are read (each encoder resizes to its own input)
     labels: list[str] | None = None  # None = every label with >= min_count positives and negatives

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 HELDOUT_FAMILY = ("shear", "zoom out", "resolution loss", "gaussian noise", "jpeg")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeldOutViewSettings:
     shear: float = 0.08  # largest |shear| along x and along y
     zoom_out: tuple[float, float] = (0.85, 1.0)  # scale of the image inside the view (<= 1: never a crop)

@@ -14,22 +14,27 @@ import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 import dinodiff
-from dinodiff.data.shards import decode_png
 from dinodiff.data.image_sets import SourceImage, iter_sources
+from dinodiff.data.shards import decode_png
 from dinodiff.files import atomic_path, write_bytes_atomic
 from dinodiff.generate.plan import GenerateSettings, Item, ItemPlan, image_path
+from dinodiff.generate.sources import (
+    SOURCES_DIR,
+    SourceTable,
+    is_complete,
+    write_sources,
+)
+from dinodiff.pipeline import DiNODiffusionPipeline
 from dinodiff.pipeline.figures import save_interpolation_strips, save_rows
 from dinodiff.pipeline.sample import encode_sources
-from dinodiff.generate.sources import SOURCES_DIR, SourceTable, is_complete, write_sources
-from dinodiff.pipeline import DiNODiffusionPipeline
 
-logger = logging.getLogger("dinodiff.generate")
+logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE, LABELS_FILE, PREVIEW_FILE = "provenance.json", "labels.csv", "preview.png"
 LEGACY_SOURCES_FILE = "sources.pt"  # what dinodiff wrote before sources/ (whole c_GLB in one file)
@@ -44,7 +49,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def code_version() -> dict[str, Optional[str]]:
+def code_version() -> dict[str, str | None]:
     """dinodiff's version and, when run from a git checkout, its commit (+ '-dirty' with local changes)."""
     here = Path(dinodiff.__file__).resolve().parent
     try:
@@ -105,7 +110,7 @@ def open_sources(out: Path, source: str | Path, pipeline: DiNODiffusionPipeline,
     return SourceTable(folder)
 
 
-def _label_cell(value: Optional[float]) -> str:
+def _label_cell(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
@@ -153,7 +158,7 @@ def preview_items(plan: ItemPlan, rows: int, per_row: int = 8) -> list[Item]:
 def write_preview(out: Path, items: list[Item], sources: SourceTable, settings: GenerateSettings,
                   pipeline: DiNODiffusionPipeline, source: str | Path, rows: int) -> Path:
     """Reconstruction: sources and their first generated images. Interpolation: A, r = 0 ... 1, B strips."""
-    firsts: dict[tuple[int, Optional[int]], list[Item]] = {}
+    firsts: dict[tuple[int, int | None], list[Item]] = {}
     for it in items:
         if (it.a, it.b) in firsts or len(firsts) < rows:
             firsts.setdefault((it.a, it.b), []).append(it)

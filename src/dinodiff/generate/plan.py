@@ -10,21 +10,21 @@ worked on, so planning a million images costs megabytes, not a list of a million
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from dinodiff.sampling import item_seed
 from dinodiff.interpolate import MIXES, mix, nearer_source, plan_interpolations
+from dinodiff.sampling import item_seed
 
 STRATEGIES = ("reconstruction", "interpolation", "sampled")  # sampled: c_GLB from an embedding model (no source)
 IMAGES_PER_FOLDER = 10_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateSettings:
     """Everything the generated images depend on (saved in provenance.json; a rerun must match)."""
 
@@ -36,10 +36,10 @@ class GenerateSettings:
     scheduler: str = "dpm"
     mix: str = "lerp"  # interpolation of c_GLB: lerp | slerp
     r_range: tuple[float, float] = (0.0, 1.0)
-    r_values: Optional[list[float]] = None  # draw r from this list instead of r_range
+    r_values: list[float] | None = None  # draw r from this list instead of r_range
     shared_label: bool = True  # pairs share a positive label (the paper) or both have none (see dinodiff.interpolate)
     source_options: dict = field(default_factory=dict)  # iter_sources options: kind, split, limit, path_column, ...
-    embedding_model: Optional[str] = None  # sampled: a `dinodiff train-embeddings` folder
+    embedding_model: str | None = None  # sampled: a `dinodiff train-embeddings` folder
     embedding_guidance: float = 1.0  # sampled: classifier-free guidance on the labels of a conditional model
     embedding_steps: int = 50  # sampled: DDIM steps of the embedding model
 
@@ -59,8 +59,8 @@ class GenerateSettings:
 class Item:
     index: int
     a: int  # source index
-    b: Optional[int]  # second source (interpolation)
-    r: Optional[float]
+    b: int | None  # second source (interpolation)
+    r: float | None
     seed: int
 
     @property
@@ -80,7 +80,7 @@ class ItemPlan:
     def __len__(self) -> int:
         return len(self.a)
 
-    def items(self, start: int = 0, stop: Optional[int] = None) -> list[Item]:
+    def items(self, start: int = 0, stop: int | None = None) -> list[Item]:
         """Items start..stop-1 as objects (their seeds computed here)."""
         stop = len(self) if stop is None else min(stop, len(self))
         return [Item(i, int(self.a[i]), None if self.b[i] < 0 else int(self.b[i]),

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from dinodiff.data.image_sets import SourceImage
 from dinodiff.files import atomic_path, write_bytes_atomic
 
-logger = logging.getLogger("dinodiff.generate")
+logger = logging.getLogger(__name__)
 
 SOURCES_DIR = "sources"
 CHUNK = 4096  # sources per c_GLB file
@@ -45,7 +45,7 @@ class SourceTable:
         self.count, self.chunk, self.token_shape = int(info["count"]), int(info["chunk"]), tuple(info["shape"])
         self.names: list[str] = json.loads((self.folder / "names.json").read_text())
         self.labels: np.ndarray = np.load(self.folder / "labels.npy", mmap_mode="r")
-        self._ids: Optional[list[str]] = None
+        self._ids: list[str] | None = None
         self._chunks: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -62,7 +62,7 @@ class SourceTable:
         """(N, L) bool: source i is positive (1.0) for label l, as data.image_sets.positive_matrix."""
         return np.asarray(self.labels == 1.0)
 
-    def label_row(self, index: int) -> dict[str, Optional[float]]:
+    def label_row(self, index: int) -> dict[str, float | None]:
         return {n: float(v) for n, v in zip(self.names, self.labels[index]) if not math.isnan(v)}
 
     def source(self, index: int) -> SourceImage:

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -29,14 +29,20 @@ from tqdm.auto import tqdm
 
 from dinodiff.embeddings.generation import sampled_conditions
 from dinodiff.generate.outputs import open_sources, start_provenance, write_outputs
-from dinodiff.generate.plan import GenerateSettings, ItemPlan, image_path, item_conditions, plan_arrays
-from dinodiff.pipeline.sample import default_batch_size, load_pipeline, sample_batches
+from dinodiff.generate.plan import (
+    GenerateSettings,
+    ItemPlan,
+    image_path,
+    item_conditions,
+    plan_arrays,
+)
 from dinodiff.generate.sources import SourceTable
 from dinodiff.generate.writer import ImageWriter
 from dinodiff.memory import fix_mmap_threshold
 from dinodiff.pipeline import DiNODiffusionPipeline, to_uint8_array
+from dinodiff.pipeline.sample import default_batch_size, load_pipeline, sample_batches
 
-logger = logging.getLogger("dinodiff.generate")
+logger = logging.getLogger(__name__)
 
 SYNC_TIMEOUT_S = 6 * 3600  # how long the other processes wait while the main one works alone
 
@@ -51,7 +57,7 @@ class Job:
     batch_size: int
     mine: list[int]  # chunk indices of this process
     todo: list[int]  # those with a missing image
-    sampled_c_glb: Optional[torch.Tensor] = None  # sampled strategy: one c_GLB per item
+    sampled_c_glb: torch.Tensor | None = None  # sampled strategy: one c_GLB per item
 
     def bounds(self, chunk: int) -> range:
         return range(chunk * self.batch_size, min((chunk + 1) * self.batch_size, len(self.plan)))
@@ -82,7 +88,7 @@ def plan_job(out: Path, source: str | Path, pipeline: DiNODiffusionPipeline, set
 
 
 def generate_dataset(model: str | Path, source: str | Path, out: str | Path, settings: GenerateSettings, *,
-                     batch_size: Optional[int] = None, preview_rows: int = 4, progress: bool = True,
+                     batch_size: int | None = None, preview_rows: int = 4, progress: bool = True,
                      sync_timeout_s: float = SYNC_TIMEOUT_S, precision: str = "auto", writers: int = 2) -> Path:
     """Write (or finish) a synthetic dataset in `out`; runs in every process under `accelerate launch`.
 

@@ -13,7 +13,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Optional
 
 import numpy as np
 
@@ -62,7 +61,7 @@ class ImageWriter:
     def __enter__(self) -> "ImageWriter":
         return self
 
-    def __exit__(self, kind: Optional[type], error: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if error is None:
             self.close()
         else:  # the loop failed: finish what was queued, but report the loop's error

@@ -28,7 +28,11 @@ import torch.nn.functional as F
 from diffusers import ModelMixin
 from torch import nn
 
-from dinodiff.models.training_images import TrainingImages, read_training_images, write_training_images
+from dinodiff.models.training_images import (
+    TrainingImages,
+    read_training_images,
+    write_training_images,
+)
 
 logger = logging.getLogger(__name__)
 

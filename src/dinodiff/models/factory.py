@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -26,7 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from dinodiff.data.cached import cache_key
 from dinodiff.data.loader import first_images
 from dinodiff.files import temporary_sibling
-from dinodiff.models.autoencoders import LatentAutoencoder, estimate_latent_stats, load_autoencoder
+from dinodiff.models.autoencoders import (
+    LatentAutoencoder,
+    estimate_latent_stats,
+    load_autoencoder,
+)
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.projection import ConditionProjection
 from dinodiff.models.random_init import save_random_encoder
@@ -161,7 +165,7 @@ def build_noise_scheduler(cfg: DictConfig) -> DDPMScheduler:
     return DDPMScheduler(**OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoencoder] = None) -> Components:
+def build_components(model_cfg: DictConfig, autoencoder: LatentAutoencoder | None = None) -> Components:
     """Encoder, autoencoder, a freshly initialised (or SD-initialised) UNet and the projection."""
     encoder = build_encoder(model_cfg.encoder)
     autoencoder = autoencoder or build_autoencoder(model_cfg.autoencoder)

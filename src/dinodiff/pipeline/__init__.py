@@ -4,8 +4,14 @@ reconstructions of given images (`sample`), and the figures a person looks at (`
 the sweep, classify (through `generate`), the demo and `generate` itself all call these; no stage lends them.
 """
 
-from dinodiff.pipeline.diffusion import (DiNODiffusionPipeline, DiNODiffusionPipelineOutput, load_model_folder,
-                                         run_cond_dropout, save_model_folder, to_uint8_array)
+from dinodiff.pipeline.diffusion import (
+                                         DiNODiffusionPipeline,
+                                         DiNODiffusionPipelineOutput,
+                                         load_model_folder,
+                                         run_cond_dropout,
+                                         save_model_folder,
+                                         to_uint8_array,
+)
 
 __all__ = ["DiNODiffusionPipeline", "DiNODiffusionPipelineOutput", "load_model_folder", "run_cond_dropout",
            "save_model_folder", "to_uint8_array"]

@@ -5,16 +5,14 @@ A pipeline with a chosen sampler, the sources' c_GLB, and images drawn one gener
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
-from dinodiff.sampling import item_seed
 from dinodiff.models.factory import enable_tf32
 from dinodiff.pipeline.diffusion import DiNODiffusionPipeline
-from dinodiff.sampling import inference_scheduler
-
+from dinodiff.sampling import inference_scheduler, item_seed
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_BATCH, CPU_BATCH = 32, 8  # default images per batch: a 512 px sd15 batch of 32 fills ~20 GB in bf16

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -18,9 +18,15 @@ from omegaconf import DictConfig
 from dinodiff.data.cached import build_cache_loader, read_cache_info
 from dinodiff.data.loader import build_train_loader, first_images
 from dinodiff.data.shards import list_shards
-from dinodiff.models.factory import FROZEN_DTYPE, Components, ensure_latent_stats, frozen_precision, model_cache_key
+from dinodiff.models.factory import (
+    FROZEN_DTYPE,
+    Components,
+    ensure_latent_stats,
+    frozen_precision,
+    model_cache_key,
+)
 
-logger = logging.getLogger("dinodiff.train")
+logger = logging.getLogger(__name__)
 
 
 def _stream_seed(seed: int, segment: int, rank: int) -> int:
@@ -63,8 +69,8 @@ class TrainData:
         self.cfg, self.parts = cfg, parts
         self.rank, self.world = process_index, num_processes
         self.device = next(parts.unet.parameters()).device
-        self._holdout: Optional[torch.Tensor] = None
-        self.cache_info: Optional[dict] = None
+        self._holdout: torch.Tensor | None = None
+        self.cache_info: dict | None = None
         if cfg.data.cache:
             self.cache_info = read_cache_info(cfg.data.cache, model_cache_key(cfg.model))
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -26,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dinodiff.models.factory import Components, enable_tf32
 
-logger = logging.getLogger("dinodiff.train")
+logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")

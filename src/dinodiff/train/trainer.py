@@ -32,9 +32,9 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,17 +47,17 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dinodiff import runs
-from dinodiff.runs import EvalHook
+from dinodiff.devices import resolve_mixed_precision
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
+from dinodiff.runs import EvalHook
 from dinodiff.train.data import TrainData, check_data_config
 from dinodiff.train.performance import make_optimizer, sdpa_backend, tune_components
 from dinodiff.train.samples import save_reconstruction_grid
 from dinodiff.train.stats import StatsReading, StepStats
-from dinodiff.devices import resolve_mixed_precision
 
-logger = logging.getLogger("dinodiff.train")
+logger = logging.getLogger(__name__)
 
 # One row every train.log_every steps; loss and grad_norm are means over the steps since the previous row (and
 # over the processes), images_per_s over that window.
@@ -70,7 +70,7 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the step is abandoned and no checkpoint is written."""
 
 
-def main_wait_group(timeout_s: float) -> Optional[dist.ProcessGroup]:
+def main_wait_group(timeout_s: float) -> dist.ProcessGroup | None:
     """A gloo group in which the other processes wait, up to `timeout_s`, while the main process works alone.
 
     Its own group, so waiting for an evaluation never counts against the training collectives' timeout
@@ -88,7 +88,7 @@ def _maybe_inject_fault(step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, eval_hook: Optional[EvalHook] = None):
+    def __init__(self, cfg: DictConfig, eval_hook: EvalHook | None = None):
         self.cfg, self.eval_hook = cfg, eval_hook
         tcfg = cfg.train
         check_data_config(cfg)
@@ -225,7 +225,7 @@ class Trainer:
         skip = (self.step - segment * every) * self.cfg.train.grad_accum
         return self.data.batches(segment=segment, skip=skip)
 
-    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step; returns its loss (mean over micro-batches, this process) and the gradient norm
         (None without optim.max_grad_norm), both still on the device: nothing here waits for the GPU."""
         acc, tcfg = self.accelerator, self.cfg.train
@@ -364,7 +364,7 @@ class Trainer:
         self.accelerator.log({k: v for k, v in scores.items() if isinstance(v, (int, float))}, step=self.step)
 
 
-def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:
+def train(cfg: DictConfig, eval_hook: EvalHook | None = None) -> Path:
     """Train (or resume) the run described by `cfg`; returns the run folder.
 
     With train.eval_every > 0, `eval_hook` scores each such checkpoint (the CLI builds the FID hook from the

@@ -4,7 +4,6 @@ subsample, and chunking that changes nothing. The references go through the same
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from dinodiff.cli import app
+from dinodiff.results import read_results
 from dinodiff.evaluate.audit import AuditSettings, audit, copies
 
 from audit_data import COPIES, DISGUISES, SIZE, TWIN_PATIENT, disguise, row, write_prepared, write_synthetic
@@ -50,13 +50,13 @@ def test_train_reference_is_against_another_patient(cxr_audit):
     pairwise = pairwise.reshape(len(twins), len(twins)).fill_diagonal_(float("inf"))
     assert (pairwise.min(1).values < 0.2).sum() >= 8  # the data: this patient's images come in near-identical pairs
     train_ref = _calibration(cxr_audit["results"], "train->train")
-    assert train_ref["dcr_n"] == 151 and cxr_audit["results"]["provenance"]["train"]["patient_ids"] == 151
+    assert train_ref["dcr_n"] == 151 and cxr_audit["results"].provenance["train"]["patient_ids"] == 151
     # no training image is matched with its own patient's twin: every reference distance is a different patient's
     assert train_ref["dcr_min"] > 10 * float(pairwise.min()) and train_ref["dcr_min"] > train_ref["copy_threshold"]
 
 
 def test_memorisation_neighbour_of_a_source_is_another_patient(cxr_audit):
-    memo = next(r for r in cxr_audit["results"]["tables"]["memorisation"] if r["space"] == "pixels")
+    memo = next(r for r in cxr_audit["results"].tables["memorisation"] if r["space"] == "pixels")
     assert memo["sources"] == 12 and memo["variations"] == 12
     # 8 sources have a JPEG copy as their variation, 4 of them the twice-published patient's (whose nearest image
     # of the same patient is nearer than the copy): all 8 memorised; the 4 given unrelated images are not
@@ -67,7 +67,7 @@ def test_memorisation_neighbour_of_a_source_is_another_patient(cxr_audit):
 # ------------------------------------------------------------------------------- honesty and outputs (item 9)
 def test_results_carry_exact_intervals_and_say_the_held_out_reference_is_too_small(cxr_audit):
     results, out = cxr_audit["results"], cxr_audit["out"]
-    saved = json.loads((out / "results.json").read_text())
+    saved = read_results(out / "results.json")
     found = row(saved, "unrelated")
     ci = binomtest(found["flagged_copies_k"], found["dcr_n"]).proportion_ci(method="exact")
     assert (found["flagged_copies_ci95_low"], found["flagged_copies_ci95_high"]) == pytest.approx((ci.low, ci.high))
@@ -77,16 +77,16 @@ def test_results_carry_exact_intervals_and_say_the_held_out_reference_is_too_sma
     assert found["reference"] == "holdout->train" and found["reference_n"] == 60 and found["reference_too_small"]
     holdout_ref = _calibration(saved, "holdout->train")
     assert holdout_ref["too_small"] and holdout_ref["p5_ci95_low"] is None and holdout_ref["p5_ci95_high"] > 0
-    assert any("holdout->train (pixels) has only 60 distances" in w for w in saved["warnings"])
-    assert "Clopper-Pearson" in saved["note"] and "rotation" in saved["note"]
-    assert saved["headline"]["flagged copies, unrelated (pixels)"].startswith("0/60 = 0.0% [0.0, 6.0]")
+    assert any("holdout->train (pixels) has only 60 distances" in w for w in saved.warnings)
+    assert "Clopper-Pearson" in saved.note and "rotation" in saved.note
+    assert saved.headline["flagged copies, unrelated (pixels)"].startswith("0/60 = 0.0% [0.0, 6.0]")
     markdown = (out / "audit.md").read_text()
     assert "| unrelated |" in markdown and "0/60 = 0.0% [0.0, 6.0]" in markdown and "too few to calibrate" in markdown
-    status = {r["space"]: r["status"] for r in saved["tables"]["spaces"]}
+    status = {r["space"]: r["status"] for r in saved.tables["spaces"]}
     assert status["pixels"] == "available" and status["xrv"].startswith("unavailable")
-    for name in saved["figures"].values():
+    for name in saved.figures.values():
         assert Image.open(out / name).size[0] > 100
-    assert results.tables["dcr"] == saved["tables"]["dcr"]
+    assert results.tables["dcr"] == saved.tables["dcr"]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_train_reference_is_a_stated_seeded_subsample(small_audit):
 
 def test_chunking_and_memory_bound_do_not_change_the_audit(small_audit):
     for table in ("dcr", "calibration"):
-        assert small_audit[7]["tables"][table] == small_audit[1000]["tables"][table]
+        assert small_audit[7].tables[table] == small_audit[1000].tables[table]
 
 
 def test_cli_help_says_limit_never_caps_the_training_set():

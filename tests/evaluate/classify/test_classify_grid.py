@@ -207,7 +207,7 @@ def test_rerun_with_other_settings_is_refused(phantoms, tmp_path):
         classify(other, progress=False)
     more_workers = _settings(tmp_path / "g", phantoms, tmp_path / "no-model", "experiments=[control]",
                              "synthetic.model=null", "workers=2")
-    assert classify(more_workers, progress=False)["cells"] == 4  # all cached: nothing retrained
+    assert classify(more_workers, progress=False).data["cells"] == 4  # all cached: nothing retrained
     grid_file = tmp_path / "g" / "grid.json"
     older = {k: v for k, v in json.loads(grid_file.read_text()).items() if k != "protocol"}
     grid_file.write_text(json.dumps(older))  # cells of the protocol before issue 20

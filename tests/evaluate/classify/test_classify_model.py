@@ -108,7 +108,7 @@ def test_a_changed_model_regenerates_and_reruns_only_the_synthetic_cells(phantom
                                                                          monkeypatch):  # noqa: F811
     out = tmp_path / "grid"
     first = classify(_settings(out, phantoms, tiny_model_folder), progress=False)
-    assert first.provenance["synthetic model chosen"] == "model folder"
+    assert first.provenance["synthetic model chosen"] == "the folder given"
     run = tmp_path / "run"
     shutil.copytree(tiny_model_folder, run / "checkpoints" / "checkpoint-5" / "model")
     (run / "checkpoints" / "checkpoint-5" / "trainer").mkdir()

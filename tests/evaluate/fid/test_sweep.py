@@ -14,8 +14,9 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from dinodiff.evaluate.fid.settings import FidSettings
+from dinodiff.config import FidSettings
 from dinodiff.evaluate.fid.sweep import best_row, hook_from_config, make_fid_hook, promote_best, sweep, upsert
+from dinodiff.results import read_results
 
 # A random tiny DINOv2 as the extractor keeps these tests fast; the XRV path is covered in test_fid.py.
 EVAL = ["eval.extractor=dinov2", "eval.weights=random:transformers-dinov2", "eval.num_real=6", "eval.num_sources=3",
@@ -59,8 +60,11 @@ def test_training_with_eval_every_writes_fid_csv_plot_and_best(trained_run: Path
     import json
 
     record = json.loads((trained_run / "best" / "best.json").read_text())
-    assert record["step"] == int(best["step"]) and record["metric"] == "fid"
-    assert record["scores"]["extractor"] == "dinov2:cls"
+    assert record["step"] == int(best["step"]) and record["metric"].startswith("fid dinov2:cls on ")
+    assert record["scores"]["extractor"] == "dinov2:cls" and record["value"] == float(best["fid"])
+    results = read_results(trained_run / "results.json")  # the sweep's record, which the report shows
+    assert results.kind == "fid" and [row["step"] for row in results.tables[next(iter(results.tables))]] == [2, 4]
+    assert results.figures and "★" in str(results.tables)
     assert (trained_run / "best" / "model" / "unet").is_dir()
     assert Image.open(trained_run / "fid.png").size[0] > 100
     assert len(list((trained_run / "fid-cache").glob("dinov2-cls-n6-*.npz"))) == 1  # real set extracted once
@@ -143,7 +147,9 @@ def test_fid_hook_returns_named_scores_and_leaves_the_global_rng_alone(trained_r
     torch.manual_seed(123)
     result = hook(run / "checkpoints" / "checkpoint-4" / "model", 4)
     assert torch.equal(torch.rand(4), expected)  # training's random stream is not shifted by evaluation
-    assert set(result) == {"fid", "kid_mean", "kid_std", "extractor"} and result["extractor"] == "dinov2:cls"
+    assert list(result)[0] == "fid" and result["extractor"] == "dinov2:cls"  # the first score decides best/
+    assert {"kid_mean", "kid_std", "n_real", "n_fake", "split", "metric"} <= set(result)
+    assert result["metric"] == "fid dinov2:cls on train (6 real vs 6 generated, 2 per source, 2 steps, seed 0)"
     assert result["fid"] == pytest.approx(float(_rows(trained_run)[-1]["fid"]), rel=1e-6)
 
 
@@ -163,13 +169,17 @@ def test_best_row_upsert_and_pruned_best(tmp_path: Path, caplog: pytest.LogCaptu
     assert "pruned" in caplog.text and not (tmp_path / "best").exists()
 
 
-def test_fid_settings_from_the_config_eval_section_match_the_cli_defaults() -> None:
-    from dinodiff.config import load_config
+def test_the_config_eval_section_is_the_one_fid_settings_object() -> None:
+    from omegaconf import OmegaConf
 
-    cfg = load_config("tiny", EVAL + ["eval.real=somewhere"])
-    settings = FidSettings.from_eval_config(cfg.eval)
-    assert settings == replace(SETTINGS, real="somewhere")  # every eval.* field lands in the one settings object
-    assert FidSettings.from_eval_config(load_config("tiny", []).eval) == FidSettings()  # same defaults as the CLI's
+    from dinodiff.config import ConfigError, load_config
+
+    cfg = load_config("tiny", EVAL + ["eval.real=somewhere", "eval.kid_subsets=7"])
+    settings = OmegaConf.to_object(cfg.eval)
+    assert settings == replace(SETTINGS, real="somewhere", kid_subsets=7)  # every field, one list
+    assert OmegaConf.to_object(load_config("tiny", []).eval) == FidSettings()  # the defaults the CLI uses too
+    with pytest.raises(ConfigError, match="num_reals"):
+        load_config("tiny", ["eval.num_reals=5"])  # a misspelt or renamed field fails instead of being dropped
 
 
 def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from dinodiff.evaluate.segment.metrics import (
 )
 from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.evaluate.segment.stage import segment
+from dinodiff.results import read_results
 from dinodiff.runs import run_models
 
 
@@ -198,7 +199,10 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
         assert text in markdown
     assert (tmp_path / "table.csv").read_text().startswith("table,dataset,method")
     assert sorted(Path(p).name for p in results["overlays"].values()) == ["lungs-covid.png", "lungs-shenzhen.png"]
-    assert json.loads((tmp_path / "results.json").read_text())["best"]["combined"]["cell"]["grid"] in (4, 8)
+    record = read_results(tmp_path / "results.json")  # the results record the report shows
+    assert record.kind == "segment" and record.data["best"]["combined"]["cell"]["grid"] in (4, 8)
+    assert sorted(record.figures.values()) == ["overlays/lungs-covid.png", "overlays/lungs-shenzhen.png"]
+    assert any(k.endswith("Mean-mask prior") for k in record.headline)
 
     calls = []
     real_capture = segment_module.capture_attention

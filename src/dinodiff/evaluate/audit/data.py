@@ -22,8 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from dinodiff.data.image_sets import (SyntheticDataset, SyntheticRow, image_records, is_prepared,
-                                     iter_sources, resize_square)
+
+from dinodiff.data.image_sets import (
+    SyntheticDataset,
+    SyntheticRow,
+    image_records,
+    is_prepared,
+    iter_sources,
+    resize_square,
+)
 from dinodiff.data.subjects import subject_key
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinodiff.evaluate.audit import tables
-from dinodiff.evaluate.audit.data import ImageSet, TrainingSet, load_real, load_synthetic, open_training, \
-    strategy_and_ratio
-from dinodiff.evaluate.audit.report import write_outputs
-from dinodiff.evaluate.audit.search import QuerySet, calibration_positions, pair_distances, search
-from dinodiff.evaluate.audit.spaces import (FeatureSpace, encoder_space, find_encoder, pixel_space, rad_dino_space,
-                                            xrv_space)
-from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space
 from dinodiff.devices import resolve_device
+from dinodiff.evaluate.audit import tables
+from dinodiff.evaluate.audit.data import (
+    ImageSet,
+    TrainingSet,
+    load_real,
+    load_synthetic,
+    open_training,
+    strategy_and_ratio,
+)
+from dinodiff.evaluate.audit.report import write_outputs
+from dinodiff.evaluate.audit.search import (
+    QuerySet,
+    calibration_positions,
+    pair_distances,
+    search,
+)
+from dinodiff.evaluate.audit.spaces import (
+    FeatureSpace,
+    encoder_space,
+    find_encoder,
+    pixel_space,
+    rad_dino_space,
+    xrv_space,
+)
+from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space
 from dinodiff.results import Results
 
 logger = logging.getLogger(__name__)
@@ -34,7 +51,7 @@ logger = logging.getLogger(__name__)
 SOURCES = "reconstruction sources"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditSettings:
     """What the audit reads and how (saved under results.json's provenance)."""
 

@@ -10,14 +10,14 @@ it is that control; the comparison uses those cells and says so.
 
 from __future__ import annotations
 
-from typing import Container, Optional
+from collections.abc import Container
 
 Setup = tuple[str, str, int]  # experiment, strategy, ratio
 REAL: Setup = ("real", "-", 0)
 ORDER = {"real": 0, "control": 1, "control-full": 2, "augmentation": 3, "full-synthetic": 4}  # table rows
 
 
-def same_cells_as(setup: Setup, ratios: Container[int], experiments: Container[str]) -> Optional[Setup]:
+def same_cells_as(setup: Setup, ratios: Container[int], experiments: Container[str]) -> Setup | None:
     """The cells a control-full arm would duplicate (real x r): real only at r = 1, else the control at r - 1
     when the grid trains it; None when it must be trained itself (or for any other arm)."""
     experiment, _, ratio = setup
@@ -28,7 +28,7 @@ def same_cells_as(setup: Setup, ratios: Container[int], experiments: Container[s
     return ("control", "-", ratio - 1) if ratio - 1 in ratios and "control" in experiments else None
 
 
-def matched_control(setup: Setup, ratios: Container[int], experiments: Container[str]) -> Optional[Setup]:
+def matched_control(setup: Setup, ratios: Container[int], experiments: Container[str]) -> Setup | None:
     """The arm whose cells are the control with the same training count as a synthetic arm; None for the others."""
     experiment, _, ratio = setup
     if experiment == "augmentation":
@@ -51,7 +51,7 @@ def arm_name(setup: Setup) -> str:
     return f"{experiment} {strategy} 1:{ratio}"
 
 
-def control_name(setup: Setup, control: Optional[Setup]) -> Optional[str]:
+def control_name(setup: Setup, control: Setup | None) -> str | None:
     """How a synthetic arm's matched control is named; one that reuses other cells says so."""
     if control is None:
         return None

@@ -17,10 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinodiff.data.augment import paper_augmentation
-
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.classify.settings import ClassifierSettings
 from dinodiff.evaluate.classify.stats import macro_auc
-from dinodiff.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from dinodiff.evaluate.classify.arms import ORDER, REAL, Setup, arm_name, control_name, matched_control
+from dinodiff.evaluate.classify.arms import (
+    ORDER,
+    REAL,
+    Setup,
+    arm_name,
+    control_name,
+    matched_control,
+)
 from dinodiff.evaluate.classify.bootstrap import bootstrap_arms, percentile_interval
 from dinodiff.evaluate.classify.settings import ClassifySettings
-from dinodiff.evaluate.classify.stats import correct, corrected_resampled_ttest, mean_sd, relative_improvement
+from dinodiff.evaluate.classify.stats import (
+    correct,
+    corrected_resampled_ttest,
+    mean_sd,
+    relative_improvement,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class Cell:
         return f"{base}-m{self.model}" if self.model else base
 
 
-def plan_cells(settings: ClassifySettings, model_key: Optional[str]) -> list[Cell]:
+def plan_cells(settings: ClassifySettings, model_key: str | None) -> list[Cell]:
     """Every cell of the grid; synthetic experiments only with a model (`model_key`). A control-full cell that
     would repeat another cell (real x1 = real only; real x r = the control at r - 1) is not trained again."""
     cells, ratios = [], settings.synthetic.ratios
@@ -91,7 +91,7 @@ def is_done(out: Path, cell: Cell) -> bool:
 
 
 def cell_parts(settings: ClassifySettings, cell: Cell, real: ImageSet, labels: list[str], test_rows: np.ndarray,
-               syn: Optional[ImageSet]) -> tuple[list[np.ndarray], Part, Part, Part]:
+               syn: ImageSet | None) -> tuple[list[np.ndarray], Part, Part, Part]:
     """(arrays, train, val, test) of a cell: array 0 is the real cache, array 1 the cell's synthetic set."""
     subset = read_subset(subset_path(Path(settings.out) / "subsets", cell.regime, cell.seed))
     targets = real.columns(labels)
@@ -120,7 +120,7 @@ def cell_parts(settings: ClassifySettings, cell: Cell, real: ImageSet, labels: l
     return arrays, train, real_part(val), real_part(test_rows)
 
 
-def run_cell(out: str | Path, cell: Cell, device: Optional[str] = None) -> dict:
+def run_cell(out: str | Path, cell: Cell, device: str | None = None) -> dict:
     """Train and test one cell (in any process) and cache its result and test scores; returns the result row."""
     out = Path(out)
     path = cell_path(out, cell)
@@ -129,7 +129,7 @@ def run_cell(out: str | Path, cell: Cell, device: Optional[str] = None) -> dict:
     grid = json.loads((out / GRID_FILE).read_text())
     settings = _from_grid(grid)
     if device is not None:
-        settings.classifier.device = device
+        settings = replace(settings, classifier=replace(settings.classifier, device=device))
     if settings.classifier.threads > 0:
         torch.set_num_threads(settings.classifier.threads)
     size, labels = settings.classifier.image_size, grid["labels"]
@@ -156,7 +156,7 @@ def _from_grid(grid: dict) -> ClassifySettings:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClassifySettings), grid["settings"]))
 
 
-def _devices(settings: ClassifySettings) -> list[Optional[str]]:
+def _devices(settings: ClassifySettings) -> list[str | None]:
     if settings.classifier.device == "auto" and torch.cuda.device_count() > 1:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return [None]

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
-from dinodiff.data.image_sets import SourceImage, SyntheticDataset, iter_sources, label_names
+
+from dinodiff.data.image_sets import (
+    SourceImage,
+    SyntheticDataset,
+    iter_sources,
+    label_names,
+)
 from dinodiff.evaluate.classify.settings import DataSettings
 from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
 from dinodiff.files import atomic_path, write_json_atomic
@@ -30,11 +36,11 @@ class ImageSet:
     ids: list[str]
     positive: np.ndarray
     names: list[str]
-    split: Optional[np.ndarray] = None  # 'train' / 'test' / 'excluded' per image (real images only)
-    subjects: Optional[list[str]] = None  # the subject (patient) key of each image (real images only)
-    subject_counts: Optional[dict[str, int]] = None  # how many images got their subject each way (see split)
-    source_a: Optional[list[str]] = None  # synthetic: the source(s) each image was made from
-    source_b: Optional[list[str]] = None
+    split: np.ndarray | None = None  # 'train' / 'test' / 'excluded' per image (real images only)
+    subjects: list[str] | None = None  # the subject (patient) key of each image (real images only)
+    subject_counts: dict[str, int] | None = None  # how many images got their subject each way (see split)
+    source_a: list[str] | None = None  # synthetic: the source(s) each image was made from
+    source_b: list[str] | None = None
 
     def columns(self, labels: list[str]) -> np.ndarray:
         """(N, len(labels)) float32 targets; a label this set lacks is all negative."""
@@ -69,7 +75,7 @@ def _open(path: Path, count: int, size: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size))
 
 
-def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], Optional[list[str]]]:
+def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], list[str] | None]:
     """Every labelled source image, and the source's own split ('train'/'test') when it has a test split."""
     options = source_options(data)
     try:

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from dinodiff.evaluate.classify.bootstrap import CI_NAME
 from dinodiff.evaluate.classify.arms import REAL
+from dinodiff.evaluate.classify.bootstrap import CI_NAME
 from dinodiff.evaluate.classify.compare import by_setup
 from dinodiff.evaluate.classify.settings import ClassifySettings
 from dinodiff.evaluate.classify.stats import TEST_NAME, relative_improvement

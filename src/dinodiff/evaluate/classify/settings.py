@@ -8,14 +8,14 @@ Presets live next to the training presets as ``configs/classify-*.yaml`` (``clas
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from dinodiff.config import ConfigError, merge_preset
+from dinodiff.config import ConfigError, build_settings
 
 logger = logging.getLogger(__name__)
 
@@ -29,26 +29,26 @@ _REFUSED_TESTS = {"ttest": "a plain paired t-test over cross-validation folds ig
                   "wilcoxon": "a signed-rank test over cross-validation folds treats overlapping folds as independent"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSettings:
     """The labelled real images: prepared shards or any dataset `dinodiff.data.datasets.discover` reads."""
 
     source: str = ""
     kind: str = "auto"  # auto | shards | csv | folder | mimic-cxr | montgomery | ...
-    label_columns: Optional[list[str]] = None  # CSV: label columns (a text column such as finding -> one per value)
-    path_column: Optional[str] = None
-    root: Optional[str] = None
-    labels: Optional[list[str]] = None  # the labels L to classify; None = every label with enough positives
+    label_columns: list[str] | None = None  # CSV: label columns (a text column such as finding -> one per value)
+    path_column: str | None = None
+    root: str | None = None
+    labels: list[str] | None = None  # the labels L to classify; None = every label with enough positives
     min_positives: int = 10  # auto-chosen labels need this many positives in both the pool and the test set
     balance_none: bool = False  # also draw images positive for none of L (a '(none)' stratum): gives negatives
     test_fraction: float = 0.25  # test share by subject hash when the source has no test split
     split_seed: int = 0
-    subject_column: Optional[str] = None  # CSV: the patient column (default: subject, patient_id, ... when present)
-    subject_pattern: Optional[str] = None  # images without a subject: regex on ids, group 1 (MIMIC: '^p\d+__(p\d+)__')
-    test_limit: Optional[int] = None  # use at most this many test images (first by id)
+    subject_column: str | None = None  # CSV: the patient column (default: subject, patient_id, ... when present)
+    subject_pattern: str | None = None  # images without a subject: regex on ids, group 1 (MIMIC: '^p\d+__(p\d+)__')
+    test_limit: int | None = None  # use at most this many test images (first by id)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifierSettings:
     """The paper's DenseNet-121 recipe; backbone and size are configurable so CPU runs can use a small net."""
 
@@ -70,11 +70,11 @@ class ClassifierSettings:
     threads: int = 0  # torch CPU threads per cell process (0 = torch's default)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticSettings:
     """How synthetic sets are made with `dinodiff.generate` (per regime, strategy and ratio)."""
 
-    model: Optional[str] = None  # model / checkpoint / run folder; None: only the real and control experiments
+    model: str | None = None  # model / checkpoint / run folder; None: only the real and control experiments
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     ratios: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     num_inference_steps: int = 25
@@ -82,10 +82,10 @@ class SyntheticSettings:
     scheduler: str = "dpm"
     seed: int = 0
     batch_size: int = 16
-    folder: Optional[str] = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
+    folder: str | None = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifySettings:
     out: str = "classify-output"
     regimes: list[int] = field(default_factory=lambda: [50, 100, 500, 1000, 5000, 10000])
@@ -135,12 +135,7 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
 
 def load_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifySettings:
     """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``)."""
-    merged = merge_preset(ClassifySettings, source, overrides)
-    try:
-        settings = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid classify settings ({source or 'defaults'}): {str(err).splitlines()[0]}") from None
-    return _check(settings)  # type: ignore[arg-type]
+    return _check(build_settings(ClassifySettings, source, overrides))
 
 
 def to_dict(settings: ClassifySettings) -> dict[str, Any]:

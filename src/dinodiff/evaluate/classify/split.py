@@ -10,7 +10,7 @@ The split is the data's own test split when it has one, else `dinodiff.data.subj
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,8 +22,8 @@ FROM_DATA, FROM_PATTERN, OWN = "from the data", "from data.subject_pattern", "no
 EXCLUDED = "excluded"  # a pool image whose subject is in the data's own test split
 
 
-def resolve_subjects(ids: Sequence[str], known: Sequence[Optional[str]],
-                     pattern: Optional[str]) -> tuple[list[str], dict[str, int]]:
+def resolve_subjects(ids: Sequence[str], known: Sequence[str | None],
+                     pattern: str | None) -> tuple[list[str], dict[str, int]]:
     """(subject key of each image, how many images got their subject each way).
 
     Raises `SubjectPatternMismatch` (a ValueError) when `pattern` misses an id that has no subject from the data.
@@ -43,7 +43,7 @@ def resolve_subjects(ids: Sequence[str], known: Sequence[Optional[str]],
     return subjects, counts
 
 
-def split_by_subject(subjects: Sequence[str], own_split: Optional[Sequence[str]], test_fraction: float,
+def split_by_subject(subjects: Sequence[str], own_split: Sequence[str] | None, test_fraction: float,
                      seed: int) -> np.ndarray:
     """'train' / 'test' per image; with the data's own split, pool images of a test subject become 'excluded'."""
     if own_split is None:

@@ -14,20 +14,29 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from dinodiff.evaluate.classify.compare import summarise
-from dinodiff.evaluate.classify.grid import GRID_FILE, plan_cells, run_cells, scores_path
+from dinodiff.evaluate.classify.grid import (
+    GRID_FILE,
+    plan_cells,
+    run_cells,
+    scores_path,
+)
 from dinodiff.evaluate.classify.images import ImageSet, load_real
 from dinodiff.evaluate.classify.report import write_report
 from dinodiff.evaluate.classify.settings import ClassifySettings, to_dict
 from dinodiff.evaluate.classify.split import EXCLUDED, OWN
 from dinodiff.evaluate.classify.subsets import NONE_STRATUM, build_subsets
-from dinodiff.evaluate.classify.synthetic import SyntheticModel, make_synthetic, synthetic_model
-from dinodiff.results import Results
+from dinodiff.evaluate.classify.synthetic import (
+    SyntheticModel,
+    make_synthetic,
+    synthetic_model,
+)
 from dinodiff.files import write_json_atomic
+from dinodiff.results import Results
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +98,7 @@ def _check_grid(out: Path, settings: ClassifySettings, labels: list[str], test_r
                              "test_rows": [int(r) for r in test_rows]})
 
 
-def _synthetic(settings: ClassifySettings, real: ImageSet) -> Optional[SyntheticModel]:
+def _synthetic(settings: ClassifySettings, real: ImageSet) -> SyntheticModel | None:
     """The model the synthetic sets come from (and the sets, made now), or None without synthetic experiments."""
     wanted = any(e in settings.experiments for e in ("augmentation", "full-synthetic"))
     if wanted and not settings.synthetic.model:
@@ -102,7 +111,7 @@ def _synthetic(settings: ClassifySettings, real: ImageSet) -> Optional[Synthetic
     return model
 
 
-def _provenance(settings: ClassifySettings, real: ImageSet, model: Optional[SyntheticModel]) -> dict[str, Any]:
+def _provenance(settings: ClassifySettings, real: ImageSet, model: SyntheticModel | None) -> dict[str, Any]:
     counts = real.subject_counts or {}
     excluded = int((real.split == EXCLUDED).sum())
     subjects = {k: v for k, v in counts.items() if v}

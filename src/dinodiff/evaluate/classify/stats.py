@@ -11,8 +11,8 @@ only, so Holm's step-down family-wise correction (Holm 1979) and Bonferroni are 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as sps

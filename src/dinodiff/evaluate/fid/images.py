@@ -10,9 +10,9 @@ import hashlib
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 @dataclass(frozen=True, order=True)
 class ImageRef:
     path: str  # an image file, or a shard .tar
-    key: Optional[str] = None  # the sample key inside a shard; None for a plain file
+    key: str | None = None  # the sample key inside a shard; None for a plain file
 
     def __str__(self) -> str:
         return f"{self.path}#{self.key}" if self.key else self.path
@@ -51,7 +51,7 @@ def _is_mask(relative: Path) -> bool:
     return ".mask_" in relative.name or any(re.search(r"masks?$", part.lower()) for part in relative.parts[:-1])
 
 
-def list_images(source: str | Path, split: Optional[str] = "test") -> list[ImageRef]:
+def list_images(source: str | Path, split: str | None = "test") -> list[ImageRef]:
     """Every image of `source`, in a stable order.
 
     A prepared folder or a folder of shards gives its `split` shards when it has any, else all its
@@ -79,7 +79,7 @@ def list_images(source: str | Path, split: Optional[str] = "test") -> list[Image
     return refs
 
 
-def select(refs: list[ImageRef], num: Optional[int], seed: int = 0) -> list[ImageRef]:
+def select(refs: list[ImageRef], num: int | None, seed: int = 0) -> list[ImageRef]:
     """A seeded random subset of `num` images (all when `num` is None or >= len), kept in list order."""
     if num is None or num >= len(refs):
         return list(refs)

@@ -9,7 +9,7 @@ which must not count against the training collectives' timeout (NCCL's is 10 min
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -19,7 +19,7 @@ class Spread:
 
     def __init__(self, timeout_s: float = 6 * 3600):
         self.timeout_s = timeout_s
-        self._group: Optional[dist.ProcessGroup] = None
+        self._group: dist.ProcessGroup | None = None
 
     @staticmethod
     def _active() -> bool:
@@ -41,12 +41,12 @@ class Spread:
         """The indices of `count` chunks this process handles."""
         return list(range(self.rank, count, self.world))
 
-    def gather(self, value: Any) -> Optional[list[Any]]:
+    def gather(self, value: Any) -> list[Any] | None:
         """Every process's `value`, in rank order, on the main process; None on the others."""
         if not self._active():
             return [value]
         if self._group is None:  # every process reaches its first gather together, so they create it together
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
-        out: Optional[list[Any]] = [None] * self.world if self.is_main else None
+        out: list[Any] | None = [None] * self.world if self.is_main else None
         dist.gather_object(value, out, dst=0, group=self._group)
         return out

@@ -11,30 +11,31 @@ each reconstructs its share of the source chunks (`spread.Spread`) and the main 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dinodiff import runs
-from dinodiff.runs import EvalHook
+from dinodiff.config import FidSettings
 from dinodiff.data.shards import available_splits
 from dinodiff.devices import resolve_device
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
 from dinodiff.evaluate.fid.images import list_images, load_images, select
-from dinodiff.evaluate.fid.settings import FidSettings
 from dinodiff.evaluate.fid.spread import Spread
 from dinodiff.evaluate.fid.stage import cached_features, extract_features, scores
 from dinodiff.files import atomic_path
 from dinodiff.pipeline.sample import generate_reconstructions
 from dinodiff.pipeline.sample import load_pipeline as load_generation_pipeline
+from dinodiff.results import Results, write_results
+from dinodiff.runs import EvalHook
 
-logger = logging.getLogger("dinodiff.evaluate")
+logger = logging.getLogger(__name__)
 
 FIELDS = ["step", "fid", "kid_mean", "kid_std", "extractor", "tap", "n_real", "n_fake", "per_source",
           "sample_steps", "seed", "split", "checkpoint", "seconds"]
@@ -54,7 +55,7 @@ def real_set_of_run(run_dir: Path) -> str:
     return str(shards)
 
 
-def selection_split(images: str | Path, requested: Optional[str]) -> Optional[str]:
+def selection_split(images: str | Path, requested: str | None) -> str | None:
     """The split of `images` that checkpoints are scored on: the one named, else 'val', else 'train'.
 
     Never 'test' unless it is named (then with a warning): classify and fid report on the test split, and a
@@ -95,10 +96,10 @@ class CheckpointScorer:
         self.device = resolve_device(settings.device)
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else self.run_dir / "fid-cache"
         self.cache_dir = cache_dir if settings.cache else None
-        self._net: Optional[FeatureExtractor] = None
-        self._real_refs: Optional[list] = None
-        self._real_features: Optional[np.ndarray] = None
-        self._source_refs: Optional[list] = None
+        self._net: FeatureExtractor | None = None
+        self._real_refs: list | None = None
+        self._real_features: np.ndarray | None = None
+        self._source_refs: list | None = None
 
     @property
     def net(self) -> FeatureExtractor:
@@ -143,7 +144,7 @@ class CheckpointScorer:
     def expected_settings(self) -> dict:
         return self.row_settings(len(self.source_refs()) * self.per_source)
 
-    def score(self, model_folder: str | Path, step: int, spread: Optional[Spread] = None) -> Optional[dict]:
+    def score(self, model_folder: str | Path, step: int, spread: Spread | None = None) -> dict | None:
         """Generate from `model_folder`, extract features chunk by chunk, and return one fid.csv row.
 
         With `spread` over several processes, each makes its share of the chunks and only the main process
@@ -211,7 +212,7 @@ def upsert(rows: list[dict], row: dict) -> list[dict]:
     return kept + [row]
 
 
-def best_row(rows: list[dict]) -> Optional[dict]:
+def best_row(rows: list[dict]) -> dict | None:
     """The row with the lowest finite FID (earliest step on ties)."""
     finite = [r for r in rows if math.isfinite(float(r["fid"]))]
     return min(finite, key=lambda r: (float(r["fid"]), int(r["step"]))) if finite else None
@@ -245,12 +246,33 @@ def plot_fid(rows: list[dict], path: Path) -> Path:
 
 
 def record(run_dir: Path, row: dict) -> tuple[list[dict], Path]:
-    """Add `row` to RUN/fid.csv and redraw RUN/fid.png from the rows with its settings."""
+    """Add `row` to RUN/fid.csv, redraw RUN/fid.png from the rows with its settings and write RUN/results.json."""
     path = Path(run_dir) / "fid.csv"
     rows = upsert(read_rows(path), row)
     write_rows(path, rows)
     current = [r for r in rows if same_settings(r, row)]
-    return current, plot_fid(current, Path(run_dir) / "fid.png")
+    figure = plot_fid(current, Path(run_dir) / "fid.png")
+    write_results(run_dir, sweep_results(Path(run_dir), current))
+    return current, figure
+
+
+def sweep_results(run_dir: Path, rows: list[dict]) -> Results:
+    """The sweep's results record: FID by checkpoint for one setting (fid.csv keeps every setting), best starred."""
+    best = best_row(rows)
+    table = [{"step": int(r["step"]), "FID/FD": f"{float(r['fid']):.4g}" + (" ★" if r is best else ""),
+              "KID": f"{float(r['kid_mean']):.4g} ± {float(r['kid_std']):.2g}", "checkpoint": r.get("checkpoint", "")}
+             for r in sorted(rows, key=lambda r: int(r["step"]))]
+    setting = metric_name(best) if best else ""
+    return Results(
+        kind="fid", title=f"Image quality by checkpoint: {run_dir.name}",
+        provenance={"run": str(run_dir), "fid.csv": str(run_dir / "fid.csv"), "metric": setting,
+                    **{k: best.get(k, "") for k in ("extractor", "tap", "split", "n_real", "n_fake", "per_source",
+                                                     "sample_steps", "seed") if best}},
+        tables={f"FID by checkpoint: {setting}": table}, figures={f"FID by checkpoint: {run_dir.name}": "fid.png"},
+        headline={f"best FID ({best['extractor']}:{best['tap']}, {best.get('split') or '-'}) of {run_dir.name}":
+                  f"{float(best['fid']):.4g} @ step {best['step']}"} if best else {},
+        note="★: the checkpoint RUN/best/ holds for this setting (lowest FID, the earlier step on a tie). FIDs of "
+             "other feature spaces, splits or sample sizes are kept in fid.csv and are not comparable with these.")
 
 
 def metric_name(row: dict) -> str:
@@ -266,7 +288,7 @@ def best_scores(row: dict) -> dict:
             "n_fake": int(row["n_fake"]), "split": row.get("split") or "-", "metric": metric_name(row)}
 
 
-def promote_best(run_dir: Path, best: dict) -> Optional[Path]:
+def promote_best(run_dir: Path, best: dict) -> Path | None:
     """Offer the best row's checkpoint to RUN/best/ under the one policy (runs.keep_best); RUN/best/ when it holds
     that checkpoint now, None when it could not (the checkpoint was pruned)."""
     scores = best_scores(best)
@@ -341,5 +363,6 @@ def hook_from_config(cfg: DictConfig) -> EvalHook:
         logger.warning("train.eval_every=%d is not a multiple of train.checkpoint_every=%d: FID runs only at "
                        "checkpoints that fall on a multiple of eval_every.", cfg.train.eval_every,
                        cfg.train.checkpoint_every)
-    return make_fid_hook(cfg.train.run_dir, FidSettings.from_eval_config(e, real=str(real)),
+    settings = FidSettings(**OmegaConf.to_container(e, resolve=True))  # the eval section is a FidSettings
+    return make_fid_hook(cfg.train.run_dir, dataclasses.replace(settings, real=str(real)),
                          timeout_s=cfg.train.eval_timeout_s)

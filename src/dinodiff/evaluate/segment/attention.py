@@ -171,7 +171,10 @@ def load_sd15(folder: str | Path, device: str | torch.device = "cpu") -> Attenti
 
     The context is the empty prompt's text embedding whatever the condition, as in DiffSeg.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer  # only for the SD 1.5 baseline
+    from transformers import (  # only for the SD 1.5 baseline
+        CLIPTextModel,
+        CLIPTokenizer,
+    )
 
     folder = Path(folder)
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / p).is_dir()]

@@ -14,6 +14,7 @@ import numpy as np
 from dinodiff.evaluate.segment.metrics import hungarian_scores, mean_sd
 from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.files import atomic_path, write_bytes_atomic
+from dinodiff.results import Results
 
 COMBINED = "combined"
 PRIMARY = ("hungarian", "both")
@@ -230,3 +231,26 @@ def write_overlays(out: Path, cases: Sequence[Any], records: Sequence[dict], n: 
         plt.close(fig)
         paths[dataset] = str(path)
     return paths
+
+
+def results_record(out: Path, results: Mapping[str, Any]) -> Results:
+    """`dinodiff segment`'s results record: Table 2 (table.md), the overlays, each method's combined Dice as the
+    headline; everything `segment` returns under data."""
+    headline = {}
+    for key, method in results["methods"].items():
+        combined = method["summary"].get(COMBINED) or next(iter(method["summary"].values()))
+        mean, sd = combined["hungarian_both"][:2]
+        headline[f"Dice, both lungs, {method['name']}"] = f"{100 * mean:.1f} ± {100 * sd:.1f} %"
+    best = results["best"].get(COMBINED, {})
+    return Results(
+        kind="segment", title="Zero-shot lung segmentation: Table 2 and Figure 5",
+        provenance={"settings": results["settings"], "images": results["datasets"],
+                    "best configuration (combined)": best.get("description", ""),
+                    "model": (best.get("cell") or {}).get("model", "")},
+        tables={"Table 2 (table.md)": "table.md"},
+        figures={f"overlays: {name}": str(Path(path).relative_to(out)) if Path(path).is_relative_to(out) else path
+                 for name, path in (results.get("overlays") or {}).items()},
+        headline=headline, data=dict(results),
+        note=f"Attention entropy of the best configuration: {results['attention_entropy']['mean']:.3f} of "
+             f"{results['attention_entropy']['max_possible']:.3f} nats possible (near the maximum: near-uniform "
+             "attention).")

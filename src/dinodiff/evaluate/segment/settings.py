@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dinodiff.evaluate.segment.attention import CONDITIONS
@@ -32,15 +30,15 @@ class SegmentSettings:
     reads each threshold as a quantile of the image's anchor-to-anchor KL instead.
     """
 
-    thresholds: Sequence[float] = (0.05,)
+    thresholds: tuple[float, ...] = (0.05,)
     threshold_mode: str = "absolute"
     merge_iterations: int = 3
-    timesteps: Sequence[int] = (300,)
-    grid_sizes: Sequence[int] = (16,)
+    timesteps: tuple[int, ...] = (300,)
+    grid_sizes: tuple[int, ...] = (16,)
     condition: str = "image"  # the UNet's condition: the image's own c_GLB, or null
     noise_seed: int | None = None  # noise the latent to the timestep with this seed (None: the clean latent)
     resolution: int | None = None  # image size in pixels; None = the (first) model's
-    sd15: str | Path | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
+    sd15: str | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
     batch_size: int = 8  # images per UNet pass
     device: str = "auto"
     limit: int | None = None  # only the first N images of each dataset

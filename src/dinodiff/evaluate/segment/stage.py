@@ -23,16 +23,31 @@ import torch
 from omegaconf import OmegaConf
 
 from dinodiff import runs
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.segment import report as seg_report
-from dinodiff.evaluate.segment.attention import AttentionModel, capture_attention, load_attention_model
+from dinodiff.evaluate.segment.attention import (
+    AttentionModel,
+    capture_attention,
+    load_attention_model,
+)
 from dinodiff.evaluate.segment.data import SegCase, load_cases
-from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_entropy, diffseg, map_side
-from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans, score_labels
+from dinodiff.evaluate.segment.diffseg import (
+    aggregate_attention,
+    attention_entropy,
+    diffseg,
+    map_side,
+)
+from dinodiff.evaluate.segment.metrics import (
+    mean_mask_prior,
+    otsu_segments,
+    position_kmeans,
+    score_labels,
+)
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
-from dinodiff.devices import resolve_device
+from dinodiff.results import write_results
 
-log = logging.getLogger("dinodiff.segment")
+log = logging.getLogger(__name__)
 CELL_VERSION = 2
 
 
@@ -238,5 +253,5 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
         results["overlays"] = seg_report.write_overlays(
             out, cases, table[cell], settings.n_overlay,
             lambda sel: segment_with(model, sel, [cell], cell.timestep, settings)[cell])
-    write_bytes_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    write_results(out, seg_report.results_record(out, results))
     return results
