@@ -31,7 +31,7 @@ SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 def run_section(name: str, budget: float, args: argparse.Namespace, work: Path) -> dict:
     out_json = work / f"{name}.json"
-    cmd = [sys.executable, str(HERE / "sections.py"), name, "--json", str(out_json), "--bundle", args.bundle,
+    cmd = [sys.executable, str(HERE / "run_section.py"), name, "--json", str(out_json), "--bundle", args.bundle,
            "--work", str(work / name), "--out", args.out, "--budget-s", str(max(budget - SECTION_STARTUP_S, 10))]
     if args.dry_run:
         cmd.append("--dry-run")

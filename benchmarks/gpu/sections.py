@@ -1,6 +1,6 @@
 """The throughput sections of the GPU evidence run (issue 16): sd15 training, sampling, DiffSeg.
 
-    python benchmarks/gpu/sections.py train_throughput --json OUT.json [--dry-run] [--budget-s 90]
+    python benchmarks/gpu/run_section.py train_throughput --json OUT.json [--dry-run] [--budget-s 90]
 
 Each section writes one JSON object (its measurements, or status=failed with the error) and returns.
 Weights are random: the cost of a UNet pass does not depend on their values. On a CPU (--dry-run)
@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,59 +273,3 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
 
 
 SECTIONS = {"train_throughput": train_throughput, "sampling": sampling_throughput, "diffseg": diffseg_speed}
-
-
-def run_section(name: str, func, args: argparse.Namespace) -> dict:
-    """Run one section; any error becomes status=failed with its traceback tail, so the next section still runs."""
-    start = time.time()
-    try:
-        result = {"status": "ok", **func(args)}
-    except Exception as err:  # noqa: BLE001 - the evidence run must record, not stop
-        logger.exception("section %s failed", name)
-        result = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                  "traceback": traceback.format_exc()[-3000:]}
-    result["wall_s"] = round(time.time() - start, 1)
-    return result
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section")
-    parser.add_argument("--json", required=True, help="where to write the section's result")
-    parser.add_argument("--bundle", default=".gpu")
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--out", default=None, help="$OUT (figures and the model tar of the real-data section)")
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--budget-s", type=float, default=90)
-    parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args(argv)
-    args.save_partial = lambda payload: save_partial(args, payload)
-    args.device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    if args.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if args.section == "real_data":
-        from realdata import real_data  # benchmarks/gpu/realdata.py, beside this file
-
-        func = real_data
-    elif args.section in ("trainer_steps", "generate_precision"):
-        from trainsteps import SECTIONS as TRAINER_SECTIONS  # issue 22: benchmarks/gpu/trainsteps.py
-
-        func = TRAINER_SECTIONS[args.section]
-    else:
-        func = SECTIONS[args.section]
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    result = run_section(args.section, func, args)
-    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    logger.info("section %s: %s in %.1f s", args.section, result["status"], result["wall_s"])
-
-
-if __name__ == "__main__":
-    main()

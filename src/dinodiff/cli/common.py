@@ -9,7 +9,6 @@ from typing import Any, TypeVar, Union
 
 import click
 import typer
-from click.core import ParameterSource
 
 app = typer.Typer(
     help=(
@@ -75,8 +74,10 @@ S = TypeVar("S")
 def typed(ctx: click.Context, **options: Any) -> dict[str, Any]:
     """The options of the running command that were typed on the command line (or set in the environment), by
     name: an option left at its default is not here, so it never overrides a --config file."""
+    sources = {name: ctx.get_parameter_source(name) for name in options}
+    # by name: typer's ParameterSource may be its own copy of click's enum
     return {name: value for name, value in options.items()
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+            if sources[name] is not None and sources[name].name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def stage_settings(schema: type[S], config: str | None, values: Mapping[str, Any],
