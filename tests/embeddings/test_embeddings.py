@@ -202,6 +202,18 @@ def test_copy_distance_is_the_nearest_of_all_cached_views_of_each_training_image
     assert float(own_distances(twins).min()) == 0.0 and float(own_distances(twins, subjects).min()) > 0.1
 
 
+def test_the_holdout_is_drawn_within_a_prepared_train_split():
+    """A cache holds prepare's train split: the subjects whose hash (same rule, seed 0) put them outside the test
+    fraction. The hold-out must not reuse that hash, or no fraction up to prepare's would select anyone."""
+    from dinodiff.data.subjects import hash_split
+
+    keys = [f"img{i}" for i in range(2000) if hash_split(f"img{i}", 0.2, 0) == "train"][:400]
+    data = CachedEmbeddings(torch.zeros(len(keys), 1, 1, 2), keys, [{} for _ in keys])
+    for fraction in (0.1, 0.2):
+        held = len(split_holdout(data, fraction, seed=0).holdout)
+        assert abs(held / len(keys) - fraction) < 0.05, (fraction, held)
+
+
 def test_holdout_takes_whole_subjects_and_is_seeded():
     subjects = [f"p{i // 3}" for i in range(90)]  # 30 patients x 3 images
     data = CachedEmbeddings(torch.zeros(90, 1, 1, 2), [f"k{i}" for i in range(90)], [{}] * 90, subjects)

@@ -62,13 +62,18 @@ class HoldoutSplit:
                 "holdout_images": int(len(self.holdout)), "holdout_keys": [data.keys[i] for i in self.holdout]}
 
 
+HOLDOUT_SALT = "embedding-holdout"  # independent of prepare's test split (same seed, same rule)
+
+
 def split_holdout(data: CachedEmbeddings, fraction: float, seed: int) -> HoldoutSplit:
-    """Hold out a seeded `fraction` of the subjects (images when unknown) with prepare's hash rule
-    (dinodiff.data.subjects.hash_split): every image of a held-out patient is held out; 0 holds out nothing."""
+    """Hold out a seeded `fraction` of the subjects (images when unknown) by prepare's hash rule
+    (dinodiff.data.subjects.hash_split) on a salted key: every image of a held-out patient is held out; 0 holds
+    out nothing. The salt matters: a cache usually holds a prepared train split, i.e. the subjects whose unsalted
+    hash under the same seed was above prepare's test fraction, so the unsalted rule would hold out none."""
     everything = np.arange(len(data.keys))
     if fraction <= 0:
         return HoldoutSplit(everything, everything[:0], 0.0, seed, "none")
-    held = np.array([hash_split(g, fraction, seed) == "test" for g in data.groups()], dtype=bool)
+    held = np.array([hash_split(f"{HOLDOUT_SALT}:{g}", fraction, seed) == "test" for g in data.groups()], dtype=bool)
     known = sum(s is not None for s in data.subjects)
     by = "image" if not known else "subject" if known == len(data.keys) else "subject (image where unknown)"
     if held.all() or not held.any():

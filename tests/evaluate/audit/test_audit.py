@@ -130,3 +130,19 @@ def test_cli_help_says_limit_never_caps_the_training_set():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "Never caps the training set" in text and "--calibration-queries" in text and "--max-memory-mb" in text
+
+
+def test_held_out_duplicates_of_training_images_are_named():
+    """The same radiograph under two patient ids (cxr-covid's eurorad/radiopaedia case) sits in train and held
+    out at distance ~0: it pulls the held-out reference down until nothing can be flagged. The audit says so."""
+    from types import SimpleNamespace
+
+    from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space, duplicate_warning
+
+    rng = np.random.default_rng(0)
+    train_ref, held = rng.uniform(4.0, 8.0, 300), rng.uniform(4.0, 8.0, 107)
+    space = Space(SimpleNamespace(name="pixels"), {TRAIN_REFERENCE: train_ref, HOLDOUT_REFERENCE: held})
+    assert duplicate_warning(space) == ""
+    space.references[HOLDOUT_REFERENCE] = np.concatenate([held, np.full(7, 0.01)])
+    warning = duplicate_warning(space)
+    assert warning.startswith("7 of 114 held-out images are nearer a training image (pixels)") and "--holdout" in warning

@@ -95,6 +95,7 @@ def warnings(spaces: list[Space], train_subjects: int, train_images: int) -> lis
         warning = stats.reference_warning(name, sp.space.name, stats.calibration(values))
         if warning:
             out.append(warning)
+        out += [w for w in [duplicate_warning(sp)] if w]
     if train_subjects == 0:
         out.append("The training set has no patient ids (prepared metadata `subject`): train->train compares each "
                    "image with every other image, a patient's other images included, which pulls that reference "
@@ -103,6 +104,23 @@ def warnings(spaces: list[Space], train_subjects: int, train_images: int) -> lis
         out.append(f"{train_images - train_subjects} of {train_images} training images have no patient id: each is "
                    "taken as its own patient.")
     return out
+
+
+def duplicate_warning(sp: Space) -> str:
+    """Held-out images nearer a training image than the copy threshold of the train -> other-patient reference:
+    most likely the same radiograph filed under two patient ids (public sets republish cases). They pull the
+    held-out reference (and so the copy threshold) down until nothing can be flagged."""
+    if HOLDOUT_REFERENCE not in sp.references or TRAIN_REFERENCE not in sp.references:
+        return ""
+    held, threshold = sp.references[HOLDOUT_REFERENCE], stats.calibration(sp.references[TRAIN_REFERENCE])
+    near = int((held < threshold["copy_threshold"]).sum())
+    if not near:
+        return ""
+    return (f"{near} of {len(held)} held-out images are nearer a training image ({sp.space.name}) than the copy "
+            f"threshold of the train -> other-patient reference ({threshold['copy_threshold']:.3g}): the same image "
+            "under two patient ids? They pull the held-out reference down (its p5 "
+            f"{stats.calibration(held)['p5']:.3g} vs train -> train {threshold['p5']:.3g}), so copies go unflagged; "
+            "audit again with --holdout without them, or give the duplicates one subject id.")
 
 
 def ci_text(k: int, n: int, fraction: float, low: float, high: float) -> str:
