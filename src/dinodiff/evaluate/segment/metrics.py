@@ -161,3 +161,17 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000,
+                     seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean of a - b over paired items, its 95% percentile-bootstrap interval (items resampled with
+    replacement) and a two-sided bootstrap p-value for 'no difference': (mean, low, high, p)."""
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    if diff.size == 0:
+        return float("nan"), float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (n_boot, diff.size))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return float(diff.mean()), float(low), float(high), float(p)
