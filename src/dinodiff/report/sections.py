@@ -209,7 +209,7 @@ def _named_files(data: Any, depth: int = 0) -> list[str]:
 def _segment_extras(data: dict) -> tuple[dict[str, str], dict[str, str]]:
     """Headline Dice numbers and provenance of `dinodiff segment`'s results.json."""
     headline = {}
-    for method in ("diffseg", "prior"):
+    for method in ("diffseg", "diffcut", "prior"):
         mean = _dig(data, f"methods.{method}.summary.combined.hungarian_both")
         if isinstance(mean, list) and mean and _float(mean[0]) is not None:
             headline[f"Dice, {_dig(data, f'methods.{method}.name') or method}"] = f"{100 * float(mean[0]):.1f} %"
