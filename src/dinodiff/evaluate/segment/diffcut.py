@@ -53,18 +53,24 @@ def fiedler_vector(affinity: np.ndarray) -> np.ndarray:
 
 
 def bipartition(affinity: np.ndarray, candidates: int = N_SPLIT_CANDIDATES) -> tuple[np.ndarray, float]:
-    """The split of lowest Ncut among ``candidates`` thresholds on the Fiedler vector: (mask, ncut)."""
+    """The split of lowest Ncut among ``candidates`` thresholds on the Fiedler vector: (mask, ncut).
+
+    All candidates at once: with indicator columns X, cut = X^T d - diag(X^T W X) and assoc(A) = X^T d.
+    """
     y = fiedler_vector(affinity)
     lo, hi = float(y.min()), float(y.max())
     if hi - lo <= 1e-12 * max(abs(lo), abs(hi), 1.0):
         return np.zeros(len(y), bool), float("inf")
-    best_mask, best = np.zeros(len(y), bool), float("inf")
-    for threshold in np.linspace(lo, hi, candidates + 2)[1:-1]:
-        mask = y > threshold
-        value = ncut_value(affinity, mask)
-        if value < best:
-            best_mask, best = mask, value
-    return best_mask, best
+    masks = y[:, None] > np.linspace(lo, hi, candidates + 2)[None, 1:-1]  # (N, candidates)
+    x = masks.astype(np.float64)
+    degree = affinity.sum(1)
+    assoc = degree @ x
+    cut = assoc - np.einsum("nt,nt->t", x, affinity @ x)
+    rest = degree.sum() - assoc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.where((assoc > 0) & (rest > 0), cut / assoc + cut / rest, np.inf)
+    best = int(np.argmin(values))
+    return masks[:, best], float(values[best])
 
 
 def recursive_ncut(affinity: np.ndarray, tau: float, min_size: int = 2, max_depth: int = 8) -> np.ndarray:
