@@ -18,6 +18,7 @@ from dinodiff.evaluate.segment.diffcut import (
 from dinodiff.evaluate.segment.locality import (
     attention_distance,
     layer_locality,
+    logit_spread,
     row_entropy,
     uniform_attention_distance,
 )
@@ -97,6 +98,10 @@ def test_attention_distance_and_entropy_of_identity_local_and_uniform_maps():
     assert stats["uniform"]["distance_ratio"] == pytest.approx(1.0)
     assert 0 < stats["local"]["distance_ratio"] < 0.3 and stats["local"]["entropy_ratio"] < 0.6
     assert stats["id"]["distance_px"] == 0 and stats["id"]["entropy_ratio"] < 1e-6
+    logits = torch.randn(1, n, n, generator=torch.Generator().manual_seed(0)) * 0.3  # small logits: near-uniform
+    spread = logit_spread(torch.softmax(logits, -1))
+    assert torch.allclose(spread, logits.double().std(-1), atol=1e-6)  # the softmax only shifts each row
+    assert float(logit_spread(uniform).max()) < 1e-9
 
 
 def _cases(n: int, dataset: str = "a", per_subject: int = 1) -> list[SegCase]:

@@ -35,8 +35,8 @@ class SelfAttentionCapture:
     """
 
     def __init__(self, name: str, store: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 outputs: dict[str, torch.Tensor] | None = None) -> None:
-        self.name, self.store, self.dtype, self.outputs = name, store, dtype, outputs
+                 outputs: dict[str, torch.Tensor] | None = None, inputs: dict[str, torch.Tensor] | None = None) -> None:
+        self.name, self.store, self.dtype, self.outputs, self.inputs = name, store, dtype, outputs, inputs
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -51,6 +51,8 @@ class SelfAttentionCapture:
         batch, length, _ = hidden_states.shape
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if self.inputs is not None:  # what the layer attends over (B, N, C): the block's normalised features
+            self.inputs[self.name] = hidden_states.detach().float()
         query = attn.to_q(hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
@@ -104,10 +106,11 @@ ENCODER_PREFIX = "down_blocks."
 @dataclass
 class Capture:
     """One UNet pass: every self-attention map (name -> (B, N, N), head-averaged, in call order) and, when
-    asked, the outputs of the encoder's self-attention layers (name -> (B, N, C))."""
+    asked, the outputs (``features``) and inputs of the encoder's self-attention layers (name -> (B, N, C))."""
 
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -121,8 +124,9 @@ def capture_self_attention(unet: UNet2DConditionModel, dtype: torch.dtype = torc
 
     def processor(name: str) -> SelfAttentionCapture:
         layer = name.removesuffix(".processor")
-        keep = capture.features if features and layer.startswith(ENCODER_PREFIX) else None
-        return SelfAttentionCapture(layer, store, dtype, keep)
+        encoder = features and layer.startswith(ENCODER_PREFIX)
+        return SelfAttentionCapture(layer, store, dtype, capture.features if encoder else None,
+                                    capture.inputs if encoder else None)
 
     swapped = {name: processor(name) if name.endswith("attn1.processor") else proc
                for name, proc in original.items()}

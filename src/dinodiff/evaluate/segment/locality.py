@@ -5,7 +5,9 @@ follows the image's structure. Two numbers per map say whether a model has it:
 
 - entropy of each query's distribution over keys, against log N (uniform attention);
 - mean attention distance: the expected distance, in map pixels, from a query to the keys it attends to,
-  against the same quantity under uniform attention (``uniform_attention_distance``).
+  against the same quantity under uniform attention (``uniform_attention_distance``);
+- the spread of the attention logits: the SD over keys of log p (= of q.k / sqrt(d), the softmax removes only
+  a constant per query). Below ~0.5 the softmax is close to uniform, whatever the logits encode.
 
 A map of side ``s`` holds ``s*s`` query rows and ``s*s`` key columns, flattened row-major (as in diffseg).
 """
@@ -37,6 +39,14 @@ def row_entropy(attn: torch.Tensor) -> torch.Tensor:
     return -(p * p.log()).sum(-1)
 
 
+def logit_spread(attn: torch.Tensor) -> torch.Tensor:
+    """SD over keys of each query's log-probabilities (its attention logits up to a constant): (..., N, N) -> (..., N).
+
+    Of head-averaged maps this is the spread of the averaged distribution's log, a lower bound for the heads'.
+    """
+    return attn.double().clamp_min(1e-30).log().std(-1)
+
+
 def attention_distance(attn: torch.Tensor) -> torch.Tensor:
     """Expected distance (map pixels) from each query to the keys it attends to: (..., N, N) -> (..., N)."""
     side = map_side(attn.shape[-1])
@@ -55,7 +65,7 @@ def layer_locality(attn: torch.Tensor) -> dict[str, float]:
 
     ``entropy_ratio`` = entropy / log N (1 = uniform); ``distance_px`` in map pixels; ``distance_frac`` =
     distance / side; ``distance_ratio`` = distance / the uniform map's distance (1 = no locality, 0 = each
-    query attends only to itself).
+    query attends only to itself); ``logit_sd`` = the spread of the logits (see ``logit_spread``).
     """
     n = attn.shape[-1]
     side = map_side(n)
@@ -64,4 +74,4 @@ def layer_locality(attn: torch.Tensor) -> dict[str, float]:
     uniform = uniform_attention_distance(side)
     return {"side": side, "entropy": entropy, "max_entropy": math.log(n), "entropy_ratio": entropy / math.log(n),
             "distance_px": distance, "distance_frac": distance / side, "uniform_distance_px": uniform,
-            "distance_ratio": distance / uniform}
+            "distance_ratio": distance / uniform, "logit_sd": float(logit_spread(attn).mean())}
