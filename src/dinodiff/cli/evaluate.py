@@ -100,6 +100,7 @@ def segment(
     taus: str = typer.Option("0.5", help="DiffCut: comma list of Ncut thresholds tau (a segment is split while its best cut is below tau)."),
     alphas: str = typer.Option("10", help="DiffCut: comma list of affinity exponents alpha (cosine similarity, min-max scaled, ** alpha)."),
     feature_sides: str = typer.Option("0", help="DiffCut: comma list of feature maps: 0 = the encoder's final self-attention (DiffCut's), S = the last encoder self-attention with an SxS map."),
+    refine: str = typer.Option("none", help="Comma list: none (the methods as published) and/or components (also each method with every segment split into its connected components, its own column)."),
     timesteps: str = typer.Option("300", help="Comma list of timestep groups to grid-search; a group averages its passes, e.g. 300,100+300+500."),
     noise_seeds: str = typer.Option("", help="Comma list of noise seeds: one noised pass per seed and timestep, averaged (default: the clean latent, as DiffSeg)."),
     report_fraction: float = typer.Option(0.5, help="Share of subjects (images without subject ids: images) in the report split; the rest choose the configuration."),
@@ -130,6 +131,7 @@ def segment(
             threshold_mode=threshold_mode, merge_iterations=merge_iterations, timesteps=groups,
             grid_sizes=[int(v) for v in grid_sizes.split(",") if v.strip()], taus=floats(taus) or [],
             alphas=floats(alphas) or [], feature_sides=[int(v) for v in feature_sides.split(",") if v.strip()],
+            refinements=[r.strip() for r in refine.split(",") if r.strip()],
             noise_seeds=[int(v) for v in noise_seeds.split(",") if v.strip()], report_fraction=report_fraction,
             split_seed=split_seed, condition=condition, resolution=resolution, sd15=sd15, batch_size=batch_size,
             device=device, limit=limit, n_overlay=overlays)

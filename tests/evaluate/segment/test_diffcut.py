@@ -22,7 +22,7 @@ from dinodiff.evaluate.segment.locality import (
     row_entropy,
     uniform_attention_distance,
 )
-from dinodiff.evaluate.segment.metrics import paired_bootstrap
+from dinodiff.evaluate.segment.metrics import paired_bootstrap, split_components
 from dinodiff.evaluate.segment.report import best_cells
 from dinodiff.evaluate.segment.settings import Cell
 from dinodiff.evaluate.segment.split import REPORT, TUNE, assign_splits, subjects_by_split, tag
@@ -151,3 +151,14 @@ def test_paired_bootstrap_interval_covers_a_planted_difference():
     assert p < 0.01
     _, lo0, hi0, p0 = paired_bootstrap(b + rng.normal(0, 0.02, 60), b)
     assert lo0 < 0 < hi0 and p0 > 0.05
+
+
+def test_split_components_gives_each_blob_of_a_segment_its_own_label():
+    labels = np.zeros((10, 12), int)
+    labels[2:5, 1:4] = 1  # one segment, two blobs (the two lungs of a lungs-vs-rest map)
+    labels[2:5, 8:11] = 1
+    labels[7:9, 5:7] = 2
+    out = split_components(labels)
+    assert len(np.unique(out)) == 4  # background, two blobs of 1, the blob of 2
+    assert out[3, 2] != out[3, 9] and len(np.unique(out[2:5, 1:4])) == 1
+    assert np.array_equal(split_components(out), out)  # already connected: unchanged

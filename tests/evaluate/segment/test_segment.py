@@ -226,7 +226,7 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
     assert loads == [tiny_model] and len(results["overlays"]) == 1  # was loaded twice: grid, then overlays
     assert results["settings"] == {"threshold_mode": "relative", "merge_iterations": 3, "condition": "image",
                                    "noise_seeds": [], "resolution": 32, "methods": ["diffseg"],
-                                   "report_fraction": 0.5, "split_seed": 0}
+                                   "refinements": ["none"], "report_fraction": 0.5, "split_seed": 0}
 
 
 def test_checkpoint_models_expands_runs_and_checkpoints(tmp_path):
@@ -291,11 +291,19 @@ def test_diffcut_beside_diffseg_with_averaged_timesteps_and_noise_reports_only_t
     data = [shared_data / "lungs-shenzhen", shared_data / "lungs-covid"]
     results = segment([tiny_model], data, tmp_path, methods=("diffseg", "diffcut"), thresholds=[0.3],
                       threshold_mode="relative", grid_sizes=[4], taus=[0.3, 0.6], alphas=[10.0],
-                      feature_sides=[0, 8], timesteps=[(100, 300)], noise_seeds=[0, 1], limit=6, n_overlay=1)
-    assert {"diffseg", "diffcut", "prior", "otsu", "position", "whole"} == set(results["methods"])
+                      feature_sides=[0, 8], timesteps=[(100, 300)], noise_seeds=[0, 1], limit=6, n_overlay=1,
+                      refinements=("none", "components"))
+    assert {"diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "prior", "otsu", "position", "whole"} == set(
+        results["methods"])
     cells = [c["cell"] for c in results["cells"]]
-    assert sorted((c["method"], c["grid"], c["threshold"]) for c in cells if c["method"] == "diffcut") == [
+    assert sorted((c["method"], c["grid"], c["threshold"]) for c in cells
+                  if c["method"] == "diffcut" and c["refine"] == "none") == [
         ("diffcut", 0, 0.3), ("diffcut", 0, 0.6), ("diffcut", 8, 0.3), ("diffcut", 8, 0.6)]
+    for method in ("diffseg", "diffcut"):  # a refined map has at least the segments of the unrefined one
+        plain, split = (results["methods"][m]["per_image"] for m in (method, method + "+cc"))
+        if results["best_by_method"][method]["combined"]["cell"]["threshold"] == \
+                results["best_by_method"][method + "+cc"]["combined"]["cell"]["threshold"]:
+            assert all(b["n_segments"] >= a["n_segments"] for a, b in zip(plain, split))
     assert all(tuple(c["timesteps"]) == (100, 300) for c in cells)
     tuning, reported = set(results["splits"]["tune"]), set(results["splits"]["report"])
     assert tuning and reported and not tuning & reported

@@ -24,7 +24,7 @@ from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass
 from dinodiff.evaluate.segment.data import SegCase
 from dinodiff.evaluate.segment.diffcut import diffcut
 from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_entropy, diffseg, map_side
-from dinodiff.evaluate.segment.metrics import score_labels
+from dinodiff.evaluate.segment.metrics import score_labels, split_components
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
 
@@ -77,6 +77,13 @@ def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[
 
 def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
     """One image's label map and info for one cell."""
+    labels, info = _method_labels(cell, passes, b, shape, settings)
+    if cell.refine == "components":
+        labels = torch.from_numpy(split_components(labels.cpu().numpy()))
+    return labels, info
+
+
+def _method_labels(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
     if cell.method == "diffcut":
         if cell.grid not in passes.features:
             raise ValueError(f"no encoder self-attention map of side {cell.grid} (sides: "
@@ -130,7 +137,8 @@ def _cell_path(out: Path, cell: Cell, settings: SegmentSettings) -> Path:
     noise = "" if not s.noise_seeds else "_noise" + "-".join(str(n) for n in s.noise_seeds)
     params = (f"g{cell.grid}_{s.threshold_mode[:3]}{cell.threshold:g}x{s.merge_iterations}" if cell.method == "diffseg"
               else f"side{cell.grid}_tau{cell.threshold:g}_alpha{cell.alpha:g}")
-    name = f"{cell.method}_t{cell.timestep_label}_{params}_{s.condition}{noise}_r{s.resolution}.json"
+    refine = "" if cell.refine == "none" else f"_{cell.refine}"
+    name = f"{cell.method}_t{cell.timestep_label}_{params}{refine}_{s.condition}{noise}_r{s.resolution}.json"
     return out / "cells" / cell.model / name
 
 

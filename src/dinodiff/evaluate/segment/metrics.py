@@ -147,6 +147,19 @@ def otsu_threshold(image: np.ndarray) -> float:
     return float(np.argmax(between))
 
 
+def split_components(labels: np.ndarray) -> np.ndarray:
+    """Each segment of a label map split into its 4-connected components: (H, W) -> (H, W) labels 0..K-1."""
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, np.int64)
+    count = 0
+    for value in np.unique(labels):
+        comp, n = ndimage.label(labels == value)
+        inside = comp > 0
+        out[inside] = comp[inside] - 1 + count
+        count += n
+    return out
+
+
 def otsu_segments(image: np.ndarray) -> np.ndarray:
     """Otsu baseline: dark (air) pixels at or below Otsu's threshold split into connected components, one
     segment each; everything brighter is segment 0."""

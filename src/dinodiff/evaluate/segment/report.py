@@ -21,10 +21,11 @@ COMBINED = "combined"
 METRICS = {"hungarian_both": ("hungarian", "both"), "hungarian_left": ("hungarian", "left"),
            "hungarian_right": ("hungarian", "right"), "union_both": ("union", "both"),
            "single_both": ("single", "both")}
-METHOD_NAMES = {"diffseg": "DiNO-Diffusion (DiffSeg)", "diffcut": "DiNO-Diffusion (DiffCut)",
+METHOD_NAMES = {"diffseg": "DiNO-Diffusion (DiffSeg)", "diffseg+cc": "DiNO-Diffusion (DiffSeg + components)",
+                "diffcut": "DiNO-Diffusion (DiffCut)", "diffcut+cc": "DiNO-Diffusion (DiffCut + components)",
                 "sd15": "SD 1.5 (DiffSeg)", "prior": "Mean-mask prior (leave-one-out)",
                 "position": "Position-only k-means", "otsu": "Otsu", "whole": "Whole image (1 segment)"}
-ZERO_SHOT = ("diffseg", "diffcut", "sd15")
+ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "sd15")
 BASELINES = ("prior", "position", "otsu", "whole")
 
 
@@ -52,7 +53,7 @@ def _score(records: Sequence[dict], dataset: str) -> float:
 def best_cells(table: Mapping[Cell, Sequence[dict]], datasets: Sequence[str], split: str = TUNE) -> dict[str, Cell]:
     """The cell with the highest mean Hungarian both-lung Dice on ``split`` images, overall ('combined') and
     per dataset (records tagged with their split)."""
-    cells = sorted(table, key=lambda c: (c.model, c.method, c.timesteps, c.grid, c.threshold, c.alpha))
+    cells = sorted(table, key=lambda c: (c.model, c.method, c.timesteps, c.grid, c.threshold, c.alpha, c.refine))
     scores = {c: {d: _score(only(table[c], split), d) for d in [COMBINED, *datasets]} for c in cells}
     return {d: max(cells, key=lambda c: scores[c][d]) for d in [COMBINED, *datasets]}
 
@@ -113,7 +114,7 @@ def difference_rows(methods: Mapping[str, Sequence[dict]], leader: str, seed: in
 def per_dataset_rows(table: Mapping[Cell, Sequence[dict]], method: str, datasets: Sequence[str],
                      settings: SegmentSettings) -> list[list[str]]:
     """Per dataset: the configuration chosen on that dataset's tuning images, scored on its report images."""
-    cells = {c: r for c, r in table.items() if c.method == method}
+    cells = {c: r for c, r in table.items() if c.variant == method}
     if not cells:
         return []
     best = best_cells(cells, datasets)
@@ -132,8 +133,8 @@ def per_checkpoint_rows(table: Mapping[Cell, Sequence[dict]], method: str,
                         settings: SegmentSettings) -> list[list[str]]:
     """Per checkpoint: the configuration chosen on the tuning split, its Dice on the report split."""
     rows = []
-    for model in sorted({c.model for c in table if c.method == method}, key=_checkpoint_order):
-        cell = best_cells({c: r for c, r in table.items() if c.model == model and c.method == method}, [])[COMBINED]
+    for model in sorted({c.model for c in table if c.variant == method}, key=_checkpoint_order):
+        cell = best_cells({c: r for c, r in table.items() if c.model == model and c.variant == method}, [])[COMBINED]
         s = summarize(only(table[cell], REPORT))[COMBINED]
         rows.append([METHOD_NAMES[method], model.rsplit("-", 1)[0], settings.describe(cell).split(" ", 1)[1],
                      f"{100 * _score(only(table[cell], TUNE), COMBINED):.1f}", _pct(s["hungarian_both"]),

@@ -11,6 +11,9 @@ from dinodiff.evaluate.segment.attention import CONDITIONS
 from dinodiff.evaluate.segment.diffseg import THRESHOLD_MODES
 
 METHODS = ("diffseg", "diffcut")
+# Refinements of a method's label map: none (the method as published) or components (each segment split into its
+# 4-connected components, as the Otsu baseline's dark pixels are); a refined method is its own column.
+REFINEMENTS = {"none": "", "components": "+cc"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,12 @@ class Cell:
     grid: int  # DiffSeg: MxM anchors. DiffCut: side of the feature map (0 = the encoder's final self-attention)
     threshold: float  # DiffSeg: merging threshold. DiffCut: Ncut threshold tau
     alpha: float = 0.0  # DiffCut: affinity exponent (0 for DiffSeg)
+    refine: str = "none"  # see REFINEMENTS
+
+    @property
+    def variant(self) -> str:
+        """The method's column: 'diffseg', 'diffcut', or with a refinement 'diffseg+cc', ..."""
+        return self.method + REFINEMENTS[self.refine]
 
     @property
     def timestep_label(self) -> str:
@@ -31,10 +40,11 @@ class Cell:
 
     def describe(self, mode: str, iterations: int, noise: str = "") -> str:
         t = f"t={self.timestep_label}{noise}"
+        refine = "" if self.refine == "none" else f" +{self.refine}"
         if self.method == "diffcut":
             side = "final" if self.grid == 0 else f"{self.grid}x{self.grid}"
-            return f"{self.model} DiffCut {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}"
-        return f"{self.model} DiffSeg {t} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}"
+            return f"{self.model} DiffCut {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}{refine}"
+        return f"{self.model} DiffSeg {t} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}{refine}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class SegmentSettings:
     taus: Sequence[float] = (0.5,)  # DiffCut's default (paper: 0.5 for most datasets)
     alphas: Sequence[float] = (10.0,)  # DiffCut's default
     feature_sides: Sequence[int] = (0,)  # 0 = the encoder's final self-attention (DiffCut's choice)
+    refinements: Sequence[str] = ("none",)  # also score each method's maps split into connected components
     condition: str = "image"  # the UNet's condition: the image's own c_GLB, or null
     noise_seeds: Sequence[int] = ()  # one noised pass per seed and timestep (empty: the clean latent)
     report_fraction: float = 0.5  # share of subjects in the report split (the rest tune)
@@ -88,6 +99,8 @@ class SegmentSettings:
             raise ValueError("every --timesteps entry needs at least one timestep (e.g. 300 or 100+300).")
         if not self.taus or not self.alphas or not self.feature_sides:
             raise ValueError("DiffCut needs at least one tau, alpha and feature side.")
+        if not self.refinements or set(self.refinements) - set(REFINEMENTS):
+            raise ValueError(f"--refine must be one or more of {tuple(REFINEMENTS)}, got {list(self.refinements)}.")
         if not 0.0 < self.report_fraction < 1.0:
             raise ValueError(f"--report-fraction must be in (0, 1), got {self.report_fraction}: the configuration "
                              "is chosen on the other images.")
@@ -108,13 +121,18 @@ class SegmentSettings:
     def describe(self, cell: Cell) -> str:
         return cell.describe(self.threshold_mode, self.merge_iterations, self.noise_label())
 
+    def variants(self) -> list[str]:
+        """The zero-shot columns: each method, and each refined method."""
+        return [m + REFINEMENTS[r] for m in self.methods for r in self.refinements]
+
     def method_cells(self, model: str, timesteps: tuple[int, ...]) -> list[Cell]:
         """Every cell of the grid for one model and timestep group."""
         cells = []
-        if "diffseg" in self.methods:
-            cells += [Cell(model, "diffseg", timesteps, int(g), float(t))
-                      for g in self.grid_sizes for t in self.thresholds]
-        if "diffcut" in self.methods:
-            cells += [Cell(model, "diffcut", timesteps, int(s), float(t), float(a))
-                      for s in self.feature_sides for t in self.taus for a in self.alphas]
+        for r in self.refinements:
+            if "diffseg" in self.methods:
+                cells += [Cell(model, "diffseg", timesteps, int(g), float(t), refine=r)
+                          for g in self.grid_sizes for t in self.thresholds]
+            if "diffcut" in self.methods:
+                cells += [Cell(model, "diffcut", timesteps, int(s), float(t), float(a), r)
+                          for s in self.feature_sides for t in self.taus for a in self.alphas]
         return cells

@@ -109,7 +109,7 @@ def load_all_cases(data: Sequence[str | Path], resolution: int, limit: int | Non
 
 def choose(table: dict[Cell, list[dict]], methods: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Cell]]:
     """Per method, the best cell on the tuning split, overall ('combined') and per dataset."""
-    return {m: seg_report.best_cells({c: r for c, r in table.items() if c.method == m}, names) for m in methods}
+    return {m: seg_report.best_cells({c: r for c, r in table.items() if c.variant == m}, names) for m in methods}
 
 
 def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, entropy: float, max_h: float) -> str:
@@ -179,15 +179,15 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     names = list(dict.fromkeys(c.dataset for c in cases))
     log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(names), settings.resolution, len(paths))
     table = {c: tag(r, splits) for c, r in run_grid(paths, cases, out, settings, load, model_label).items()}
-    best = choose(table, settings.methods, names)
-    chosen = {m: best[m][seg_report.COMBINED] for m in settings.methods}
+    best = choose(table, settings.variants(), names)
+    chosen = {m: best[m][seg_report.COMBINED] for m in settings.variants()}
     if sd_paths:
-        sd_settings = dataclasses.replace(settings, methods=("diffseg",))
+        sd_settings = dataclasses.replace(settings, methods=("diffseg",), refinements=("none",))
         sd_table = {c: tag(r, splits) for c, r in run_grid(sd_paths, cases, out, sd_settings, load, model_label).items()}
         chosen["sd15"] = seg_report.best_cells(sd_table, [])[seg_report.COMBINED]
         table.update({dataclasses.replace(c, method="sd15"): r for c, r in sd_table.items()})
         chosen["sd15"] = dataclasses.replace(chosen["sd15"], method="sd15")
-    primary = table[chosen[settings.methods[0]]]
+    primary = table[chosen[settings.variants()[0]]]
     by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in primary}
     methods = {m: table[c] for m, c in chosen.items()}
     methods.update({m: tag(r, splits) for m, r in run_baselines(cases, by_id).items()})
@@ -195,6 +195,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     describe = settings.describe
     results = {
         "settings": {**settings.cell_settings(), "methods": list(settings.methods),
+                     "refinements": list(settings.refinements),
                      "report_fraction": settings.report_fraction, "split_seed": settings.split_seed},
         "datasets": {d: sum(1 for c in cases if c.dataset == d) for d in names},
         "splits": {s: sorted(k) for s, k in subjects_by_split(cases, splits).items()},
