@@ -8,6 +8,7 @@ per-image scores are cached in ``OUT/cells/`` (a re-run only computes the missin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -75,12 +76,20 @@ def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[
     return Passes(attention, {side: torch.cat(parts, dim=-1) for side, parts in feats.items()})
 
 
-def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
-    """One image's label map and info for one cell."""
-    labels, info = _method_labels(cell, passes, b, shape, settings)
+def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings,
+               done: dict[Cell, tuple] | None = None) -> tuple:
+    """One image's label map and info for one cell; ``done`` holds this image's unrefined maps, so that a
+    refined cell reuses its method's map instead of running the method again."""
+    plain = dataclasses.replace(cell, refine="none")
+    if done is None or plain not in done:
+        result = _method_labels(plain, passes, b, shape, settings)
+        if done is None:
+            done = {}
+        done[plain] = result
+    labels, info = done[plain]
     if cell.refine == "components":
         labels = torch.from_numpy(split_components(labels.cpu().numpy()))
-    return labels, info
+    return labels, dict(info)
 
 
 def _method_labels(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
@@ -116,8 +125,9 @@ def segment_cases(model: AttentionModel, cases: Sequence[SegCase], cells: Sequen
                              f"({side}x{side}) at {images.shape[-1]} px: use --grid-size <= {side}.")
         for b, case in enumerate(batch):
             entropy, max_entropy = attention_entropy(passes.attention[b])
+            done: dict[Cell, tuple] = {}
             for cell in cells:
-                labels, info = label_cell(cell, passes, b, case.image.shape, settings)
+                labels, info = label_cell(cell, passes, b, case.image.shape, settings, done)
                 info.update(entropy=round(entropy, 4), max_entropy=round(max_entropy, 4))
                 results[cell].append((labels.cpu().numpy(), info))
     return results
