@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("train_throughput", "sampling", "diffseg", "real_data")
+SECTIONS = ("train_throughput", "sampling", "diffseg", "segment_recipe", "real_data")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,18 @@ def test_dry_run_measures_throughput_rows_and_real_data_figures(evidence):
     recon = real["eval"]["reconstruction"]
     assert 0.0 <= recon["retrieval_rate"] <= 1.0 and recon["chance"] == pytest.approx(1 / recon["n_sources"], abs=1e-4)
     assert "Otsu" in real["eval"]["segment"]["table_md"]
+
+
+@pytest.mark.slow
+def test_dry_run_trains_the_segmentation_recipe_and_reports_both_methods_beside_the_baselines(evidence):
+    recipe = json.loads((evidence / "out/results.json").read_text())["sections"]["segment_recipe"]
+    assert recipe["preset"] == "gpu-seg256.yaml" and recipe["train"]["steps"] >= recipe["train"]["probe_steps"] > 0
+    seg = recipe["segment"]
+    assert {"diffseg", "diffcut", "prior", "otsu", "position", "whole"} == set(seg["dice"])
+    assert seg["leader"] in ("diffseg", "diffcut") and seg["splits"]["tune"] > 0 and seg["splits"]["report"] > 0
+    assert "report split" in seg["table_md"] and "DiNO-Diffusion (DiffCut)" in seg["table_md"]
+    summary = (evidence / "out/summary.md").read_text()
+    assert "(e) segmentation recipe: ok" in summary
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
     python benchmarks/gpu/evidence.py --out $OUT [--bundle .gpu] [--dry-run] [--budget-s 520]
 
-Sections: (a) train_throughput, (b) sampling, (c) diffseg, (d) real_data (gets the time the others
-left). A section that fails or overruns is recorded as such in results.json and the next one runs.
+Sections: (a) train_throughput, (b) sampling, (c) diffseg, (e) segment_recipe (issue 23), (d) real_data. The
+last section run gets the time the others left (real_data by default; --sections segment_recipe gives that
+section the whole budget). A section that fails or overruns is recorded as such in results.json and the next
+one runs.
 $OUT receives at most 8 flat files: results.json, summary.md, evidence.log (written by evidence.sh),
 training.png, evaluation.png and the fp16 model folder as model-fp16.tar (or up to 3 parts).
 """
@@ -23,8 +25,9 @@ from dinodiff.files import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
-# (name, seconds on the GPU, seconds in the CPU dry run); real_data takes what is left.
-PLAN = [("train_throughput", 75, 90), ("sampling", 40, 90), ("diffseg", 35, 90), ("real_data", None, 240)]
+# (name, seconds on the GPU, seconds in the CPU dry run); the last section run takes what is left on the GPU.
+PLAN = [("train_throughput", 75, 90), ("sampling", 40, 90), ("diffseg", 35, 90), ("segment_recipe", 170, 150),
+        ("real_data", None, 240)]
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
@@ -91,6 +94,13 @@ def summary_md(results: dict) -> str:
     if "s_per_image" in c:
         lines.append(f"{c['s_per_image']} s/image at {c['image_px']} px ({c['images']} images, batch {c['batch']}, "
                      f"{c['dtype']}, {c['cell']})")
+    e = results["sections"].get("segment_recipe", {})
+    lines.append(f"\n## (e) segmentation recipe: {e.get('status')}\n")
+    if e.get("train"):
+        lines.append("```\n" + json.dumps({k: e.get(k) for k in ("preset", "encoder", "cache", "train")}, indent=1)
+                     + "\n```")
+    if e.get("segment"):
+        lines.append(e["segment"].get("table_md", ""))
     d = results["sections"].get("real_data", {})
     lines.append(f"\n## (d) real-data training: {d.get('status')}\n")
     lines.append("```\n" + json.dumps({k: d.get(k) for k in ("cache", "train", "model_tar")}, indent=1) + "\n```")
@@ -131,11 +141,12 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu"}
     results = {"meta": meta, "sections": {}}
     wanted = args.sections.split(",")
+    last = [name for name, _, _ in PLAN if name in wanted][-1:]
     for name, gpu_s, dry_s in PLAN:
         if name not in wanted:
             continue
         left = args.budget_s - (time.time() - start)
-        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 15)
+        budget = dry_s if args.dry_run else (left - 15 if [name] == last else gpu_s)
         budget = min(budget, left - 15)
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}

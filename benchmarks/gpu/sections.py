@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         from realdata import real_data  # benchmarks/gpu/realdata.py, beside this file
 
         func = real_data
+    elif args.section == "segment_recipe":
+        from segrecipe import segment_recipe  # benchmarks/gpu/segrecipe.py, beside this file
+
+        func = segment_recipe
     else:
         func = SECTIONS[args.section]
     Path(args.work).mkdir(parents=True, exist_ok=True)
