@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,8 +42,8 @@ STATS = ("entropy_ratio", "distance_px", "distance_frac", "distance_ratio", "log
 
 
 def step_of(model_dir: Path) -> int:
-    found = re.search(r"checkpoint-(\d+)", str(model_dir))
-    return int(found.group(1)) if found else -1
+    step = runs.checkpoint_step(model_dir)
+    return -1 if step is None else step
 
 
 def load(model_dir: Path, weights: str) -> AttentionModel:
@@ -76,7 +75,7 @@ def model_runs(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
     todo = []
     for spec in args.model:
         label, path = spec.split("=", 1)
-        folders = runs.checkpoint_models(path)
+        folders = runs.run_models(path)
         if args.last:
             folders = folders[-1:]
         if args.untrained:

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from dinodiff.demo.checks import load_split, source_retrieval
-from dinodiff.generate.sample import generate_reconstructions, load_pipeline
+from dinodiff.pipeline.sample import generate_reconstructions, load_pipeline
 from dinodiff.runs import resolve_model
 
 
@@ -49,7 +49,7 @@ def run_encoder(path: Path) -> str:
 
 
 def measure(label: str, path: str, args: argparse.Namespace) -> dict:
-    folder = resolve_model(path)
+    folder = resolve_model(path).location
     pipeline = load_pipeline(folder, "dpm", "cpu")
     pipeline.set_progress_bar_config(disable=True)
     sources = load_split(Path(args.prepared), args.split, pipeline.resolution, args.limit)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.fid.features import (
     MissingWeights,
     build_extractor,
-    resolve_device,
     save_random_inception_weights,
     save_random_xrv_weights,
 )
@@ -98,7 +98,7 @@ def tiny_run(tmp: Path) -> Path:
 
 
 def bench_sweep(args, tmp: Path, device: torch.device) -> list[tuple]:
-    from dinodiff.evaluate.fid.settings import FidSettings
+    from dinodiff.config import FidSettings
     from dinodiff.evaluate.fid.sweep import sweep
     from dinodiff.runs import list_checkpoints
 

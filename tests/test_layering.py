@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,17 @@ def test_the_cycle_contract_breaks_on_a_cycle(tmp_path):
                             env={"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
     assert result.returncode != 0, result.stdout
     assert "BROKEN" in result.stdout
+
+
+def test_the_stage_api_contract_breaks_when_an_evaluation_reaches_into_a_stage(tmp_path):
+    # Negative control for "an evaluation uses another stage only through its public API": the same contract over
+    # the real package, with classify made to import generate's planning module, must break.
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "dinodiff", src / "dinodiff", ignore=shutil.ignore_patterns("__pycache__"))
+    grid = src / "dinodiff" / "evaluate" / "classify" / "grid.py"
+    grid.write_text(grid.read_text() + "\nfrom dinodiff.generate.plan import GenerateSettings  # noqa\n")
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    result = subprocess.run([str(LINT)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+    assert result.returncode != 0
+    assert re.search(r"dinodiff\.evaluate\.classify\.grid -> dinodiff\.generate\.plan", result.stdout), result.stdout

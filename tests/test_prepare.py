@@ -223,3 +223,23 @@ def test_all_300_real_cxrs_become_square_border_free_images(shared_data, tmp_pat
     assert framed <= 6, f"{framed} of 300 images still have a constant black/white edge"
     with Image.open(tmp_path / "out" / "preview.png") as sheet:
         assert sheet.size == (8 * 130, 8 * 130)
+
+
+def test_records_in_flight_to_the_worker_pool_are_bounded():
+    import threading
+
+    from dinodiff.prepare import _Window
+
+    window = _Window(3)
+    feed = window.feed(iter(range(10)))
+    assert [next(feed) for _ in range(3)] == [0, 1, 2]
+    got = []
+    fourth = threading.Thread(target=lambda: got.append(next(feed)))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive() and not got  # the pool's feeder waits until the consumer takes a result
+    window.taken()
+    fourth.join(5)
+    assert got == [3]
+    window.stop()  # a feeder waiting at shutdown is released and ends
+    assert list(feed) == []

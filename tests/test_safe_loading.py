@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dinodiff.cache import build_cache_loader
+from dinodiff.data.cached import build_cache_loader
 from dinodiff.data.shards import UnsafeShard, write_shard
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make gpu-bundle: fill .gpu/ with what the GPU machine needs and lacks (see benchmarks/gpu/README.md).
-#   .gpu/wheels/   cp312 / py3-none-any wheels of the packages the device image does not have
+#   .gpu/wheels/   cp312 / py3-none-any wheels of the packages the device image does not have (bitsandbytes slimmed)
 #   .gpu/data/cxr-covid/        the 300 real CXRs, `dinodiff prepare`d at 256 px (10% test split)
 #   .gpu/data/lungs-covid/      lung sets with masks, shrunk to 256 px in the layout `dinodiff segment` reads
 #   .gpu/data/lungs-shenzhen/
@@ -36,6 +36,16 @@ if [ "${BUNDLE_WHEELS:-1}" != 0 ]; then
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$OUT/wheels" $pins
+  # bitsandbytes (the paper's 8-bit AdamW) is a 41 MiB wheel of native libraries for every CUDA/ROCm version; the
+  # device's torch is built for CUDA 13.0, so only the CUDA 13.x and CPU libraries travel (6.8 MiB; slim_wheel.py).
+  pin=$(grep -i -E "^bitsandbytes==" constraints.txt || echo bitsandbytes)
+  rm -rf "$OUT/.bnb"
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$OUT/.bnb" "$pin"
+  "$PYTHON" benchmarks/gpu/slim_wheel.py "$OUT"/.bnb/bitsandbytes-*.whl "$OUT/wheels" \
+    --keep 'libbitsandbytes_(cpu|cuda13[0-9])\.so'
+  rm -rf "$OUT/.bnb"
 fi
 
 src_cxr="$SHARED/cxr-covid/images"

@@ -2,11 +2,12 @@
 # Issue 12 on the GPU, one command (see benchmarks/gpu/README.md "Domain encoder in one command"):
 #   bash benchmarks/gpu/encoder_evidence.sh            # on the GPU machine, bundle in .gpu/, results in $OUT
 #   DEVICE=cpu bash benchmarks/gpu/encoder_evidence.sh # the same at toy sizes on a CPU (also: --dry-run)
-# 1. `pretrain-encoder --config gpu-encoder` on the 300 real CXRs (.gpu/data/cxr-covid, every split) with the
+# 1. `pretrain-encoder --config gpu-encoder` on the train split of the 300 real CXRs (.gpu/data/cxr-covid) with the
 #    recipe that learnt on the CPU (BatchNorm head, mean centring, teacher T 0.04, KoLeo 0.1; BENCHMARKS.md
 #    "Domain encoder", run M) scaled up: a 192-d, 6-layer ViT, patch 8, 96 px global / 48 px local crops, batch 128;
-# 2. `probe-encoder RUN/encoder-init RUN/encoder` (the same ViT at step 0 vs pretrained) on the same 300 images at
-#    128 px with their 0/1 `covid` label (.gpu/data/cxr-covid-labelled).
+# 2. `probe-encoder RUN/encoder-init RUN/encoder` (the same ViT at step 0 vs pretrained) at 128 px with the 0/1
+#    `covid` label (.gpu/data/cxr-covid-labelled): the probe leaves out the images the encoder trained on (matched
+#    by source file), so it measures the bundle's test split (--test-fraction 0.1 in bundle.sh, ~30 images).
 # The whole script stops within ENC_TOTAL_S (default 265 s): training gets what is left after the wheel install
 # minus ENC_PROBE_RESERVE_S (default 55 s) for the probe; if `timeout` stops training first, the newest
 # checkpoint's exported teacher (checkpoints every 250 steps) becomes RUN/encoder, and the log says which step.
@@ -44,7 +45,7 @@ print('versions: torch', torch.__version__, 'torchvision', torchvision.__version
 COMMON=(loss.centering=mean loss.warmup_teacher_temp=0.04 loss.teacher_temp=0.04 loss.warmup_teacher_temp_steps=0
   loss.koleo_weight=0.1 head.batch_norm=true head.norm_last_layer=true head.freeze_last_layer_steps=0
   "augment.global_scale=[0.5,1.0]" "augment.local_scale=[0.2,0.5]" backbone.num_registers=4 backbone.drop_path=0.0
-  data.split=null optim.min_lr=1.0e-5 optim.weight_decay=0.04 run.momentum_start=0.99 run.stop_on_collapse=false
+  data.split=train optim.min_lr=1.0e-5 optim.weight_decay=0.04 run.momentum_start=0.99 run.stop_on_collapse=false
   run.keep_last=2 "run.run_dir=$RUN")
 if [ -z "$DRY" ]; then
   SIZE=(backbone.image_size=96 backbone.patch_size=8 backbone.hidden_size=192 backbone.num_layers=6

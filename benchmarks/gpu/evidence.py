@@ -2,10 +2,12 @@
 
     python benchmarks/gpu/evidence.py --out $OUT [--bundle .gpu] [--dry-run] [--budget-s 520]
 
-Sections: (a) train_throughput, (b) sampling, (c) diffseg, (e) segment_recipe (issue 23), (d) real_data. The
-last section run gets the time the others left (real_data by default; --sections segment_recipe gives that
-section the whole budget). A section that fails or overruns is recorded as such in results.json and the next
-one runs.
+Sections: (a) train_throughput, (e) trainer_steps (issue 22: the real Trainer), (b) sampling, (c) diffseg,
+(g) segment_recipe (issue 23; on the GPU only when named in --sections), (d) real_data (gets the time the others
+leave), (f) generate_precision (issue 22: fp32 vs bf16 on (d)'s model). The last section named in --sections
+also gets the time the others leave (--sections segment_recipe gives that section the whole budget); the dry
+run runs every section. A section that fails or overruns is recorded as such in results.json and the next one
+runs.
 $OUT receives at most 8 flat files: results.json, summary.md, evidence.log (written by evidence.sh),
 training.png, evaluation.png and the fp16 model folder as model-fp16.tar (or up to 3 parts).
 """
@@ -25,15 +27,17 @@ from dinodiff.files import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
-# (name, seconds on the GPU, seconds in the CPU dry run); the last section run takes what is left on the GPU.
-PLAN = [("train_throughput", 75, 90), ("sampling", 40, 90), ("diffseg", 35, 90), ("segment_recipe", 170, 150),
-        ("real_data", None, 240)]
+# (name, seconds on the GPU, seconds in the CPU dry run); real_data, and the last section run, take what is left.
+PLAN = [("train_throughput", 75, 90), ("trainer_steps", 150, 150), ("sampling", 40, 90), ("diffseg", 35, 90),
+        ("segment_recipe", 170, 150), ("real_data", None, 240), ("generate_precision", 30, 90)]
+# Run on the GPU only when named (the default sections fill the budget); the dry run runs them too.
+OPT_IN = ("segment_recipe",)
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
 def run_section(name: str, budget: float, args: argparse.Namespace, work: Path) -> dict:
     out_json = work / f"{name}.json"
-    cmd = [sys.executable, str(HERE / "sections.py"), name, "--json", str(out_json), "--bundle", args.bundle,
+    cmd = [sys.executable, str(HERE / "run_section.py"), name, "--json", str(out_json), "--bundle", args.bundle,
            "--work", str(work / name), "--out", args.out, "--budget-s", str(max(budget - SECTION_STARTUP_S, 10))]
     if args.dry_run:
         cmd.append("--dry-run")
@@ -70,7 +74,7 @@ def _fmt(value, pct: bool = False) -> str:
 def summary_md(results: dict) -> str:
     """A short Markdown page of every section's figures (results.json has everything)."""
     meta = results["meta"]
-    lines = [f"# GPU evidence (issue 16)\n", f"device: {meta.get('device')}; torch {meta.get('torch')}; "
+    lines = ["# GPU evidence (issue 16)\n", f"device: {meta.get('device')}; torch {meta.get('torch')}; "
              f"date {meta.get('date')}; dry run: {meta.get('dry_run')}; wall {meta.get('wall_s')} s\n"]
     a = results["sections"].get("train_throughput", {})
     lines.append(f"## (a) training throughput: {a.get('status')}\n")
@@ -95,7 +99,7 @@ def summary_md(results: dict) -> str:
         lines.append(f"{c['s_per_image']} s/image at {c['image_px']} px ({c['images']} images, batch {c['batch']}, "
                      f"{c['dtype']}, {c['cell']})")
     e = results["sections"].get("segment_recipe", {})
-    lines.append(f"\n## (e) segmentation recipe: {e.get('status')}\n")
+    lines.append(f"\n## (g) segmentation recipe (issue 23): {e.get('status')}\n")
     if e.get("train"):
         lines.append("```\n" + json.dumps({k: e.get(k) for k in ("preset", "encoder", "cache", "train")}, indent=1)
                      + "\n```")
@@ -109,10 +113,32 @@ def summary_md(results: dict) -> str:
         lines.append("```\n" + json.dumps(ev["reconstruction"], indent=1) + "\n```")
     if ev.get("segment"):
         lines.append(ev["segment"].get("table_md", ""))
+    lines += trainer_summary(results["sections"])
     for name, sec in results["sections"].items():
         if sec.get("status") != "ok":
             lines.append(f"\n**{name} failed**: {sec.get('error')}")
     return "\n".join(lines) + "\n"
+
+
+def trainer_summary(sections: dict) -> list[str]:
+    """(e) and (f) of issue 22 in Markdown."""
+    e, lines = sections.get("trainer_steps", {}), []
+    lines.append(f"\n## (e) Trainer steps (issue 22): {e.get('status')}\n")
+    if e.get("rows"):
+        lines.append("| kind | batch | grad ckpt | SDPA | optimizer | images/s | s/step | peak GiB | MFU |\n"
+                     "|---|---|---|---|---|---|---|---|---|")
+        for r in e["rows"]:
+            lines.append(f"| {r.get('kind', 'trainer')}{' + compile' if r.get('compile') else ''} | {r.get('batch')} | "
+                         f"{r.get('gradient_checkpointing', '')} | {r.get('sdpa_backend', '')} | {r.get('optimizer', '')} | "
+                         f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('s_per_step'))} | {_fmt(r.get('peak_mem_GiB'))} | "
+                         f"{_fmt(r.get('mfu'), True)} {r.get('status', '')} |")
+        lines.append("\nrecommended: " + json.dumps(e.get("recommended")))
+    f = sections.get("generate_precision", {})
+    lines.append(f"\n## (f) generation fp32 vs bf16 (issue 22): {f.get('status')}\n")
+    if f.get("rows"):
+        lines.append("```\n" + json.dumps({"rows": f["rows"], "bf16_vs_fp32": f.get("bf16_vs_fp32")}, indent=1)
+                     + "\n```")
+    return lines
 
 
 def write_outputs(out: Path, results: dict) -> None:
@@ -128,7 +154,8 @@ def main() -> None:
     parser.add_argument("--bundle", default=".gpu")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--budget-s", type=float, default=500, help="total seconds for all sections")
-    parser.add_argument("--sections", default=",".join(p[0] for p in PLAN))
+    parser.add_argument("--sections", default=None, help="comma list (default: every section; on the GPU those "
+                        f"not opt-in: {', '.join(OPT_IN)} runs only when named)")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     import torch
@@ -140,13 +167,16 @@ def main() -> None:
             "torch": torch.__version__, "python": sys.version.split()[0], "budget_s": args.budget_s,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu"}
     results = {"meta": meta, "sections": {}}
-    wanted = args.sections.split(",")
+    wanted = args.sections.split(",") if args.sections else [p[0] for p in PLAN
+                                                             if args.dry_run or p[0] not in OPT_IN]
     last = [name for name, _, _ in PLAN if name in wanted][-1:]
     for name, gpu_s, dry_s in PLAN:
         if name not in wanted:
             continue
         left = args.budget_s - (time.time() - start)
-        budget = dry_s if args.dry_run else (left - 15 if [name] == last else gpu_s)
+        later = sum(p[1] or 0 for p in PLAN[PLAN.index((name, gpu_s, dry_s)) + 1:] if p[0] in wanted)
+        rest = gpu_s is None or [name] == last
+        budget = dry_s if args.dry_run else (left - 15 - later if rest else gpu_s)
         budget = min(budget, left - 15)
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dinodiff.cache import build_cache
 from dinodiff.config import load_config
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
 from dinodiff.evaluate.segment.stage import expand_models, segment
 from dinodiff.generate.plan import GenerateSettings

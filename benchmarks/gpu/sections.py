@@ -1,6 +1,6 @@
 """The throughput sections of the GPU evidence run (issue 16): sd15 training, sampling, DiffSeg.
 
-    python benchmarks/gpu/sections.py train_throughput --json OUT.json [--dry-run] [--budget-s 90]
+    python benchmarks/gpu/run_section.py train_throughput --json OUT.json [--dry-run] [--budget-s 90]
 
 Each section writes one JSON object (its measurements, or status=failed with the error) and returns.
 Weights are random: the cost of a UNet pass does not depend on their values. On a CPU (--dry-run)
@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,25 +166,27 @@ def train_throughput(args: argparse.Namespace) -> dict:
             "flops_per_image_fwd_bwd": flops, "flop_count": "torch.utils.flop_counter.FlopCounterMode, one fwd+bwd "
             "at batch 2 / 2, math SDPA; recomputation under checkpointing not counted (model FLOPs)",
             "data": "random latents/noise/timesteps on the device (UNet + optimizer only)", **peak, "rows": rows}
-    for checkpointing in (False, True):
+    plan = [(checkpointing, batch) for checkpointing in (False, True) for batch in sz.train_batches]
+    for done, (checkpointing, batch) in enumerate(plan):
         unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
-        for batch in sz.train_batches:
-            row = {"gradient_checkpointing": checkpointing, "batch": batch}
-            left = deadline - time.time()
-            if left < 8:
-                rows.append({**row, "status": "skipped: section time budget spent"})
-                continue
-            try:
-                row.update(time_train(unet, opt, train_scheduler(), sz, batch, device, steps=20, seconds=min(8.0, left / 3)))
-            except torch.cuda.OutOfMemoryError as err:
-                row["status"] = f"out of memory: {str(err)[:200]}"
-                torch.cuda.empty_cache()
-            if "images_per_s" in row and peak["peak_tflops"]:
-                row["model_tflops_per_s"] = round(flops * row["images_per_s"] / 1e12, 1)
-                row["mfu"] = round(flops * row["images_per_s"] / (peak["peak_tflops"] * 1e12), 4)
-            rows.append(row)
-            logger.info("train %s", row)
-            save_partial(args, info)
+        row = {"gradient_checkpointing": checkpointing, "batch": batch}
+        left = deadline - time.time()
+        if left < 8:
+            rows.append({**row, "status": "skipped: section time budget spent"})
+            continue
+        # Share what is left between the rows still to come (the 2026-11-26 run spent it all on the first two).
+        seconds = min(4.0, max(1.0, left / (len(plan) - done) - 4.0))
+        try:
+            row.update(time_train(unet, opt, train_scheduler(), sz, batch, device, steps=20, seconds=seconds))
+        except torch.cuda.OutOfMemoryError as err:
+            row["status"] = f"out of memory: {str(err)[:200]}"
+            torch.cuda.empty_cache()
+        if "images_per_s" in row and peak["peak_tflops"]:
+            row["model_tflops_per_s"] = round(flops * row["images_per_s"] / 1e12, 1)
+            row["mfu"] = round(flops * row["images_per_s"] / (peak["peak_tflops"] * 1e12), 4)
+        rows.append(row)
+        logger.info("train %s", row)
+        save_partial(args, info)
     return info
 
 
@@ -230,7 +231,8 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
 
     from dinodiff.evaluate.segment.attention import dinodiff_model
     from dinodiff.evaluate.segment.data import load_cases
-    from dinodiff.evaluate.segment.stage import Cell, segment_cases
+    from dinodiff.evaluate.segment.grid import segment_cases
+    from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
     from dinodiff.models.autoencoders import LatentAutoencoder
     from dinodiff.models.encoders import load_encoder
     from dinodiff.models.projection import ConditionProjection
@@ -253,78 +255,21 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
     model = dinodiff_model(encoder, autoencoder, unet, projection, train_scheduler(), "sd15-random")
     n, warm = args.limit or (2 if args.dry_run else 24), 2 if args.dry_run else 8
     cases = load_cases(Path(args.bundle) / "data" / "lungs-covid", sz.image_px, limit=n + warm)
-    cell = Cell("sd15-random", 300, 16 if not args.dry_run else 4, 0.05)
-    kwargs = dict(timestep=300, threshold_mode="absolute", merge_iterations=3, condition="image", noise_seed=None,
-                  batch_size=8)
-    segment_cases(model, cases[:warm], [cell], **kwargs)  # warm-up at the timed batch size (cuDNN autotuning)
+    cell = Cell("sd15-random", "diffseg", (300,), 16 if not args.dry_run else 4, 0.05)
+    settings = SegmentSettings(threshold_mode="absolute", merge_iterations=3, condition="image", batch_size=8)
+    segment_cases(model, cases[:warm], [cell], settings)  # warm-up at the timed batch size (cuDNN autotuning)
     sync(device)
     start = time.perf_counter()
-    out = segment_cases(model, cases[warm:], [cell], **kwargs)[cell]
+    out = segment_cases(model, cases[warm:], [cell], settings)[cell]
     sync(device)
     seconds = time.perf_counter() - start
     segs = [len(set(labels.ravel().tolist())) for labels, _ in out]
     return {"unet": sz.preset, "image_px": sz.image_px, "dtype": str(dtype).replace("torch.", ""),
             "images": len(out), "batch": 8, "precision": f"UNet + projection {str(dtype).replace('torch.', '')}, VAE + ViT fp32", "seconds": round(seconds, 3), "s_per_image": round(seconds / len(out), 4),
-            "cell": cell.describe("absolute", 3), "mean_segments": round(sum(segs) / len(segs), 2),
+            "cell": settings.describe(cell), "mean_segments": round(sum(segs) / len(segs), 2),
             "includes": "VAE encode (SD-v1-shaped KL VAE, random) + ViT-B/16 c_GLB + one UNet pass at t=300 with "
-            "self-attention capture + aggregation + KL merging + label map (evaluate.segment.segment_cases)",
+            "self-attention capture + aggregation + KL merging + label map (evaluate.segment.grid.segment_cases)",
             "images_from": "lungs-covid (bundle, shrunk to 256 px short side, upsampled to 512 by preprocessing)"}
 
 
 SECTIONS = {"train_throughput": train_throughput, "sampling": sampling_throughput, "diffseg": diffseg_speed}
-
-
-def run_section(name: str, func, args: argparse.Namespace) -> dict:
-    """Run one section; any error becomes status=failed with its traceback tail, so the next section still runs."""
-    start = time.time()
-    try:
-        result = {"status": "ok", **func(args)}
-    except Exception as err:  # noqa: BLE001 - the evidence run must record, not stop
-        logger.exception("section %s failed", name)
-        result = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000],
-                  "traceback": traceback.format_exc()[-3000:]}
-    result["wall_s"] = round(time.time() - start, 1)
-    return result
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section")
-    parser.add_argument("--json", required=True, help="where to write the section's result")
-    parser.add_argument("--bundle", default=".gpu")
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--out", default=None, help="$OUT (figures and the model tar of the real-data section)")
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--budget-s", type=float, default=90)
-    parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args(argv)
-    args.save_partial = lambda payload: save_partial(args, payload)
-    args.device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    if args.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if args.section == "real_data":
-        from realdata import real_data  # benchmarks/gpu/realdata.py, beside this file
-
-        func = real_data
-    elif args.section == "segment_recipe":
-        from segrecipe import segment_recipe  # benchmarks/gpu/segrecipe.py, beside this file
-
-        func = segment_recipe
-    else:
-        func = SECTIONS[args.section]
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    result = run_section(args.section, func, args)
-    Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    logger.info("section %s: %s in %.1f s", args.section, result["status"], result["wall_s"])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""(e) of the GPU evidence run (issue 23): the segmentation recipe (`gpu-seg256`: self-attention at every
+"""(g) of the GPU evidence run (issue 23): the segmentation recipe (`gpu-seg256`: self-attention at every
 UNet level) trained on the real CXRs of the bundle for the section's budget, then zero-shot lung segmentation
 on both lung sets: DiffSeg and DiffCut chosen on the tuning split and reported on the report split beside the
 leave-one-out mean-mask prior, Otsu, position-only k-means and the whole image (`dinodiff segment`).
@@ -28,8 +28,8 @@ DRY_OVERRIDES = ["model.resolution=64", "train.batch_size=4", "data.num_workers=
                  "data.num_holdout=2", "train.sample_steps=2", "model.unet.overrides.block_out_channels=[32,32,32]",
                  "model.unet.overrides.norm_num_groups=8", "train.mixed_precision='no'"]
 # The grid searched on the tuning split: both methods, each also with connected components, the timesteps that
-# did best on the CPU (BENCHMARKS.md "segment"). DiffCut runs on the 16x16 encoder map: scipy's dense eigh on
-# the 32x32 map (1024 nodes) costs ~40x more per cut.
+# did best on the CPU (BENCHMARKS.md "Zero-shot segmentation: why the attention is flat"). DiffCut runs on the
+# 16x16 encoder map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
 GRID = dict(methods=("diffseg", "diffcut"), refinements=("none", "components"), thresholds=[0.1, 0.2, 0.3],
             threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7], alphas=[10.0], feature_sides=[16],
             timesteps=[(50,), (50, 150, 300)], batch_size=16)

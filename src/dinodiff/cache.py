@@ -12,6 +12,11 @@ The frozen models run in fp32 (`models.factory.frozen_precision`), as in on-the-
 generation. Reading a cache decodes only what this module writes (``.npy`` without pickles, ``.json``);
 any other member, a pickle above all, is refused with UnsafeShard. A damaged prepared shard is skipped
 (logged, counted in cache.json's ``skipped_shards``) or stops the run, as ``data.on_corrupt`` says.
+
+Cost is linear in the number of images with bounded memory: `data.num_workers` DataLoader workers read and
+augment the prepared shards (one shard per worker at a time, in order, so the bytes do not depend on the number
+of workers) while the main process runs the frozen models on the previous batch; each cache shard gets a sidecar
+(``train-NNNNNN.meta.json``: samples, bytes) so cache.json's count is summed from them, never by re-reading shards.
 """
 
 from __future__ import annotations
@@ -19,39 +24,39 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dinodiff.data.augment import paper_augmentation
-from dinodiff.data.loader import GuardedTarSamples, SeededShuffle, first_images
-from dinodiff.data.ranks import rank_share
+from dinodiff.data.augment import augment_seeded, paper_augmentation
 from dinodiff.data.shards import (
     CorruptShard,
-    UnsafeShard,
     list_shards,
     read_samples,
+    sidecar_path,
     write_shard,
 )
 from dinodiff.files import write_json_atomic
-from dinodiff.models.autoencoders import estimate_latent_stats
+from dinodiff.memory import fix_mmap_threshold
 from dinodiff.models.factory import (
     FROZEN_DTYPE,
     build_autoencoder,
     build_encoder,
+    enable_tf32,
+    ensure_latent_stats,
     frozen_precision,
 )
 
-logger = logging.getLogger("dinodiff.cache")
+logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
-CACHE_FIX = "delete that cache shard and rerun `dinodiff cache` (finished shards are kept)"
-# The members `build_cache` writes, and the only ones a cache reader decodes (see _decode_cache_sample).
-CACHE_MEMBERS = ("moments.npy", "c_glb.npy", "json")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -62,191 +67,159 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _augmented_views(image_u8: np.ndarray, key: str, views: int, size: int, augment: bool, seed: int) -> torch.Tensor:
     """K views (K, 1, size, size) in [0, 1]; the augmentation RNG is seeded per (seed, key, view)."""
-    import torchvision.transforms.v2.functional as TF
-
     base = TF.resize(torch.from_numpy(image_u8)[None], [size, size], antialias=True)
     transform = paper_augmentation() if augment else None
     out = []
     for view in range(views):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_stable_seed(seed, key, view))
-            img = transform(base) if transform is not None else base
+        img = augment_seeded(transform, base, _stable_seed(seed, key, view)) if transform is not None else base
         out.append(img.float() / 255.0)
     return torch.stack(out)
 
 
 def _stable_seed(seed: int, key: str, view: int) -> int:
-    import zlib
-
     return zlib.crc32(f"{seed}/{key}/{view}".encode()) & 0x7FFFFFFF
 
 
-def _encode_views(chunk: list[dict], encoder, ae, cfg: DictConfig, views: int, device) -> list[dict]:
-    """Cache samples of prepared samples: K augmented views each through the frozen models, in fp32."""
+class ShardViews(torch.utils.data.IterableDataset):
+    """Batches of K augmented views of the prepared shards to cache; a DataLoader worker takes every W-th shard.
 
-    size = cfg.model.resolution
-    pixels = torch.cat([_augmented_views(s["image"], s["__key__"], views, size, cfg.data.augment, cfg.train.seed)
-                        for s in chunk]).to(device)
+    Each item: {"shard", "keys", "json", "pixels" (B*K, 1, size, size), "last"}, or {"shard", "error"} for a
+    damaged shard under on_corrupt=skip (stop raises CorruptShard, re-raised by the DataLoader as one line).
+    """
+
+    def __init__(self, shards: list[str], *, size: int, views: int, augment: bool, seed: int, batch_size: int,
+                 on_corrupt: str):
+        self.shards, self.size, self.views, self.augment, self.seed = shards, size, views, augment, seed
+        self.batch_size, self.on_corrupt = batch_size, on_corrupt
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        index, count = (worker.id, worker.num_workers) if worker else (0, 1)
+        for shard in self.shards[index::count]:
+            yield from self._shard(shard)
+
+    def _shard(self, shard: str) -> Iterator[dict]:
+        batch: list[dict] = []
+        try:
+            for sample in read_samples([shard]):
+                if len(batch) == self.batch_size:
+                    yield self._views(shard, batch, last=False)
+                    batch = []
+                batch.append(sample)
+        except CorruptShard as err:
+            if self.on_corrupt == "stop":
+                raise
+            yield {"shard": shard, "error": str(err)}
+            return
+        yield self._views(shard, batch, last=True)
+
+    def _views(self, shard: str, batch: list[dict], last: bool) -> dict:
+        pixels = [_augmented_views(s["image"], s["__key__"], self.views, self.size, self.augment, self.seed)
+                  for s in batch]
+        return {"shard": shard, "keys": [s["__key__"] for s in batch], "json": [s["json"] for s in batch],
+                "pixels": torch.cat(pixels) if pixels else None, "last": last}
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # W workers augmenting small tensors: threads inside each would oversubscribe
+
+
+def _encode_views(batch: dict, encoder, ae, views: int, device) -> list[dict]:
+    """Cache samples of one batch of views: through the frozen models in fp32, stored as float16."""
+    if not batch["keys"]:
+        return []
+    pixels = batch["pixels"].to(device, non_blocking=True)
     with torch.no_grad(), frozen_precision(device):  # fp32, as on-the-fly training and generation
         moments = ae.encode_moments(pixels).float().cpu().numpy().astype(np.float16)
         c_glb = encoder(pixels).float().cpu().numpy().astype(np.float16)
     out = []
-    for i, s in enumerate(chunk):
+    for i, (key, meta) in enumerate(zip(batch["keys"], batch["json"])):
         sl = slice(i * views, (i + 1) * views)
-        out.append({"__key__": s["__key__"], "moments.npy": _npy_bytes(moments[sl]),
-                    "c_glb.npy": _npy_bytes(c_glb[sl]), "json": json.dumps(s["json"]).encode()})
+        out.append({"__key__": key, "moments.npy": _npy_bytes(moments[sl]), "c_glb.npy": _npy_bytes(c_glb[sl]),
+                    "json": json.dumps(meta).encode()})
     return out
 
 
-def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True) -> dict:
-    """Cache K views of every prepared train image; returns the contents of cache.json."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
+def _write_cache_shard(target: Path, samples: list[dict]) -> None:
+    """The cache shard, then its sidecar (samples, bytes): what cache.json's count is summed from."""
+    write_shard(target, samples)
+    write_json_atomic(sidecar_path(target), {"samples": len(samples), "bytes": target.stat().st_size})
 
-    state = PartialState()
-    on_corrupt = cfg.data.on_corrupt
-    out = Path(out)
-    source = str(cfg.data.shards)
+
+def _cached_count(tar: Path) -> int:
+    """Samples in a cache shard: its sidecar, or (a shard written before sidecars) its headers."""
+    try:
+        return int(json.loads(sidecar_path(tar).read_text())["samples"])
+    except (OSError, ValueError, KeyError):
+        return sum(1 for _ in read_samples([tar]))
+
+
+def _cache_shards(loader, out: Path, encoder, ae, views: int, device, progress: bool, total: int) -> list[str]:
+    """Encode the loader's batches and write each shard once its last batch is in; returns the skipped shards."""
+    pending: dict[str, list[dict]] = {}
+    skipped: list[str] = []
+    bar = tqdm(total=total, desc="cache", unit="shard", disable=not progress)
+    for batch in loader:
+        shard = batch["shard"]
+        if "error" in batch:
+            logger.warning("skipping %s", batch["error"])
+            pending.pop(shard, None)
+            skipped.append(shard)
+            bar.update(1)
+            continue
+        pending.setdefault(shard, []).extend(_encode_views(batch, encoder, ae, views, device))
+        if batch["last"]:
+            _write_cache_shard(out / "shards" / Path(shard).name, pending.pop(shard))
+            bar.update(1)
+    bar.close()
+    return skipped
+
+
+def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True,
+                num_workers: int | None = None) -> dict:
+    """Cache K views of every prepared train image; returns the contents of cache.json.
+
+    num_workers: DataLoader workers that read and augment (None: data.num_workers).
+    """
+    fix_mmap_threshold()  # batch-sized tensors in mmap: memory stays flat over any number of shards
+    state, out, source = PartialState(), Path(out), str(cfg.data.shards)
     if not source or not Path(source).is_dir():
         raise FileNotFoundError(f"data.shards={source!r} must be a folder made by `dinodiff prepare`.")
     inputs = list_shards(source, "train")
     if not inputs:
         raise FileNotFoundError(f"No train shards in {source}/shards; run `dinodiff prepare` first.")
     device = state.device
+    if device.type == "cuda" and cfg.train.tf32:
+        enable_tf32()  # as the trainer does for its on-the-fly frozen models, so both give the same numbers
     encoder = build_encoder(cfg.model.encoder).to(device).eval()
     ae = build_autoencoder(cfg.model.autoencoder).to(device).eval()
     ensure_latent_stats(ae, cfg, device)
-    size = cfg.model.resolution
     (out / "shards").mkdir(parents=True, exist_ok=True)
     mine = [path for index, path in enumerate(inputs) if index % state.num_processes == state.process_index]
-    skipped = []
-    for shard in tqdm(mine, desc="cache", unit="shard", disable=not (progress and state.is_main_process)):
-        target = out / "shards" / Path(shard).name
-        if target.is_file():
-            continue  # finished in an earlier run
-        samples = []
-        try:
-            pending = list(read_samples([shard]))
-        except CorruptShard as err:
-            if on_corrupt == "stop":
-                raise
-            logger.warning("skipping %s", err)
-            skipped.append(str(shard))
-            continue
-        for start in range(0, len(pending), batch_size):
-            samples += _encode_views(pending[start:start + batch_size], encoder, ae, cfg, views, device)
-        write_shard(target, samples)
+    todo = [shard for shard in mine if not (out / "shards" / Path(shard).name).is_file()]  # the rest: done earlier
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    dataset = ShardViews(todo, size=cfg.model.resolution, views=views, augment=bool(cfg.data.augment),
+                         seed=int(cfg.train.seed), batch_size=batch_size, on_corrupt=cfg.data.on_corrupt)
+    workers = min(workers, len(todo))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_one_thread,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    skipped = _cache_shards(loader, out, encoder, ae, views, device, progress and state.is_main_process, len(todo))
     skipped = sorted(gather_object(skipped)) if state.num_processes > 1 else skipped
     if skipped:
         logger.warning("%d of %d prepared shards were damaged and not cached (data.on_corrupt=skip): %s",
                        len(skipped), len(inputs), ", ".join(skipped))
     state.wait_for_everyone()
     info = {
-        "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views, "resolution": size,
-        "augment": bool(cfg.data.augment), "seed": int(cfg.train.seed),
+        "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views,
+        "resolution": cfg.model.resolution, "augment": bool(cfg.data.augment), "seed": int(cfg.train.seed),
         "encoder": OmegaConf.to_container(cfg.model.encoder, resolve=True),
         "autoencoder": OmegaConf.to_container(cfg.model.autoencoder, resolve=True),
         "scaling_factor": float(ae.scaling_factor), "shift_factor": float(ae.shift_factor),
-        "count": sum(1 for _ in read_samples(sorted(str(p) for p in (out / "shards").glob("train-*.tar")))) if state.is_main_process else None,
+        "count": sum(_cached_count(p) for p in sorted((out / "shards").glob("train-*.tar")))
+        if state.is_main_process else None,
         "latent_channels": ae.latent_channels, "hidden_size": encoder.hidden_size, "num_tokens": encoder.num_tokens,
         "frozen_dtype": str(FROZEN_DTYPE).removeprefix("torch."), "skipped_shards": skipped,
     }
     if state.is_main_process:
         write_json_atomic(out / "cache.json", info, indent=2)
     return info
-
-
-def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
-    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
-    ae_cfg = cfg.model.autoencoder
-    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
-        return  # given, or read from the autoencoder's own config
-    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
-                          on_corrupt=cfg.data.on_corrupt)
-    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
-    ae.set_latent_stats(scale, shift)
-    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
-
-
-def read_cache_info(cache_dir: str | Path, model_cfg: DictConfig) -> dict:
-    """cache.json, checked against the model config the trainer is about to use."""
-    path = Path(cache_dir) / "cache.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `dinodiff cache --config ... --out {cache_dir}` first "
-                                "(or the cache run did not finish; rerun it to complete).")
-    info = json.loads(path.read_text())
-    wanted = {
-        "resolution": model_cfg.resolution,
-        "encoder": OmegaConf.to_container(model_cfg.encoder, resolve=True),
-        "autoencoder.kind": model_cfg.autoencoder.kind,
-        "autoencoder.path": model_cfg.autoencoder.path,
-    }
-    have = {"resolution": info["resolution"], "encoder": info["encoder"],
-            "autoencoder.kind": info["autoencoder"]["kind"], "autoencoder.path": info["autoencoder"]["path"]}
-    mismatched = [k for k in wanted if wanted[k] != have[k]]
-    if mismatched:
-        details = "; ".join(f"{k}: cache has {have[k]!r}, config wants {wanted[k]!r}" for k in mismatched)
-        raise ValueError(f"The cache in {cache_dir} was made for another model ({details}). "
-                         "Rebuild it with `dinodiff cache` using this config, or drop data.cache.")
-    return info
-
-
-def _decode_cache_sample(sample: dict) -> dict:
-    """Decode the members `build_cache` writes, refusing every other one (a `.pkl`/`.pyd` could run code).
-
-    webdataset's default `wds.decode()` would unpickle such members; here `.npy` is read with
-    `allow_pickle=False` and anything else stops the run with UnsafeShard.
-    """
-
-    url, key = sample.get("__url__", "?"), sample.get("__key__")
-    out = {k: v for k, v in sample.items() if k.startswith("__")}
-    for name, data in sample.items():
-        if name.startswith("__"):
-            continue
-        if name not in CACHE_MEMBERS:
-            raise UnsafeShard(f"cache shard {url} holds '{key}.{name}', a member dinodiff never writes (only "
-                              f"{', '.join(CACHE_MEMBERS)}); refusing to decode it (a pickle can run code). "
-                              "Rebuild the cache with `dinodiff cache` from trusted prepared shards.")
-        try:
-            out[name] = np.load(io.BytesIO(data), allow_pickle=False) if name.endswith(".npy") else json.loads(data)
-        except ValueError as err:  # an object array needs pickle: refused
-            raise UnsafeShard(f"cache shard {url}: '{key}.{name}' is not a plain array ({err}); refusing it. "
-                              "Rebuild the cache with `dinodiff cache`.") from None
-    return out
-
-
-def build_cache_loader(cache_dir: str | Path, *, batch_size: int, num_workers: int = 0, seed: int = 0,
-                       shuffle_buffer: int = 1000, on_corrupt: str = "skip"):
-    """Endless batches {"moments": (B, C', h, w), "c_glb": (B, S, N)}, one random view per visit.
-
-    Decodes only our own members (`_decode_cache_sample`); a damaged shard is skipped or stops, per `on_corrupt`.
-    """
-    import webdataset as wds
-
-    shards = sorted(str(p) for p in (Path(cache_dir) / "shards").glob("train-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"No cached shards in {cache_dir}/shards; run `dinodiff cache --out {cache_dir}`.")
-
-    def pick_view(stream: Iterator[dict]) -> Iterator[dict]:
-        worker = torch.utils.data.get_worker_info()
-        rng = random.Random(seed * 1000 + (worker.id if worker else 0))
-        for sample in stream:
-            sample = _decode_cache_sample(sample)
-            view = rng.randrange(sample["moments.npy"].shape[0])
-            yield {"moments": torch.from_numpy(sample["moments.npy"][view].astype(np.float32)),
-                   "c_glb": torch.from_numpy(sample["c_glb.npy"][view].astype(np.float32))}
-
-    shards, keep = rank_share(shards)  # each rank resamples its own shards: ranks never share a sample
-    pipeline = wds.DataPipeline(
-        # Resampled shards are distinct per rank and worker (webdataset seeds them so); deterministic=True
-        # makes the stream a function of the seed, which resume relies on. The shuffle is seeded per rank,
-        # worker and epoch too: one seeded Random here would be copied into every worker, giving all the same order.
-        wds.ResampledShards(shards, seed=seed, deterministic=True),
-        GuardedTarSamples(on_corrupt, fix=CACHE_FIX, total=len(shards)),
-        *([keep] if keep is not None else []),
-        SeededShuffle(shuffle_buffer, seed),
-        # no wds.decode(): it unpickles .pkl/.pyd members; pick_view decodes our own members only
-        pick_view,
-        wds.batched(batch_size, partial=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

@@ -8,9 +8,10 @@ and choices. The resolved config is saved with every run as ``config.yaml``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -28,20 +29,20 @@ class EncoderConfig:
     # family (for demos and tests, since pretrained weights need the internet).
     name_or_path: str = "facebook/dino-vitb16"
     library: str = "auto"  # auto | transformers | timm
-    tokens: Optional[list[str]] = None  # subset of cls / pooler / registers; None = the family default
-    image_size: Optional[int] = None  # None = the encoder's own resolution
+    tokens: list[str] | None = None  # subset of cls / pooler / registers; None = the family default
+    image_size: int | None = None  # None = the encoder's own resolution
     # Used instead of name_or_path when that is a local folder that does not exist yet (cpu-small prefers the
     # output of `dinodiff pretrain-encoder --config cpu-encoder`, else the random ViT). The choice is made once,
     # when the config is loaded, and saved in the run's config.yaml; a resumed run keeps the encoder it began with.
-    fallback: Optional[str] = None
+    fallback: str | None = None
 
 
 @dataclass
 class AutoencoderConfig:
     kind: str = "kl"  # kl | tiny | taef2 | unshuffle
-    path: Optional[str] = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    scaling_factor: Optional[float] = None  # None = from the autoencoder's config, else estimated
-    shift_factor: Optional[float] = None
+    path: str | None = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    scaling_factor: float | None = None  # None = from the autoencoder's config, else estimated
+    shift_factor: float | None = None
     unshuffle_factor: int = 8
     estimate_stats_images: int = 256  # images used to estimate scale/shift when the AE has none
 
@@ -49,7 +50,7 @@ class AutoencoderConfig:
 @dataclass
 class UNetConfig:
     preset: str = "sd15"  # sd15 | small | tiny
-    pretrained: Optional[str] = None  # SD weights (hub id or folder) to start from
+    pretrained: str | None = None  # SD weights (hub id or folder) to start from
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset's UNet config
 
 
@@ -77,7 +78,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # a prepared folder, a shard file/brace pattern, or a URL (pipe:, s3://)
-    cache: Optional[str] = None  # a `dinodiff cache` folder; when set, training reads it instead
+    cache: str | None = None  # a `dinodiff cache` folder; when set, training reads it instead
     augment: bool = True  # the paper's sharpening + affine augmentation
     shuffle_buffer: int = 1000
     num_workers: int = 2
@@ -97,7 +98,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     use_8bit_adam: bool = True  # bitsandbytes on CUDA when installed; plain AdamW otherwise (logged)
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
+    fused: bool = True  # torch AdamW's fused CUDA kernel (CUDA only; not with 8-bit Adam)
 
 
 @dataclass
@@ -110,12 +112,17 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | fp16 | bf16
     gradient_checkpointing: bool = False
     attention: str = "auto"  # auto (xformers when installed, else SDPA) | sdpa | xformers
+    # GPU speed (train/performance.py); none of them changes what is learnt beyond float rounding.
+    sdpa_backend: str = "auto"  # auto (PyTorch chooses) | flash | efficient | cudnn | math; see BENCHMARKS.md
+    channels_last: bool | None = None  # None = on CUDA only: UNet and autoencoder weights in NHWC
+    compile: str = "none"  # none | default | max-autotune-no-cudagraphs: torch.compile of the UNet
+    tf32: bool = True  # CUDA only: TF32 matmuls/convolutions (the fp32 frozen models above all)
     ema: bool = False
     ema_decay: float = 0.9999
-    snr_gamma: Optional[float] = None  # Min-SNR weighting; None = plain MSE (the paper)
+    snr_gamma: float | None = None  # Min-SNR weighting; None = plain MSE (the paper)
     noise_offset: float = 0.0
     cond_dropout: float = 0.0  # probability of a null condition, enables classifier-free guidance
-    log_every: int = 10
+    log_every: int = 10  # metrics row + the non-finite check; loss/grad norm stay on the device in between
     checkpoint_every: int = 2500
     keep_last: int = 3
     sample_every: int = 2500
@@ -125,26 +132,37 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest when the run dir has checkpoints) | latest | none | a checkpoint path
     # Multi-process runs: timeout of the training collectives (None = torch's: NCCL 10 min, gloo 30 min), and how
     # long the other processes wait while the main one works alone (sample grid, model folder, FID evaluation).
-    dist_timeout_s: Optional[float] = None
+    dist_timeout_s: float | None = None
     eval_timeout_s: float = 6 * 3600
 
 
-@dataclass
-class EvalConfig:
-    """FID of checkpoints (`dinodiff sweep`, and training when train.eval_every > 0): reconstructions of
-    fixed source images vs real images, on the features of `extractor`."""
+@dataclass(frozen=True)
+class FidSettings:
+    """FID/KID of generated images against real ones, on the features of `extractor`: the one list of FID
+    settings, for `dinodiff fid`, `dinodiff sweep` and a run's `eval` section (training with train.eval_every > 0).
 
-    real: Optional[str] = None  # real images (folder/shards); None = data.shards
-    sources: Optional[str] = None  # images whose c_GLB is reconstructed; None = the real set
-    split: str = "test"  # split used when a prepared folder has one
+    For `fid`, `num_real` and `num_sources` are the subset sizes of the real and the generated set; for a sweep
+    they are the real images and the fixed sources that every checkpoint reconstructs.
+    """
+
+    real: str | None = None  # real images (folder/shards); None = the run's data.shards (sweep, training)
+    sources: str | None = None  # images whose c_GLB is reconstructed; None = the real set (sweep)
+    # Split of a prepared folder. None: `fid` reports on "test"; checkpoint selection (sweep, training hook) uses
+    # "val" when present, else "train", never "test" unless named (see evaluate.fid.sweep.selection_split).
+    split: str | None = None
     extractor: str = "xrv"  # xrv (the paper's) | inception | dinov2 | rad-dino
-    weights: Optional[str] = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
-    num_real: int = 5000
-    num_sources: int = 5000
-    per_source: int = 1  # reconstructions per source
-    sample_steps: int = 25
-    batch_size: int = 16
-    seed: int = 0
+    weights: str | None = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
+    num_real: int | None = 5000  # None = all
+    num_sources: int | None = 5000  # None = all
+    per_source: int = 1  # reconstructions per source (sweep)
+    sample_steps: int = 25  # sampling steps per image (sweep)
+    batch_size: int = 16  # images per batch, for sampling and for the extractor
+    seed: int = 0  # seed of the subsets, the sampling noise and KID's subsets
+    device: str = "auto"
+    cache_dir: str | None = None  # real-set feature cache; None = the stage's default folder
+    cache: bool = True  # False: extract the real set's features every time
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
 
 
 @dataclass
@@ -155,7 +173,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: FidSettings = field(default_factory=FidSettings)
 
 
 _CHOICES = {
@@ -165,6 +183,8 @@ _CHOICES = {
     "model.noise.prediction_type": ("epsilon", "v_prediction"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.attention": ("auto", "sdpa", "xformers"),
+    "train.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
+    "train.compile": ("none", "default", "max-autotune-no-cudagraphs"),
     "eval.extractor": ("xrv", "inception", "dinov2", "rad-dino"),
     "data.on_corrupt": ("skip", "stop"),
 }
@@ -214,6 +234,42 @@ def merge_preset(schema: type, source: str | Path | None = None, overrides: Sequ
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
     return merged
+
+
+S = TypeVar("S")
+
+
+def _plain(value: Any) -> Any:
+    """A command-line value as OmegaConf takes it: paths as strings, tuples as lists."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_settings(schema: type[S], source: str | Path | None = None, overrides: Sequence[str] = (),
+                   values: Mapping[str, Any] | None = None, choices: dict[str, Sequence[Any]] | None = None,
+                   base: Mapping[str, Any] | None = None) -> S:
+    """The one path to a stage's settings object: the defaults of the frozen dataclass `schema` (<- `base`, a
+    named starting point such as the demo's quick sizes) <- a YAML preset or file (`--config`) <- dotted overrides
+    <- `values` (the options typed on the command line, by field name), checked against the schema's fields and
+    types (ConfigError names the key and the file)."""
+    if base:
+        schema_defaults = OmegaConf.merge(OmegaConf.structured(schema),
+                                          OmegaConf.create({k: _plain(v) for k, v in base.items()}))
+        schema = OmegaConf.to_object(schema_defaults)  # an instance: OmegaConf.structured takes it as defaults
+    merged = merge_preset(schema, source, overrides, choices)
+    try:
+        if values:
+            merged = OmegaConf.merge(merged, OmegaConf.create({k: _plain(v) for k, v in values.items()}))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        where = f" (key {err.full_key})" if getattr(err, "full_key", None) else ""
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"Invalid settings ({source or 'command line'}): {first}{where}") from None
+    except (TypeError, ValueError) as err:  # a settings class's own checks (__post_init__)
+        raise ConfigError(f"Invalid settings ({source or 'command line'}): {err}") from None
 
 
 def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -11,6 +11,7 @@ rewritten), and reproduces the same bytes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,9 +19,12 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import threading
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,10 +34,20 @@ import dinodiff
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
+from dinodiff.data.shards import (
+    SHARD_DIR,
+    encode_json,
+    encode_png,
+    file_digest,
+    list_shards,
+    read_samples,
+    shard_path,
+    sidecar_path,
+    write_shard,
+)
 from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_key
-from dinodiff.data.shards import (SHARD_DIR, encode_json, encode_png, file_digest, list_shards, read_samples, shard_path,
-                                  sidecar_path, write_shard)
 from dinodiff.files import write_bytes_atomic
+from dinodiff.memory import fix_mmap_threshold
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -88,11 +102,17 @@ def process_record(rec: Record) -> tuple:
     return ("ok", sample, np.bincount(out.ravel(), minlength=256))
 
 
-def _split_of(rec: Record, test_fraction: float, seed: int) -> str:
-    """The dataset's own split, else a hash of the subject (the image when unknown): a patient never straddles."""
-    if rec.split_fixed or test_fraction <= 0:
+def _split_of(rec: Record, test_fraction: float, seed: int, val_fraction: float = 0.0) -> str:
+    """The dataset's own split, else a hash of the subject (the image when unknown): a patient never straddles.
+
+    A dataset's own test split is kept; `val_fraction` then carves the validation split from its training side.
+    """
+    if rec.split_fixed and (rec.split != "train" or val_fraction <= 0):
         return rec.split
-    return hash_split(subject_key(rec.id, rec.subject), test_fraction, seed)
+    if test_fraction <= 0 and val_fraction <= 0:
+        return rec.split
+    test = 0.0 if rec.split_fixed else test_fraction
+    return hash_split(subject_key(rec.id, rec.subject), test, seed, val_fraction)
 
 
 def _collect(sources: list[Path], kind: str, out: Path, subject_column: str | None = None,
@@ -247,9 +267,35 @@ def _write_rejects(path: Path, metas: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
+class _Window:
+    """At most `size` records in flight between the pool's feeder and the consumer: memory stays bounded.
+
+    `Pool.imap` otherwise submits every record at once and queues every result (a 512^2 PNG each) that the
+    consumer, writing shards, has not taken yet.
+    """
+
+    def __init__(self, size: int):
+        self.slots, self.stopped = threading.Semaphore(size), False
+
+    def feed(self, records: Iterable[Record]) -> Iterator[Record]:
+        for rec in records:
+            self.slots.acquire()
+            if self.stopped:
+                return
+            yield rec
+
+    def taken(self) -> None:
+        self.slots.release()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.slots.release()  # wakes the feeder thread if it waits, so the pool can shut down
+
+
 def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
     """Yield (chunk, results) for each chunk in `todo`, processing records on `workers` processes."""
-    recs = [r for _, _, _, chunk in todo for r in chunk]
+    recs = (r for _, _, _, chunk in todo for r in chunk)
+    window = _Window(64 * workers)
     if workers <= 1:
         _init_worker(settings)
         stream = map(process_record, recs)
@@ -257,53 +303,78 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
     else:
         pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
         # ordered imap over records (not chunks): parallel even when there is a single shard
-        stream = pool.imap(process_record, recs, chunksize=4)
+        stream = pool.imap(process_record, window.feed(recs), chunksize=4)
     try:
         for item in todo:
             results = []
             for _ in item[3]:
                 results.append(next(stream))
+                window.taken()
                 bar.update(1)
             yield item, results
     finally:
         if pool is not None:
+            window.stop()
             pool.terminate()
             pool.join()
 
 
-def prepare(
-    sources: list[str | Path], out: str | Path, *, kind: str = "auto", size: int = 512, min_size: int = 64,
-    remove_borders: bool = True, intensity: str = "minmax", shard_size: int = 1000, workers: int | None = None,
-    seed: int = 0, test_fraction: float = 0.0, progress: bool = True, subject_column: str | None = None,
-    subject_pattern: str | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything `prepare` depends on (recorded in manifest.json, except `workers`: any count gives the same bytes)."""
+
+    kind: str = "auto"  # dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt
+    size: int = 512  # side of the square output images in pixels
+    min_size: int = 64  # reject images whose content (after border removal) has a shorter side below this
+    remove_borders: bool = True  # strip constant frames and letterboxing before cropping
+    intensity: str = "minmax"  # how >8-bit images become uint8: minmax or percentile
+    shard_size: int = 1000  # input images per shard
+    workers: int | None = None  # parallel worker processes (None: all cores)
+    seed: int = 0  # seed of the train/test/val assignment when the dataset has no split
+    test_fraction: float = 0.0  # fraction of subjects (patients; images when unknown) in the test split
+    val_fraction: float = 0.0  # fraction of subjects in a 'val' split (checkpoint selection tunes on it)
+    subject_column: str | None = None  # CSV sources: the column naming each image's patient
+    subject_pattern: str | None = None  # a regex on ids whose group 1 is the patient; it must match every id
+
+
+def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSettings | None = None, *,
+            progress: bool = True, **changes: Any) -> dict:
     """Preprocess every image of `sources` into shards under `out`; returns the manifest.
 
     Subjects (patients) come from the dataset (MIMIC-CXR, a CSV subject column) or `subject_pattern` (a regex
     on ids; group 1 is the subject; it must match every id); they are stored in each sample's metadata, and
-    the `test_fraction` split hashes them, so a patient's images are all on one side.
+    the `test_fraction` split hashes them, so a patient's images are all on one side. `val_fraction` puts
+    another share of subjects in a `val` split: what checkpoint selection (`dinodiff sweep`) tunes on, so that
+    the test split stays unseen by every choice. `settings` (default PrepareSettings()) with `changes` to its
+    fields, e.g. ``prepare([src], out, size=128, test_fraction=0.2)``.
 
     Bad inputs never stop the run: they are listed in `out/rejects.csv` with a reason. Raises
     `NothingUsable` when no input at all could be used (rejects.csv is still written).
     """
+    p = dataclasses.replace(settings or PrepareSettings(), **changes)
+    kind, size, min_size, remove_borders, intensity = p.kind, p.size, p.min_size, p.remove_borders, p.intensity
+    shard_size, workers, seed, test_fraction, val_fraction = p.shard_size, p.workers, p.seed, p.test_fraction, \
+        p.val_fraction
+    fix_mmap_threshold()  # image-sized buffers in mmap: memory stays flat over any number of images
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sources = [Path(s).expanduser().resolve() for s in sources]
     out = Path(out).expanduser().resolve()
     if intensity not in TO_UINT8_RULES:
         raise ValueError(f"intensity={intensity!r}: use one of {TO_UINT8_RULES}")
-    if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"need shard_size >= 1, size >= 8 and 0 <= test_fraction < 1 "
-                         f"(got {shard_size}, {size}, {test_fraction})")
+    if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0 or not 0.0 <= val_fraction < 1 - test_fraction:
+        raise ValueError(f"need shard_size >= 1, size >= 8, 0 <= test_fraction < 1 and 0 <= val_fraction < "
+                         f"1 - test_fraction (got {shard_size}, {size}, {test_fraction}, {val_fraction})")
     settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity)
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
-              "subject_column": subject_column, "subject_pattern": subject_pattern}
-    records, params["kinds"] = _collect(sources, kind, out, subject_column, subject_pattern)
+              "val_fraction": float(val_fraction), "subject_column": p.subject_column,
+              "subject_pattern": p.subject_pattern}
+    records, params["kinds"] = _collect(sources, kind, out, p.subject_column, p.subject_pattern)
     if not records:
         raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
-    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed), settings)
+    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed, val_fraction), settings)
     n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
     with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
         for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
@@ -321,11 +392,12 @@ def prepare(
     return manifest
 
 
-def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int) -> list[tuple]:
+def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int,
+            val_fraction: float = 0.0) -> list[tuple]:
     """(split, index, records) of each shard to write: records split, then cut into `shard_size` chunks."""
     by_split: dict[str, list[Record]] = {}
     for r in records:
-        r.split = _split_of(r, test_fraction, seed)
+        r.split = _split_of(r, test_fraction, seed, val_fraction)
         by_split.setdefault(r.split, []).append(r)
     return [(split, i // shard_size, recs[i:i + shard_size])
             for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]

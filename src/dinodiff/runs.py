@@ -1,5 +1,6 @@
-"""The RUN/ layout: checkpoint folders (atomic, newest complete one, keep-last-K), best/, and resolving a
-run, checkpoint or model folder to the model folder a stage loads.
+"""The RUN/ layout: checkpoint folders (atomic, newest complete one, keep-last-K) and resume; RUN/best/ and the one
+best-checkpoint policy (`keep_best`); the one rule for the model a run, checkpoint or folder names
+(`resolve_model`: best/ first, then the newest checkpoint); and a model folder's identity (`model_identity`).
 
 Layout of ``RUN/checkpoints/checkpoint-STEP/``: accelerate's state (model, optimizer, lr scheduler,
 RNG), ``trainer/`` (step, EMA weights, per-rank noise-generator states) and ``model/`` (an
@@ -10,17 +11,24 @@ when complete, so a killed run never leaves a half-written ``checkpoint-STEP``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from dinodiff.config import save_config
 from dinodiff.files import atomic_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+# What the trainer calls at a checkpoint when train.eval_every > 0: (its model folder, the step) -> named scores, the
+# first of which decides RUN/best/ (the FID hook of `dinodiff.evaluate.fid.sweep.make_fid_hook` is one).
+EvalHook = Callable[[Path, int], dict]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -42,12 +50,12 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     """'auto'/'latest' -> newest checkpoint (None when there is none; 'latest' then fails), 'none' -> None, else a path."""
     if resume in ("none", "", None):
         return None
@@ -71,7 +79,7 @@ def resume_checkpoint(accelerator: Any, run_dir: Path, resume: str, restore_own:
     found = resolve_resume(run_dir, resume)
     if found is None:
         return 0
-    state = read_json(found / "trainer" / "state.json")
+    state = json.loads((found / "trainer" / "state.json").read_text())
     if state["num_processes"] != accelerator.num_processes:
         logger.warning("checkpoint was written by %d processes, resuming with %d: the data stream differs "
                        "from an uninterrupted run.", state["num_processes"], accelerator.num_processes)
@@ -182,64 +190,148 @@ class MetricsLog:
             writer.writerows(rows)
 
 
-def promote_to_best(run_dir: Path, model_folder: Path, record: dict) -> Path:
-    """Replace RUN/best/ with a copy of `model_folder` (as model/) and `record` (as best.json), atomically."""
+# ------------------------------------------------------------------------------------------- best/
+def keep_best(run_dir: str | Path, model_folder: str | Path, record: dict) -> bool:
+    """The one best-checkpoint policy: RUN/best/ holds the checkpoint with the lowest value of its metric, the
+    earlier step on a tie; a record of another metric (another feature space, split or sample size: FIDs are not
+    comparable across them) is replaced. `record`: step, metric, value, scores. Returns whether best/ changed.
+    """
+    current = read_best(run_dir)
+    if current is not None and current.get("metric") == record["metric"] and (
+            (current["value"], current["step"]) <= (record["value"], record["step"])):
+        return False
+    if not Path(model_folder).is_dir():
+        logger.warning("best checkpoint (step %s) is gone (pruned?): %s; RUN/best/ left as it is.", record["step"],
+                       model_folder)
+        return False
     best = Path(run_dir) / "best"
     with atomic_folder(best) as tmp:
         shutil.copytree(model_folder, tmp / "model")
         write_json_atomic(tmp / "best.json", record)
-    return best
+    return True
 
 
-def read_best(run_dir: str | Path) -> Optional[dict]:
-    """RUN/best/best.json (the record promote_to_best wrote); None when the run has no best model yet."""
+def read_best(run_dir: str | Path) -> dict | None:
+    """RUN/best/best.json (the record keep_best wrote); None when the run has no best model yet."""
     path = Path(run_dir) / "best" / "best.json"
-    return read_json(path) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+# ------------------------------------------------------------------------------- resolving a model
+MODEL_MARKER = "model_index.json"  # what a pipeline model folder holds
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face hub spells a repository
 
 
-def resolve_model(model: str | Path) -> str:
-    """A run folder -> its newest checkpoint's model/; a checkpoint folder -> its model/; anything else as given."""
-    path = Path(model)
-    if (path / "checkpoints").is_dir() and not (path / "model_index.json").is_file():
-        found = newest_model(path)
-        if found is None:
-            raise FileNotFoundError(f"{path} is a run folder without a complete checkpoint yet.")
-        logger.info("using the newest checkpoint of %s: %s", path, found.parent)
-        return str(found)
-    if (path / "model").is_dir() and (path / "trainer").is_dir():
-        return str(path / "model")
-    return str(model)
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a path names: where it is (a folder, or a hub id as given) and how it was chosen."""
+
+    location: str
+    how: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
 
-def newest_model(run_dir: str | Path) -> Optional[Path]:
-    """The model/ folder of the run's newest complete checkpoint; None when it has none."""
-    found = latest_checkpoint(Path(run_dir))
-    return None if found is None else found / "model"
+def resolve_model(path: str | Path, marker: str = MODEL_MARKER) -> ModelChoice:
+    """The one rule for the model a path names, by the folder holding `marker` (a pipeline's model_index.json by
+    default; an embedding model's or an encoder's file for those):
 
-
-def model_folders(path: str | Path) -> list[Path]:
-    """The folders that may hold the model `path` names, to try in this order: a training run's newest checkpoint's
-    model/, the folder itself, then its model/ (a checkpoint's, RUN/best/'s, a train-embeddings run's)."""
-    path = Path(path)
-    newest = newest_model(path) if (path / "checkpoints").is_dir() else None
-    return ([newest] if newest is not None else []) + [path, path / "model"]
-
-
-def checkpoint_models(path: str | Path) -> list[Path]:
-    """Every model `path` names, oldest first: a run folder -> each complete checkpoint's model/; a checkpoint
-    (or RUN/best/) -> its model/; any other folder (a model or pipeline folder) -> itself."""
+    the folder itself; a run's selected ``best/model`` (see keep_best), else its newest complete checkpoint's
+    ``model/``; a checkpoint's (or RUN/best's) ``model/``. A path that is not on disk is a hub id, returned as given.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model not found: {path} (give a model folder, a checkpoint or a run folder).")
-    if (path / "checkpoints").is_dir():
+        if HUB_ID.match(str(path)):
+            return ModelChoice(str(path), "a hub id (not on this disk)")
+        raise FileNotFoundError(f"model not found: {path} (give a model folder, a checkpoint, a run folder or a "
+                                "hub id such as owner/name).")
+    newest = latest_checkpoint(path)
+    candidates = [(path, "the folder given"), (path / "best" / "model", _best_how(path)),
+                  *([(newest / "model", f"the run's newest checkpoint ({newest.name}; no best/ holds this model)")]
+                    if newest is not None else []),
+                  (path / "model", f"the model/ of {path.name}")]
+    if marker == MODEL_MARKER and not (path / marker).is_file() and (path / "unet" / "config.json").is_file():
+        return ModelChoice(str(path), "a diffusers components folder (unet/ without model_index.json)")
+    for folder, how in candidates:
+        if (folder / marker).is_file():
+            if "TEST split" in how:
+                logger.warning("%s/best was selected on the TEST split: numbers reported on that split are biased; "
+                               "select on 'val' (`dinodiff prepare --val-fraction`, then `dinodiff sweep`).", path)
+            logger.info("model of %s: %s (%s)", path, folder, how)
+            return ModelChoice(str(folder), how)
+    kind = "run without a complete checkpoint yet" if (path / "checkpoints").is_dir() else "folder"
+    raise FileNotFoundError(f"{path} is a {kind}: no {marker} in it, its best/model, newest checkpoint or model/ "
+                            "(give a model folder, a checkpoint or a run folder).")
+
+
+def _best_how(run_dir: Path) -> str:
+    record = read_best(run_dir) if (run_dir / "best" / "best.json").is_file() else None
+    if not record:
+        return "the run's selected best/model"
+    split = (record.get("scores") or {}).get("split")
+    on = f" on the {'TEST' if split == 'test' else repr(split)} split" if split else ""
+    return f"the run's selected best/model (step {record.get('step')}, lowest {record.get('metric')}{on})"
+
+
+def run_models(path: str | Path) -> list[Path]:
+    """Every model a path names, oldest first: a run -> each complete checkpoint's model/; anything else -> the
+    one `resolve_model` gives (for grids over a run's checkpoints)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / MODEL_MARKER).is_file():
         found = [checkpoint / "model" for _, checkpoint in list_checkpoints(path)]
         if not found:
             raise FileNotFoundError(f"{path} is a run folder without complete checkpoints yet.")
         return found
-    if (path / "model").is_dir() and not (path / "unet").is_dir():
-        return [path / "model"]
-    return [path]
+    return [resolve_model(path).path]
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step of a checkpoint a path lies in (``.../checkpoint-STEP/...``), else None."""
+    for part in reversed(Path(path).parts):
+        match = _NAME.match(part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+# --------------------------------------------------------------------------------- model identity
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".onnx")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")  # component configs change what the weights compute
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a model folder is: its resolved path and a sha256 over its weight (and config) files."""
+
+    path: str
+    sha256: str
+    files: int
+
+    @property
+    def key(self) -> str:
+        """A short name for everything made with this model (synthetic sets, cells): 12 hex digits."""
+        return hashlib.sha256(f"{self.path}\n{self.sha256}".encode()).hexdigest()[:12]
+
+
+_IDENTITIES: dict[tuple, ModelIdentity] = {}
+
+
+def model_identity(folder: str | Path) -> ModelIdentity:
+    """Identity of a model folder: resolved path + sha256 over its weight and config files (relative path and
+    bytes of each, in sorted order). Computed once per process for unchanged files (keyed by size and mtime)."""
+    root = Path(folder).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES + CONFIG_SUFFIXES)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"{root} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}): not a model folder.")
+    signature = (str(root), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if signature not in _IDENTITIES:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _IDENTITIES[signature] = ModelIdentity(str(root), digest.hexdigest(), len(files))
+    return _IDENTITIES[signature]

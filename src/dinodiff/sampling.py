@@ -7,8 +7,10 @@ This is the one sampling loop of dinodiff: training-time sample grids, `DiNODiff
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -29,16 +31,29 @@ SCHEDULERS = {
 }
 
 
+# diffusers' pixel-space defaults that are wrong for latents (and normalised embeddings), which have unit variance:
+# DDIM/DDPM clip the predicted x0 to [-1, 1] (it greys the samples), PNDM runs Runge-Kutta warm-up steps that the
+# Stable Diffusion pipelines skip. Set whatever a scheduler's config has of these.
+LATENT_OVERRIDES = {"clip_sample": False, "thresholding": False, "skip_prk_steps": True}
+
+
 def inference_scheduler(train_scheduler: SchedulerMixin, name: str = "dpm") -> SchedulerMixin:
-    """A sampling scheduler (short or diffusers class name) with `train_scheduler`'s betas and prediction type."""
+    """A sampling scheduler (short or diffusers class name) with `train_scheduler`'s betas and prediction type,
+    and the latent-space settings of LATENT_OVERRIDES (never x0 clipping)."""
     import diffusers
 
     class_name = SCHEDULERS.get(name, name)
     klass = getattr(diffusers, class_name, None)
+    backends = getattr(klass, "_backends", None)  # diffusers' stand-in for a class whose extra library is missing
+    if backends:
+        raise ValueError(f"Scheduler {name!r} ({class_name}) needs {' and '.join(backends)}: pip install "
+                         f"{' '.join(b for b in backends if b != 'torch')}, or choose another scheduler.")
     if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
         raise ValueError(f"Unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)} or a diffusers scheduler "
                          "class name (e.g. DPMSolverMultistepScheduler).")
-    return klass.from_config(train_scheduler.config)
+    scheduler = klass.from_config(train_scheduler.config)
+    overrides = {k: v for k, v in LATENT_OVERRIDES.items() if k in scheduler.config}
+    return klass.from_config(scheduler.config, **overrides) if overrides else scheduler
 
 
 def initial_latents(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
@@ -59,9 +74,9 @@ def sample_latents(
     num_inference_steps: int = 25,
     generator: Generators = None,
     guidance_scale: float = 1.0,
-    null_cond: Optional[torch.Tensor] = None,
-    latents: Optional[torch.Tensor] = None,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    null_cond: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> torch.Tensor:
     """Denoise from pure noise with `cond` (B, S, D) as cross-attention context.
 
@@ -93,3 +108,8 @@ def sample_latents(
             pred = uncond + guidance_scale * (conditioned - uncond)
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
+
+
+def item_seed(seed: int, index: int) -> int:
+    """Seed of item `index`'s generator: a hash of (seed, index), so neighbouring items share no noise."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -201,3 +201,21 @@ def test_auto_detection_and_unknown_kind(shared_data, tmp_path):
         discover(tmp_path, kind="nope")
     with pytest.raises(FileNotFoundError):
         discover(tmp_path / "missing")
+
+
+def test_folder_records_hold_real_paths_and_a_linked_file_its_target(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dinodiff.data.datasets import discover_folder
+
+    target = tmp_path / "elsewhere" / "real.png"
+    target.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(target)
+    (tmp_path / "real-root").mkdir()
+    (tmp_path / "link-root").symlink_to(tmp_path / "real-root")
+    (tmp_path / "real-root" / "sub").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "real-root" / "sub" / "a.png")
+    (tmp_path / "real-root" / "b.png").symlink_to(target)
+    records = {r.id: r.path for r in discover_folder(tmp_path / "link-root")}
+    assert records == {"b": target.resolve(), "sub__a": (tmp_path / "real-root" / "sub" / "a.png").resolve()}

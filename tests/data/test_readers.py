@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from dinodiff.data.readers import UnreadableImage, load_image, read_grey, to_uint8
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.images import iter_images, list_images
 
 RNG = np.random.default_rng(0)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dinodiff.cli import app
 from dinodiff.data.datasets import discover
 from dinodiff.data.shards import read_samples
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.data.subjects import SubjectPatternMismatch, hash_split, subjects_from_pattern
 from dinodiff.prepare import prepare
 

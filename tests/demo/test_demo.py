@@ -50,11 +50,14 @@ def test_every_stage_runs_and_its_images_decode(demo):
 def test_classification_table_has_the_baseline_the_synthetic_arms_and_the_control(demo):
     out, _ = demo
     rows = _results(out)["tables"]["classification (macro AUC, held-out test split)"]
-    arms = {r["arm"] for r in rows}
-    assert "real" in arms and "control (count-matched real) 1:1" in arms
+    arms = {r["arm"]: r for r in rows}
+    assert "real only" in arms and "control for augmentation 1:1 (real x2)" in arms
     for experiment in ("augmentation", "full-synthetic"):
         for strategy in ("reconstruction", "interpolation"):
             assert f"{experiment} {strategy} 1:1" in arms
+    assert arms["augmentation reconstruction 1:1"]["matched control"] == "control for augmentation 1:1 (real x2)"
+    assert arms["full-synthetic interpolation 1:1"]["matched control"].startswith("real only")  # real x1
+    assert "[" in arms["augmentation interpolation 1:1"]["AUC - real only [95% CI]"]
     assert all(0.0 <= r["AUC mean"] <= 1.0 for r in rows)
 
 
@@ -76,7 +79,7 @@ def test_trained_samples_are_far_nearer_the_held_out_phantoms_than_the_untrained
 
 
 def test_reconstructions_rank_their_own_source_above_chance(demo):
-    ret = _results(demo[0])["retrieval"]
+    ret = _results(demo[0])["data"]["retrieval"]
     assert ret["n"] >= 16 and ret["chance_mean_rank"] == (ret["n"] - 1) / 2
     assert ret["top1"] >= 3 * ret["chance_top1"], ret  # measured 0.16 vs chance 0.03 (32 sources)
     assert ret["top5"] >= 1.5 * ret["chance_top5"], ret
@@ -84,7 +87,7 @@ def test_reconstructions_rank_their_own_source_above_chance(demo):
 
 
 def test_interpolation_strips_move_from_a_to_b(demo):
-    dist = _results(demo[0])["interpolation"]
+    dist = _results(demo[0])["data"]["interpolation"]
     assert dist["to_b"][-1] < dist["to_b"][0] - 0.005, dist  # measured 0.089 -> 0.077
     lean = [a - b for a, b in zip(dist["to_a"], dist["to_b"])]  # > 0: nearer B than A
     assert lean[-1] > lean[0] + 0.01, dist  # measured 0.008 -> 0.024

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_pipeline import tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
+from dinodiff.data.cached import CacheError
 from dinodiff.data.shards import write_shard
 from dinodiff.embeddings import (
-    EmbeddingCacheError,
     EmbeddingTrainSettings,
     embedding_report,
     frechet_distance,
@@ -23,7 +23,9 @@ from dinodiff.embeddings import (
     sample_embeddings,
     train_embeddings,
 )
-from dinodiff.embeddings.metrics import COPY_FACTOR
+from dinodiff.embeddings.data import CachedEmbeddings, split_holdout
+from dinodiff.embeddings.metrics import (COPY_FACTOR, coverage, knn_radii, nearest, nearest_training,
+                                         own_distances)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -32,11 +34,13 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_fake_cache(folder: Path, c_glb: np.ndarray, labels: list[dict] | None = None) -> Path:
-    """A cache folder in `dinodiff cache`'s layout: c_glb (M, K, S, N) as float16 views."""
+def write_fake_cache(folder: Path, c_glb: np.ndarray, labels: list[dict] | None = None,
+                     subjects: list[str] | None = None) -> Path:
+    """A cache folder in `dinodiff cache`'s layout: c_glb (M, K, S, N) as float16 views (+ each image's subject)."""
     labels = labels or [{} for _ in range(len(c_glb))]
-    samples = [{"__key__": f"img{i:05d}", "c_glb.npy": _npy(c.astype(np.float16)), "json": {"labels": lab}}
-               for i, (c, lab) in enumerate(zip(c_glb, labels))]
+    metas = [{"labels": lab, **({"subject": subjects[i]} if subjects else {})} for i, lab in enumerate(labels)]
+    samples = [{"__key__": f"img{i:05d}", "c_glb.npy": _npy(c.astype(np.float16)), "json": meta}
+               for i, (c, meta) in enumerate(zip(c_glb, metas))]
     write_shard(folder / "shards" / "train-000000.tar", samples)
     (folder / "cache.json").write_text(json.dumps({"views": c_glb.shape[1], "count": len(c_glb)}))
     return folder
@@ -134,7 +138,7 @@ def test_resumed_training_matches_uninterrupted(tmp_path):
 
 
 def test_missing_cache_names_the_file_and_the_command(tmp_path):
-    with pytest.raises(EmbeddingCacheError, match=r"cache.json not found: run `dinodiff cache"):
+    with pytest.raises(CacheError, match=r"cache.json not found: run `dinodiff cache"):
         read_cached_embeddings(tmp_path)
 
 
@@ -148,6 +152,100 @@ def test_metrics_agree_with_their_definitions():
     assert precision_recall(a, far) == (0.0, 0.0)
     report = embedding_report(a[:50], a)
     assert report["copy_fraction"] == 1.0 and report["nn_min"] == 0.0
+
+
+def _brute_force_knn(query: torch.Tensor, reference: torch.Tensor, k: int, exclude_self: bool = False):
+    d = torch.cdist(query.double(), reference.double())
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    return d.topk(k, dim=1, largest=False)
+
+
+def test_chunked_float32_neighbours_radii_and_coverage_equal_brute_force_in_bounded_blocks(monkeypatch):
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(rng.normal(size=(300, 16)) * 3 + 5).float()
+    fake = torch.from_numpy(rng.normal(size=(250, 16)) * 3 + 5.5).float()
+    want_d, want_i = _brute_force_knn(fake, real, 3)
+    radii = _brute_force_knn(real, real, 3, exclude_self=True)[0][:, -1]
+    fake_radii = _brute_force_knn(fake, fake, 3, exclude_self=True)[0][:, -1]
+    inside = (torch.cdist(fake.double(), real.double()) <= radii[None]).any(1).double().mean().item()
+    recall = (torch.cdist(real.double(), fake.double()) <= fake_radii[None]).any(1).double().mean().item()
+    blocks = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda x, y, *a, **kw: blocks.append((len(x), len(y))) or cdist(x, y, *a, **kw))
+    for chunk in (7, 64, 10_000):
+        blocks.clear()
+        d, i = nearest(fake, real, k=3, chunk=chunk)
+        assert torch.equal(i, want_i) and torch.allclose(d.double(), want_d, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(knn_radii(real, 3, chunk).double(), radii, rtol=1e-5, atol=1e-5)
+        assert coverage(fake, real, radii.float(), chunk) == pytest.approx(inside, abs=1e-12)
+        assert precision_recall(real, fake, 3, chunk) == pytest.approx((inside, recall), abs=1e-12)
+        assert max(max(b) for b in blocks) <= chunk  # memory: one chunk x chunk block of distances at a time
+    assert len(blocks) > 1
+
+
+def test_copy_distance_is_the_nearest_of_all_cached_views_of_each_training_image():
+    rng = np.random.default_rng(1)
+    views = torch.from_numpy(rng.normal(size=(40, 3, 8))).float()  # 40 training images x 3 cached views
+    sampled = torch.stack([views[5, 2], views[17, 1], torch.full((8,), 50.0)])  # copies of views other than the first
+    distance, image = nearest_training(sampled, views)
+    assert distance[:2].tolist() == [0.0, 0.0] and image[:2].tolist() == [5, 17]
+    report = embedding_report(sampled, views)
+    assert report["nn_min"] == 0.0 and report["copy_fraction"] == pytest.approx(2 / 3)
+    assert report["train_views"] == 3
+    # the scale a copy is judged against: the nearest view of *another* image (another subject when given)
+    near_twins = views.clone()
+    near_twins[:, 1:] = near_twins[:, :1] + 1e-3  # an image's own views are nearly identical
+    assert float(own_distances(near_twins).min()) > 0.1
+    twins = torch.cat([views[:20, :1], views[:20, :1]])  # images i and i + 20 are the same patient's
+    subjects = torch.arange(40) % 20
+    assert float(own_distances(twins).min()) == 0.0 and float(own_distances(twins, subjects).min()) > 0.1
+
+
+def test_holdout_takes_whole_subjects_and_is_seeded():
+    subjects = [f"p{i // 3}" for i in range(90)]  # 30 patients x 3 images
+    data = CachedEmbeddings(torch.zeros(90, 1, 1, 2), [f"k{i}" for i in range(90)], [{}] * 90, subjects)
+    split = split_holdout(data, 0.3, seed=4)
+    held = {subjects[i] for i in split.holdout}
+    assert split.by == "subject" and 0 < len(held) < 30
+    assert not held & {subjects[i] for i in split.train}  # no patient on both sides
+    assert sorted([*split.train, *split.holdout]) == list(range(90))
+    assert np.array_equal(split_holdout(data, 0.3, seed=4).holdout, split.holdout)
+    assert not np.array_equal(split_holdout(data, 0.3, seed=5).holdout, split.holdout)
+    assert len(split_holdout(data, 0.0, seed=4).holdout) == 0
+    with pytest.raises(ValueError, match="holdout-fraction 0"):
+        split_holdout(CachedEmbeddings(torch.zeros(2, 1, 1, 2), ["a", "b"], [{}, {}]), 0.01, seed=0)
+
+
+def test_eval_measures_samples_against_held_out_embeddings_beside_the_real_floor(tmp_path):
+    data = correlated_gaussian(240, seed=5).reshape(120, 2, 2, 4)  # 120 images x 2 cached views
+    subjects = [f"p{i // 2}" for i in range(120)]
+    cache = write_fake_cache(tmp_path / "cache", data, subjects=subjects)
+    settings = _settings(cache, tmp_path / "run", max_steps=60, holdout_fraction=0.25)
+    folder = train_embeddings(settings, progress=False)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    model = load_embedding_model(folder)
+    held_keys = model.info["holdout"]["holdout_keys"]
+    held = np.array([int(k[3:]) for k in held_keys])
+    train = np.setdiff1d(np.arange(120), held)
+    assert report["protocol"] == "held-out" and report["holdout"]["by"] == "subject"
+    assert len(held) == report["n_reference"] and 0 < len(held) < 120 and report["holdout"]["holdout_keys"] == held_keys
+    assert not {subjects[i] for i in held} & {subjects[i] for i in train}
+    assert model.info["num_train_images"] == len(train) == report["n_train"] == report["n_sampled"]
+    # the held-out images never reached the model: its normalisation statistics are the training images' alone
+    train_views = torch.from_numpy(data[train].astype(np.float16).astype(np.float32)).reshape(len(train) * 2, -1)
+    assert torch.allclose(model.denoiser.mean, train_views.mean(0), atol=1e-5)
+    # precision/recall/FD are those of the samples against the held-out images' first views
+    normalise = model.denoiser.normalize
+    reference = normalise(torch.from_numpy(data[held, 0].astype(np.float16).astype(np.float32)))
+    sampled = normalise(sample_embeddings(model, len(train), seed=settings.seed + 1, steps=settings.eval_steps))
+    assert (report["precision"], report["recall"]) == pytest.approx(precision_recall(reference, sampled), abs=1e-9)
+    assert report["fd"] == pytest.approx(frechet_distance(reference, sampled), rel=1e-6)
+    floor = report["real_floor"]  # the training embeddings against the same held-out reference, as many as samples
+    firsts = normalise(torch.from_numpy(data[train, 0].astype(np.float16).astype(np.float32)))
+    assert floor["n"] == len(train)
+    assert (floor["precision"], floor["recall"]) == pytest.approx(precision_recall(reference, firsts), abs=1e-9)
+    assert report["copy_reference"].startswith("nearest of all 2 cached views")
 
 
 def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_model_folder, tmp_path):
@@ -173,7 +271,7 @@ def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_mo
         rows = list(csv.DictReader(handle))
     with labels_csv.open() as handle:
         sources = {Path(r["path"]).stem: r for r in csv.DictReader(handle)}
-    assert len(rows) == 12 and len(list((out / "images").glob("*.png"))) == 12
+    assert len(rows) == 12 and len(list((out / "images").rglob("*.png"))) == 12  # nested images/NNN/
     for row in rows:  # conditioned on (and labelled with) the labels of the source it was planned from
         source = next(v for k, v in sources.items() if row["source_a"].endswith(k))
         assert [float(row[k]) for k in names] == [float(source[k]) for k in names]

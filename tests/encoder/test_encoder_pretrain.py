@@ -14,13 +14,16 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
 from dinodiff.config import EncoderConfig
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.encoder.augment import MultiCrop, random_crops
 from dinodiff.encoder.export import read_provenance
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed
 from dinodiff.encoder.pretrain import EncoderPretrainer
 from dinodiff.encoder.settings import AugmentSettings, load_encoder_settings
 from dinodiff.models.encoders import load_encoder
+from dinodiff.models.encoders import GlobalTokenEncoder
 from dinodiff.models.factory import build_encoder
+from dinodiff.models.training_images import read_training_images
 from dinodiff.runs import latest_checkpoint, list_checkpoints
 
 TINY = ["backbone.image_size=16", "backbone.patch_size=8", "backbone.hidden_size=32", "backbone.num_layers=1",
@@ -90,6 +93,27 @@ def test_saved_folder_loads_through_the_encoder_loader_with_identical_tokens(tmp
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(float(r["embedding_std"]) > 0 and float(r["teacher_entropy"]) > 0 for r in rows)
     assert list((run / "logs").rglob("events.out.tfevents*"))
+
+
+def test_every_encoder_folder_records_its_training_images_and_keeps_them_through_save_and_load(
+        tmp_path, prepared_phantoms):
+    run = tmp_path / "run"
+    out = EncoderPretrainer(tiny_settings(run, prepared_phantoms, "run.max_steps=2", "run.checkpoint_every=2")).run()
+    train = [s for s in iter_sources(prepared_phantoms, size=8, split="train")]
+    test_ids = {s.id for s in iter_sources(prepared_phantoms, size=8, split="test")}
+    assert train and test_ids
+    for folder, step in ((out, 2), (run / "encoder-init", 0), (latest_checkpoint(run) / "encoder", 2)):
+        record = read_training_images(folder)
+        assert record is not None and record.step == step and record.split == "train"
+        assert list(record.ids) == [s.id for s in train] and not test_ids & set(record.ids)
+        assert list(record.paths) == [s.path for s in train] and all(record.paths)
+        assert record.shards == str(prepared_phantoms.resolve())
+    encoder = load_encoder(str(out))
+    assert encoder.training_images == read_training_images(out)
+    encoder.save_pretrained(tmp_path / "model" / "image_encoder")  # as a diffusion model folder stores it
+    again = GlobalTokenEncoder.from_pretrained(tmp_path / "model", subfolder="image_encoder")
+    assert again.training_images == encoder.training_images
+    assert read_training_images(tmp_path / "model" / "image_encoder").ids == encoder.training_images.ids
 
 
 def _run_cli(args: list[str], env_extra: dict[str, str] | None = None, check: bool = True):

@@ -18,8 +18,9 @@ from conftest import REPO_ROOT
 from test_pipeline import _load, tiny_model_folder  # noqa: F401 - the shared tiny model fixture
 
 from dinodiff.data.datasets import make_id
-from dinodiff.generate.plan import GenerateSettings, item_seed, plan_items
-from dinodiff.generate.sample import generate_reconstructions
+from dinodiff.generate.plan import GenerateSettings, plan_items
+from dinodiff.sampling import item_seed
+from dinodiff.pipeline.sample import generate_reconstructions
 from dinodiff.generate.stage import generate_dataset
 from dinodiff.interpolate import lerp, plan_interpolations, slerp
 
@@ -45,31 +46,58 @@ def test_lerp_and_slerp_match_their_formulas():
     assert torch.allclose(slerp(unit, unit2, 0.4).norm(dim=-1), torch.ones(5, 2), atol=1e-5)  # stays on the sphere
 
 
-def test_interpolation_pairs_share_a_label_and_repeat_only_when_unique_pairs_run_out():
-    few = plan_interpolations(TABLE, 6, seed=3)
-    assert len({_pair(p.a, p.b) for p in few}) == 6 and {_pair(p.a, p.b) for p in few} <= ELIGIBLE
-    plan = plan_interpolations(TABLE, 2 * len(ELIGIBLE) + 3, seed=3)
-    pairs = [_pair(p.a, p.b) for p in plan]
-    assert set(pairs[:len(ELIGIBLE)]) == ELIGIBLE  # every eligible pair once before any repeat
-    assert set(pairs) == ELIGIBLE and 7 not in {i for p in pairs for i in p}  # source 7 has no label
-    seen: dict[tuple[int, int], list[float]] = {}
+def _mix(item) -> tuple[tuple[int, int], float]:
+    """An interpolation as the mix it makes: (unordered pair, weight on the higher index)."""
+    return _pair(item.a, item.b), (item.r if item.b > item.a else 1.0 - item.r)
+
+
+def _anchor(item) -> int:
+    return item.a if item.r <= 0.5 else item.b
+
+
+def test_every_source_anchors_as_many_interpolations_and_repeats_a_pair_only_when_its_new_pairs_run_out():
+    plan = plan_interpolations(TABLE, 7 * 3, seed=3)
+    assert {_pair(p.a, p.b) for p in plan} <= ELIGIBLE  # every pair shares a label
+    assert 7 not in {i for p in plan for i in (p.a, p.b)}  # source 7: the only one with no label, no partner
+    assert np.bincount([_anchor(p) for p in plan], minlength=8).tolist() == [3] * 7 + [0]
+    assert len({_mix(p) for p in plan}) == len(plan)  # never the same mix twice
+    used: set[tuple[int, int]] = set()
     for p in plan:
-        seen.setdefault(_pair(p.a, p.b), []).append(p.r)
+        anchor, pair = _anchor(p), _pair(p.a, p.b)
+        if pair in used:  # a repeat: the anchor had used every pair it could make
+            assert {q for q in ELIGIBLE if anchor in q} <= used, (p, used)
+        used.add(pair)
         assert 0.0 <= p.r <= 1.0
-    assert all(len(set(rs)) == len(rs) for rs in seen.values())  # a repeated pair always gets a new r
-    assert plan == plan_interpolations(TABLE, 2 * len(ELIGIBLE) + 3, seed=3)  # deterministic in the seed
+    assert plan == plan_interpolations(TABLE, 7 * 3, seed=3)  # deterministic in the seed
+
+
+def test_sources_with_no_label_pair_with_each_other_and_every_label_keeps_its_share():
+    # 2 labels and 3 sources positive for none: the paper's rule alone never interpolates those three.
+    table = np.array([[1, 0], [1, 0], [1, 1], [0, 1], [0, 1], [0, 0], [0, 0], [0, 0]], bool)
+    plan = plan_interpolations(table, 4 * len(table), seed=0)
+    unlabelled = {5, 6, 7}
+    for p in plan:
+        assert ({p.a, p.b} <= unlabelled) or not ({p.a, p.b} & unlabelled), p  # none with none, never mixed
+    anchors = np.bincount([_anchor(p) for p in plan], minlength=len(table))
+    assert anchors.tolist() == [4] * len(table)  # each source gives the labels of 4 images
+    labels = table[[_anchor(p) for p in plan]]
+    np.testing.assert_allclose(labels.mean(axis=0), table.mean(axis=0))  # label prevalence as in the sources
+    assert (~labels.any(axis=1)).mean() == pytest.approx(3 / 8)  # and the "no label" share too
 
 
 def test_r_values_list_and_running_out_of_distinct_interpolations():
+    # with r in {0.25, 0.75} an anchor can make one mix per partner: 2 mixes per eligible pair in all
     plan = plan_interpolations(TABLE, 2 * len(ELIGIBLE), seed=0, r_values=[0.25, 0.75])
     assert {p.r for p in plan} == {0.25, 0.75}
-    assert len({(_pair(p.a, p.b), p.r) for p in plan}) == len(plan)
+    assert len({_mix(p) for p in plan}) == len(plan)
     with pytest.raises(ValueError, match="only"):
         plan_interpolations(TABLE, 2 * len(ELIGIBLE) + 1, seed=0, r_values=[0.25, 0.75])
     with pytest.raises(ValueError, match="shares a positive label"):
-        plan_interpolations(np.zeros((4, 2), bool), 3)
-    anyway = plan_interpolations(np.zeros((4, 2), bool), 3, shared_label=False)
-    assert len({_pair(p.a, p.b) for p in anyway}) == 3
+        plan_interpolations(np.array([[1, 0], [0, 1], [0, 0]], bool), 3)  # no two sources share a class
+    unlabelled = plan_interpolations(np.zeros((4, 2), bool), 3)  # four unlabelled sources pair with each other
+    assert len({_pair(p.a, p.b) for p in unlabelled}) == 3
+    anyway = plan_interpolations(np.array([[1, 0], [0, 1], [0, 0]], bool), 3, shared_label=False)
+    assert sorted(_anchor(p) for p in anyway) == [0, 1, 2]  # any pair: each source anchors one
 
 
 def test_interpolated_labels_come_from_the_source_nearer_in_r():
@@ -114,7 +142,7 @@ def _settings(**kw) -> GenerateSettings:
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted((folder / "images").rglob("*.png"))}
 
 
 def test_dataset_from_a_labelled_csv_has_images_labels_and_provenance(tiny_model_folder, labelled_csv, tmp_path):
@@ -127,12 +155,14 @@ def test_dataset_from_a_labelled_csv_has_images_labels_and_provenance(tiny_model
     with (out / "labels.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 20 and len(_pngs(out)) == 20 and (out / "preview.png").is_file()
+    assert [r["path"] for r in rows] == list(_pngs(out)) == [f"images/000/{i:07d}.png" for i in range(20)]
     with labelled_csv.open() as handle:
         source_labels = {make_id(row["path"]): row for row in csv.DictReader(handle)}
     names = ["Cardiomegaly", "Consolidation", "Pleural Effusion"]
     for row in rows:
         a, b, r = source_labels[row["source_a"]], source_labels[row["source_b"]], float(row["r"])
-        assert any(a[n] == b[n] == "1" for n in names)  # the pair shares a positive label
+        shared = any(a[n] == b[n] == "1" for n in names)
+        assert shared or all("1" not in (a[n], b[n]) for n in names)  # a shared label, or none on either side
         nearer = a if r <= 0.5 else b
         assert [row[n] for n in names] == [nearer[n] for n in names]
     assert len({(r["source_a"], r["source_b"], r["r"]) for r in rows}) == 20
@@ -147,10 +177,10 @@ def test_rerun_finishes_what_is_missing_with_the_same_images(tiny_model_folder, 
     out = generate_dataset(tiny_model_folder, labelled_csv, tmp_path / "syn", settings, batch_size=4,
                            preview_rows=0, progress=False)
     before = _pngs(out)
-    kept = out / "images" / "0000000.png"
+    kept = out / "images" / "000" / "0000000.png"
     stamp = kept.stat().st_mtime_ns
     for name in ("0000005.png", "0000006.png", "0000019.png"):
-        (out / "images" / name).unlink()
+        (out / "images" / "000" / name).unlink()
     (out / "labels.csv").unlink()
     generate_dataset(tiny_model_folder, labelled_csv, out, settings, batch_size=4, preview_rows=0, progress=False)
     assert _pngs(out) == before and (out / "labels.csv").is_file()

@@ -16,8 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dinodiff.cli import app
+from dinodiff.evaluate.fid.stage import fid_results
+from dinodiff.evaluate.fid.sweep import sweep_results
 from dinodiff.report import ReportError, build_report
 from dinodiff.report.build import external_references
+from dinodiff.results import Results, write_results
 from dinodiff.train.trainer import train
 
 CONFIG = """model:
@@ -54,10 +57,11 @@ def make_workdir(root: Path) -> Path:
     (run / "metrics.csv").write_text("\n".join(rows) + "\n")
     (run / "best").mkdir()
     (run / "best" / "best.json").write_text(json.dumps({"step": 10, "metric": "fid", "value": 5.0}))
-    fields = "step,fid,kid_mean,kid_std,extractor,tap,n_real,n_fake,per_source,sample_steps,seed,checkpoint,seconds"
-    (run / "fid.csv").write_text(f"{fields}\n10,5.0,0.01,0.001,xrv,features2,64,64,1,25,7,{run}/checkpoints/"
-                                 f"checkpoint-10/model,3.0\n20,7.5,0.02,0.002,xrv,features2,64,64,1,25,7,{run}/"
-                                 "checkpoints/checkpoint-20/model,3.1\n")
+    fid_rows = [{"step": step, "fid": fid, "kid_mean": 0.01, "kid_std": 0.001, "extractor": "xrv", "tap": "features2",
+                 "split": "val", "n_real": 64, "n_fake": 64, "per_source": 1, "sample_steps": 25, "seed": 7,
+                 "checkpoint": f"{run}/checkpoints/checkpoint-{step}/model"} for step, fid in ((10, 5.0), (20, 7.5))]
+    _png(run / "fid.png", (120, 80), 9)
+    write_results(run, sweep_results(run, fid_rows))  # what `dinodiff sweep` and the training hook write
     _png(run / "samples" / "step-0000010.png", (136, 68), 1)
     _png(run / "samples" / "step-0000020.png", (136, 68), 2)
     for strategy in ("reconstruction", "interpolation"):
@@ -72,15 +76,12 @@ def make_workdir(root: Path) -> Path:
     _png(seg / "overlays" / "phantoms.png", (300, 200), 5)
     (seg / "table.md").write_text("# Zero-shot lung segmentation (DiffSeg)\n\n## Table 2: both lungs\n\n"
                                   "| | DiffSeg | Mean-mask prior |\n|---|---|---|\n| combined | 61.0 ± 2.0 | 88.0 ± 1.0 |\n")
-    (seg / "results.json").write_text(json.dumps({  # written elsewhere, then moved: absolute paths that moved
-        "settings": {"threshold_mode": "relative", "noise_seed": None, "resolution": 64},
-        "datasets": {"phantoms": 16},
-        "cells": [{"cell": {"model": "checkpoint-20-model"}, "description": "t=300 16x16"}],
-        "best": {"combined": {"cell": {"model": "checkpoint-20-model"}, "description": "t=300 16x16"}},
-        "methods": {"diffseg": {"name": "DiNO-Diffusion (DiffSeg)", "summary": {"combined": {"hungarian_both": [0.61, 0.02]}}},
-                    "prior": {"name": "Mean-mask prior", "summary": {"combined": {"hungarian_both": [0.88, 0.01]}}}},
-        "tables": {"markdown": "/old/place/segment/table.md", "csv": "/old/place/segment/table.csv"},
-        "overlays": {"phantoms": "/old/place/segment/overlays/phantoms.png"}}))
+    write_results(seg, Results(  # written elsewhere, then moved: absolute paths that moved
+        kind="segment", title="Zero-shot lung segmentation",
+        provenance={"settings": {"threshold_mode": "relative", "resolution": 64}, "images": {"phantoms": 16}},
+        headline={"Dice, DiNO-Diffusion (DiffSeg)": "61.0 %", "Dice, mean-mask prior": "88.0 %"},
+        tables={"Table 2": "/old/place/segment/table.md"},
+        figures={"phantoms": "/old/place/segment/overlays/phantoms.png"}, data={"cells": [{"model": "m"}]}))
     cls = root / "classify"
     _png(cls / "figure4.png", (400, 300), 6)
     (cls / "table1.md").write_text("| arm | AUC |\n|---|---|\n| real only | 0.71 |\n| real + 1:10 | 0.78 |\n")
@@ -88,13 +89,13 @@ def make_workdir(root: Path) -> Path:
         "kind": "classify", "title": "Classification (Table 1, Figure 4)",
         "provenance": {"checkpoint": "best/model", "seeds": [0, 1, 2], "command": "dinodiff classify --out classify"},
         "headline": {"AUC real + 1:10": 0.78}, "tables": {"Table 1": "table1.md"},
-        "figures": {"Figure 4": "figure4.png"}, "something_new": {"nested": True}}))
+        "figures": {"Figure 4": "figure4.png"}, "data": {"something_new": {"nested": True}}}))
     probe = root / "probe"
     probe.mkdir()
     (probe / "results.json").write_text(json.dumps({
         "kind": "encoder-probe", "provenance": {"encoder": "encoder/", "data": "/data/labelled"},
-        "table": [{"encoder": "pretrained", "knn_auc": 0.912, "linear_auc": 0.93},
-                  {"encoder": "random", "knn_auc": 0.55, "linear_auc": 0.57, "extra": "x"}], "unknown": 1}))
+        "tables": {"probe": [{"encoder": "pretrained", "knn_auc": 0.912, "linear_auc": 0.93},
+                             {"encoder": "random", "knn_auc": 0.55, "linear_auc": 0.57, "extra": "x"}]}}))
     return root
 
 
@@ -137,7 +138,8 @@ def test_markdown_summary_has_the_headline_tables_and_missing_commands(tmp_path)
     work = make_workdir(tmp_path / "work")
     md = build_report(work)["markdown"].read_text()
     assert md.startswith("# dinodiff report: work")
-    assert "## At a glance" in md and "| training steps | 20 |" in md
+    assert "## At a glance" in md and "| training steps of run | 20 |" in md
+    assert "| final MSE(noise, prediction) of run |" in md  # the loss says what it is and whose
     assert "| 10 | 5 ★ |" in md  # the best checkpoint marked in the fid.csv table
     assert "| pretrained | 0.912 | 0.93 | - |" in md  # unknown column 'extra' kept, missing cell as '-'
     assert "### Table 2: both lungs" in md  # the stage's Markdown headings demoted under the section
@@ -162,14 +164,28 @@ def test_a_results_json_of_a_new_kind_is_shown_without_report_code(tmp_path):
     assert len(summary["missing"]) == 10  # every known section, each with its command
 
 
+def test_a_results_json_note_and_warnings_are_shown(tmp_path):
+    folder = tmp_path / "work" / "audit"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "audit", "note": "95% intervals: exact Clopper-Pearson.",
+        "warnings": ["holdout->train (pixels) has only 29 distances, too few to calibrate."],
+        "headline": {"flagged copies, syn (pixels)": "0/32 = 0.0% [0.0, 10.9]"},
+        "tables": {"dcr": [{"dataset": "syn", "flagged_copies (95% CI)": "0/32 = 0.0% [0.0, 10.9]"}]}}))
+    summary = build_report(tmp_path / "work")
+    page, md = summary["html"].read_text(), summary["markdown"].read_text()
+    for text in ("exact Clopper-Pearson", "only 29 distances, too few to calibrate", "0/32 = 0.0% [0.0, 10.9]"):
+        assert text in page and text in md
+
+
 def test_unreadable_results_are_listed_and_the_rest_still_reported(tmp_path):
     work = make_workdir(tmp_path / "work")
     (work / "audit").mkdir()
     (work / "audit" / "results.json").write_text("{not json")
-    (work / "run" / "fid.csv").write_text("fid,extractor\n5.0,xrv\n")  # no step column
+    (work / "run" / "results.json").write_text(json.dumps({"fid": 5.0}))  # not a record: no kind
     summary = build_report(work)
     assert any("audit/results.json" in p and "not readable JSON" in p for p in summary["problems"])
-    assert any("fid.csv" in p and "no row with a numeric step" in p for p in summary["problems"])
+    assert any("run/results.json" in p and "not a results record" in p for p in summary["problems"])
     assert {"config", "training", "samples", "segment"} <= set(summary["keys"]) and "fid" not in summary["keys"]
     assert "Files that could not be read" in summary["html"].read_text()
 
@@ -203,20 +219,39 @@ def test_report_cli_on_a_real_tiny_training_run(tmp_path, prepared_phantoms):
     images = _images(page)
     assert len(images) == 3 and all(s.startswith("data:image/png") for s in images)  # loss curve + 2 sample grids
     md = (tmp_path / "report.md").read_text()
-    assert "| training steps | 4 |" in md and "`run/samples/step-0000004.png`" in md
+    assert "| training steps of run | 4 |" in md and "`run/samples/step-0000004.png`" in md
 
 
-def test_classify_results_written_before_the_convention_are_recognised(tmp_path):
+def test_results_written_before_the_record_are_named_with_the_fix_not_sniffed(tmp_path):
     folder = tmp_path / "work" / "classify"
-    _png(folder / "figure4.png", (80, 60), 8)
-    (folder / "table.md").write_text("| regime | real only | real + 1:10 |\n|---|---|---|\n| 50 | 0.61 | 0.66 |\n")
-    (folder / "results.json").write_text(json.dumps({  # `dinodiff classify`'s own layout: "evaluation", "files"
-        "evaluation": "classify", "summary": [{"regime": 50}],
-        "files": {"table_markdown": "/elsewhere/classify/table.md", "figure": "/elsewhere/classify/figure4.png"}}))
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({  # `dinodiff classify`'s layout before the results record
+        "evaluation": "classify", "summary": [{"regime": 50}], "files": {"table_markdown": "table.md"}}))
+    with pytest.raises(ReportError):
+        build_report(tmp_path / "work")  # nothing else to show
+    (folder / "other" / "results.json").parent.mkdir()
+    write_results(folder / "other", Results(kind="classify", title="Classification", tables={"t": [{"a": 1}]}))
     summary = build_report(tmp_path / "work")
     assert summary["keys"] == ["classify"]
+    assert any("classify/results.json" in p and "rerun the stage" in p for p in summary["problems"])
+
+
+def test_a_classify_grid_shows_as_one_section_without_its_per_fold_synthetic_sets(tmp_path):
+    folder = tmp_path / "work" / "classify"
+    _png(folder / "figure4.png", (80, 60), 8)
+    (folder / "table.md").write_text("| arm | n = 50 |\n|---|---|\n| real only | 0.61 ± 0.02 |\n")
+    (folder / "grid.json").write_text("{}")
+    for fold in range(3):  # what `dinodiff classify` generates: one interpolation set per fold, its own input
+        (folder / "synthetic" / "m0123" / "n50" / "interpolation-x1" / f"s0-f{fold}").mkdir(parents=True)
+        (folder / "synthetic" / "m0123" / "n50" / "interpolation-x1" / f"s0-f{fold}" / "provenance.json").write_text(
+            json.dumps({"complete": True, "images": 40, "settings": {"strategy": "interpolation"}}))
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "classify", "provenance": {"synthetic model": "run/best/model", "synthetic model chosen": "best"},
+        "tables": {"Table 1 and differences (table.md)": "table.md"}, "figures": {"Figure 4": "figure4.png"}}))
+    summary = build_report(tmp_path / "work")
+    assert summary["keys"] == ["classify"]  # the grid's synthetic sets are not sections of their own
     page = summary["html"].read_text()
-    assert "<td>0.66</td>" in page and len(_images(page)) == 1
+    assert "0.61 ± 0.02" in page and "run/best/model" in page and len(_images(page)) == 1
 
 
 def test_the_report_package_imports_no_evaluation_code():
@@ -230,11 +265,12 @@ def test_the_report_package_imports_no_evaluation_code():
 
 
 def test_a_dinodiff_fid_result_file_is_shown_with_its_features(tmp_path):
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "fid.json").write_text(json.dumps({  # what `dinodiff fid --out fid.json` writes
-        "fid": 12.3456, "kid_mean": 0.0123, "kid_std": 0.001, "n_real": 30, "n_fake": 48, "extractor": "xrv",
-        "tap": "features2", "weights": "densenet121-res224-all", "real": "prepared", "fake": "generated/rec", "seed": 0}))
+    result = {"fid": 12.3456, "kid_mean": 0.0123, "kid_std": 0.001, "n_real": 30, "n_fake": 48, "extractor": "xrv",
+              "tap": "features2", "weights": "densenet121-res224-all", "real": "prepared", "fake": "generated/rec",
+              "seed": 0}
+    write_results(tmp_path / "work" / "fid.json", fid_results(result, "test"))  # `dinodiff fid --out fid.json`
     summary = build_report(tmp_path / "work")
     assert summary["keys"] == ["fid"]
     md = summary["markdown"].read_text()
-    assert "| FD (xrv:features2) | 12.35 |" in md and "| fid.json | 12.35 | 0.0123 ± 0.001 | xrv:features2 |" in md
+    assert "| FID (xrv:features2) of rec | 12.35 |" in md and "| prepared | generated/rec | 12.35 |" in md
+    assert "30 / 48" in md and "densenet121-res224-all" in md

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, tiny_config
 
-from dinodiff.runs import read_json
+from dinodiff.runs import read_best
 from dinodiff.train.trainer import train
 
 DIST_TIMEOUT_S = 10  # the training collectives' timeout in the 2-process run
@@ -73,7 +73,7 @@ def test_lr_schedule_counts_optimizer_steps_under_ddp_and_accumulation(ddp_run, 
 def test_evaluation_slower_than_the_collective_timeout_keeps_the_run_alive(ddp_run):
     run = _finished(ddp_run)
     assert EVAL_SLEEP_S > DIST_TIMEOUT_S
-    best = read_json(run / "best" / "best.json")
+    best = read_best(run)
     assert best["step"] == 5 and best["value"] == 10.0
     assert (run / "best" / "model" / "model_index.json").is_file()
     assert (run / "checkpoints" / "checkpoint-8").is_dir()  # training went on after the evaluation
@@ -110,7 +110,7 @@ def _fake_cache(folder: Path, shards: int, per_shard: int) -> Path:
 
 def _ids_by_worker(cache: Path, seed: int, batches: int = 8) -> tuple[list[int], list[int]]:
     """Sample ids of the first `batches` batches of a 2-worker loader, split by worker (batches alternate)."""
-    from dinodiff.cache import build_cache_loader
+    from dinodiff.data.cached import build_cache_loader
 
     loader = build_cache_loader(cache, batch_size=4, num_workers=2, seed=seed, shuffle_buffer=16)
     ids: tuple[list[int], list[int]] = ([], [])

@@ -96,7 +96,9 @@ def test_nan_loss_stops_with_a_clear_error_and_no_poisoned_checkpoint(tmp_path, 
 
 
 def test_training_from_the_cache(tmp_path, prepared_phantoms):
-    from dinodiff.cache import build_cache, read_cache_info
+    from dinodiff.cache import build_cache
+    from dinodiff.data.cached import read_cache_info
+    from dinodiff.models.factory import model_cache_key
 
     cfg = tiny_config(tmp_path / "run", prepared_phantoms, "train.max_steps=3", "train.checkpoint_every=3")
     info = build_cache(cfg, tmp_path / "cache", views=2, batch_size=8, progress=False)
@@ -109,7 +111,7 @@ def test_training_from_the_cache(tmp_path, prepared_phantoms):
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
     other = tiny_config(tmp_path / "other", prepared_phantoms, "model.resolution=64")
     with pytest.raises(ValueError, match="resolution"):
-        read_cache_info(tmp_path / "cache", other.model)
+        read_cache_info(tmp_path / "cache", model_cache_key(other.model))
 
 
 @pytest.mark.slow

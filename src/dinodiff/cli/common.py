@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Iterator, List, Mapping, Optional, Union
+from typing import Any, TypeVar, Union
 
+import click
 import typer
 
 app = typer.Typer(
@@ -56,12 +58,39 @@ def is_main_process() -> bool:
     return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"], 0) == 0
 
 
-def load_config(config: Optional[str], overrides: Optional[List[str]]):
-    from dinodiff.config import ConfigError, load_config as load
+def load_config(config: str | None, overrides: list[str] | None):
+    from dinodiff.config import ConfigError
+    from dinodiff.config import load_config as load
 
     with failures({ConfigError: 2}):
         return load(config, overrides or [])
 
 
-def floats(text: Optional[str]) -> Optional[list[float]]:
+CONFIG_HELP = ("YAML file of this command's settings (field: value, as in its results' provenance); options typed "
+               "on the command line override it, options left at their defaults do not.")
+S = TypeVar("S")
+
+
+def typed(ctx: click.Context, **options: Any) -> dict[str, Any]:
+    """The options of the running command that were typed on the command line (or set in the environment), by
+    name: an option left at its default is not here, so it never overrides a --config file."""
+    sources = {name: ctx.get_parameter_source(name) for name in options}
+    # by name: typer's ParameterSource may be its own copy of click's enum
+    return {name: value for name, value in options.items()
+            if sources[name] is not None and sources[name].name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def stage_settings(schema: type[S], config: str | None, values: Mapping[str, Any],
+                   base: Mapping[str, Any] | None = None) -> S:
+    """The command's settings object through the one path (`dinodiff.config.build_settings`): the schema's
+    defaults (<- `base`) <- the --config file <- the typed options (`values`, by field name). A bad key or value
+    exits 2."""
+    from dinodiff.config import ConfigError, build_settings
+
+    with failures({ConfigError: 2}):
+        return build_settings(schema, config, values=values, base=base)
+    raise AssertionError("unreachable")  # failures() exits on a ConfigError
+
+
+def floats(text: str | None) -> list[float] | None:
     return None if not text else [float(v) for v in text.replace(" ", "").split(",") if v]

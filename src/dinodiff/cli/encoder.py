@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from dinodiff.cli.common import configure_logging, failures
+from dinodiff.cli.common import (
+    CONFIG_HELP,
+    configure_logging,
+    failures,
+    stage_settings,
+    typed,
+)
 
 
 def pretrain_encoder(
     config: str = typer.Option("cpu-encoder", "--config", "-c", help="Preset (cpu-encoder, gpu-encoder) or YAML file."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.shards=PREP run.max_steps=600 optim.lr=1e-3 backbone.name_or_path=microsoft/rad-dino."),
-    resume: Optional[str] = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's run.resume, 'auto')."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.shards=PREP run.max_steps=600 optim.lr=1e-3 backbone.name_or_path=microsoft/rad-dino."),
+    resume: str | None = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's run.resume, 'auto')."),
 ) -> None:
     """Pretrain a domain encoder on your own unlabelled images with DINO self-distillation.
 
@@ -27,14 +32,13 @@ def pretrain_encoder(
     """
     from dinodiff.config import ConfigError
     from dinodiff.encoder.monitor import EncoderCollapsed
-    from dinodiff.encoder.pretrain import EncoderDiverged, pretrain_encoder as run_pretrain
+    from dinodiff.encoder.pretrain import EncoderDiverged
+    from dinodiff.encoder.pretrain import pretrain_encoder as run_pretrain
     from dinodiff.encoder.settings import load_encoder_settings
 
     configure_logging()
     with failures({ConfigError: 2}):
-        settings = load_encoder_settings(config, overrides or [])
-    if resume is not None:
-        settings.run.resume = resume
+        settings = load_encoder_settings(config, [*(overrides or []), *([f"run.resume={resume}"] if resume else [])])
     with failures({(EncoderCollapsed, EncoderDiverged): 1, (FileNotFoundError, ValueError): 2}):  # NoImages too
         out = run_pretrain(settings)
     typer.echo(f"encoder written to {out} (use model.encoder.name_or_path={out})")
@@ -42,31 +46,40 @@ def pretrain_encoder(
 
 
 def probe_encoder(
-    encoders: List[str] = typer.Argument(..., help="Encoder folders, hub ids or random:<family> (e.g. RUN/encoder RUN/encoder-init)."),
-    data: List[Path] = typer.Option(..., "--data", "-d", help="Labelled images: prepared shards, a CSV or a dataset folder (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.json and table.md."),
-    labels: Optional[str] = typer.Option(None, help="Comma-separated labels to probe (default: every label with >= --min-count positives and negatives)."),
-    label_columns: Optional[str] = typer.Option(None, help="For a CSV: comma-separated label columns (a text column such as finding gives one label per value)."),
+    ctx: typer.Context,
+    encoders: list[str] = typer.Argument(..., help="Encoder folders, hub ids or random:<family> (e.g. RUN/encoder RUN/encoder-init)."),
+    data: list[Path] = typer.Option(..., "--data", "-d", help="Labelled images: prepared shards, a CSV or a dataset folder (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json and table.md."),
+    labels: str | None = typer.Option(None, help="Comma-separated labels to probe (default: every label with >= --min-count positives and negatives)."),
+    label_columns: str | None = typer.Option(None, help="For a CSV: comma-separated label columns (a text column such as finding gives one label per value)."),
     size: int = typer.Option(128, help="Side at which images are read; each encoder resizes to its own input."),
     folds: int = typer.Option(5, help="Stratified cross-validation folds."),
     k: int = typer.Option(10, help="Neighbours of the k-NN probe."),
     min_count: int = typer.Option(10, help="Smallest number of positives and of negatives for a label to be probed."),
     seed: int = typer.Option(0, help="Seed of the folds and of the augmented views."),
+    transductive: bool = typer.Option(False, "--transductive", help="Probe the images the encoders trained on too (every number is then labelled transductive where it is)."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Also sets what has no option (C, views, tokens, heldout_views, augment)."),
 ) -> None:
-    """Measure encoders on the same labelled images: k-NN and linear-probe ROC AUC per label
-    (cross-validated, mean ± SD) and augmented-view retrieval top-1 among 2N views."""
+    """Measure encoders on the same labelled images that none of them trained on: k-NN and linear-probe ROC AUC
+    per label (cross-validated, grouped by subject, mean ± SD) and view retrieval top-1 among 2N views drawn with
+    augmentations pretraining never used (plus the pretraining augmentation's, labelled pretext).
+
+    The images each encoder trained on come from its training_images.json (written by pretrain-encoder) and are
+    left out; an encoder without one (a hub model) is labelled unknown."""
     from dinodiff.encoder.probe import ProbeSettings, markdown_table, probe_encoders
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
-    settings = ProbeSettings(size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
-                             min_count=min_count, seed=seed)
+    settings = stage_settings(ProbeSettings, config, typed(
+        ctx, size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
+        min_count=min_count, seed=seed, transductive=transductive))
     with failures({(FileNotFoundError, ValueError, OSError): 2}):
         results = probe_encoders(encoders, data, out, settings)
-    typer.echo(markdown_table(results), nl=False)
+    typer.echo(markdown_table(results.data), nl=False)
 
 
 
 def train_embeddings_command(
+    ctx: typer.Context,
     cache_dir: Path = typer.Option(..., "--cache", help="A `dinodiff cache` folder: its c_GLB (every augmented view) are the training set."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: settings.json, metrics.csv, checkpoints/, model/, eval.json."),
     steps: int = typer.Option(2000, help="Training steps."),
@@ -78,13 +91,18 @@ def train_embeddings_command(
     label_dropout: float = typer.Option(0.1, help="Probability of the null label in training (classifier-free guidance)."),
     checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a killed run resumes from the newest)."),
     seed: int = typer.Option(0, help="Seed of the weights, batches and noise."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N cached images."),
+    limit: int | None = typer.Option(None, help="Use only the first N cached images."),
+    holdout_fraction: float = typer.Option(0.1, help="Fraction of the subjects (patients; images when unknown), drawn with --seed, held out of training: eval.json measures the samples against them. 0: against the training embeddings (transductive)."),
+    metrics_chunk: int = typer.Option(2048, help="Rows per block of eval.json's distance computations (memory grows with its square)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Train the embedding generator for source-free generation: a small diffusion model over c_GLB (after RCG).
 
     Then `dinodiff generate MODEL --strategy sampled --embedding-model OUT ...` draws new c_GLB and decodes them.
-    OUT/eval.json compares sampled with training embeddings (nearest-neighbour distance, precision/recall, FD).
+    OUT/eval.json compares sampled embeddings with the held-out images' (precision/recall, FD), beside the real
+    floor (training embeddings against the same held-out ones), and counts copies of training images (nearest of
+    all their cached views).
     """
     import json
 
@@ -92,12 +110,18 @@ def train_embeddings_command(
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        settings = EmbeddingTrainSettings(cache=str(cache_dir), out=str(out), max_steps=steps, batch_size=batch_size,
-                                          lr=lr, width=width, depth=depth, labels=labels, label_dropout=label_dropout,
-                                          checkpoint_every=checkpoint_every, seed=seed, limit=limit)
+        values = typed(ctx, batch_size=batch_size, lr=lr, width=width, depth=depth, labels=labels,
+                       label_dropout=label_dropout, checkpoint_every=checkpoint_every, seed=seed, limit=limit,
+                       holdout_fraction=holdout_fraction, metrics_chunk=metrics_chunk)
+        values.update(cache=cache_dir, out=out, **({"max_steps": steps} if typed(ctx, steps=steps) else {}))
+        settings = stage_settings(EmbeddingTrainSettings, config, values)
         folder = train_embeddings(settings, progress=progress)
     report = json.loads((out / "eval.json").read_text())
-    typer.echo(f"embedding model: {folder}; sampled vs training: NN median {report['nn_median']:.3f} "
-               f"(training's own {report['train_nn_median']:.3f}), copies {report['copy_fraction']:.1%}, "
-               f"precision {report['precision']:.3f}, recall {report['recall']:.3f}, FD {report['fd']:.3f}")
+    floor = report.get("real_floor")
+    typer.echo(f"embedding model: {folder}; nearest training image: NN median {report['nn_median']:.3f} (training's "
+               f"own {report['train_nn_median']:.3f}), copies {report['copy_fraction']:.1%}; against "
+               f"{report['n_reference']} {report['protocol']} embeddings: precision {report['precision']:.3f}, "
+               f"recall {report['recall']:.3f}, FD {report['fd']:.3f}"
+               + (f" (real training embeddings: {floor['precision']:.3f}, {floor['recall']:.3f}, {floor['fd']:.3f})"
+                  if floor else ""))
 

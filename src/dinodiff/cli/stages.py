@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from dinodiff.cli.common import configure_logging, failures, floats, is_main_process, load_config
+from dinodiff.cli.common import (
+    CONFIG_HELP,
+    configure_logging,
+    failures,
+    floats,
+    is_main_process,
+    load_config,
+    stage_settings,
+    typed,
+)
 
 
 def prepare(
-    sources: List[Path] = typer.Argument(..., help="Image folders, a CSV, or a dataset root (MIMIC-CXR-JPG, Montgomery, Shenzhen, JSRT/SCR)."),
+    ctx: typer.Context,
+    sources: list[Path] = typer.Argument(..., help="Image folders, a CSV, or a dataset root (MIMIC-CXR-JPG, Montgomery, Shenzhen, JSRT/SCR)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, manifest.json and rejects.csv go here."),
     kind: str = typer.Option("auto", help="Dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt."),
     size: int = typer.Option(512, help="Side of the square output images in pixels."),
@@ -19,12 +28,14 @@ def prepare(
     remove_borders: bool = typer.Option(True, help="Strip constant black/white frames and letterboxing before cropping."),
     intensity: str = typer.Option("minmax", help="How >8-bit images become uint8: minmax or percentile (0.5-99.5%)."),
     shard_size: int = typer.Option(1000, help="Input images per shard."),
-    workers: Optional[int] = typer.Option(None, help="Parallel worker processes (default: all cores)."),
+    workers: int | None = typer.Option(None, help="Parallel worker processes (default: all cores)."),
     seed: int = typer.Option(0, help="Seed of the train/test assignment when the dataset has no split."),
     test_fraction: float = typer.Option(0.0, help="Fraction of subjects (patients; images when unknown) put in the test split when the dataset has none."),
-    subject_column: Optional[str] = typer.Option(None, help="CSV sources: the column naming each image's patient (default: the first of subject, subject_id, patient, patient_id, patientid, PatientID). MIMIC-CXR needs none."),
-    subject_pattern: Optional[str] = typer.Option(None, help="A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it must match every id."),
+    val_fraction: float = typer.Option(0.0, help="Fraction of subjects put in a 'val' split (from the training side): what `dinodiff sweep` selects checkpoints on, so the test split stays unseen."),
+    subject_column: str | None = typer.Option(None, help="CSV sources: the column naming each image's patient (default: the first of subject, subject_id, patient, patient_id, patientid, PatientID). MIMIC-CXR needs none."),
+    subject_pattern: str | None = typer.Option(None, help="A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it must match every id."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Fields: those of manifest.json's settings."),
 ) -> None:
     """Turn raw chest X-rays into WebDataset shards of square, border-free uint8 grey PNGs.
 
@@ -33,15 +44,15 @@ def prepare(
     Re-running skips finished shards and gives byte-identical output. Each sample's metadata names its
     subject (patient) when the dataset has one, and --test-fraction keeps a patient's images together.
     """
-    from dinodiff.prepare import NothingUsable, prepare as run_prepare
+    from dinodiff.prepare import NothingUsable, PrepareSettings
+    from dinodiff.prepare import prepare as run_prepare
 
+    settings = stage_settings(PrepareSettings, config, typed(
+        ctx, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders, intensity=intensity,
+        shard_size=shard_size, workers=workers, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
+        subject_column=subject_column, subject_pattern=subject_pattern))
     with failures({NothingUsable: 1, (FileNotFoundError, ValueError): 2}):
-        manifest = run_prepare(
-            sources, out, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders,
-            intensity=intensity, shard_size=shard_size, workers=workers, seed=seed,
-            test_fraction=test_fraction, progress=progress, subject_column=subject_column,
-            subject_pattern=subject_pattern,
-        )
+        manifest = run_prepare(sources, out, settings, progress=progress)
     counts = manifest["counts"]
     typer.echo(
         f"{counts['written']} images written to {out / 'shards'} "
@@ -69,7 +80,7 @@ def cache(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the cached shards."),
     views: int = typer.Option(4, help="Augmented views per image (K); training picks one per visit."),
     batch_size: int = typer.Option(16, help="Images per forward pass of the frozen models."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. data.shards=prep/ model.resolution=256."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.shards=prep/ model.resolution=256."),
 ) -> None:
     """Precompute VAE latent moments and encoder global tokens (c_GLB) for K augmented views of
     every prepared image, so training runs only the UNet. Resumable."""
@@ -83,8 +94,8 @@ def cache(
 
 def train(
     config: str = typer.Option(..., "--config", "-c", help="Preset name (tiny, cpu-small, sd15-dinov1, sd15-dinov2) or YAML file."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=1000 optim.lr=2e-4 data.shards=prep/."),
-    resume: Optional[str] = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's train.resume, 'auto')."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=1000 optim.lr=2e-4 data.shards=prep/."),
+    resume: str | None = typer.Option(None, help="latest, none, or a checkpoint folder (default: the config's train.resume, 'auto')."),
 ) -> None:
     """Train the DiNO-Diffusion UNet with HF accelerate (CPU, one or many GPUs, many nodes).
 
@@ -108,32 +119,35 @@ def train(
 
 
 def generate(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
     source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, labels.csv, provenance.json, preview.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/NNN/*.png (10,000 per folder), labels.csv, provenance.json, preview.png."),
     strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source), interpolation (mixes of label-sharing pairs) or sampled (c_GLB drawn from --embedding-model; sources give only labels)."),
     ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
     steps: int = typer.Option(25, help="Sampling steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
     scheduler: str = typer.Option("dpm", help="Sampler: dpm (DPM-Solver++), ddim, euler, euler-a, ddpm, unipc, pndm or a diffusers scheduler class."),
-    batch_size: int = typer.Option(8, help="Images per forward pass. Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    batch_size: int | None = typer.Option(None, help="Images per forward pass (default 32 on CUDA, 8 on a CPU). Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
+    precision: str = typer.Option("auto", help="UNet/projection/VAE precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16. The encoder stays fp32."),
     seed: int = typer.Option(0, help="Base seed; item i uses a seed derived from (seed, i), recorded in labels.csv."),
     mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
     r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
-    r_values: Optional[str] = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
-    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper), or any pair."),
-    embedding_model: Optional[Path] = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
+    r_values: str | None = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
+    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper; sources with no label pair with each other), or any pair."),
+    embedding_model: Path | None = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
     embedding_guidance: float = typer.Option(1.0, help="Sampled: guidance scale on the sources' labels (label-conditioned embedding model)."),
     embedding_steps: int = typer.Option(50, help="Sampled: DDIM steps of the embedding model."),
     kind: str = typer.Option("auto", help="Source layout: auto, shards, csv, folder, mimic-cxr, montgomery, shenzhen or jsrt."),
-    split: Optional[str] = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N sources."),
-    path_column: Optional[str] = typer.Option(None, help="CSV: column of image paths (default: path, filename, file, image...)."),
-    label_columns: Optional[str] = typer.Option(None, help="CSV: comma list of label columns; a text column (e.g. finding) becomes one label per value."),
-    root: Optional[Path] = typer.Option(None, help="CSV: folder the paths are relative to (default: the CSV's folder)."),
+    split: str | None = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
+    limit: int | None = typer.Option(None, help="Use only the first N sources."),
+    path_column: str | None = typer.Option(None, help="CSV: column of image paths (default: path, filename, file, image...)."),
+    label_columns: str | None = typer.Option(None, help="CSV: comma list of label columns; a text column (e.g. finding) becomes one label per value."),
+    root: Path | None = typer.Option(None, help="CSV: folder the paths are relative to (default: the CSV's folder)."),
     preview_rows: int = typer.Option(4, help="Rows of OUT/preview.png (reconstruction grid or interpolation strips); 0 = none."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     sync_timeout: float = typer.Option(6 * 3600, help="Several processes: seconds the others wait while the main one encodes the sources or writes the outputs."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Fields: those of provenance.json's settings."),
 ) -> None:
     """Generate a labelled synthetic dataset by reconstruction or interpolation of the sources' c_GLB.
 
@@ -146,22 +160,27 @@ def generate(
     from dinodiff.runs import resolve_model
 
     configure_logging()
-    options = _source_options(kind, split, limit, path_column, label_columns, root)
     with failures({(FileNotFoundError, ValueError): 2}):
-        settings = GenerateSettings(strategy=strategy, ratio=ratio, seed=seed, num_inference_steps=steps,
-                                    guidance_scale=guidance, scheduler=scheduler, mix=mix, r_range=_bounds(r_range),
-                                    r_values=floats(r_values), shared_label=shared_label, source_options=options,
-                                    embedding_model=str(embedding_model) if embedding_model else None,
-                                    embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
-        folder = generate_dataset(resolve_model(check_model_source(model)), source, out, settings, batch_size=batch_size,
-                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout)
+        values = typed(ctx, strategy=strategy, ratio=ratio, seed=seed, scheduler=scheduler, mix=mix,
+                       r_values=floats(r_values), shared_label=shared_label, embedding_model=embedding_model,
+                       embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
+        renamed = {"steps": ("num_inference_steps", steps), "guidance": ("guidance_scale", guidance)}
+        values.update({field: value for name, (field, value) in renamed.items() if typed(ctx, **{name: value})})
+        values.update({"r_range": _bounds(r_range)} if typed(ctx, r_range=r_range) else {})
+        if config is None or typed(ctx, kind=kind, split=split, limit=limit, path_column=path_column,
+                                   label_columns=label_columns, root=root):
+            values["source_options"] = _source_options(kind, split, limit, path_column, label_columns, root)
+        settings = stage_settings(GenerateSettings, config, values)
+        folder = generate_dataset(resolve_model(check_model_source(model)).location, source, out, settings, batch_size=batch_size,
+                                  preview_rows=preview_rows, progress=progress, sync_timeout_s=sync_timeout,
+                                  precision=precision)
     typer.echo(f"synthetic dataset in {folder}: images/, labels.csv, provenance.json"
                + (", preview.png" if preview_rows else ""))
 
 
 
-def _source_options(kind: str, split: Optional[str], limit: Optional[int], path_column: Optional[str],
-                    label_columns: Optional[str], root: Optional[Path]) -> dict:
+def _source_options(kind: str, split: str | None, limit: int | None, path_column: str | None,
+                    label_columns: str | None, root: Path | None) -> dict:
     options = {"kind": kind, "split": split, "limit": limit}
     if path_column or label_columns or root:
         options.update(path_column=path_column, root=str(root) if root else None,

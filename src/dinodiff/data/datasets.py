@@ -114,7 +114,12 @@ def discover_folder(root: Path, dataset: str | None = None) -> list[Record]:
         return [Record(path=root.resolve(), id=make_id(root.name), dataset=name)]
     files = [f for f in _walk_files(root) if f != root / LABELS_FILE]
     rels = [f.relative_to(root).as_posix() for f in files]
-    recs = [Record(path=f.resolve(), id=make_id(r), dataset=name) for f, r in zip(files, rels)]
+    real_root = root.resolve()
+    # os.walk does not descend into symlinked folders, so only a file itself can be a link: one lstat per file
+    # instead of resolve()'s one per path component (a third of prepare's time on 100k small images).
+    recs = [Record(path=f.resolve() if f.is_symlink() else real_root / r, id=make_id(r), dataset=name)
+            for f, r in zip(files, rels)]
+    del files
     return attach_labels(root, dedupe_ids(recs, rels))
 
 

@@ -156,6 +156,11 @@ def list_shards(prepared_dir: str | Path, split: str | None = None) -> list[str]
     return sorted(str(p) for p in folder.glob(pattern) if p.is_file())
 
 
+def available_splits(prepared_dir: str | Path) -> list[str]:
+    """The splits a prepared dir (or folder of .tar files) has shards of (`train-000000.tar` -> 'train'), sorted."""
+    return sorted({Path(p).name.rsplit("-", 1)[0] for p in list_shards(prepared_dir)})
+
+
 def encode_png(arr: np.ndarray) -> bytes:
     """Deterministic PNG of a 2-D uint8 array (no metadata chunks, fixed compression level)."""
     if arr.dtype != np.uint8 or arr.ndim != 2:
@@ -247,17 +252,24 @@ def read_samples(paths: str | Path | Iterable[str | Path], on_corrupt: str = "st
             logger.warning("skipping %s", err)
 
 
+def read_members(paths: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of each sample of local shards, in order, nothing decoded (for readers that decode only
+    the samples they need). A damaged shard raises CorruptShard."""
+    for path in paths:
+        with open_shard(path) as tar:
+            yield from _group(tar)
+
+
 def _read_one(path: str | Path) -> Iterator[dict]:
-    with open_shard(path) as tar:
-        for key, fields in _group(tar):
-            sample = {"__key__": key, "masks": {}, "__url__": str(path)}
-            for ext, data in fields.items():
-                if ext == "png":
-                    sample["image"] = decode_png(data)
-                elif ext == "json":
-                    sample["json"] = json.loads(data)
-                elif ext.startswith("mask_") and ext.endswith(".png"):
-                    sample["masks"][ext[len("mask_"):-len(".png")]] = decode_png(data)
-                else:
-                    sample[ext] = data
-            yield sample
+    for key, fields in read_members([path]):
+        sample = {"__key__": key, "masks": {}, "__url__": str(path)}
+        for ext, data in fields.items():
+            if ext == "png":
+                sample["image"] = decode_png(data)
+            elif ext == "json":
+                sample["json"] = json.loads(data)
+            elif ext.startswith("mask_") and ext.endswith(".png"):
+                sample["masks"][ext[len("mask_"):-len(".png")]] = decode_png(data)
+            else:
+                sample[ext] = data
+        yield sample

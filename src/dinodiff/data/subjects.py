@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class SubjectPatternMismatch(ValueError):
@@ -18,10 +19,10 @@ class SubjectPatternMismatch(ValueError):
 
 class HasSubject(Protocol):
     id: str
-    subject: Optional[str]
+    subject: str | None
 
 
-def subject_key(ident: str, subject: Optional[str]) -> str:
+def subject_key(ident: str, subject: str | None) -> str:
     """What a split or a fold groups by: the subject when known, else the image itself (its id)."""
     return subject if subject else ident
 
@@ -54,10 +55,11 @@ def apply_subject_pattern(records: Sequence[HasSubject], pattern: str) -> None:
         rec.subject = subject
 
 
-def hash_split(key: str, test_fraction: float, seed: int) -> str:
-    """'test' for a stable `test_fraction` of keys (a hash of seed and key), else 'train'; order-free.
+def hash_split(key: str, test_fraction: float, seed: int, val_fraction: float = 0.0) -> str:
+    """'test' for a stable `test_fraction` of keys (a hash of seed and key), 'val' for the next `val_fraction`,
+    else 'train'; order-free, and the test keys do not depend on `val_fraction`.
 
     Give it the subject key (`subject_key`), so that every image of a patient lands on the same side.
     """
     h = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12
-    return "test" if h < test_fraction else "train"
+    return "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"

@@ -14,23 +14,23 @@ Everything is written to OUT/checks/results.json ("kind": "demo-checks"), with i
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinodiff.data.sources import iter_sources
+from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
-from dinodiff.files import write_json_atomic
-from dinodiff.generate.plan import item_seed
-from dinodiff.generate.previews import interpolation_strip, save_rows
-from dinodiff.generate.sample import generate_reconstructions, load_pipeline
 from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.pipeline.figures import interpolation_strip, save_rows
+from dinodiff.pipeline.sample import generate_reconstructions, load_pipeline
+from dinodiff.results import RESULTS_FILE, Results, read_results, write_results
+from dinodiff.sampling import item_seed
 
 logger = logging.getLogger(__name__)
 STRIP_R = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -145,25 +145,25 @@ def learning_checks(model: Path, prepared: Path, out: Path, *, size: int, eval_i
     rows.append({"check": "interpolation: RMS distance to A / to B at r = " + ", ".join(f"{r:g}" for r in STRIP_R),
                  "trained": " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(dist["to_a"], dist["to_b"])),
                  "holds": bool(moves)})
-    return write_results(out, rows, dist, ret, provenance)
+    return write_checks(out, rows, dist, ret, provenance)
 
 
-def write_results(out: Path, rows: list[dict], dist: dict, ret: dict, provenance: dict[str, Any]) -> dict[str, Any]:
-    results = {
-        "kind": "demo-checks", "title": "Demo: what the model learned (measured against baselines)",
-        "provenance": {**provenance, "command": " ".join(["dinodiff", *sys.argv[1:]]) if sys.argv else "dinodiff demo"},
-        "headline": {"checks that hold": f"{sum(r['holds'] for r in rows)}/{len(rows)}",
-                     "reconstruction top-1": f"{ret['top1']:.2f} (chance {ret['chance_top1']:.2f})"},
-        "tables": {"learning checks": rows},
-        "figures": {"samples (rows: held-out, training sources, trained model, untrained model)": "samples.png",
-                    "reconstructions (top: held-out sources, bottom: reconstructions)": "reconstructions.png",
-                    "interpolation strips (A, r = 0 ... 1, B)": "interpolation.png"},
-        "interpolation": dist, "retrieval": ret,
-    }
-    write_json_atomic(out / "results.json", json.loads(json.dumps(results)))
-    return results
+def write_checks(out: Path, rows: list[dict], dist: dict, ret: dict, provenance: dict[str, Any]) -> Results:
+    """OUT/results.json: the learning checks as a results record (the report's "demo-checks" section)."""
+    results = Results(
+        kind="demo-checks", title="Demo: what the model learned (measured against baselines)",
+        provenance={**provenance, "command": " ".join(["dinodiff", *sys.argv[1:]]) if sys.argv else "dinodiff demo"},
+        headline={"checks that hold": f"{sum(r['holds'] for r in rows)}/{len(rows)}",
+                  "reconstruction top-1 (8x8 pixels)": f"{ret['top1']:.2f} (chance {ret['chance_top1']:.2f})"},
+        tables={"learning checks": rows},
+        figures={"samples (rows: held-out, training sources, trained model, untrained model)": "samples.png",
+                 "reconstructions (top: held-out sources, bottom: reconstructions)": "reconstructions.png",
+                 "interpolation strips (A, r = 0 ... 1, B)": "interpolation.png"},
+        data={"interpolation": dist, "retrieval": ret})
+    write_results(out, results)
+    return read_results(out / RESULTS_FILE)  # JSON-plain, as a reader sees it
 
 
-def all_hold(results: dict[str, Any]) -> Sequence[str]:
+def all_hold(results: Results) -> Sequence[str]:
     """The checks that do not hold (empty when all do)."""
-    return [r["check"] for r in results["tables"]["learning checks"] if not r["holds"]]
+    return [r["check"] for r in results.tables["learning checks"] if not r["holds"]]

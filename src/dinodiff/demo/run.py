@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
@@ -19,6 +19,7 @@ from dinodiff.demo import stages
 from dinodiff.demo.checks import learning_checks
 from dinodiff.demo.settings import DemoSettings
 from dinodiff.files import write_json_atomic
+from dinodiff.results import RESULTS_FILE, read_results
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -71,8 +72,9 @@ STAGES = [
           _GEN + ("generate_sources",)),
     Stage("checks", "image quality and learning checks: trained vs untrained model", _checks,
           _GEN + ("eval_images", "interpolation_pairs")),
-    Stage("classify", "classify: real-only, synthetic arms and count-matched control", stages.stage_classify,
-          _GEN + ("classify_regimes", "classify_ratios", "classify_folds", "classify_epochs"), optional=True),
+    Stage("classify", "classify: real-only, synthetic arms and their count-matched controls", stages.stage_classify,
+          _GEN + ("classify_regimes", "classify_ratios", "classify_folds", "classify_seeds", "classify_epochs"),
+          optional=True),
     Stage("segment", "segment: DiffSeg vs prior, Otsu and position-only baselines", stages.stage_segment,
           _TRAIN + ("segment_limit", "segment_timesteps", "segment_grids", "segment_thresholds"), optional=True),
     Stage("report", "report: one HTML page and a Markdown summary", stages.stage_report, ()),
@@ -122,8 +124,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Outcome]:
     for index, stage in enumerate(STAGES, 1):
         outcomes[stage.name] = _run_stage(stage, s, index)
     console.print(_table(outcomes))
-    checks = json.loads((s.root / "checks" / "results.json").read_text())
-    for row in checks["tables"]["learning checks"]:
+    checks = read_results(s.root / "checks" / RESULTS_FILE)
+    for row in checks.tables["learning checks"]:
         mark = "[green]holds[/green]" if row["holds"] else "[red]does not hold[/red]"
         console.print(f"{mark}  {row['check']}: trained {row['trained']}")
     console.print(f"Open [bold]{outcomes['report'].outputs.get('html')}[/bold] in a browser.")

@@ -6,15 +6,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoSettings:
     """Sizes of every stage. The defaults are the `make demo` run (~7 CPU minutes on 2 cores, see BENCHMARKS.md)."""
 
     out: str = "demo-output"
-    data: Optional[str] = None  # a folder of real images (with masks / labels when it has them); None = phantoms
+    data: str | None = None  # a folder of real images (with masks / labels when it has them); None = phantoms
     n: int = 320  # phantoms written (prepare keeps test_fraction of them apart as held-out images)
     phantom_size: int = 128
     size: int = 32  # side of the prepared images, the encoder's input and the diffusion model's output
@@ -42,6 +42,7 @@ class DemoSettings:
     classify_regimes: list[int] = field(default_factory=lambda: [64])
     classify_ratios: list[int] = field(default_factory=lambda: [1])
     classify_folds: int = 3
+    classify_seeds: list[int] = field(default_factory=lambda: [0])  # repetitions of the cross-validation
     classify_epochs: int = 15
     # 8 segment
     segment_limit: int = 24
@@ -63,7 +64,7 @@ class DemoSettings:
         return Path(self.out)
 
 
-def quick_settings(out: str, data: Optional[str] = None) -> DemoSettings:
+def quick_settings(out: str, data: str | None = None) -> DemoSettings:
     """The smallest demo that still shows learning: the test's size (32 px, a few hundred steps)."""
     return replace(DemoSettings(out=out, data=data), n=160, phantom_size=128, size=32, encoder_steps=20,
                    encoder_batch=32, train_steps=600, generate_sources=8, eval_images=32,

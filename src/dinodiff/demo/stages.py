@@ -7,6 +7,7 @@ they depend on, and skips a stage whose record matches (the stage functions them
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,22 +15,21 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dinodiff.cache import build_cache
-from dinodiff.runs import newest_model
 from dinodiff.config import load_config
 from dinodiff.data.phantoms import write_phantoms
+from dinodiff.demo.settings import DemoSettings
+from dinodiff.demo.summary import add_downstream
 from dinodiff.encoder.pretrain import pretrain_encoder
 from dinodiff.encoder.probe import ProbeSettings, probe_encoders
 from dinodiff.encoder.settings import load_encoder_settings
-from dinodiff.evaluate.classify import classify, load_settings
+from dinodiff.evaluate.classify import GridMismatch, classify, load_settings
 from dinodiff.evaluate.segment.stage import segment
 from dinodiff.generate.plan import GenerateSettings
 from dinodiff.generate.stage import generate_dataset
 from dinodiff.prepare import prepare
 from dinodiff.report import build_report
+from dinodiff.runs import resolve_model
 from dinodiff.train.trainer import train
-
-from dinodiff.demo.settings import DemoSettings
-from dinodiff.demo.summary import add_downstream
 
 logger = logging.getLogger(__name__)
 ENCODER_PRESET = "cpu-encoder"
@@ -41,10 +41,10 @@ def source_folder(s: DemoSettings) -> Path:
 
 
 def model_folder(s: DemoSettings) -> Path:
-    found = newest_model(s.root / "run")
-    if found is None:
-        raise FileNotFoundError(f"{s.root / 'run'} has no checkpoint: rerun the demo (training resumes).")
-    return found
+    try:
+        return resolve_model(s.root / "run").path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{s.root / 'run'} has no checkpoint: rerun the demo (training resumes).") from None
 
 
 def stage_phantoms(s: DemoSettings) -> dict[str, Path]:
@@ -80,7 +80,8 @@ def stage_encoder(s: DemoSettings) -> dict[str, Path]:
 
 
 def stage_probe(s: DemoSettings) -> dict[str, Path]:
-    """k-NN / linear-probe AUC per label and view retrieval: the demo's encoder against its random init."""
+    """k-NN / linear-probe AUC per label and view retrieval: the demo's encoder against its random init, on the
+    prepared images it did not train on (the test split: probe-encoder leaves out its training images)."""
     run, out = s.root / "encoder", s.root / "encoder" / "probe"
     probe_encoders([str(run / "encoder"), str(run / "encoder-init")], [s.root / "prepared"], out,
                    ProbeSettings(size=s.size, folds=3, min_count=5, seed=s.seed))
@@ -138,6 +139,7 @@ def classify_settings(s: DemoSettings) -> Any:
     overrides = [f"out={s.root / 'classify'}", f"data.source={s.root / 'prepared'}",
                  f"synthetic.model={model_folder(s)}", f"regimes=[{','.join(map(str, s.classify_regimes))}]",
                  f"synthetic.ratios=[{','.join(map(str, s.classify_ratios))}]", f"folds={s.classify_folds}",
+                 f"seeds=[{','.join(map(str, s.classify_seeds))}]",
                  f"classifier.max_epochs={s.classify_epochs}", f"synthetic.num_inference_steps={s.sample_steps}",
                  f"synthetic.scheduler={s.sampler}",
                  f"classifier.image_size={min(32, s.size)}"]
@@ -145,7 +147,12 @@ def classify_settings(s: DemoSettings) -> Any:
 
 
 def stage_classify(s: DemoSettings) -> dict[str, Path]:
-    classify(classify_settings(s))
+    try:
+        classify(classify_settings(s))
+    except GridMismatch as err:  # the demo's own grid, made with other settings or an older protocol: start again
+        logger.warning("%s: replacing the demo's classify folder", err)
+        shutil.rmtree(s.root / "classify")
+        classify(classify_settings(s))
     return {"results": s.root / "classify" / "results.json", "table": s.root / "classify" / "table.md"}
 
 

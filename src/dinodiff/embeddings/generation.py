@@ -8,7 +8,8 @@ unconditional one without labels (labels.csv then has no label columns: the imag
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

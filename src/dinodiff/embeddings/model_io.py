@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
-from dinodiff.runs import model_folders
+from dinodiff.runs import resolve_model
+from dinodiff.sampling import inference_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ class EmbeddingModel:
 def resolve_embedding_folder(folder: str | Path) -> Path:
     """A model folder, or a run folder of `dinodiff train-embeddings` (-> its model/)."""
     path = Path(folder)
-    for candidate in model_folders(path):
-        if (candidate / INFO_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} is not an embedding model (no {INFO_FILE} in it or in its model/): train one "
-                            "with `dinodiff train-embeddings --cache CACHE --out DIR`, then pass DIR.")
+    try:
+        return resolve_model(path, marker=INFO_FILE).path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not an embedding model (no {INFO_FILE} in it or in its model/): train "
+                                "one with `dinodiff train-embeddings --cache CACHE --out DIR`, then pass DIR.") from None
 
 
 def save_embedding_model(folder: str | Path, denoiser: EmbeddingDenoiser, scheduler: DDPMScheduler,
@@ -88,7 +89,7 @@ def ddim_sample(model: EmbeddingModel, n: int, labels: torch.Tensor | None = Non
     """
     denoiser = model.denoiser
     device = denoiser.mean.device
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler = inference_scheduler(model.scheduler, "ddim")  # no x0 clipping: the embeddings have unit variance
     scheduler.set_timesteps(steps)
     x = torch.randn(n, denoiser.config.dim, generator=generator).to(device) * scheduler.init_noise_sigma
     guided = labels is not None and guidance != 1.0

@@ -1,9 +1,11 @@
 """`dinodiff train-embeddings`: train the embedding generator on the cached c_GLB (RCG's representation generator).
 
-Every cached augmented view is a training example. Batch indices and noise of step s are drawn from a generator
-seeded by (seed, s, process), so a resumed run draws exactly what an uninterrupted one would. The run folder gets
-``settings.json``, ``metrics.csv``, ``checkpoints/checkpoint-STEP/`` (accelerate state + ``trainer/state.json``),
-``model/`` (an embedding model folder) and ``eval.json`` (the sampled embeddings against the training ones).
+Every cached augmented view of the training images is a training example; a seeded `holdout_fraction` of the
+cached images (by subject when the metadata names one) is held out of training and of the normalisation
+statistics, to measure the samples against (embeddings/evaluation.py). Batch indices and noise of step s are drawn
+from a generator seeded by (seed, s, process), so a resumed run draws exactly what an uninterrupted one would. The
+run folder gets ``settings.json``, ``metrics.csv``, ``checkpoints/checkpoint-STEP/`` (accelerate state +
+``trainer/state.json``), ``model/`` (an embedding model folder) and ``eval.json``.
 """
 
 from __future__ import annotations
@@ -20,17 +22,32 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from dinodiff.embeddings.data import CachedEmbeddings, label_names, multi_hot, read_cached_embeddings
-from dinodiff.embeddings.metrics import embedding_report
-from dinodiff.embeddings.model_io import EmbeddingModel, load_embedding_model, sample_embeddings, save_embedding_model
+from dinodiff.embeddings.data import (
+    CachedEmbeddings,
+    HoldoutSplit,
+    label_names,
+    multi_hot,
+    read_cached_embeddings,
+    split_holdout,
+)
+from dinodiff.embeddings.evaluation import evaluate_against_cache
+from dinodiff.embeddings.metrics import CHUNK
+from dinodiff.embeddings.model_io import save_embedding_model
 from dinodiff.files import write_json_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
-from dinodiff.runs import MetricsLog, commit, latest_checkpoint, prune, remove_stale_staging, staging_dir
+from dinodiff.runs import (
+    MetricsLog,
+    commit,
+    latest_checkpoint,
+    prune,
+    remove_stale_staging,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbeddingTrainSettings:
     """Everything a `train-embeddings` run depends on (saved as settings.json in the run folder)."""
 
@@ -53,13 +70,17 @@ class EmbeddingTrainSettings:
     log_every: int = 50
     seed: int = 0
     limit: int | None = None  # use only the first N cached images
+    holdout_fraction: float = 0.1  # of the subjects (images when unknown), held out of training to evaluate against
     eval_steps: int = 50  # DDIM steps of the evaluation samples
+    metrics_chunk: int = CHUNK  # rows per block of the evaluation's distance computations (memory ~ chunk^2)
 
     def __post_init__(self) -> None:
         if self.labels not in ("auto", "none"):
             raise ValueError(f"labels={self.labels!r}: use auto or none.")
         if self.max_steps < 1 or self.batch_size < 1 or not 0 <= self.label_dropout < 1:
             raise ValueError("max_steps and batch_size must be >= 1 and label_dropout in [0, 1).")
+        if not 0 <= self.holdout_fraction < 1 or self.metrics_chunk < 1:
+            raise ValueError("holdout_fraction must be in [0, 1) and metrics_chunk >= 1.")
 
 
 def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -103,7 +124,7 @@ def _resume(accelerator: Accelerator, run: Path, metrics: MetricsLog) -> int:
 def _check_settings(run: Path, settings: EmbeddingTrainSettings) -> None:
     path = run / "settings.json"
     fixed = {k: v for k, v in asdict(settings).items() if k not in ("max_steps", "checkpoint_every", "keep_last",
-                                                                   "log_every", "eval_steps")}
+                                                                   "log_every", "eval_steps", "metrics_chunk")}
     if path.is_file() and latest_checkpoint(run) is not None:
         old = json.loads(path.read_text())
         changed = sorted(k for k in fixed if old.get(k) != fixed[k])
@@ -131,10 +152,14 @@ def _train_step(model, optimizer, scheduler: DDPMScheduler, x: torch.Tensor, y: 
 
 
 def train_embeddings(settings: EmbeddingTrainSettings, progress: bool = True) -> Path:
-    """Train (or resume, or finish) an embedding generator; returns the model folder RUN/model."""
+    """Train (or resume, or finish) an embedding generator on the cached images outside the hold-out; returns the
+    model folder RUN/model."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     run = Path(settings.out)
-    data = read_cached_embeddings(settings.cache, settings.limit)
+    cached = read_cached_embeddings(settings.cache, settings.limit)
+    split = split_holdout(cached, settings.holdout_fraction, settings.seed)
+    data = cached.subset(split.train)
+    logger.info("training on %d cached images, %d held out (by %s)", len(split.train), len(split.holdout), split.by)
     names = label_names(data.labels) if settings.labels == "auto" else []
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -173,42 +198,26 @@ def train_embeddings(settings: EmbeddingTrainSettings, progress: bool = True) ->
     bar.close()
     folder = run / "model"
     if accelerator.is_main_process:
-        base = accelerator.unwrap_model(model).eval()
-        info = {"label_names": names, "token_shape": list(data.token_shape),
-                "cache": str(Path(settings.cache).resolve()),
-                "cache_info": _cache_info(settings.cache), "label_dropout": settings.label_dropout if names else 0.0,
-                "step": step, "num_train_images": len(data.keys), "views": views}
-        save_embedding_model(folder, base, scheduler, info)
-        write_json_atomic(run / "eval.json", evaluate_against_cache(folder, data, names, settings))
+        _save_and_evaluate(accelerator.unwrap_model(model).eval(), scheduler, folder, cached, split, names, settings,
+                           step)
     accelerator.wait_for_everyone()
     return folder
+
+
+def _save_and_evaluate(denoiser: EmbeddingDenoiser, scheduler: DDPMScheduler, folder: Path, cached: CachedEmbeddings,
+                       split: HoldoutSplit, names: list[str], settings: EmbeddingTrainSettings, step: int) -> None:
+    """RUN/model (embedding_model.json names the held-out images) and RUN/eval.json."""
+    holdout = split.describe(cached)
+    info = {"label_names": names, "token_shape": list(cached.token_shape),
+            "cache": str(Path(settings.cache).resolve()),
+            "cache_info": _cache_info(settings.cache), "label_dropout": settings.label_dropout if names else 0.0,
+            "step": step, "num_train_images": len(split.train), "views": int(cached.c_glb.shape[1]),
+            "holdout": holdout}
+    save_embedding_model(folder, denoiser, scheduler, info)
+    write_json_atomic(Path(settings.out) / "eval.json", evaluate_against_cache(folder, cached, split, names, settings))
 
 
 def _cache_info(cache: str) -> dict:
     path = Path(cache) / "cache.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     return {k: info.get(k) for k in ("encoder", "resolution", "views", "count", "num_tokens", "hidden_size")}
-
-
-def evaluate_against_cache(folder: Path, data: CachedEmbeddings, names: list[str],
-                           settings: EmbeddingTrainSettings) -> dict:
-    """Sample one embedding per cached image (with its labels when conditional) and compare with the images'
-    first cached view, in the model's normalised space (see embeddings.metrics.embedding_report)."""
-    model: EmbeddingModel = load_embedding_model(folder)
-    labels = multi_hot(data.labels, names) if names else None
-    sampled = sample_embeddings(model, len(data.keys), labels, seed=settings.seed + 1, steps=settings.eval_steps)
-    with torch.no_grad():
-        report = embedding_report(model.denoiser.normalize(sampled), model.denoiser.normalize(data.c_glb[:, 0]))
-    report.update(space="normalised c_GLB", reference="first cached view of each training image",
-                  conditional=bool(names), ddim_steps=settings.eval_steps)
-    if data.c_glb.shape[1] > 1:  # scale: real embeddings (each image's second cached view) against the first views
-        with torch.no_grad():
-            second, first = (model.denoiser.normalize(data.c_glb[:, v]) for v in (1, 0))
-        real = embedding_report(second, first)
-        report["real_second_view"] = {k: real[k] for k in ("precision", "recall", "fd")}
-    # a model that learnt only each dimension's mean and std: N(0, I) in the normalised space
-    gaussian = torch.randn(sampled.shape[0], model.denoiser.config.dim, generator=torch.Generator().manual_seed(0))
-    base = embedding_report(gaussian, model.denoiser.normalize(data.c_glb[:, 0]))
-    report["diagonal_gaussian"] = {k: base[k] for k in ("nn_median", "precision", "recall", "fd")}
-    logger.info("embedding model: %s", report)
-    return report

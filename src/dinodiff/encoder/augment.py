@@ -33,6 +33,10 @@ from dinodiff.encoder.settings import AugmentSettings
 
 logger = logging.getLogger(__name__)
 
+# What pretraining varies; the probe's held-out views (encoder/views.py) use none of it.
+PRETRAINING_FAMILY = ("random resized crop", "rotation", "translation", "horizontal flip", "brightness", "contrast",
+                      "gamma", "gaussian blur", "sharpening")
+
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (hi - lo) + lo
@@ -112,5 +116,6 @@ class MultiCrop:
 
 
 def global_views(images: torch.Tensor, a: AugmentSettings, size: int, seed: int) -> torch.Tensor:
-    """The second global crop's augmentation (the probe's 'augmented view') of every image, seeded."""
+    """The second global crop's augmentation of every image, seeded: the probe's *pretext* views (the encoder was
+    trained to match exactly these; its reported invariance uses encoder/views.py instead)."""
     return random_crops(images, size, a, a.global_scale, a.blur_p[1], torch.Generator().manual_seed(seed))

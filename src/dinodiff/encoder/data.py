@@ -11,15 +11,17 @@ rebuilds exactly the batches an uninterrupted run would have seen, without repla
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dinodiff.data.shards import list_shards, read_samples
+from dinodiff.data.image_sets import image_records, resize_square
+from dinodiff.data.shards import list_shards
 from dinodiff.encoder.augment import MultiCrop
+from dinodiff.models.training_images import TrainingImages
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,28 @@ class NoImages(FileNotFoundError):
     """The shards hold no usable images; the message names the folder and the fix."""
 
 
-def load_images(shards: str | Path, split: str | None, size: int, limit: int | None = None) -> torch.Tensor:
-    """uint8 (N, 1, size, size) of the prepared images of `shards` (one split, or all when None)."""
+@dataclass
+class PretrainImages:
+    """uint8 images (N, 1, size, size) and, per image, its prepared id, source file and subject."""
+
+    images: torch.Tensor
+    ids: list[str]
+    paths: list[str | None]
+    subjects: list[str | None]
+    shards: str
+    split: str | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def record(self, step: int) -> TrainingImages:
+        """What the encoder folder saved at `step` records as its training images (training_images.json)."""
+        return TrainingImages(ids=tuple(self.ids), paths=tuple(self.paths), subjects=tuple(self.subjects),
+                              shards=self.shards, split=self.split, step=step)
+
+
+def load_images(shards: str | Path, split: str | None, size: int, limit: int | None = None) -> PretrainImages:
+    """The prepared images of `shards` (one split, or all when None), resized to `size`, with their ids."""
     path = Path(shards)
     if not str(shards) or not path.exists():
         raise NoImages(f"data.shards={str(shards)!r} does not exist; point it at a `dinodiff prepare` output folder.")
@@ -37,20 +59,18 @@ def load_images(shards: str | Path, split: str | None, size: int, limit: int | N
     if not urls:
         raise NoImages(f"No {split or ''} shards (*.tar) in {shards}; run `dinodiff prepare SRC --out {shards}` "
                        "first, or set data.split=null to use every split.")
-    images = []
-    for sample in read_samples(urls):
-        if "image" not in sample:
-            continue
-        img = Image.fromarray(sample["image"])
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-        images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
+    images, ids, paths, subjects = [], [], [], []
+    for record in image_records(path, size=size, kind="shards", split=split):
+        images.append(torch.from_numpy(resize_square(record.decode(), size, Image.Resampling.BICUBIC)))
+        ids.append(record.id)
+        paths.append(record.path)
+        subjects.append(record.subject)
         if limit is not None and len(images) >= limit:
             break
     if not images:
         raise NoImages(f"The shards in {shards} hold no images; prepare them again.")
     logger.info("loaded %d images at %d px from %s", len(images), size, shards)
-    return torch.stack(images)[:, None]
+    return PretrainImages(torch.stack(images)[:, None], ids, paths, subjects, str(path.resolve()), split)
 
 
 def step_indices(step: int, num_images: int, global_batch: int, seed: int) -> list[int]:

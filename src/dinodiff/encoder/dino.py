@@ -26,7 +26,11 @@ from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from dinodiff.encoder.settings import BackboneSettings, EncoderPretrainSettings, HeadSettings
+from dinodiff.encoder.settings import (
+    BackboneSettings,
+    EncoderPretrainSettings,
+    HeadSettings,
+)
 from dinodiff.models.encoders import is_timm_source, load_encoder
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,12 @@ class Backbone:
 
 def new_backbone(b: BackboneSettings, mean: list[float], std: list[float]) -> Backbone:
     """A randomly initialised transformers Dinov2(WithRegisters)Model of the configured size."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     common = dict(hidden_size=b.hidden_size, num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
                   mlp_ratio=b.mlp_ratio, image_size=b.image_size, patch_size=b.patch_size,

@@ -5,7 +5,8 @@ The folder is in the backbone's own library format, read by `dinodiff.models.enc
   `model.safetensors` and `preprocessor_config.json` (size, mean and std of the training normalisation);
 - timm: timm's hub layout (`config.json` with `architecture`, `model.safetensors`, mean/std in its
   pretrained config).
-Beside them, `dinodiff_encoder.json` records the provenance: data, steps, settings, library versions.
+Beside them, `dinodiff_encoder.json` records the provenance (data, steps, settings, library versions) and
+`training_images.json` the images the run trained on (see dinodiff.models.training_images).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from dinodiff.encoder.dino import DINONet
 from dinodiff.files import atomic_folder, write_json_atomic
 from dinodiff.models.encoders import load_encoder
+from dinodiff.models.training_images import TrainingImages, write_training_images
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +53,14 @@ def _write_backbone(net: DINONet, folder: Path, image_size: int) -> None:
     _processor(net.family, image_size, mean, std).save_pretrained(folder)
 
 
-def save_encoder_folder(net: DINONet, out_dir: str | Path, image_size: int, provenance: dict[str, Any]) -> Path:
-    """Write `net`'s backbone to `out_dir` (replaced atomically) and check that it reloads to the same tokens."""
+def save_encoder_folder(net: DINONet, out_dir: str | Path, image_size: int, provenance: dict[str, Any],
+                        training_images: TrainingImages) -> Path:
+    """Write `net`'s backbone and the record of its training images to `out_dir` (replaced atomically), and
+    check that it reloads to the same tokens."""
     out = Path(out_dir)
     with atomic_folder(out) as tmp:
         _write_backbone(net, tmp, image_size)
+        write_training_images(tmp, training_images)
         record = {**provenance, "family": net.family, "image_size": image_size,
                   "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
         write_json_atomic(tmp / PROVENANCE_FILE, record)

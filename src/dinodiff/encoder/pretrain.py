@@ -8,7 +8,8 @@ under a temporary name and renamed when complete; a killed run resumes from its 
 because every batch is a pure function of (seed, step) (see encoder/data.py), ends bit-identical to an
 uninterrupted one. The output, `RUN/encoder/` (or `run.out`), is the teacher's backbone (DINO evaluates
 the teacher), loadable as `model.encoder.name_or_path=ENC`; `RUN/encoder-init/` is the same
-architecture at step 0, the random baseline to probe against.
+architecture at step 0, the random baseline to probe against. Every encoder folder it writes records the
+images it was fitted to (`training_images.json`), so that `probe-encoder` can probe others.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dinodiff import runs
+from dinodiff.devices import resolve_mixed_precision
 from dinodiff.encoder.augment import MultiCrop
 from dinodiff.encoder.data import StepBatches, batch_loader, load_images
 from dinodiff.encoder.dino import (
@@ -55,12 +57,6 @@ class EncoderDiverged(RuntimeError):
     """A non-finite DINO loss; nothing is saved after the last checkpoint."""
 
 
-def _resolve_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def _maybe_inject_fault(step: int) -> None:
     """Tests kill the process mid-step (after backward, before the update) via DINODIFF_KILL_AT_STEP."""
     if os.environ.get("DINODIFF_KILL_AT_STEP") == str(step):
@@ -72,11 +68,12 @@ class EncoderPretrainer:
         self.s = s = settings
         self.run_dir = Path(s.run.run_dir)
         self.accelerator = acc = Accelerator(
-            mixed_precision=_resolve_precision(s.run.mixed_precision), log_with="tensorboard",
+            mixed_precision=resolve_mixed_precision(s.run.mixed_precision), log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         if s.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.images = load_images(s.data.shards, s.data.split, s.data.load_size, s.data.max_images)
+        self.data = load_images(s.data.shards, s.data.split, s.data.load_size, s.data.max_images)
+        self.images = self.data.images
         grey = self.images.float() / 255
         mean, std = float(grey.mean()), float(grey.std().clamp_min(1e-3))
         set_seed(s.run.seed)  # identical initial weights on every rank
@@ -106,7 +103,7 @@ class EncoderPretrainer:
         runs.start_run(acc, self.run_dir, to_container(s))
         if acc.is_main_process and not (self.run_dir / "encoder-init").is_dir():  # the ViT at step 0, before resuming
             save_encoder_folder(acc.unwrap_model(self.student), self.run_dir / "encoder-init",
-                                s.backbone.image_size, self._provenance(step=0))
+                                s.backbone.image_size, self._provenance(step=0), self.data.record(step=0))
         self._maybe_resume()
         metrics = runs.MetricsLog(self.run_dir / "metrics.csv", METRIC_FIELDS)
         if acc.is_main_process:
@@ -133,7 +130,8 @@ class EncoderPretrainer:
         bar.close()
         out = s.out_dir
         if acc.is_main_process:
-            save_encoder_folder(self.teacher, out, s.backbone.image_size, self._provenance(self.step))
+            save_encoder_folder(self.teacher, out, s.backbone.image_size, self._provenance(self.step),
+                                self.data.record(self.step))
             logger.info("encoder written to %s", out)
         acc.wait_for_everyone()
         acc.end_training()
@@ -220,7 +218,8 @@ class EncoderPretrainer:
         state = {f"teacher.{k}": v.detach().contiguous() for k, v in self.teacher.state_dict().items()}
         state["loss.center"] = self.criterion.center.detach().contiguous()
         save_file(state, str(staging / "trainer" / "teacher.safetensors"))
-        save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size, self._provenance(self.step))
+        save_encoder_folder(self.teacher, staging / "encoder", self.s.backbone.image_size, self._provenance(self.step),
+                            self.data.record(self.step))
 
     def _maybe_resume(self) -> None:
         self.step = runs.resume_checkpoint(self.accelerator, self.run_dir, self.s.run.resume, self._restore_own_state)

@@ -1,11 +1,17 @@
-"""`dinodiff probe-encoder`: how much an encoder's global tokens (c_GLB) know, on labelled images.
+"""`dinodiff probe-encoder`: how much an encoder's global tokens (c_GLB) know, on labelled images it never saw.
 
 For each encoder (a folder, hub id, or `random:<family>`), on the same images:
+- **which images**: by default only those that no probed encoder trained on (encoder/probe_data.py: the
+  `training_images.json` each `pretrain-encoder` folder records); encoders without a record are labelled
+  unknown, and `transductive=True` probes every image, labelled transductive;
 - **labels**: k-NN and linear-probe ROC AUC of each binary label (positive vs negative; missing and
-  uncertain left out), stratified k-fold cross-validation with scikit-learn; mean and SD over folds;
+  uncertain left out), stratified k-fold cross-validation with scikit-learn, grouped by subject when subjects
+  repeat; mean and SD over folds (encoder/probe_metrics.py);
 - **view invariance**: augmented-view retrieval, the top-1 accuracy of finding the other view of the same
-  image among all 2N views (cosine similarity of mean-centred features), views drawn with the pretraining
-  global-crop augmentation (encoder/augment.py), identically for every encoder.
+  image among all 2N views (cosine similarity of mean-centred features), with views from a *held-out*
+  augmentation family that pretraining never applies (encoder/views.py): the reported invariance measure.
+  The same retrieval with the pretraining augmentation (encoder/augment.py) is kept as the *pretext*
+  measure: it scores the encoder on its own training objective.
 Features are the flattened c_GLB (the tokens that condition the diffusion model), computed in eval mode.
 """
 
@@ -17,23 +23,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from dinodiff.data.sources import iter_sources
-from dinodiff.encoder.augment import global_views
+from dinodiff.encoder.augment import PRETRAINING_FAMILY, global_views
+from dinodiff.encoder.probe_data import (
+    ProbeImages,
+    ProbeSelection,
+    load_probe_images,
+    select_probe_images,
+)
+from dinodiff.encoder.probe_metrics import grouped, knn_auc, linear_auc, retrieval_top1
+from dinodiff.encoder.probe_table import (
+    TABLE_NAME,
+    VIEW_NOTE,
+    markdown_table,
+    table_rows,
+)
 from dinodiff.encoder.settings import AugmentSettings
-from dinodiff.files import write_bytes_atomic, write_json_atomic
+from dinodiff.encoder.views import HeldOutViewSettings, heldout_views
+from dinodiff.files import write_bytes_atomic
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
-from dinodiff.models.factory import resolve_encoder_path
+from dinodiff.models.factory import RANDOM_PREFIX, resolve_encoder_path
+from dinodiff.models.training_images import TrainingImages
+from dinodiff.results import Results, write_results
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ProbeSettings", "embed", "knn_auc", "linear_auc", "markdown_table", "probe_encoders", "probe_one",
+           "retrieval_top1"]
 
-@dataclass
+
+@dataclass(frozen=True)
 class ProbeSettings:
     size: int = 128  # side at which images are read (each encoder resizes to its own input)
     labels: list[str] | None = None  # None = every label with >= min_count positives and negatives
@@ -42,39 +61,13 @@ class ProbeSettings:
     folds: int = 5
     k: int = 10  # neighbours of the k-NN probe (cosine, distance-weighted)
     C: float = 0.1  # inverse L2 strength of the logistic-regression probe (standardised features)
-    views: int = 0  # images used for view retrieval (0 = all)
+    views: int = 0  # images used for view retrieval (0 = all probed images)
     tokens: str = "all"  # all = the flattened c_GLB; cls = its first token only
     seed: int = 0
     batch_size: int = 64
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-
-
-@dataclass
-class ProbeImages:
-    ids: list[str]
-    images: torch.Tensor  # uint8 (N, 1, S, S)
-    labels: dict[str, np.ndarray]  # name -> (N,) float: 1 / 0 / nan (missing or uncertain)
-
-
-def load_probe_images(sources: list[str | Path], size: int, label_columns: list[str] | None = None) -> ProbeImages:
-    """Images and labels of prepared shards, labelled CSVs or dataset folders (see dinodiff.data.sources).
-
-    label_columns: for a CSV, the columns to read labels from (a text column such as `finding` becomes one
-    0/1 label per value); None = the CSV's 0/1 columns."""
-    items = []
-    for src in sources:
-        options = {"label_columns": label_columns} if label_columns and str(src).endswith(".csv") else {}
-        items.extend(iter_sources(src, size=size, **options))
-    if not items:
-        raise FileNotFoundError(f"No images in {[str(s) for s in sources]}; give prepared shards or a labelled CSV.")
-    names = sorted({n for it in items for n in it.labels})
-    labels = {n: np.array([_binary(it.labels.get(n)) for it in items], dtype=float) for n in names}
-    images = torch.from_numpy(np.stack([it.image for it in items]))[:, None]
-    return ProbeImages([it.id for it in items], images, labels)
-
-
-def _binary(value: float | None) -> float:
-    return float(value) if value in (0.0, 1.0) else float("nan")
+    transductive: bool = False  # True: probe images the encoders trained on too (labelled transductive)
+    heldout_views: HeldOutViewSettings = field(default_factory=HeldOutViewSettings)  # the reported invariance
+    augment: AugmentSettings = field(default_factory=AugmentSettings)  # the pretext views (pretraining's)
 
 
 @torch.no_grad()
@@ -89,58 +82,35 @@ def embed(encoder: GlobalTokenEncoder, images: torch.Tensor, batch_size: int = 6
     return torch.cat(out).numpy()
 
 
-def knn_auc(features: np.ndarray, y: np.ndarray, k: int = 10, folds: int = 5, seed: int = 0) -> tuple[float, float]:
-    """Cross-validated ROC AUC (mean, SD over folds) of a cosine, distance-weighted k-NN on standardised features."""
-    model = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance"))
-    return _cv_auc(model, features, y, folds, seed)
+Views = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def linear_auc(features: np.ndarray, y: np.ndarray, C: float = 0.1, folds: int = 5, seed: int = 0) -> tuple[float, float]:
-    """Cross-validated ROC AUC (mean, SD over folds) of L2 logistic regression on standardised features."""
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-    return _cv_auc(model, features, y, folds, seed)
-
-
-def _cv_auc(model, features: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[float, float]:
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = cross_val_score(model, features, y.astype(int), cv=cv, scoring="roc_auc")
-    return float(scores.mean()), float(scores.std())
-
-
-def retrieval_top1(view_a: np.ndarray, view_b: np.ndarray) -> float:
-    """Fraction of the 2N views whose nearest other view (cosine, features centred on the 2N mean) is their pair."""
-    feats = np.concatenate([view_a, view_b]).astype(np.float64)
-    feats = feats - feats.mean(axis=0, keepdims=True)
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True).clip(1e-12)
-    sim = feats @ feats.T
-    np.fill_diagonal(sim, -np.inf)
-    n = len(view_a)
-    partner = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
-    return float((sim.argmax(axis=1) == partner).mean())
-
-
-def make_views(images: torch.Tensor, settings: ProbeSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented global views of each image (seeds `seed` and `seed + 1`): the same for every encoder."""
+def make_views(images: torch.Tensor, settings: ProbeSettings) -> Views:
+    """Two views of each image (seeds `seed` and `seed + 1`), the same for every encoder: 'heldout' from the
+    held-out family (the reported invariance), 'pretext' from the pretraining global-crop augmentation."""
     size = images.shape[-1]
-    return (global_views(images, settings.augment, size, settings.seed),
-            global_views(images, settings.augment, size, settings.seed + 1))
+    return {"heldout": (heldout_views(images, settings.heldout_views, settings.seed),
+                        heldout_views(images, settings.heldout_views, settings.seed + 1)),
+            "pretext": (global_views(images, settings.augment, size, settings.seed),
+                        global_views(images, settings.augment, size, settings.seed + 1))}
 
 
-def probe_one(encoder: GlobalTokenEncoder, data: ProbeImages, views: tuple[torch.Tensor, torch.Tensor],
-              settings: ProbeSettings) -> dict:
-    """Label AUCs (k-NN, linear) per label and view retrieval top-1 for one encoder."""
+def probe_one(encoder: GlobalTokenEncoder, data: ProbeImages, views: Views, settings: ProbeSettings) -> dict:
+    """Label AUCs (k-NN, linear) per label, held-out and pretext view retrieval top-1, for one encoder."""
     feats = embed(encoder, data.images, settings.batch_size, settings.tokens)
+    groups = data.groups()
     labels = {}
     for name in _label_names(data, settings):
         known = ~np.isnan(data.labels[name])
-        x, y = feats[known], data.labels[name][known]
-        knn = knn_auc(x, y, settings.k, settings.folds, settings.seed)
-        lin = linear_auc(x, y, settings.C, settings.folds, settings.seed)
+        x, y, g = feats[known], data.labels[name][known], groups[known]
+        knn = knn_auc(x, y, settings.k, settings.folds, settings.seed, g)
+        lin = linear_auc(x, y, settings.C, settings.folds, settings.seed, g)
         labels[name] = {"positives": int(y.sum()), "negatives": int((y == 0).sum()),
                         "knn_auc": knn[0], "knn_auc_sd": knn[1], "linear_auc": lin[0], "linear_auc_sd": lin[1]}
-    top1 = retrieval_top1(embed(encoder, views[0], settings.batch_size, settings.tokens),
-                          embed(encoder, views[1], settings.batch_size, settings.tokens))
-    return {"labels": labels, "view_top1": top1, "view_count": 2 * len(views[0]), "feature_dim": feats.shape[1]}
+    top1 = {kind: retrieval_top1(*(embed(encoder, v, settings.batch_size, settings.tokens) for v in pair))
+            for kind, pair in views.items()}
+    return {"labels": labels, "view_top1": top1["heldout"], "pretext_view_top1": top1["pretext"],
+            "view_count": 2 * len(views["heldout"][0]), "feature_dim": feats.shape[1]}
 
 
 def _label_names(data: ProbeImages, settings: ProbeSettings) -> list[str]:
@@ -156,56 +126,66 @@ def _label_names(data: ProbeImages, settings: ProbeSettings) -> list[str]:
     return keep
 
 
+def _load(name: str) -> tuple[GlobalTokenEncoder, TrainingImages | None]:
+    """The encoder and its training images: its record, none for `random:` encoders, None when unknown."""
+    encoder = load_encoder(resolve_encoder_path(name))
+    if name.startswith(RANDOM_PREFIX):
+        return encoder, TrainingImages()
+    return encoder, encoder.training_images
+
+
 def probe_encoders(encoders: list[str], sources: list[str | Path], out: str | Path | None,
-                   settings: ProbeSettings | None = None) -> dict:
-    """Probe every encoder on the same images and views; writes OUT/results.json and OUT/table.md."""
+                   settings: ProbeSettings | None = None) -> Results:
+    """Probe every encoder on the same images and views; writes OUT/results.json and OUT/table.md.
+
+    The record's data holds every number: `encoders` (per encoder: protocol, labels, view retrieval), the probe
+    images (`probe_images`), the cross-validation and the views' descriptions.
+    """
     settings = settings or ProbeSettings()
-    data = load_probe_images(sources, settings.size, settings.label_columns)
-    subset = data.images if not settings.views else data.images[: settings.views]
-    views = make_views(subset, settings)
-    results = {"kind": "encoder-probe", "title": "Encoder probe: label AUCs and view retrieval",
-               "data": [str(s) for s in sources], "num_images": len(data.ids), "settings": _settings_dict(settings),
-               "encoders": {}}
+    if len(set(encoders)) != len(encoders):
+        raise ValueError(f"An encoder is named twice in {encoders}: name each once.")
+    loaded = load_probe_images(sources, settings.size, settings.label_columns)
+    models = {name: _load(name) for name in encoders}
+    selection = select_probe_images(loaded, {n: models[n][1] for n in encoders}, settings.transductive)
+    data = loaded.subset(selection.keep)
+    views = make_views(data.images if not settings.views else data.images[: settings.views], settings)
+    results = _header(sources, loaded, data, selection, settings)
     for name in encoders:
-        encoder = load_encoder(resolve_encoder_path(name))
+        encoder, record = models[name]
         logger.info("probing %s (%s, %d px)", name, encoder.family, encoder.image_size)
-        results["encoders"][name] = probe_one(encoder, data, views, settings)
-    # The report's results.json convention (dinodiff.report): one row per encoder and label, and provenance.
-    results["table"] = table_rows(results)
-    results["provenance"] = {"data": results["data"], "encoders": list(encoders), "seeds": [settings.seed],
-                             "command": "dinodiff probe-encoder " + " ".join(encoders)}
+        protocol, seen = selection.protocol(name)
+        results["encoders"][name] = {"protocol": protocol, "probe_images_seen_in_pretraining": seen,
+                                     "training_record": _record_summary(record),
+                                     **probe_one(encoder, data, views, settings)}
+    provenance = {"data": results["data"], "encoders": list(encoders), "seeds": [settings.seed],
+                  "probe images": results["probe_images"]["statement"], "cross-validation": results["cross_validation"],
+                  "command": "dinodiff probe-encoder " + " ".join(encoders)
+                  + (" --transductive" if settings.transductive else "")}
+    record = Results(kind="encoder-probe", title="Encoder probe: label AUCs and view retrieval", provenance=provenance,
+                     tables={TABLE_NAME: table_rows(results)}, note=f"{results['probe_images']['statement']}. {VIEW_NOTE}",
+                     data=results)
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "results.json", results)
+        write_results(folder, record)
         write_bytes_atomic(folder / "table.md", markdown_table(results).encode())
-    return results
+    return record
 
 
-def table_rows(results: dict) -> list[dict]:
-    """One row per encoder and label, for the report page."""
-    rows = []
-    for name, res in results["encoders"].items():
-        for label, r in res["labels"].items():
-            rows.append({"encoder": name, "label": f"{label} ({r['positives']}/{r['negatives']})",
-                         "k-NN AUC": f"{r['knn_auc']:.3f} ± {r['knn_auc_sd']:.3f}",
-                         "linear AUC": f"{r['linear_auc']:.3f} ± {r['linear_auc_sd']:.3f}",
-                         "view top-1": f"{res['view_top1']:.3f} (of {res['view_count']})"})
-    return rows
+def _header(sources: list[str | Path], loaded: ProbeImages, data: ProbeImages, selection: ProbeSelection,
+            settings: ProbeSettings) -> dict:
+    folds = "stratified k-fold, grouped by subject" if grouped(data.groups()) else "stratified k-fold (by image)"
+    return {"data": [str(s) for s in sources], "num_images": len(data.ids),
+            "probe_images": {"statement": selection.statement(), "count": len(data.ids), "loaded": len(loaded.ids),
+                             "left_out": len(loaded.ids) - len(data.ids), "transductive": settings.transductive,
+                             "ids": list(data.ids)},
+            "cross_validation": folds,
+            "views": {"heldout": {"measure": "reported invariance", **settings.heldout_views.describe()},
+                      "pretext": {"measure": "pretext: the pretraining augmentation (global crop 2)",
+                                  "family": list(PRETRAINING_FAMILY)}},
+            "settings": asdict(settings), "encoders": {}}
 
 
-def markdown_table(results: dict) -> str:
-    rows = ["| encoder | label (pos/neg) | k-NN AUC | linear AUC | view top-1 |", "|---|---|---|---|---|"]
-    for name, res in results["encoders"].items():
-        view = f"{res['view_top1']:.3f} (of {res['view_count']})"
-        for label, r in res["labels"].items() or {"-": None}.items():
-            if r is None:
-                rows.append(f"| {name} | - | - | - | {view} |")
-                continue
-            rows.append(f"| {name} | {label} ({r['positives']}/{r['negatives']}) | {r['knn_auc']:.3f} ± "
-                        f"{r['knn_auc_sd']:.3f} | {r['linear_auc']:.3f} ± {r['linear_auc_sd']:.3f} | {view} |")
-    return "\n".join(rows) + "\n"
-
-
-def _settings_dict(settings: ProbeSettings) -> dict:
-    return asdict(settings)
+def _record_summary(record: TrainingImages | None) -> dict | None:
+    if record is None:
+        return None
+    return {"count": record.count, "shards": record.shards, "split": record.split, "step": record.step}

@@ -7,20 +7,20 @@ saved with the run as `config.yaml` and in the encoder folder's `dinodiff_encode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinodiff.config import ConfigError, merge_preset
+from dinodiff.config import ConfigError, build_settings
 
 
-@dataclass
+@dataclass(frozen=True)
 class BackboneSettings:
     # None/"" = a new transformers Dinov2WithRegistersModel of the size below, trained from scratch;
     # else a hub id or local folder (transformers ViT/DINOv2 or timm ViT) to continue from.
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     library: str = "auto"  # for name_or_path: auto | transformers | timm
     image_size: int = 64  # global-crop side = the saved encoder's input resolution
     patch_size: int = 8
@@ -32,7 +32,7 @@ class BackboneSettings:
     drop_path: float = 0.1
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadSettings:
     """lightly's DINOProjectionHead (3-layer MLP -> L2-normalised bottleneck -> weight-normalised prototypes)."""
 
@@ -47,7 +47,7 @@ class HeadSettings:
     freeze_last_layer_steps: int = 0  # DINO freezes the prototypes for the first epoch
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossSettings:
     """lightly's DINOLoss: teacher centring (EMA of its mean output) + sharpening (low temperature)."""
 
@@ -65,7 +65,7 @@ class LossSettings:
     koleo_weight: float = 0.1
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentSettings:
     """Multi-crop for grey radiographs (see encoder/augment.py for what is left out and why)."""
 
@@ -83,28 +83,28 @@ class AugmentSettings:
     hflip_p: float = 0.0  # off: left/right carries anatomy (heart side) in CXRs
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSettings:
     shards: str = ""  # a `dinodiff prepare` folder (or folder of .tar shards)
-    split: Optional[str] = "train"  # None = every split
+    split: str | None = "train"  # None = every split
     load_size: int = 128  # images are held in memory at this side (>= image_size)
-    max_images: Optional[int] = None
+    max_images: int | None = None
     num_workers: int = 1  # DataLoader workers building the multi-crop batches
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimSettings:
     lr: float = 1e-3  # peak AdamW lr for batch_size x processes = 256 (scaled linearly, as DINO)
     min_lr: float = 1e-5
     warmup_steps: int = 50
     weight_decay: float = 0.04
-    max_grad_norm: Optional[float] = 3.0
+    max_grad_norm: float | None = 3.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
     run_dir: str = "runs/encoder"
-    out: Optional[str] = None  # the encoder folder; None = RUN/encoder
+    out: str | None = None  # the encoder folder; None = RUN/encoder
     seed: int = 0
     max_steps: int = 1000
     batch_size: int = 64  # per process
@@ -125,7 +125,7 @@ class RunSettings:
     stop_on_collapse: bool = True  # raise EncoderCollapsed; False = warn only
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncoderPretrainSettings:
     backbone: BackboneSettings = field(default_factory=BackboneSettings)
     head: HeadSettings = field(default_factory=HeadSettings)
@@ -149,8 +149,7 @@ _CHOICES = {
 
 def load_encoder_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> EncoderPretrainSettings:
     """Defaults <- YAML preset/file (``cpu-encoder``, ``gpu-encoder`` or a path) <- dotted overrides, validated."""
-    merged = merge_preset(EncoderPretrainSettings, source, overrides, _CHOICES)
-    settings: EncoderPretrainSettings = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    settings = build_settings(EncoderPretrainSettings, source, overrides, choices=_CHOICES)
     _validate(settings)
     return settings
 

@@ -109,6 +109,13 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype; float32 for the parameter-free pixel-unshuffle (diffusers' own lookup fails on a
+        module without parameters)."""
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
     # -- encoding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -144,15 +151,17 @@ class LatentAutoencoder(ModelMixin, ConfigMixin):
     # -- decoding ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images (B, image_channels, H, W) in [0, 1]."""
+        """Normalised latents -> images (B, image_channels, H, W) float32 in [0, 1], decoded in this module's dtype
+        (fp32 by default; bf16/fp16 when a pipeline was loaded in half precision)."""
         z = latents.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor
+        z = z.to(self.dtype)
         if self.kind in ("kl", "tiny"):
             x = (self.model.decode(z).sample + 1) / 2  # both decode to [-1, 1]
         elif self.kind == "taef2":
             x = self.model.decode(z)
         else:
             x = (F.pixel_shuffle(z, self.unshuffle_factor) + 1) / 2
-        return x.clamp(0, 1)
+        return x.float().clamp(0, 1)
 
 
 def _build_inner(kind: str, model_config: dict[str, Any] | None) -> nn.Module | None:

@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from diffusers import ModelMixin
 from torch import nn
 
+from dinodiff.models.training_images import (
+    TrainingImages,
+    read_training_images,
+    write_training_images,
+)
+
 logger = logging.getLogger(__name__)
 
 TOKEN_NAMES = ("cls", "pooler", "registers", "patch_mean")
@@ -116,6 +122,9 @@ class GlobalTokenEncoder(ModelMixin):
         self.native_image_size = native_image_size or self.image_size
         self.name_or_path = name_or_path
         self.processor_config = processor_config
+        # The images it was fitted to (`pretrain-encoder`'s training_images.json), kept through save/load; None
+        # when unknown (a hub model).
+        self.training_images: TrainingImages | None = None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.model.requires_grad_(False)
@@ -160,6 +169,8 @@ class GlobalTokenEncoder(ModelMixin):
             "token_notes": self.token_notes(),
         }
         (folder / GLOBAL_TOKENS_FILE).write_text(json.dumps(settings, indent=2))
+        if self.training_images is not None:
+            write_training_images(folder, self.training_images)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "GlobalTokenEncoder":
@@ -315,13 +326,18 @@ def load_encoder(
     (ViT: cls+pooler when the checkpoint has a pooler, else cls; DINOv2 with registers and timm: cls+registers).
     image_size: encoder input resolution; default from the image-processor config / timm pretrained_cfg.
     'patch_mean' (mean of the final patch tokens) is available for every family but never a default.
+    A local folder's `training_images.json` (see dinodiff.models.training_images) becomes `.training_images`.
     """
     name_or_path = str(name_or_path)
     wanted = parse_tokens(tokens)
     if library == "auto":
         library = "timm" if is_timm_source(name_or_path) else "transformers"
     if library == "timm":
-        return _load_timm(name_or_path, wanted, image_size)
-    if library == "transformers":
-        return _load_transformers(name_or_path, wanted, image_size)
-    raise ValueError(f"library must be 'auto', 'transformers' or 'timm', got {library!r}.")
+        encoder = _load_timm(name_or_path, wanted, image_size)
+    elif library == "transformers":
+        encoder = _load_transformers(name_or_path, wanted, image_size)
+    else:
+        raise ValueError(f"library must be 'auto', 'transformers' or 'timm', got {library!r}.")
+    if Path(name_or_path).is_dir():
+        encoder.training_images = read_training_images(name_or_path)
+    return encoder

@@ -10,24 +10,33 @@ pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODif
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from dinodiff.data.cached import cache_key
+from dinodiff.data.loader import first_images
 from dinodiff.files import temporary_sibling
-from dinodiff.models.autoencoders import LatentAutoencoder, load_autoencoder
+from dinodiff.models.autoencoders import (
+    LatentAutoencoder,
+    estimate_latent_stats,
+    load_autoencoder,
+)
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.projection import ConditionProjection
 from dinodiff.models.random_init import save_random_encoder
 from dinodiff.models.unet import UNET_PRESETS, build_unet
+
+logger = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 # The frozen encoder and autoencoder run in this precision on every path, so c_GLB and latents are the same
@@ -46,6 +55,14 @@ def frozen_precision(device: torch.device | str) -> Iterator[None]:
     """Run the frozen models in FROZEN_DTYPE (fp32): autocast off, whatever the caller enabled."""
     with torch.autocast(device_type=torch.device(device).type, enabled=False):
         yield
+
+
+def enable_tf32() -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (the fp32 frozen models, the fp32 parts of a
+    step): ~8x the fp32 rate on A100/H100 at a 10-bit mantissa, which the frozen models' outputs tolerate
+    (their values then differ from a strict-fp32 run by ~1e-3 relative). A no-op on CPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _looks_like_path(name: str) -> bool:
@@ -148,7 +165,7 @@ def build_noise_scheduler(cfg: DictConfig) -> DDPMScheduler:
     return DDPMScheduler(**OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoencoder] = None) -> Components:
+def build_components(model_cfg: DictConfig, autoencoder: LatentAutoencoder | None = None) -> Components:
     """Encoder, autoencoder, a freshly initialised (or SD-initialised) UNet and the projection."""
     encoder = build_encoder(model_cfg.encoder)
     autoencoder = autoencoder or build_autoencoder(model_cfg.autoencoder)
@@ -172,3 +189,21 @@ def build_components(model_cfg: DictConfig, autoencoder: Optional[LatentAutoenco
 
 def _preset_cross_dim(preset: str, encoder_width: int) -> int:
     return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))
+
+
+def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
+    """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
+    ae_cfg = cfg.model.autoencoder
+    if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
+        return  # given, or read from the autoencoder's own config
+    images = first_images(str(cfg.data.shards), ae_cfg.estimate_stats_images, cfg.model.resolution, prefer_test=False,
+                          on_corrupt=cfg.data.on_corrupt)
+    scale, shift = estimate_latent_stats(ae, images.to(device).split(16), max_images=len(images))
+    ae.set_latent_stats(scale, shift)
+    logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
+
+
+def model_cache_key(model_cfg: DictConfig) -> dict[str, Any]:
+    """What a cache made for this model records (see dinodiff.data.cached.cache_key)."""
+    return cache_key(model_cfg.resolution, OmegaConf.to_container(model_cfg.encoder, resolve=True),
+                     model_cfg.autoencoder.kind, model_cfg.autoencoder.path)

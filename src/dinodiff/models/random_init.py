@@ -148,8 +148,13 @@ def _save_dino_v1(out: Path, size: dict, image_size: int) -> None:
 
 
 def _save_dinov2(out: Path, size: dict, image_size: int, *, registers: bool) -> None:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, \
-        Dinov2WithRegistersModel
+    from transformers import (
+        BitImageProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
 
     common = dict(size, patch_size=14, layerscale_value=1.0, mlp_ratio=4, layer_norm_eps=1e-6)
     if registers:  # facebook/dinov2-with-registers-base: config image 518, processor 256 -> centre crop 224

@@ -1,32 +1,19 @@
 """`dinodiff report`: one self-contained HTML page (+ a Markdown summary) from the files the stages write.
 
-The report imports no stage code: it reads results files only, so it runs wherever the outputs were copied.
-It searches a run folder or a work folder recursively and builds a section for each kind of result found:
+The report imports no stage code: it reads files only, so it runs wherever the outputs were copied. It searches
+a run folder or a work folder recursively and builds a section for each result found:
 
-- a training run (``config.yaml`` + ``metrics.csv``/``checkpoints/``): config, loss curve, ``samples/*.png``,
-  and ``fid.csv`` from ``dinodiff sweep`` (FID/FD by checkpoint, best checkpoint marked);
+- a training run (``config.yaml`` + ``metrics.csv``/``checkpoints/``): config, loss curve (its axis names the
+  loss: MSE on the run's prediction target, or the DINO loss of an encoder run), ``samples/*.png``;
 - a generated dataset (``provenance.json`` + ``preview.png``): reconstruction grids, interpolation strips;
-- ``dinodiff fid --out X.json`` results;
-- ``results.json`` files (below), including the ``dinodiff segment`` output (Table 2, Figure 5 overlays).
+- every evaluation's **results record** (`dinodiff.results`: ``results.json``, or the ``--out`` file of
+  ``dinodiff fid``): the sweep's FID by checkpoint, fid, classify, segment, audit, the encoder probe, the demo's
+  checks, or any new kind, all shown by the same code from the record's ``title``, ``headline``, ``tables``,
+  ``figures``, ``provenance``, ``note`` and ``warnings`` (never from the stage's own ``data``).
 
-Sections without results are listed with the command that makes them.
-
-**The results.json convention** (what a stage writes for the report; unknown keys are ignored)::
-
-    {
-      "kind": "classify",                    # required: the section it feeds ("encoder-probe", "classify",
-                                             #   "segment", "audit", or any new name: shown generically)
-      "title": "Classification (Table 1)",   # optional heading
-      "provenance": {"checkpoint": ..., "extractor": ..., "tap": ..., "seeds": [...], "data": ...,
-                     "command": "dinodiff classify ..."},   # anything: shown as the numbers' provenance
-      "headline": {"AUC (real only)": 0.81},  # optional: a few numbers shown as tiles at the top
-      "tables": {"Table 1": [{"arm": ..., "auc": ...}, ...]   # a list of row dicts,
-                 "per seed": "tables/seeds.md"},             #   Markdown text, or a .md/.csv file path
-      "figures": {"Figure 4": "figure4.png"},  # PNG/JPEG paths, relative to the results.json folder
-      "table": [{...}, ...]                    # optional single table (the encoder probe's)
-    }
-
-A new stage that writes this file needs no report code.
+Sections without results are listed with the command that makes them; a file that is not a record is listed as
+unreadable with its fix. A new evaluation that writes a record (`dinodiff.results.write_results`) needs no
+report code.
 """
 
 from dinodiff.report.build import ReportError, build_report

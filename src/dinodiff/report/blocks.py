@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def loss_figure(steps: Sequence[int], loss: Sequence[float], lr: Sequence[float] | None,
-                checkpoints: Sequence[int], best: int | None) -> bytes:
-    """Training loss (raw and smoothed) by step, checkpoints ticked, the best checkpoint marked; lr beside it."""
+                checkpoints: Sequence[int], best: int | None, quantity: str = "loss", run: str = "") -> bytes:
+    """Training loss (raw and smoothed) by step, checkpoints ticked, the best checkpoint marked; lr beside it.
+    `quantity` names the loss on the axis (e.g. "MSE(v, prediction)", "DINO loss"), `run` the run in the title."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2 if lr else 1, figsize=(10 if lr else 6.5, 3.6), squeeze=False,
                              gridspec_kw={"width_ratios": [2.2, 1] if lr else [1]})
@@ -185,29 +187,13 @@ def loss_figure(steps: Sequence[int], loss: Sequence[float], lr: Sequence[float]
         ax.axvline(best, color="tab:red", linestyle="--", linewidth=1.5, label=f"best checkpoint (step {best})")
     if min(loss) > 0:
         ax.set_yscale("log")
-    ax.set(xlabel="training step", ylabel="loss (metrics.csv: diffusion MSE or DINO loss)", title="Training loss")
+    ax.set(xlabel="training step", ylabel=quantity, title=f"{quantity}: {run}" if run else quantity)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if lr:
         axes[0][1].plot(steps, lr, color="tab:green")
-        axes[0][1].set(xlabel="training step", ylabel="learning rate", title="Learning rate")
+        axes[0][1].set(xlabel="training step", ylabel="learning rate", title=f"Learning rate: {run}" if run else
+                       "Learning rate")
         axes[0][1].grid(alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fid_figure(curves: dict[str, tuple[list[int], list[float]]], best: dict[str, tuple[int, float]]) -> bytes:
-    """FID/FD by checkpoint step, one curve per extractor setting, each best checkpoint starred (Figure 3)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, (steps, values) in curves.items():
-        line, = ax.plot(steps, values, "o-", label=name)
-        if name in best:
-            step, value = best[name]
-            ax.plot([step], [value], "*", color="tab:red", markersize=16, zorder=5,
-                    label=f"best: step {step} ({value:.3g})")
-    ax.set(xlabel="training step", ylabel="Fréchet distance", title="FID / FD of reconstructions by checkpoint")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)

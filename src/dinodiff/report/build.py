@@ -6,10 +6,11 @@ import logging
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -20,8 +21,6 @@ from dinodiff.report.discover import discover
 from dinodiff.report.render import render_html, render_markdown
 from dinodiff.report.sections import (
     config_section,
-    fid_results_section,
-    fid_section,
     generated_section,
     results_section,
     samples_section,
@@ -73,14 +72,11 @@ def collect(root: Path) -> tuple[list[Section], list[Missing], list[str]]:
     for run in found.runs:
         add(run / "config.yaml", lambda: config_section(run))
         add(run / "metrics.csv", lambda: training_section(run, found.problems))
-        add(run / "fid.csv", lambda: fid_section(run))
         add(run / "samples", lambda: samples_section(run))
-    if found.fid_results:
-        add(found.fid_results[0][0], lambda: fid_results_section(found.fid_results))
     for folder, prov in found.generated:
         add(folder, lambda: generated_section(folder, prov))
-    for path, data in found.results:
-        add(path, lambda: results_section(path, data))
+    for path, record in found.results:
+        add(path, lambda: results_section(path, record))
     sections.sort(key=_order)
     present = {s.key for s in sections}
     missing = [Missing(key, title, command) for key, (title, command) in EXPECTED.items() if key not in present]

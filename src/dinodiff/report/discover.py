@@ -9,12 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dinodiff.results import RESULTS_FILE, Results, ResultsError, read_results
+
 logger = logging.getLogger(__name__)
 
 # Folders that hold bulk data, never results: not descended into.
 SKIP_DIRS = {"images", "shards", "checkpoints", "cells", "fid-cache", "trainer", "model", "logs", "dinodiff",
              "__pycache__", "node_modules", "masks", "raw"}
+# A `dinodiff classify` grid (grid.json) keeps its inputs beside its results: synthetic sets (one per regime,
+# ratio and, for interpolation, fold), decoded images and subsets. Its results.json reports them; they are not
+# sections of their own.
+GRID_INPUT_DIRS = {"synthetic", "cache", "subsets"}
 MAX_DEPTH = 8
+NOT_RECORDS = {"provenance.json", "manifest.json", "cache.json", "model_index.json", "best.json", "grid.json",
+               "config.json", "state.json", "training_images.json"}
 MAX_JSON_BYTES = 50_000_000
 
 
@@ -25,8 +33,7 @@ class Found:
     root: Path
     runs: list[Path] = field(default_factory=list)
     generated: list[tuple[Path, dict]] = field(default_factory=list)  # (folder, provenance.json)
-    results: list[tuple[Path, dict]] = field(default_factory=list)  # (results.json path, content with "kind")
-    fid_results: list[tuple[Path, dict]] = field(default_factory=list)  # `dinodiff fid --out` JSON files
+    results: list[tuple[Path, Results]] = field(default_factory=list)  # every results record (dinodiff.results)
     problems: list[str] = field(default_factory=list)  # unreadable files, said on the page
 
 
@@ -46,23 +53,8 @@ def read_json(path: Path, problems: list[str]) -> dict | None:
     return data
 
 
-def infer_kind(data: dict) -> str | None:
-    """A results.json's `kind`, or the kind of a results.json written before the convention (`dinodiff segment`'s)."""
-    for key in ("kind", "evaluation"):  # `dinodiff classify` wrote "evaluation" before the convention
-        kind = data.get(key)
-        if isinstance(kind, str) and kind:
-            return kind
-    if "methods" in data and "best" in data and "cells" in data:
-        return "segment"
-    return None
-
-
 def is_run(names: set[str], dirs: set[str]) -> bool:
     return "config.yaml" in names and ("metrics.csv" in names or "checkpoints" in dirs)
-
-
-def _is_fid_result(data: dict) -> bool:
-    return {"fid", "extractor", "n_real", "n_fake"} <= data.keys()
 
 
 def _visit(folder: Path, names: set[str], dirs: set[str], found: Found) -> None:
@@ -73,20 +65,14 @@ def _visit(folder: Path, names: set[str], dirs: set[str], found: Found) -> None:
         if data is not None:
             found.generated.append((folder, data))
     for name in sorted(n for n in names if n.endswith(".json")):
-        if name in ("provenance.json", "manifest.json", "cache.json", "model_index.json", "best.json"):
-            continue
-        if name != "results.json" and (folder / name).stat().st_size > 1_000_000:
-            continue  # a results file of `dinodiff fid --out` is small; big JSON files are data
-        data = read_json(folder / name, found.problems)
-        if data is None:
-            continue
-        kind = infer_kind(data) if name == "results.json" else None
-        if kind is not None:
-            found.results.append((folder / name, {**data, "kind": kind}))
-        elif _is_fid_result(data):
-            found.fid_results.append((folder / name, data))
-        elif name == "results.json":
-            found.problems.append(f"{folder / name}: no \"kind\" key; add one (see `dinodiff.report`)")
+        if name in NOT_RECORDS or (name != RESULTS_FILE and (folder / name).stat().st_size > 1_000_000):
+            continue  # a record under another name (`dinodiff fid --out fid.json`) is small; big JSON files are data
+        if name != RESULTS_FILE and "kind" not in (read_json(folder / name, []) or {}):
+            continue  # some other JSON file
+        try:
+            found.results.append((folder / name, read_results(folder / name)))
+        except ResultsError as err:
+            found.problems.append(str(err))
 
 
 def discover(root: str | Path) -> Found:
@@ -100,9 +86,10 @@ def discover(root: str | Path) -> Found:
         folder = Path(current)
         depth = len(folder.relative_to(root).parts)
         _visit(folder, set(files), set(dirs), found)
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") and depth < MAX_DEPTH)
-    logger.info("found %d run(s), %d generated set(s), %d results.json, %d fid result(s) under %s",
-                len(found.runs), len(found.generated), len(found.results), len(found.fid_results), root)
+        skip = SKIP_DIRS | (GRID_INPUT_DIRS if "grid.json" in files else set())
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith(".") and depth < MAX_DEPTH)
+    logger.info("found %d run(s), %d generated set(s), %d results record(s) under %s", len(found.runs),
+                len(found.generated), len(found.results), root)
     return found
 
 

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from dinodiff.report.blocks import Code, Figure, Markdown, Missing, Section, Table, data_uri
+from dinodiff.report.blocks import (
+    Code,
+    Figure,
+    Markdown,
+    Missing,
+    Section,
+    Table,
+    data_uri,
+)
 
 CSS = """
 :root{--ink:#1d2433;--muted:#5b6478;--line:#e3e7ef;--bg:#f5f7fb;--card:#fff;--accent:#2f6fdf;--warn:#b4570a}

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
 
-from dinodiff.cache import build_cache_loader, ensure_latent_stats, read_cache_info
+from dinodiff.data.cached import build_cache_loader, read_cache_info
 from dinodiff.data.loader import build_train_loader, first_images
 from dinodiff.data.shards import list_shards
-from dinodiff.models.factory import FROZEN_DTYPE, Components, frozen_precision
+from dinodiff.models.factory import (
+    FROZEN_DTYPE,
+    Components,
+    ensure_latent_stats,
+    frozen_precision,
+    model_cache_key,
+)
 
-logger = logging.getLogger("dinodiff.train")
+logger = logging.getLogger(__name__)
 
 
 def _stream_seed(seed: int, segment: int, rank: int) -> int:
@@ -63,11 +69,10 @@ class TrainData:
         self.cfg, self.parts = cfg, parts
         self.rank, self.world = process_index, num_processes
         self.device = next(parts.unet.parameters()).device
-        self._holdout: Optional[torch.Tensor] = None
-        self.cache_info: Optional[dict] = None
+        self._holdout: torch.Tensor | None = None
+        self.cache_info: dict | None = None
         if cfg.data.cache:
-
-            self.cache_info = read_cache_info(cfg.data.cache, cfg.model)
+            self.cache_info = read_cache_info(cfg.data.cache, model_cache_key(cfg.model))
             parts.autoencoder.set_latent_stats(self.cache_info["scaling_factor"], self.cache_info["shift_factor"])
         else:
             ensure_latent_stats(parts.autoencoder, cfg, self.device)
@@ -78,12 +83,10 @@ class TrainData:
         """An endless stream of micro-batches for this rank, deterministic in (seed, segment, rank)."""
         seed = _stream_seed(self.cfg.train.seed, segment, self.rank)
         if self.cache_info is not None:
-
             loader = build_cache_loader(self.cfg.data.cache, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, seed=seed,
                                         shuffle_buffer=self.cfg.data.shuffle_buffer, on_corrupt=self.cfg.data.on_corrupt)
         else:
-
             loader = build_train_loader(self.cfg.data.shards, batch_size=self.cfg.train.batch_size,
                                         num_workers=self.cfg.data.num_workers, size=self.cfg.model.resolution,
                                         augment=self.cfg.data.augment, resampled=True, seed=seed,
@@ -95,9 +98,11 @@ class TrainData:
         ae = self.parts.autoencoder
         with torch.no_grad(), frozen_precision(self.device):  # fp32 whatever the UNet's autocast
             if self.cache_info is not None:
-                moments = batch["moments"].to(self.device, torch.float32)
-                return ae.moments_to_latents(moments, generator=generator), batch["c_glb"].to(self.device, torch.float32)
-            pixels = batch["pixel_values"].to(self.device, torch.float32)
+                # non_blocking: from pinned loader memory the copy overlaps the GPU's work instead of waiting for it
+                moments = batch["moments"].to(self.device, torch.float32, non_blocking=True)
+                c_glb = batch["c_glb"].to(self.device, torch.float32, non_blocking=True)
+                return ae.moments_to_latents(moments, generator=generator), c_glb
+            pixels = batch["pixel_values"].to(self.device, torch.float32, non_blocking=True)
             return ae.encode(pixels, generator=generator), self.parts.encoder(pixels)
 
     # ---------------------------------------------------------------------- held-out images

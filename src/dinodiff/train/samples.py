@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from dinodiff.generate.previews import save_reconstruction_grid as save_grid
 from dinodiff.models.factory import Components
 from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.pipeline.figures import save_reconstruction_grid as save_grid
 from dinodiff.sampling import inference_scheduler
 
 

@@ -13,22 +13,28 @@ paper's 1000-step warm-up to 250 steps on 4 GPUs. Its state is saved in `trainer
 Under DDP the main process alone draws sample grids, writes model folders and evaluates (FID), which
 can take far longer than NCCL's 10-minute collective timeout. The other processes wait for it in a
 barrier of their own (a gloo group whose timeout is `train.eval_timeout_s`), never in a training
-collective (whose timeout is `train.dist_timeout_s`).
+collective (whose timeout is `train.dist_timeout_s`). An evaluation hook that says it runs spread over the
+processes (`hook.all_ranks = True`, as the FID hook does) is called on every process instead.
+
+No step reads a device value on the host: the loss and gradient norm stay on the device (`train.stats`) and are
+read every `train.log_every` steps and before any sample grid, checkpoint or evaluation. A non-finite loss or
+gradient norm therefore stops training at the latest at that read, naming the step it happened at, and no
+checkpoint is written after it. GPU settings (channels-last, torch.compile, TF32, fused AdamW, the SDPA backend)
+are applied by `train.performance`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,46 +47,30 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dinodiff import runs
+from dinodiff.devices import resolve_mixed_precision
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
 from dinodiff.pipeline import save_model_folder
+from dinodiff.runs import EvalHook
 from dinodiff.train.data import TrainData, check_data_config
+from dinodiff.train.performance import make_optimizer, sdpa_backend, tune_components
 from dinodiff.train.samples import save_reconstruction_grid
+from dinodiff.train.stats import StatsReading, StepStats
 
-logger = logging.getLogger("dinodiff.train")
+logger = logging.getLogger(__name__)
 
+# One row every train.log_every steps; loss and grad_norm are means over the steps since the previous row (and
+# over the processes), images_per_s over that window.
 METRIC_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "images_seen", "elapsed_s"]
-EvalHook = Callable[[Path, int], dict]  # (model folder, step) -> {"fid": ...}; lower first value is better
+# (model folder, step) -> {"fid": ...} (lower first value is better). Called on the main process only, unless the
+# hook has `all_ranks = True`: then on every process (each does its share; the main one returns the scores).
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient: the step is abandoned and no checkpoint is written."""
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    # bf16 autocast is 5-14x slower than fp32 on CPUs without AMX; use it only on GPUs.
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def make_optimizer(params, cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            logger.warning("optim.use_8bit_adam: bitsandbytes is not installed, using torch.optim.AdamW.")
-        else:
-            if on_cuda:
-                logger.info("optimizer: bitsandbytes AdamW8bit")
-                return bnb.optim.AdamW8bit(params, **kwargs)
-            logger.warning("optim.use_8bit_adam needs CUDA; using torch.optim.AdamW on this device.")
-    logger.info("optimizer: torch.optim.AdamW")
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def main_wait_group(timeout_s: float) -> Optional[dist.ProcessGroup]:
+def main_wait_group(timeout_s: float) -> dist.ProcessGroup | None:
     """A gloo group in which the other processes wait, up to `timeout_s`, while the main process works alone.
 
     Its own group, so waiting for an evaluation never counts against the training collectives' timeout
@@ -98,7 +88,7 @@ def _maybe_inject_fault(step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, eval_hook: Optional[EvalHook] = None):
+    def __init__(self, cfg: DictConfig, eval_hook: EvalHook | None = None):
         self.cfg, self.eval_hook = cfg, eval_hook
         tcfg = cfg.train
         check_data_config(cfg)
@@ -122,8 +112,9 @@ class Trainer:
         if tcfg.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
         self._set_attention(tcfg.attention)
+        tune_components(parts, tcfg, acc.device)
         self.model = ConditionedUNet(parts.unet, parts.projection)
-        self.ema = EMAModel(self.model.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
+        self.ema = EMAModel(self.model.parameters(), decay=tcfg.ema_decay, foreach=True) if tcfg.ema else None
         self.optimizer = make_optimizer(self.model.parameters(), cfg.optim, acc.device.type == "cuda")
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         # Counts optimizer steps; deliberately not prepared (module docstring).
@@ -135,6 +126,7 @@ class Trainer:
         # data-loading randomness can never shift them; its state is saved per rank.
         self.generator = torch.Generator(device=acc.device).manual_seed(tcfg.seed * 1000 + acc.process_index)
         self.data = TrainData(cfg, parts, process_index=acc.process_index, num_processes=acc.num_processes)
+        self.stats = StepStats(acc.device)
         self.step = 0
 
     # ----------------------------------------------------------------------------------- setup
@@ -166,27 +158,26 @@ class Trainer:
         # Redirected to a file, a progress bar redraws every 30 s instead of flooding the log.
         bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc="train",
                    unit="step", mininterval=0.5 if sys.stderr.isatty() else 30)
-        start, window_start, window_steps = time.time(), time.time(), 0
+        start, window_start = time.time(), time.time()
         batches = self._batches()
         while self.step < tcfg.max_steps:
             loss, grad_norm = self._optimizer_step(batches)
             self.step += 1
-            window_steps += 1
+            self.stats.add(loss, grad_norm, self.step, check_grad=acc.scaler is None)  # fp16's scaler skips inf steps
             bar.update(1)
-            if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
-                speed = window_steps * images_per_step / max(time.time() - window_start, 1e-9)
-                row = dict(step=self.step, loss=f"{loss:.6f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.3e}",
-                           grad_norm=f"{grad_norm:.4f}", images_per_s=f"{speed:.2f}",
-                           images_seen=self.step * images_per_step, elapsed_s=f"{time.time() - start:.1f}")
-                if acc.is_main_process:
-                    metrics.append(row)
-                    acc.log({"loss": loss, "lr": float(row["lr"]), "grad_norm": grad_norm, "images_per_s": speed}, step=self.step)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                window_start, window_steps = time.time(), 0
-            if self.step % tcfg.sample_every == 0 or self.step == tcfg.max_steps:
+            log, sample, save = (self._due(tcfg.log_every), self._due(tcfg.sample_every),
+                                 self._due(tcfg.checkpoint_every))
+            if log or sample or save:  # the one host read of the window, before anything is written
+                reading = self._read_stats()
+                if log:
+                    self._log_row(metrics, reading, images_per_step, window_start, start)
+                    bar.set_postfix(loss=f"{reading.loss:.4f}")
+                    self.stats.reset()
+                    window_start = time.time()
+            if sample:
                 self._sample_grid()
                 self._wait_for_main()
-            if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.max_steps:
+            if save:
                 saved = self._save_checkpoint()
                 if tcfg.eval_every and self.step % tcfg.eval_every == 0:
                     self._evaluate(saved)
@@ -197,37 +188,61 @@ class Trainer:
         acc.end_training()
         return self.run_dir
 
+    def _due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.train.max_steps
+
+    def _read_stats(self) -> StatsReading:
+        """Read the window's figures (every process, one collective); stop on a non-finite loss or gradient."""
+        reading = self.stats.read(self.accelerator)
+        saved = self.step - self.step % self.cfg.train.checkpoint_every
+        if self.step % self.cfg.train.checkpoint_every == 0:
+            saved -= self.cfg.train.checkpoint_every  # this step's checkpoint is not written
+        if reading.first_bad_loss is not None:
+            raise TrainingDiverged(
+                f"non-finite loss at step {reading.first_bad_loss} (seen at step {self.step}); nothing was saved "
+                f"after checkpoint {max(saved, 0)}. Lower optim.lr, set optim.max_grad_norm, or use "
+                "train.mixed_precision=no to find the cause.")
+        if reading.first_bad_grad is not None:
+            raise TrainingDiverged(f"non-finite gradient norm at step {reading.first_bad_grad} (seen at step "
+                                   f"{self.step}); no checkpoint written after {max(saved, 0)}.")
+        return reading
+
+    def _log_row(self, metrics: runs.MetricsLog, reading: StatsReading, images_per_step: int, window_start: float,
+                 start: float) -> None:
+        speed = reading.steps * images_per_step / max(time.time() - window_start, 1e-9)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        row = dict(step=self.step, loss=f"{reading.loss:.6f}", lr=f"{lr:.3e}", grad_norm=f"{reading.grad_norm:.4f}",
+                   images_per_s=f"{speed:.2f}", images_seen=self.step * images_per_step,
+                   elapsed_s=f"{time.time() - start:.1f}")
+        if self.accelerator.is_main_process:
+            metrics.append(row)
+            self.accelerator.log({"loss": reading.loss, "lr": lr, "grad_norm": reading.grad_norm,
+                                  "images_per_s": speed}, step=self.step)
+
     def _batches(self) -> Iterator[dict]:
         every = self.cfg.train.checkpoint_every
         segment = self.step // every
         skip = (self.step - segment * every) * self.cfg.train.grad_accum
         return self.data.batches(segment=segment, skip=skip)
 
-    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[float, float]:
+    def _optimizer_step(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step; returns its loss (mean over micro-batches, this process) and the gradient norm
+        (None without optim.max_grad_norm), both still on the device: nothing here waits for the GPU."""
         acc, tcfg = self.accelerator, self.cfg.train
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=acc.device)
         for micro in range(tcfg.grad_accum):
             batch = next(batches)
             sync = micro == tcfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model), sdpa_backend(tcfg.sdpa_backend):
                 with acc.autocast():
                     loss = self._loss(batch)
-                # Every rank sees every rank's loss, so all of them stop together on a NaN.
-                all_losses = acc.gather(loss.detach().reshape(1))
-                if not torch.isfinite(all_losses).all():
-                    raise TrainingDiverged(
-                        f"non-finite loss {all_losses.tolist()} at step {self.step + 1}; nothing was saved after "
-                        f"checkpoint {self.step - self.step % tcfg.checkpoint_every}. Lower optim.lr, set "
-                        "optim.max_grad_norm, or use train.mixed_precision=no to find the cause.")
                 acc.backward(loss / tcfg.grad_accum)
-                total += all_losses.mean().item() / tcfg.grad_accum
+            total += loss.detach().float() / tcfg.grad_accum
         _maybe_inject_fault(self.step + 1)
-        grad_norm = float("nan")
+        grad_norm = None
         if self.cfg.optim.max_grad_norm:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
-            if not math.isfinite(grad_norm) and acc.scaler is None:  # fp16's scaler skips such steps itself
-                raise TrainingDiverged(f"non-finite gradient norm at step {self.step + 1}; no checkpoint written.")
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         if not self.optimizer.step_was_skipped:  # fp16's scaler skipped the update: the schedule waits too
             self.lr_scheduler.step()
@@ -337,18 +352,19 @@ class Trainer:
         if self.eval_hook is None:
             logger.warning("train.eval_every is set but no evaluation hook is installed; skipping.")
             return
-        if not self.accelerator.is_main_process:
+        spread = bool(getattr(self.eval_hook, "all_ranks", False))  # the hook shares its work between processes
+        if not (spread or self.accelerator.is_main_process):
             return
         scores = self.eval_hook(checkpoint / "model", self.step)
-        name, value = next(iter(scores.items()))
-        previous = runs.read_best(self.run_dir)
-        if previous is None or value < previous["value"]:
-            runs.promote_to_best(self.run_dir, checkpoint / "model",
-                                 {"step": self.step, "metric": name, "value": value, "scores": scores})
-        self.accelerator.log(scores, step=self.step)
+        if not self.accelerator.is_main_process or not scores:
+            return
+        name, value = next(iter(scores.items()))  # the hook's first score decides, as runs.keep_best says
+        runs.keep_best(self.run_dir, checkpoint / "model",
+                       {"step": self.step, "metric": scores.get("metric", name), "value": value, "scores": scores})
+        self.accelerator.log({k: v for k, v in scores.items() if isinstance(v, (int, float))}, step=self.step)
 
 
-def train(cfg: DictConfig, eval_hook: Optional[EvalHook] = None) -> Path:
+def train(cfg: DictConfig, eval_hook: EvalHook | None = None) -> Path:
     """Train (or resume) the run described by `cfg`; returns the run folder.
 
     With train.eval_every > 0, `eval_hook` scores each such checkpoint (the CLI builds the FID hook from the

@@ -1,4 +1,5 @@
-"""Subsets, folds and the count-matched control of `dinodiff classify`."""
+"""Subsets, folds (by subject, re-drawn per repetition seed), the pool/test split by subject and the
+count-matched controls of `dinodiff classify`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from dinodiff.data.subjects import SubjectPatternMismatch, subjects_from_pattern
+from dinodiff.evaluate.classify.split import EXCLUDED, FROM_DATA, FROM_PATTERN, OWN, resolve_subjects, split_by_subject
 from dinodiff.evaluate.classify.subsets import (
-    NONE_STRATUM, SubsetTooLarge, balanced_draw, build_subsets, count_matched, make_folds, read_subset, subject_ids,
+    NONE_STRATUM, SubsetTooLarge, balanced_draw, build_subsets, count_matched, make_folds, read_subset,
 )
 
 
@@ -36,14 +39,17 @@ def test_regimes_are_nested_and_each_is_balanced(tmp_path) -> None:
     positive = _pool(500)
     ids = [f"img{i:04d}" for i in range(500)]
     pool = np.arange(100, 500)  # rows 0-99 are the test set: never drawn
-    paths = build_subsets(tmp_path, ids, positive, ["a", "b", "c"], [30, 90, 150], pool, seed=3, folds=5)
+    paths = build_subsets(tmp_path, ids, positive, ["a", "b", "c"], [30, 90, 150], pool, ids, subset_seed=3,
+                          seeds=[0, 1], folds=5)
     previous: set[int] = set()
     for n in (30, 90, 150):
-        rows, drawn_for, folds = read_subset(paths[n])
-        assert len(rows) == n and set(rows.tolist()) >= previous and rows.min() >= 100
-        assert set(Counter(drawn_for).values()) == {n // 3}
-        assert sorted(set(folds.tolist())) == [0, 1, 2, 3, 4]
-        previous = set(rows.tolist())
+        subset = read_subset(paths[(n, 0)])
+        assert len(subset.rows) == n and set(subset.rows.tolist()) >= previous and subset.rows.min() >= 100
+        assert set(Counter(subset.drawn_for).values()) == {n // 3}
+        assert sorted(set(subset.folds.tolist())) == [0, 1, 2, 3, 4]
+        again = read_subset(paths[(n, 1)])  # another repetition: the same images, other folds
+        assert np.array_equal(again.rows, subset.rows) and not np.array_equal(again.folds, subset.folds)
+        previous = set(subset.rows.tolist())
 
 
 def test_a_regime_larger_than_a_labels_positives_names_the_label() -> None:
@@ -55,7 +61,7 @@ def test_a_regime_larger_than_a_labels_positives_names_the_label() -> None:
 
 def test_folds_never_split_a_subject_and_are_stratified() -> None:
     ids = [f"p10__p{100 + i // 3}__s{i}__x" for i in range(60)]  # 20 subjects, 3 images each
-    subjects = subject_ids(ids, r"^p\d+__(p\d+)__")
+    subjects = subjects_from_pattern(ids, r"^p\d+__(p\d+)__")
     assert len(set(subjects)) == 20
     strata = ["a", "b"] * 30
     folds = make_folds(strata, subjects, 5, seed=0)
@@ -66,11 +72,29 @@ def test_folds_never_split_a_subject_and_are_stratified() -> None:
     assert sorted(Counter(folds.tolist()).values()) == [12] * 5
 
 
-def test_without_subject_ids_each_image_is_its_own_subject() -> None:
-    assert subject_ids(["a", "b"], None) == ["a", "b"]
+def test_subjects_come_from_the_data_else_the_pattern_else_the_image_and_are_counted() -> None:
+    ids = ["p1__a", "p1__b", "p2__c", "x"]
+    subjects, counts = resolve_subjects(ids, ["P9", None, None, None], None)
+    assert subjects == ["P9", "p1__b", "p2__c", "x"] and counts == {FROM_DATA: 1, FROM_PATTERN: 0, OWN: 3}
+    subjects, counts = resolve_subjects(ids[:3], ["P9", None, None], r"^(p\d+)__")
+    assert subjects == ["P9", "p1", "p2"] and counts == {FROM_DATA: 1, FROM_PATTERN: 2, OWN: 0}
+    with pytest.raises(SubjectPatternMismatch, match="matches 2 of 3 ids"):
+        resolve_subjects(ids, ["P9", None, None, None], r"^(p\d+)__")  # 'x' has no subject and no match
 
 
-def test_count_matched_control_repeats_real_rows_to_the_augmented_size() -> None:
+def test_split_by_subject_keeps_a_patient_on_one_side() -> None:
+    subjects = [f"p{i // 4}" for i in range(400)]  # 100 patients, 4 images each
+    split = split_by_subject(subjects, None, 0.3, seed=0)
+    by_subject: dict[str, set[str]] = {}
+    for s, part in zip(subjects, split):
+        by_subject.setdefault(s, set()).add(str(part))
+    assert all(len(parts) == 1 for parts in by_subject.values())
+    assert 0.2 < (split == "test").mean() < 0.4
+    own = ["train", "train", "test", "train"]  # the data's own split puts patient 'a' on both sides
+    assert split_by_subject(["a", "b", "a", "c"], own, 0.3, seed=0).tolist() == [EXCLUDED, "train", "test", "train"]
+
+
+def test_count_matched_controls_repeat_real_rows_to_the_arm_size() -> None:
     train = np.array([7, 3, 9, 4])
     for ratio in (1, 5, 10):
         control = count_matched(train, len(train) * (1 + ratio))

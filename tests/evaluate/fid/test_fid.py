@@ -23,7 +23,8 @@ from dinodiff.evaluate.fid.features import (
     xrv_weights_file,
 )
 from dinodiff.evaluate.fid.images import fingerprint, list_images, select
-from dinodiff.evaluate.fid.settings import FidSettings
+from dinodiff.config import FidSettings
+from dinodiff.results import read_results
 from dinodiff.evaluate.fid.stage import (
     cached_features,
     fid,
@@ -252,8 +253,9 @@ def test_fid_stage_names_the_extractor_and_gives_zero_for_a_set_against_itself(t
     other = fid(real, fake, replace(settings, num_real=4, num_sources=4, seed=3), out=tmp_path / "res.json")
     assert other["fid"] > 1e-3 and (other["n_real"], other["n_fake"]) == (4, 4)
     assert np.isfinite(other["kid_mean"]) and other["kid_std"] >= 0
-    written = json.loads((tmp_path / "res.json").read_text())
-    assert written["extractor"] == "dinov2" and written["tap"] == "cls" and written["fid"] == other["fid"]
+    written = read_results(tmp_path / "res.json")  # a results record: the report shows it
+    assert written.kind == "fid" and written.data["extractor"] == "dinov2" and written.data["tap"] == "cls"
+    assert written.tables["FID/FD"][0]["FID/FD"] == round(other["fid"], 4) and written.data["fid"] == other["fid"]
 
 
 def test_fid_command_on_xrv_random_weights_self_is_zero(two_sets, xrv_cache: Path, tmp_path: Path) -> None:
@@ -267,7 +269,7 @@ def test_fid_command_on_xrv_random_weights_self_is_zero(two_sets, xrv_cache: Pat
                                       "--cache-dir", str(tmp_path / "c"), "--kid-subsets", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "xrv-densenet121-res224-all:features2" in result.output
-    record = json.loads(out.read_text())
+    record = read_results(out).data
     assert record["tap"] == "features2" and record["dim"] == 1024 and abs(record["fid"]) < 1e-2
     missing = CliRunner().invoke(app, ["fid", str(real), str(real), "--weights", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "wget" in missing.output

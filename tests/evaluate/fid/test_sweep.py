@@ -14,8 +14,9 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from dinodiff.evaluate.fid.settings import FidSettings
+from dinodiff.config import FidSettings
 from dinodiff.evaluate.fid.sweep import best_row, hook_from_config, make_fid_hook, promote_best, sweep, upsert
+from dinodiff.results import read_results
 
 # A random tiny DINOv2 as the extractor keeps these tests fast; the XRV path is covered in test_fid.py.
 EVAL = ["eval.extractor=dinov2", "eval.weights=random:transformers-dinov2", "eval.num_real=6", "eval.num_sources=3",
@@ -59,8 +60,11 @@ def test_training_with_eval_every_writes_fid_csv_plot_and_best(trained_run: Path
     import json
 
     record = json.loads((trained_run / "best" / "best.json").read_text())
-    assert record["step"] == int(best["step"]) and record["metric"] == "fid"
-    assert record["scores"]["extractor"] == "dinov2:cls"
+    assert record["step"] == int(best["step"]) and record["metric"].startswith("fid dinov2:cls on ")
+    assert record["scores"]["extractor"] == "dinov2:cls" and record["value"] == float(best["fid"])
+    results = read_results(trained_run / "results.json")  # the sweep's record, which the report shows
+    assert results.kind == "fid" and [row["step"] for row in results.tables[next(iter(results.tables))]] == [2, 4]
+    assert results.figures and "★" in str(results.tables)
     assert (trained_run / "best" / "model" / "unet").is_dir()
     assert Image.open(trained_run / "fid.png").size[0] > 100
     assert len(list((trained_run / "fid-cache").glob("dinov2-cls-n6-*.npz"))) == 1  # real set extracted once
@@ -143,7 +147,9 @@ def test_fid_hook_returns_named_scores_and_leaves_the_global_rng_alone(trained_r
     torch.manual_seed(123)
     result = hook(run / "checkpoints" / "checkpoint-4" / "model", 4)
     assert torch.equal(torch.rand(4), expected)  # training's random stream is not shifted by evaluation
-    assert set(result) == {"fid", "kid_mean", "kid_std", "extractor"} and result["extractor"] == "dinov2:cls"
+    assert list(result)[0] == "fid" and result["extractor"] == "dinov2:cls"  # the first score decides best/
+    assert {"kid_mean", "kid_std", "n_real", "n_fake", "split", "metric"} <= set(result)
+    assert result["metric"] == "fid dinov2:cls on train (6 real vs 6 generated, 2 per source, 2 steps, seed 0)"
     assert result["fid"] == pytest.approx(float(_rows(trained_run)[-1]["fid"]), rel=1e-6)
 
 
@@ -163,13 +169,17 @@ def test_best_row_upsert_and_pruned_best(tmp_path: Path, caplog: pytest.LogCaptu
     assert "pruned" in caplog.text and not (tmp_path / "best").exists()
 
 
-def test_fid_settings_from_the_config_eval_section_match_the_cli_defaults() -> None:
-    from dinodiff.config import load_config
+def test_the_config_eval_section_is_the_one_fid_settings_object() -> None:
+    from omegaconf import OmegaConf
 
-    cfg = load_config("tiny", EVAL + ["eval.real=somewhere"])
-    settings = FidSettings.from_eval_config(cfg.eval)
-    assert settings == replace(SETTINGS, real="somewhere")  # every eval.* field lands in the one settings object
-    assert FidSettings.from_eval_config(load_config("tiny", []).eval) == FidSettings()  # same defaults as the CLI's
+    from dinodiff.config import ConfigError, load_config
+
+    cfg = load_config("tiny", EVAL + ["eval.real=somewhere", "eval.kid_subsets=7"])
+    settings = OmegaConf.to_object(cfg.eval)
+    assert settings == replace(SETTINGS, real="somewhere", kid_subsets=7)  # every field, one list
+    assert OmegaConf.to_object(load_config("tiny", []).eval) == FidSettings()  # the defaults the CLI uses too
+    with pytest.raises(ConfigError, match="num_reals"):
+        load_config("tiny", ["eval.num_reals=5"])  # a misspelt or renamed field fails instead of being dropped
 
 
 def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> None:
@@ -179,3 +189,77 @@ def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> No
     cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.eval_every=10", "data.cache=somewhere"])
     with pytest.raises(ValueError, match="eval.real="):
         hook_from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared_with_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 phantoms prepared with a test and a validation split."""
+    from dinodiff.data.phantoms import write_phantoms
+    from dinodiff.prepare import prepare
+
+    root = tmp_path_factory.mktemp("val")
+    source = write_phantoms(root / "raw", 30, size=64, seed=1, progress=False)
+    prepare([source], root / "prepared", size=32, shard_size=8, workers=1, test_fraction=0.3, val_fraction=0.3,
+            seed=0, progress=False)
+    return root / "prepared"
+
+
+def _split_keys(prepared: Path, split: str) -> set[str]:
+    from dinodiff.data.shards import list_shards, read_samples
+
+    return {s["__key__"] for s in read_samples(list_shards(prepared, split))}
+
+
+def test_checkpoints_are_selected_on_the_validation_split_never_on_test(prepared_with_val: Path, tmp_path: Path,
+                                                                         prepared_phantoms: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    settings = replace(SETTINGS, split=None, num_real=None, num_sources=None, real=str(prepared_with_val))
+    scorer = sweep_mod.CheckpointScorer(tmp_path, settings)
+    val, test = _split_keys(prepared_with_val, "val"), _split_keys(prepared_with_val, "test")
+    assert val and test and scorer.split == "val" and scorer.source_split == "val"
+    assert {ref.key for ref in scorer.real_refs()} == val  # every validation image, no test image
+    assert scorer.expected_settings()["split"] == "val"
+    with caplog.at_level("WARNING"):  # no val split: training images, said so; the test split is never taken
+        scorer = sweep_mod.CheckpointScorer(tmp_path, replace(settings, real=str(prepared_phantoms)))
+    assert scorer.split == "train" and "no 'val' split" in caplog.text
+    assert not {ref.key for ref in scorer.real_refs()} & _split_keys(prepared_phantoms, "test")
+    with caplog.at_level("WARNING"):
+        assert sweep_mod.selection_split(prepared_with_val, "test") == "test"
+    assert "TEST split" in caplog.text
+    with pytest.raises(FileNotFoundError, match="has no 'val' split"):
+        sweep_mod.selection_split(prepared_phantoms, "val")
+
+
+def test_the_validation_split_is_drawn_by_subject_and_leaves_the_test_split_alone(tmp_path: Path) -> None:
+    from dinodiff.data.subjects import hash_split
+
+    keys = [f"patient-{i}" for i in range(2000)]
+    without = [hash_split(k, 0.2, 0) for k in keys]
+    with_val = [hash_split(k, 0.2, 0, val_fraction=0.1) for k in keys]
+    assert [a == "test" for a in without] == [b == "test" for b in with_val]  # same test subjects
+    assert 150 < with_val.count("val") < 250 and set(with_val) == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_fid_hook_spread_over_two_processes_scores_like_one(trained_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    run, model = _copy(trained_run, tmp_path), trained_run / "checkpoints" / "checkpoint-2" / "model"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
+           str(REPO_ROOT / "tests" / "scripts" / "ddp_fid.py"), str(run), str(model), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.json.rank{r}").read_text()) for r in (0, 1)]
+    assert ranks[0]["chunks"] == [0, 2] and ranks[1]["chunks"] == [1]  # every source chunk made once, shared out
+    assert ranks[1]["scores"] == {}  # only the main process scores
+    monkeypatch.setattr(sweep_mod, "SOURCE_CHUNK", 1)
+    row = sweep_mod.CheckpointScorer(run, replace(SETTINGS, cache=False)).score(model, 2)  # one process
+    assert ranks[0]["scores"]["fid"] == pytest.approx(row["fid"], rel=1e-5)

@@ -32,7 +32,8 @@ from dinodiff.evaluate.segment.metrics import (
 )
 from dinodiff.evaluate.segment.settings import SegmentSettings
 from dinodiff.evaluate.segment.stage import segment
-from dinodiff.runs import checkpoint_models
+from dinodiff.results import read_results
+from dinodiff.runs import run_models
 
 
 def _two_lungs(size: int = 20) -> dict[str, np.ndarray]:
@@ -200,7 +201,18 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     assert (tmp_path / "table.csv").read_text().startswith("split,dataset,method")
     assert sorted(Path(p).name for p in results["overlays"].values()) == ["diffseg-lungs-covid.png",
                                                                           "diffseg-lungs-shenzhen.png"]
-    assert json.loads((tmp_path / "results.json").read_text())["best"]["combined"]["cell"]["grid"] in (4, 8)
+    record = read_results(tmp_path / "results.json")  # the results record the report shows
+    assert record.kind == "segment" and record.data["best"]["combined"]["cell"]["grid"] in (4, 8)
+    assert sorted(record.figures.values()) == ["overlays/diffseg-lungs-covid.png", "overlays/diffseg-lungs-shenzhen.png"]
+    assert record.tables == {"Table 2, paired differences and per-dataset choices (table.md)": "table.md"}
+    n_report = results["methods"]["diffseg"]["summary"]["combined"]["n"]
+    assert list(record.headline) == [f"Dice, both lungs, report split (n={n_report}): {name}" for name in (
+        "DiNO-Diffusion (DiffSeg)", "Mean-mask prior (leave-one-out)", "Position-only k-means", "Otsu",
+        "Whole image (1 segment)")]
+    assert all(v.endswith(" %") and "±" in v for v in record.headline.values())
+    assert record.provenance["report images"] == n_report and set(record.provenance["subjects per split"]) == {
+        "tune", "report"}
+    assert "DiffSeg" in record.provenance["configuration chosen on the tuning split"]["DiNO-Diffusion (DiffSeg)"]
 
     calls = []
     real_capture = grid_module.capture_pass
@@ -226,25 +238,28 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
     assert loads == [tiny_model] and len(results["overlays"]) == 1  # was loaded twice: grid, then overlays
     assert results["settings"] == {"threshold_mode": "relative", "merge_iterations": 3, "condition": "image",
                                    "noise_seeds": [], "resolution": 32, "methods": ["diffseg"],
-                                   "refinements": ["none"], "report_fraction": 0.5, "split_seed": 0}
+                                   "refinements": ["none"], "timesteps": [[300]], "thresholds": [0.3],
+                                   "grid_sizes": [4], "taus": [0.5], "alphas": [10.0], "feature_sides": [0],
+                                   "report_fraction": 0.5, "split_seed": 0, "limit": 2, "sd15": None}
 
 
-def test_checkpoint_models_expands_runs_and_checkpoints(tmp_path):
+def test_run_models_expands_runs_and_checkpoints(tmp_path):
     run = tmp_path / "run"
     for step in (10, 2):
         (run / "checkpoints" / f"checkpoint-{step}" / "trainer").mkdir(parents=True)
         (run / "checkpoints" / f"checkpoint-{step}" / "trainer" / "state.json").write_text("{}")
         (run / "checkpoints" / f"checkpoint-{step}" / "model").mkdir()
+        (run / "checkpoints" / f"checkpoint-{step}" / "model" / "model_index.json").write_text("{}")
     (run / "checkpoints" / "checkpoint-20" / "model").mkdir(parents=True)  # incomplete: no trainer/state.json
     checkpoint = run / "checkpoints" / "checkpoint-2"
-    assert checkpoint_models(run) == [checkpoint / "model", run / "checkpoints" / "checkpoint-10" / "model"]
-    assert checkpoint_models(checkpoint) == [checkpoint / "model"]
-    assert checkpoint_models(checkpoint / "model") == [checkpoint / "model"]
+    assert run_models(run) == [checkpoint / "model", run / "checkpoints" / "checkpoint-10" / "model"]
+    assert run_models(checkpoint) == [checkpoint / "model"]
+    assert run_models(checkpoint / "model") == [checkpoint / "model"]
     (tmp_path / "empty-run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="without complete checkpoints"):
-        checkpoint_models(tmp_path / "empty-run")
+        run_models(tmp_path / "empty-run")
     with pytest.raises(FileNotFoundError, match="model not found"):
-        checkpoint_models(tmp_path / "nowhere")
+        run_models(tmp_path / "nowhere")
 
 
 def test_grid_larger_than_the_attention_map_fails_with_the_fix(tiny_model, shared_data, tmp_path):

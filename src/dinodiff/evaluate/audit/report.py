@@ -11,14 +11,17 @@ from typing import Any
 import numpy as np
 
 import dinodiff
-from dinodiff.evaluate.audit import stats
-from dinodiff.files import atomic_path, write_bytes_atomic, write_json_atomic
+from dinodiff.evaluate.audit import copies, stats, tables
+from dinodiff.files import atomic_path, write_bytes_atomic
+from dinodiff.results import Results, write_results
 
 logger = logging.getLogger(__name__)
 
 GRID_FILE, HISTOGRAM_FILE, RESULTS_FILE, MARKDOWN_FILE = "closest-pairs.png", "dcr.png", "results.json", "audit.md"
 MARKDOWN_COLUMNS = ("dataset", "strategy", "ratio", "space", "dcr_n", "dcr_min", "dcr_p5", "dcr_median", "reference",
-                    "reference_p5", "below_reference_p5", "flagged_copies")
+                    "reference_n", "reference_p5", "below_reference_p5 (95% CI)", "flagged_copies (95% CI)")
+CI_METHOD = ("95% intervals: exact Clopper-Pearson for every fraction (scipy.stats.binomtest); for a reference's 5th "
+             "percentile, distribution-free from order statistics (Binomial(n, 0.05) ranks).")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -41,15 +44,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def calibration_rows(spaces: list) -> list[dict]:
-    rows = []
-    for sp in spaces:
-        for name, values in sp.references.items():
-            rows.append({"space": sp.space.name, "reference": name,
-                         **{f"dcr_{k}": v for k, v in stats.distribution(values).items()}, **stats.calibration(values)})
-    return rows
-
-
 def markdown_table(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS) -> str:
     def cell(v: Any) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -59,25 +53,29 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, results: dict) -> None:
-    tables = results["tables"]
-    parts = [f"# {results['title']}", "", "Feature spaces: " + "; ".join(f"{r['space']}: {r['status']}"
-                                                                        for r in tables["spaces"]), ""]
+def write_markdown(path: Path, results: Results) -> None:
+    table_rows = results.tables
+    parts = [f"# {results.title}", "", "Feature spaces: " + "; ".join(f"{r['space']}: {r['status']}"
+                                                                      for r in table_rows["spaces"]), "",
+             results.note, ""]
+    parts += [f"**Warning.** {w}\n" for w in results.warnings]
     for name, title in (("dcr", "Interpolation, sampled and other strategies"),
                         ("dcr_reconstruction", "Reconstruction (conditions on the patient's own embedding)")):
-        if tables[name]:
-            parts += [f"## {title}", "", markdown_table(tables[name]), ""]
+        if table_rows[name]:
+            parts += [f"## {title}", "", markdown_table(table_rows[name]), ""]
     parts += ["## Calibration (real vs real)", "",
-              markdown_table(tables["calibration"], ("space", "reference", "dcr_n", "dcr_min", "dcr_p5", "dcr_median",
-                                                     "p5", "copy_threshold")), ""]
-    if tables["memorisation"]:
+              markdown_table(table_rows["calibration"], ("space", "reference", "queries", "dcr_n", "dcr_min", "dcr_p5",
+                                                      "dcr_median", "p5", "p5_ci95_low", "p5_ci95_high",
+                                                      "copy_threshold", "too_small")), ""]
+    if table_rows["memorisation"]:
         parts += ["## Reconstruction: per-source memorisation", "",
-                  markdown_table(tables["memorisation"], ("dataset", "ratio", "space", "sources", "variations",
-                                                          "memorised_fraction", "median_ratio", "min_ratio")), ""]
+                  markdown_table(table_rows["memorisation"], ("dataset", "ratio", "space", "sources", "variations",
+                                                           "memorised (95% CI)", "median_ratio", "min_ratio")), ""]
     write_bytes_atomic(path, "\n".join(parts).encode())
 
 
-def closest_pairs_figure(path: Path, sets: list, train, closest: dict, space: str, pairs: int) -> Path:
+def closest_pairs_figure(path: Path, sets: list, nearest: dict[int, np.ndarray], closest: dict, space: str,
+                         pairs: int) -> Path:
     """One row per synthetic dataset: its `pairs` closest (synthetic, nearest real training image) pairs."""
     import matplotlib
 
@@ -92,10 +90,10 @@ def closest_pairs_figure(path: Path, sets: list, train, closest: dict, space: st
             for side in range(2):
                 ax = axes[row, 2 * col + side]
                 ax.axis("off")
-                if col >= len(order):
+                if col >= len(order) or int(index[order[col]]) not in nearest:
                     continue
                 i = order[col]
-                ax.imshow(syn.images[i] if side == 0 else train.images[index[i]], cmap="gray", vmin=0, vmax=255)
+                ax.imshow(syn.images[i] if side == 0 else nearest[int(index[i])], cmap="gray", vmin=0, vmax=255)
                 ax.set_title(f"syn d={d[i]:.2f}" if side == 0 else "nearest train", fontsize=7)
         axes[row, 0].text(-0.1, 0.5, Path(syn.name).name, transform=axes[row, 0].transAxes, rotation=90,
                           va="center", ha="right", fontsize=8)
@@ -127,36 +125,50 @@ def histogram_figure(path: Path, sets: list, spaces: list, closest: dict) -> Pat
 
 
 def write_outputs(out: Path, settings, status: dict, train, holdout, sets: list, spaces: list, dcr_rows: list[dict],
-                  memo_rows: list[dict], closest: dict) -> dict:
+                  memo_rows: list[dict], closest: dict, nearest: dict[int, np.ndarray],
+                  queries: dict[str, str]) -> Results:
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     if spaces:
         primary = spaces[0].space.name
-        figures["closest_pairs"] = closest_pairs_figure(out / GRID_FILE, sets, train, closest, primary,
+        figures["closest_pairs"] = closest_pairs_figure(out / GRID_FILE, sets, nearest, closest, primary,
                                                         settings.pairs).name
         figures["dcr_histogram"] = histogram_figure(out / HISTOGRAM_FILE, sets, spaces, closest).name
     describe = {sp.space.name: sp.space.describe for sp in spaces}
-    tables = {
+    table_rows = {
         "dcr": [r for r in dcr_rows if r["strategy"] != "reconstruction"],
         "dcr_reconstruction": [r for r in dcr_rows if r["strategy"] == "reconstruction"],
-        "calibration": calibration_rows(spaces), "memorisation": memo_rows,
+        "calibration": tables.calibration_rows(spaces, queries), "memorisation": memo_rows,
         "spaces": [{"space": k, "status": v, "describe": describe.get(k, "")} for k, v in status.items()],
     }
-    tables = {k: [{c: _clean(v) for c, v in row.items()} for row in rows] for k, rows in tables.items()}
-    results = {
-        "kind": "audit", "title": "Privacy audit: distance of synthetic images to their closest training record",
-        "provenance": {
-            "dinodiff": dinodiff.__version__, "settings": asdict(settings),
-            "train": {"source": train.name, "images": len(train), "patient_ids": train.patients is not None},
-            "holdout": None if holdout is None else {"source": holdout.name, "images": len(holdout)},
-            "synthetic": [{"folder": s.name, "images": len(s), "strategy": s.provenance.get("settings", {}).get(
-                "strategy"), "ratio": s.provenance.get("settings", {}).get("ratio"), "model": s.provenance.get("model"),
-                "checkpoint_step": s.provenance.get("checkpoint_step")} for s in sets],
-            "copy_rule": f"DCR < {stats.COPY_FACTOR} x the {stats.REFERENCE_QUANTILE:.0%} quantile of the real "
-                         "reference (holdout->train when a held-out set exists, else train->train)",
-        },
-        "tables": tables, "figures": figures,
-    }
-    write_json_atomic(out / RESULTS_FILE, results)
+    table_rows = {k: [{c: _clean(v) for c, v in row.items()} for row in rows] for k, rows in table_rows.items()}
+    results = Results(
+        kind="audit", title="Privacy audit: distance of synthetic images to their closest training record",
+        headline=tables.headline(table_rows["dcr"] + table_rows["dcr_reconstruction"]),
+        note=f"Copy rule: {copy_rule()} {CI_METHOD}",
+        warnings=tuple(tables.warnings(spaces, train.subjects_known, len(train))),
+        provenance=_provenance(settings, train, holdout, sets, queries), tables=table_rows, figures=figures)
+    write_results(out / RESULTS_FILE, results)
     write_markdown(out / MARKDOWN_FILE, results)
     return results
+
+
+def copy_rule() -> str:
+    return (f"a synthetic image is flagged as a copy when its DCR is below {stats.COPY_FACTOR} x the "
+            f"{stats.REFERENCE_QUANTILE:.0%} quantile of the real reference (holdout->train when a held-out set "
+            "exists, else train->train; both against other patients only). The pixel space searches: "
+            f"{copies.SEARCH}.")
+
+
+def _provenance(settings, train, holdout, sets: list, queries: dict[str, str]) -> dict:
+    return {
+        "dinodiff": dinodiff.__version__, "settings": asdict(settings),
+        "train": {"source": train.name, "images": len(train), "patient_ids": train.subjects_known},
+        "holdout": None if holdout is None else {"source": holdout.name, "images": len(holdout),
+                                                 "patient_ids": holdout.subjects_known},
+        "calibration_queries": queries,
+        "synthetic": [{"folder": s.name, "images": len(s), "strategy": s.provenance.get("settings", {}).get(
+            "strategy"), "ratio": s.provenance.get("settings", {}).get("ratio"), "model": s.provenance.get("model"),
+            "checkpoint_step": s.provenance.get("checkpoint_step")} for s in sets],
+        "copy_rule": copy_rule(), "confidence_intervals": CI_METHOD,
+    }

@@ -1,12 +1,10 @@
-"""Feature spaces the audit measures distances in. Each maps uint8 grey images (N, H, W) to (N, D) float features.
+"""Feature spaces the audit measures distances in. Each maps uint8 grey images (B, H, W) to float32 features.
 
-- ``pixels``: 32x32 grey thumbnails, each standardised to zero mean and unit variance (robust to brightness and
-  contrast), flattened: what "the same picture" means to a person. Plain L2 on thumbnails is not robust to a
-  few pixels of shift or zoom, so a query is also compared in JITTERS geometric variants (shifts up to 5% of the
-  side, zoom 0.95-1.05) and its distance is the smallest over them; the calibration references are computed the
-  same way, so thresholds stay comparable.
+- ``pixels``: the near-copy search of copies.py: equalised, blurred thumbnails compared in several views of the
+  query for candidates, then each candidate registered (rotation, zoom, shift) and the distance taken once aligned;
+  invariant to monotone intensity maps (gamma, contrast).
 - ``c_glb``: the model's own encoder (the DINO global tokens the generator is conditioned on), flattened; then
-  standardised per dimension with the training set's statistics.
+  standardised per dimension with the training set's statistics (of the calibration subsample of it).
 - ``xrv``: TorchXRayVision densenet121-res224-all features (1024-d) when its weights are on disk, and
   ``rad-dino``: microsoft/rad-dino global tokens when it is in the local Hugging Face cache; otherwise these are
   reported as unavailable, never silently replaced.
@@ -15,18 +13,17 @@
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
+from dinodiff.evaluate.audit import copies
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
-from dinodiff.runs import model_folders
+from dinodiff.runs import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -37,94 +34,98 @@ RAD_DINO = "microsoft/rad-dino"
 
 @dataclass
 class FeatureSpace:
-    """A named map images -> features; `standardise`: per-dimension z-score with the training set's statistics."""
+    """A named map images -> features (`embed`), or, with no `embed`, the registered copy search (copies.py).
+
+    standardise: per-dimension z-score with statistics `fit` on training images. candidates: training rows kept
+    per query by the search (the copy search registers them; other spaces use the nearest).
+    """
 
     name: str
     describe: str
-    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, 1, H, W) float in [0, 1] -> (B, D)
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, 1, H, W) float in [0, 1] -> (B, D)
     standardise: bool = False
-    stats: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    jitters: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0),)  # (zoom, dx, dy); the first: identity
+    candidates: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    batch_size: int = 64
 
-    def views(self, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
-        """Features of every jitter of the images (the first is the images themselves): J arrays (N, D)."""
-        out = [[] for _ in self.jitters]
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size])).float()[:, None] / 255.0
-            for j, jitter in enumerate(self.jitters):
-                moved = batch if tuple(jitter) == (1.0, 0.0, 0.0) else warp(batch, *jitter)
-                out[j].append(self.standardised(self.embed(moved).reshape(len(batch), -1).double().cpu().numpy()))
-        return [np.concatenate(parts) if parts else np.zeros((0, 0)) for parts in out]
+    @property
+    def registers(self) -> bool:
+        return self.embed is None
+
+    def to(self, device: torch.device) -> "FeatureSpace":
+        self.device = device
+        module = getattr(self.embed, "module", None)
+        if module is not None:
+            module.to(device)
+        return self
 
     @torch.no_grad()
-    def features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size])).float()[:, None] / 255.0
-            out.append(self.embed(batch).reshape(len(batch), -1).double().cpu().numpy())
-        feats = np.concatenate(out) if out else np.zeros((0, 0))
-        return self.standardised(feats)
+    def _batches(self, images: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        out = [fn(torch.from_numpy(np.asarray(images[i:i + self.batch_size])).to(self.device))
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
-    def fit(self, train_features: np.ndarray) -> None:
-        """Remember the training features' per-dimension mean and std (used by later `features` calls)."""
+    def working(self, images: np.ndarray) -> torch.Tensor:
+        """The copy search's working images (B, 1, WORK, WORK)."""
+        return self._batches(images, copies.working)
+
+    def rows(self, images: np.ndarray) -> torch.Tensor:
+        """Features (B, D) of training images, as the search compares them."""
+        if self.registers:
+            return self._batches(images, lambda x: copies.descriptors(copies.working(x))[:, 0])
+        return self._standardised(self._batches(images, self._embed))
+
+    def queries(self, images: np.ndarray) -> torch.Tensor:
+        """Features (B, V, D) of query images: V views for the copy search, one otherwise."""
+        if self.registers:
+            return self._batches(images, lambda x: copies.descriptors(copies.working(x), copies.VIEWS.to(x.device)))
+        return self.rows(images)[:, None]
+
+    def fit(self, images: np.ndarray) -> None:
+        """Remember the per-dimension mean and std of these training images' features (standardised spaces)."""
         if self.standardise:
-            self.stats = (train_features.mean(0), np.maximum(train_features.std(0), 1e-8))
+            feats = self._batches(images, self._embed)
+            self.stats = (feats.mean(0), feats.std(0, unbiased=False).clamp_min(1e-8))
 
-    def standardised(self, feats: np.ndarray) -> np.ndarray:
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.embed(batch.float()[:, None] / 255.0).reshape(len(batch), -1).float()
+
+    def _standardised(self, feats: torch.Tensor) -> torch.Tensor:
         if not self.standardise or self.stats is None:
             return feats
         return (feats - self.stats[0]) / self.stats[1]
 
 
-def warp(images: torch.Tensor, zoom: float, dx: float, dy: float) -> torch.Tensor:
-    """Zoom about the centre and shift by (dx, dy) fractions of the side; borders repeat the edge pixels."""
-    theta = torch.tensor([[1 / zoom, 0.0, -2 * dx], [0.0, 1 / zoom, -2 * dy]], dtype=images.dtype)
-    grid = F.affine_grid(theta.expand(len(images), 2, 3), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+class _ModuleCall:
+    """embed = a frozen module's call (kept as `.module`, so the space can move it to the GPU)."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
+        self.module, self.fn = module.eval(), fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.module, x)
 
 
-BLUR = 1.0
-MARGIN = 0.08  # > the largest shift, so what a shift brings in from outside is never compared
-SHIFTS = (-0.05, -0.025, 0.0, 0.025, 0.05)
-IDENTITY = (1.0, 0.0, 0.0)
-JITTERS = (IDENTITY, *((1.0, dx, dy) for dx in SHIFTS for dy in SHIFTS if (dx, dy) != (0.0, 0.0)),
-           (0.95, 0.0, 0.0), (1.05, 0.0, 0.0))  # the images themselves first
-
-
-def thumbnails(images: torch.Tensor, size: int = 32, margin: float = MARGIN, blur: float = BLUR) -> torch.Tensor:
-    """(B, 1, H, W) -> (B, size*size): the central (1 - 2 margin) of each image, shrunk, blurred (sigma in
-    thumbnail pixels) and standardised per image.
-
-    The margin keeps borders (filled in by shifts, burnt-in frames) out of the comparison; the blur makes the
-    distance vary smoothly with a residual sub-pixel misalignment.
-    """
-    h, w = images.shape[-2:]
-    top, left = round(h * margin), round(w * margin)
-    centre = images[..., top:h - top, left:w - left]
-    small = F.interpolate(centre, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if blur > 0:
-        small = gaussian_blur(small, kernel_size=2 * math.ceil(3 * blur) + 1, sigma=blur)
-    flat = small.reshape(len(small), -1).double()
-    return (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)
-
-
-def pixel_space(size: int = 32) -> FeatureSpace:
-    return FeatureSpace("pixels", f"{size}x{size} grey thumbnails, per-image standardised, L2, smallest over "
-                        f"{len(JITTERS)} shifts/zooms of the query", lambda x: thumbnails(x, size), jitters=JITTERS)
+def pixel_space(candidates: int = 16) -> FeatureSpace:
+    return FeatureSpace("pixels", copies.SEARCH, None, candidates=candidates)
 
 
 def encoder_space(encoder: GlobalTokenEncoder, name: str = "c_glb", describe: str = "") -> FeatureSpace:
-    encoder = encoder.eval()
     return FeatureSpace(name, describe or f"global tokens of {encoder.name_or_path} ({encoder.num_tokens}x"
-                        f"{encoder.hidden_size}), standardised per dimension on the training set, L2",
-                        lambda x: encoder(x).flatten(1), standardise=True)
+                        f"{encoder.hidden_size}), standardised per dimension on the training set (its train->train "
+                        "subsample), L2",
+                        _ModuleCall(encoder, lambda m, x: m(x).flatten(1)), standardise=True)
 
 
 def find_encoder(encoder: str | Path | None, model: str | Path | None) -> tuple[GlobalTokenEncoder | None, str]:
     """The encoder to audit with: a given encoder folder, else the model folder's image_encoder/."""
     candidates = [Path(encoder)] if encoder else []
     if model:
-        candidates += [folder / "image_encoder" for folder in model_folders(model)]
+        try:
+            candidates.append(resolve_model(model, marker="image_encoder/global_tokens.json").path / "image_encoder")
+        except FileNotFoundError:
+            pass  # said below: the c_glb space is unavailable
     for folder in candidates:
         if (folder / "global_tokens.json").is_file():
             return GlobalTokenEncoder.from_pretrained(folder), str(folder)
@@ -143,13 +144,14 @@ def xrv_space(weights_dir: str | Path | None = None) -> tuple[FeatureSpace | Non
         import torchxrayvision as xrv
     except ImportError:
         return None, "unavailable: torchxrayvision is not installed"
-    model = xrv.models.DenseNet(weights=XRV_WEIGHTS, cache_dir=str(folder)).eval()
+    model = xrv.models.DenseNet(weights=XRV_WEIGHTS, cache_dir=str(folder))
 
-    def embed(x: torch.Tensor) -> torch.Tensor:
+    def embed(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
-        return model.features2(x * 2048.0 - 1024.0)  # XRV input range [-1024, 1024]
+        return m.features2(x * 2048.0 - 1024.0)  # XRV input range [-1024, 1024]
 
-    return FeatureSpace("xrv", f"TorchXRayVision {XRV_WEIGHTS} features2 (1024-d), L2", embed), str(folder)
+    return FeatureSpace("xrv", f"TorchXRayVision {XRV_WEIGHTS} features2 (1024-d), L2",
+                        _ModuleCall(model, embed)), str(folder)
 
 
 def rad_dino_space() -> tuple[FeatureSpace | None, str]:

@@ -1,9 +1,11 @@
 """`dinodiff audit SYN... --train PREP`: nearest-real-training-image privacy audit of synthetic datasets.
 
 For every synthetic image and every available feature space: its DCR to the training set, read against two real
-references (held-out -> train, train -> other train; see stats.py), the fraction below the references' 5th
-percentile, near-copy flags and, for reconstruction, per-source memorisation. Results per dataset (= strategy and
-ratio, from provenance.json); reconstruction is reported apart, since it conditions on a patient's own embedding.
+references (held-out -> train, train -> other-patient train; see stats.py), the fraction below the references'
+5th percentile and the fraction flagged as near-copies (each with an exact 95% interval), and, for
+reconstruction, per-source memorisation. Results per dataset (= strategy and ratio, from provenance.json);
+reconstruction is reported apart, since it conditions on a patient's own embedding. The training set is streamed
+once (search.py): cost linear in its size, memory bounded by `chunk` and `max_memory_mb`.
 Outputs in OUT: results.json (``kind: audit``), audit.md, closest-pairs.png and dcr.png.
 """
 
@@ -14,17 +16,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dinodiff.evaluate.audit import stats
-from dinodiff.evaluate.audit.data import ImageSet, load_real, load_synthetic, strategy_and_ratio
+from dinodiff.devices import resolve_device
+from dinodiff.evaluate.audit import tables
+from dinodiff.evaluate.audit.data import (
+    ImageSet,
+    TrainingSet,
+    load_real,
+    load_synthetic,
+    open_training,
+    strategy_and_ratio,
+)
 from dinodiff.evaluate.audit.report import write_outputs
-from dinodiff.evaluate.audit.spaces import (FeatureSpace, find_encoder, encoder_space, pixel_space, rad_dino_space,
-                                            xrv_space)
+from dinodiff.evaluate.audit.search import (
+    QuerySet,
+    calibration_positions,
+    pair_distances,
+    search,
+)
+from dinodiff.evaluate.audit.spaces import (
+    FeatureSpace,
+    encoder_space,
+    find_encoder,
+    pixel_space,
+    rad_dino_space,
+    xrv_space,
+)
+from dinodiff.evaluate.audit.tables import HOLDOUT_REFERENCE, TRAIN_REFERENCE, Space
+from dinodiff.results import Results
 
 logger = logging.getLogger(__name__)
 
+SOURCES = "reconstruction sources"
 
-@dataclass
+
+@dataclass(frozen=True)
 class AuditSettings:
     """What the audit reads and how (saved under results.json's provenance)."""
 
@@ -36,26 +63,24 @@ class AuditSettings:
     encoder: str | None = None  # or an encoder folder directly
     xrv_weights: str | None = None
     size: int = 128  # images are compared at this resolution
-    limit: int | None = None  # at most this many images per set
+    limit: int | None = None  # at most this many synthetic and held-out images per set; never caps the training set
     pairs: int = 8  # closest synthetic/real pairs drawn per dataset in the grid
     spaces: list[str] = field(default_factory=lambda: ["pixels", "c_glb", "xrv", "rad-dino"])
+    candidates: int = 16  # training images registered per query in the pixel copy search
+    calibration_queries: int = 2000  # train->train queries: a seeded subsample (all when fewer training images)
+    seed: int = 0
+    chunk: int = 1024  # training images decoded and compared at a time
+    max_memory_mb: float = 512  # working memory of one distance or registration block
+    device: str = "auto"  # the GPU when there is one
 
 
-@dataclass
-class Space:
-    space: FeatureSpace
-    train: np.ndarray
-    holdout: np.ndarray | None = None
-    references: dict[str, np.ndarray] = field(default_factory=dict)
-    train_ids: list[str] = field(default_factory=list)
-
-
-def build_spaces(settings: AuditSettings, model: str | None) -> tuple[list[FeatureSpace], dict[str, str]]:
-    """The available feature spaces, and a status line for every requested one."""
+def build_spaces(settings: AuditSettings, model: str | None,
+                 device: torch.device) -> tuple[list[FeatureSpace], dict[str, str]]:
+    """The available feature spaces (on `device`), and a status line for every requested one."""
     found, status = [], {}
     for name in settings.spaces:
         if name == "pixels":
-            space, why = pixel_space(), "available"
+            space, why = pixel_space(settings.candidates), "available"
         elif name == "c_glb":
             encoder, why = find_encoder(settings.encoder, settings.model or model)
             space = encoder_space(encoder) if encoder is not None else None
@@ -67,96 +92,94 @@ def build_spaces(settings: AuditSettings, model: str | None) -> tuple[list[Featu
             raise ValueError(f"Unknown feature space {name!r}; use pixels, c_glb, xrv or rad-dino.")
         status[name] = why if space is None else f"available ({why})" if why != "available" else why
         if space is not None:
-            found.append(space)
+            found.append(space.to(device))
     return found, status
 
 
-def reference_space(space: FeatureSpace, train: ImageSet, holdout: ImageSet | None) -> Space:
-    """Features of the real sets and the two calibration references in one space."""
-    space.fit(space.features(train.images))
-    views = space.views(train.images)
-    result = Space(space, views[0], train_ids=list(train.ids))
-    result.references["train->train"] = stats.train_self_dcr_views(views, views[0], train.patients)[0]
-    if holdout is not None:
-        held = space.views(holdout.images)
-        result.holdout = held[0]
-        result.references["holdout->train"] = stats.dcr_views(held, views[0])[0]
-    return result
-
-
-def primary_reference(space: Space) -> tuple[str, np.ndarray]:
-    """holdout -> train when there is a held-out set (it is how unseen real images look), else train -> train."""
-    name = "holdout->train" if "holdout->train" in space.references else "train->train"
-    return name, space.references[name]
-
-
-def dataset_rows(synthetic: ImageSet, spaces: list[Space]) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """One row per feature space for a synthetic dataset, and its DCR / nearest-train index per space."""
-    strategy, ratio = strategy_and_ratio(synthetic)
-    rows, found = [], {}
+def audit(synthetic: list[str | Path], out: str | Path, settings: AuditSettings) -> Results:
+    """Audit each synthetic dataset against the training set; writes OUT/results.json, audit.md and the figures."""
+    sets = [load_synthetic(s, settings.size, settings.limit) for s in synthetic]
+    train = open_training(settings.train, settings.size, settings.train_split, _source_ids(sets))
+    holdout = _holdout(settings)
+    model = next((s.provenance.get("model") for s in sets if s.provenance.get("model")), None)
+    spaces, status = build_spaces(settings, model, resolve_device(settings.device))
+    logger.info("feature spaces: %s", status)
+    calibration = calibration_positions(len(train), settings.calibration_queries, settings.seed)
+    source_ids = sorted(_source_ids(sets))
+    fetched = _fetch(train, [*calibration, *(train.positions[i] for i in source_ids if i in train.positions)],
+                     settings.chunk)  # one pass decodes the train->train queries and the training sources
+    calib_images = np.stack([fetched[int(p)] for p in calibration])
+    sources = _sources(source_ids, train, holdout, fetched)
     for sp in spaces:
-        d, index = stats.dcr_views(sp.space.views(synthetic.images), sp.train)
-        found[sp.space.name], found[sp.space.name + ":index"] = d, index
-        ref_name, ref = primary_reference(sp)
-        cal = stats.calibration(ref)
-        row = {"dataset": Path(synthetic.name).name, "strategy": strategy, "ratio": ratio, "space": sp.space.name,
-               **{f"dcr_{k}": v for k, v in stats.distribution(d).items()}, "reference": ref_name,
-               "reference_p5": cal["p5"], "below_reference_p5": stats.fraction_below(d, cal["p5"]),
-               "copy_threshold": cal["copy_threshold"], "flagged_copies": stats.fraction_below(d, cal["copy_threshold"])}
-        for name, values in sp.references.items():
-            row[f"below_p5[{name}]"] = stats.fraction_below(d, stats.quantile(values, stats.REFERENCE_QUANTILE))
-        rows.append(row)
-    return rows, found
+        sp.fit(calib_images)
+    query_sets = [QuerySet(TRAIN_REFERENCE, calib_images, train.groups[calibration]), *(
+        [QuerySet(HOLDOUT_REFERENCE, holdout.images, holdout.groups)] if holdout is not None else []),
+        *(QuerySet(s.name, s.images) for s in sets), *([sources[0]] if sources else [])]
+    found = search(spaces, query_sets, train, settings.chunk, settings.max_memory_mb)
+    measured = [Space(sp, {r: found[sp.name][r].dcr for r in (TRAIN_REFERENCE, HOLDOUT_REFERENCE)
+                           if r in found[sp.name]}) for sp in spaces]
+    dcr_rows, memo_rows = [], []
+    for syn in sets:
+        dcr_rows += tables.dataset_rows(syn, measured, {sp.name: found[sp.name][syn.name].dcr for sp in spaces})
+        if strategy_and_ratio(syn)[0] == "reconstruction" and sources:
+            memo_rows += _memorisation(syn, spaces, sources, found)
+    closest = {s.name: {k: v for sp in spaces for k, v in ((sp.name, found[sp.name][s.name].dcr),
+                                                           (sp.name + ":index", found[sp.name][s.name].index))}
+               for s in sets}
+    nearest = _nearest_images(train, sets, spaces, closest, settings)
+    queries = {TRAIN_REFERENCE: f"{len(calibration)} of {len(train)} training images (seed {settings.seed})"}
+    return write_outputs(Path(out), settings, status, train, holdout, sets, measured, dcr_rows, memo_rows, closest,
+                         nearest, queries)
 
 
-def memorisation_rows(synthetic: ImageSet, spaces: list[Space], sources: ImageSet) -> list[dict]:
-    """Reconstruction: per source, is one of its variations nearer it than its nearest real neighbour is?"""
-    position = {sid: i for i, sid in enumerate(sources.ids)}
-    keep = [i for i, r in enumerate(synthetic.rows) if r.get("source_a") in position]
+def _fetch(train: TrainingSet, positions: list[int], chunk: int) -> dict[int, np.ndarray]:
+    """The training images at `positions` (only they are decoded), by position."""
+    return {int(p): image for found, batch in train.fetch(positions, chunk) for p, image in zip(found, batch)}
+
+
+def _source_ids(sets: list[ImageSet]) -> set[str]:
+    return {r.source_a for s in sets if strategy_and_ratio(s)[0] == "reconstruction" for r in s.rows
+            if r.source_a}
+
+
+def _sources(ids: list[str], train: TrainingSet, holdout: ImageSet | None,
+             fetched: dict[int, np.ndarray]) -> tuple[QuerySet, dict[str, int]] | None:
+    """The real images reconstructions name as sources (training or held-out), with their patients, and the row
+    of each id; None when no reconstruction names a known image."""
+    in_train = [i for i in ids if i in train.positions]
+    held = {h: j for j, h in enumerate(holdout.ids)} if holdout is not None else {}
+    in_holdout = [i for i in ids if i not in train.positions and i in held]
+    if not in_train and not in_holdout:
+        return None
+    positions = np.array([train.positions[i] for i in in_train], dtype=np.int64)
+    images = [*(fetched[int(p)] for p in positions), *(holdout.images[held[i]] for i in in_holdout)]
+    groups = np.concatenate([train.groups[positions], holdout.groups[[held[i] for i in in_holdout]]
+                             if in_holdout else np.zeros(0, np.int64)])
+    return QuerySet(SOURCES, np.stack(images), groups), {i: r for r, i in enumerate(in_train + in_holdout)}
+
+
+def _memorisation(syn: ImageSet, spaces: list[FeatureSpace], sources: tuple[QuerySet, dict[str, int]],
+                  found: dict) -> list[dict]:
+    """Per space: reconstruction variations against their own source and the source's other-patient neighbour."""
+    query, row_of = sources
+    keep = [i for i, r in enumerate(syn.rows) if r.source_a in row_of]
     if not keep:
         return []
-    source_of = np.array([position[synthetic.rows[i]["source_a"]] for i in keep])
-    used = np.unique(source_of)
-    strategy, ratio = strategy_and_ratio(synthetic)
-    rows = []
-    for sp in spaces:
-        source_feats = sp.space.features(sources.images[used])
-        neighbour = _nearest_other(source_feats, [sources.ids[u] for u in used], sp)
-        syn = sp.space.features(synthetic.images[keep])
-        local = np.searchsorted(used, source_of)
-        own = np.linalg.norm(syn - source_feats[local], axis=1)
-        result = stats.memorisation(own, local, neighbour)
-        rows.append({"dataset": Path(synthetic.name).name, "strategy": strategy, "ratio": ratio,
-                     "space": sp.space.name, **{k: v for k, v in result.items() if k != "ratios"}})
-    return rows
+    source_of = np.array([row_of[syn.rows[i].source_a] for i in keep])
+    return [tables.memorisation_row(syn, sp.name, pair_distances(sp, syn.images[keep], query.images[source_of]),
+                                    source_of, found[sp.name][SOURCES].dcr) for sp in spaces]
 
 
-def _nearest_other(source_feats: np.ndarray, source_ids: list[str], sp: Space) -> np.ndarray:
-    """Each source's distance to its nearest real training image other than itself."""
-    d = stats.distance_matrix(source_feats, sp.train)
-    d[np.asarray(source_ids, dtype=object)[:, None] == np.asarray(sp.train_ids, dtype=object)[None, :]] = np.inf
-    return d.min(axis=1)
-
-
-def audit(synthetic: list[str | Path], out: str | Path, settings: AuditSettings) -> dict:
-    """Audit each synthetic dataset against the training set; writes OUT/results.json, audit.md and the figures."""
-    out = Path(out)
-    train = load_real(settings.train, settings.size, settings.train_split, settings.limit)
-    holdout = _holdout(settings)
-    sets = [load_synthetic(s, settings.size, settings.limit) for s in synthetic]
-    model = next((s.provenance.get("model") for s in sets if s.provenance.get("model")), None)
-    feature_spaces, status = build_spaces(settings, model)
-    spaces = [reference_space(fs, train, holdout) for fs in feature_spaces]
-    logger.info("feature spaces: %s", status)
-    dcr_rows, memo_rows, closest = [], [], {}
-    sources = _sources(train, holdout)
-    for syn in sets:
-        rows, found = dataset_rows(syn, spaces)
-        dcr_rows += rows
-        closest[syn.name] = found
-        if strategy_and_ratio(syn)[0] == "reconstruction":
-            memo_rows += memorisation_rows(syn, spaces, sources)
-    return write_outputs(out, settings, status, train, holdout, sets, spaces, dcr_rows, memo_rows, closest)
+def _nearest_images(train: TrainingSet, sets: list[ImageSet], spaces: list[FeatureSpace], closest: dict,
+                    settings: AuditSettings) -> dict[int, np.ndarray]:
+    """The training images drawn in the closest-pairs figure (first space), by position."""
+    if not spaces:
+        return {}
+    name = spaces[0].name
+    wanted = {int(closest[s.name][name + ":index"][i]) for s in sets
+              for i in np.argsort(closest[s.name][name])[:settings.pairs]}
+    wanted.discard(-1)
+    return _fetch(train, sorted(wanted), settings.chunk)
 
 
 def _holdout(settings: AuditSettings) -> ImageSet | None:
@@ -168,10 +191,3 @@ def _holdout(settings: AuditSettings) -> ImageSet | None:
         logger.info("no held-out set (%s has no %s split): calibrating on train -> train only", settings.train,
                     settings.holdout_split)
         return None
-
-
-def _sources(train: ImageSet, holdout: ImageSet | None) -> ImageSet:
-    """The real images a reconstruction's source ids can name: train and held-out."""
-    if holdout is None:
-        return train
-    return ImageSet("sources", train.ids + holdout.ids, np.concatenate([train.images, holdout.images]))

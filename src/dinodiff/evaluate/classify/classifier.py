@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinodiff.data.augment import paper_augmentation
-
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.classify.settings import ClassifierSettings
 from dinodiff.evaluate.classify.stats import macro_auc
 
@@ -127,12 +127,6 @@ class ImageTable(Dataset):
         return image, torch.from_numpy(self.targets[i])
 
 
-def _device(settings: ClassifierSettings) -> torch.device:
-    if settings.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(settings.device)
-
-
 def _normalise(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = batch.to(device, non_blocking=True).float().div_(255).expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -182,7 +176,7 @@ def fit_and_test(settings: ClassifierSettings, arrays: list[np.ndarray], train: 
     """Train on `train`, early-stop on `val`'s macro AUC, score the best epoch's weights on `test`."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    device = _device(settings)
+    device = resolve_device(settings.device)
     amp = settings.amp and device.type == "cuda"
     num_labels = train.targets.shape[1]
     model, weights = build_classifier(settings, num_labels)

@@ -1,26 +1,31 @@
 """Decoded, resized images cached once per grid (a raw uint8 memmap + a JSON index), for the real pool, the real
 test set and every synthetic set. Cells open the memmaps read-only, so no fold decodes an image again.
+The real index also holds each image's subject and split (see `split`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
-from PIL import Image
 
-from dinodiff.data.shards import decode_png
-from dinodiff.data.sources import SourceImage, iter_sources, label_names
+from dinodiff.data.image_sets import (
+    SourceImage,
+    SyntheticDataset,
+    iter_sources,
+    label_names,
+)
 from dinodiff.evaluate.classify.settings import DataSettings
+from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
 from dinodiff.files import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+REAL_FORMAT = 2  # 2: subjects and a split by subject
 
 
 @dataclass
@@ -31,9 +36,11 @@ class ImageSet:
     ids: list[str]
     positive: np.ndarray
     names: list[str]
-    split: Optional[np.ndarray] = None  # 'train' / 'test' per image (real pool only)
-    source_a: Optional[list[str]] = None  # synthetic: the source(s) each image was made from
-    source_b: Optional[list[str]] = None
+    split: np.ndarray | None = None  # 'train' / 'test' / 'excluded' per image (real images only)
+    subjects: list[str] | None = None  # the subject (patient) key of each image (real images only)
+    subject_counts: dict[str, int] | None = None  # how many images got their subject each way (see split)
+    source_a: list[str] | None = None  # synthetic: the source(s) each image was made from
+    source_b: list[str] | None = None
 
     def columns(self, labels: list[str]) -> np.ndarray:
         """(N, len(labels)) float32 targets; a label this set lacks is all negative."""
@@ -46,7 +53,7 @@ class ImageSet:
 
 def source_options(data: DataSettings) -> dict:
     options: dict = {"kind": data.kind}
-    for key in ("label_columns", "path_column", "root"):
+    for key in ("label_columns", "path_column", "root", "subject_column"):
         if getattr(data, key) is not None:
             options[key] = getattr(data, key)
     return options
@@ -68,14 +75,8 @@ def _open(path: Path, count: int, size: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size))
 
 
-def hash_split(ident: str, test_fraction: float, seed: int) -> str:
-    """The same id-hash rule as `dinodiff prepare --test-fraction`: stable whatever the order of the ids."""
-    h = int(hashlib.sha1(f"{seed}:{ident}".encode()).hexdigest()[:12], 16) / 16**12
-    return "test" if h < test_fraction else "train"
-
-
-def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], list[str]]:
-    """Every labelled source image with its split: the source's own test split, else an id-hash split."""
+def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], list[str] | None]:
+    """Every labelled source image, and the source's own split ('train'/'test') when it has a test split."""
     options = source_options(data)
     try:
         test = list(iter_sources(data.source, size=size, split="test", **options))
@@ -85,14 +86,15 @@ def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], lis
         train = list(iter_sources(data.source, size=size, split="train", **options))
         return train + test, ["train"] * len(train) + ["test"] * len(test)
     every = list(iter_sources(data.source, size=size, split=None, **options))
-    logger.info("%s has no test split: %.0f%% of its images go to the test set by id hash (seed %d)",
+    logger.info("%s has no test split: %.0f%% of its subjects go to the test set by subject hash (seed %d)",
                 data.source, 100 * data.test_fraction, data.split_seed)
-    return every, [hash_split(s.id, data.test_fraction, data.split_seed) for s in every]
+    return every, None
 
 
 def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
-    """The real images at `size` px with their split, decoded once into `cache` (rebuilt if the data settings change)."""
-    key = {"data": asdict(data), "size": size}
+    """The real images at `size` px with their subjects and split, decoded once into `cache` (rebuilt if the data
+    settings change). Raises SubjectPatternMismatch when data.subject_pattern misses an id that needs it."""
+    key = {"data": asdict(data), "size": size, "format": REAL_FORMAT}
     index_path, raw_path = cache / f"real-{size}.json", cache / f"real-{size}.u8"
     if index_path.is_file() and raw_path.is_file():
         index = json.loads(index_path.read_text())
@@ -100,14 +102,17 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
             return _real_set(index, raw_path, size)
     if not data.source:
         raise ValueError("No real data: set data.source (a prepared folder, shards, a labelled CSV or a dataset root).")
-    cache.mkdir(parents=True, exist_ok=True)
-    sources, splits = _read_sources(data, size)
+    sources, own_split = _read_sources(data, size)
     if not sources:
         raise FileNotFoundError(f"No labelled images found in {data.source}.")
+    ids = [s.id for s in sources]
+    subjects, counts = resolve_subjects(ids, [s.subject for s in sources], data.subject_pattern)
+    splits = split_by_subject(subjects, own_split, data.test_fraction, data.split_seed)
+    cache.mkdir(parents=True, exist_ok=True)
     names = label_names(sources)
     count = _write_images(raw_path, (s.image for s in sources))
-    index = {"key": key, "count": count, "names": names, "ids": [s.id for s in sources], "split": splits,
-             "labels": [[s.labels.get(n) for n in names] for s in sources]}
+    index = {"key": key, "count": count, "names": names, "ids": ids, "split": splits.tolist(), "subjects": subjects,
+             "subject_counts": counts, "labels": [[s.labels.get(n) for n in names] for s in sources]}
     write_json_atomic(index_path, index)
     logger.info("cached %d real images at %d px in %s", count, size, raw_path)
     return _real_set(index, raw_path, size)
@@ -116,27 +121,17 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
 def _real_set(index: dict, raw_path: Path, size: int) -> ImageSet:
     labels = np.array([[v == 1.0 for v in row] for row in index["labels"]], dtype=bool)
     return ImageSet(_open(raw_path, index["count"], size), index["ids"],
-                    labels.reshape(index["count"], len(index["names"])), index["names"], np.array(index["split"]))
-
-
-def _resized(path: Path, size: int) -> np.ndarray:
-    image = decode_png(path.read_bytes())
-    if image.shape != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
-    return image
+                    labels.reshape(index["count"], len(index["names"])), index["names"], np.array(index["split"]),
+                    index["subjects"], index["subject_counts"])
 
 
 def load_synthetic(folder: Path, size: int) -> ImageSet:
-    """A `dinodiff generate` folder (images/ + labels.csv) at `size` px, decoded once into the folder."""
-    with open(folder / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    fixed = {"path", "strategy", "source_a", "source_b", "r", "seed"}
-    names = [c for c in (rows[0].keys() if rows else []) if c not in fixed]
+    """A `dinodiff generate` folder (`SyntheticDataset`) at `size` px, decoded once into the folder."""
+    dataset = SyntheticDataset.read(folder)
     raw_path, index_path = folder / f"images-{size}.u8", folder / f"images-{size}.json"
-    if not (index_path.is_file() and json.loads(index_path.read_text()).get("count") == len(rows)):
-        count = _write_images(raw_path, (_resized(folder / r["path"], size) for r in rows))
+    if not (index_path.is_file() and json.loads(index_path.read_text()).get("count") == len(dataset)):
+        count = _write_images(raw_path, dataset.images(size))
         write_json_atomic(index_path, {"count": count, "size": size})
-    positive = np.array([[r[n].strip() not in ("", "0", "-1") and float(r[n]) == 1.0 for n in names] for r in rows],
-                        dtype=bool).reshape(len(rows), len(names))
-    return ImageSet(_open(raw_path, len(rows), size), [r["path"] for r in rows], positive, names,
-                    source_a=[r["source_a"] for r in rows], source_b=[r["source_b"] or r["source_a"] for r in rows])
+    return ImageSet(_open(raw_path, len(dataset), size), [r.path for r in dataset.rows], dataset.positive(),
+                    dataset.label_names, source_a=[r.source_a for r in dataset.rows],
+                    source_b=[r.source_b or r.source_a for r in dataset.rows])

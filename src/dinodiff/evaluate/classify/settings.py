@@ -8,40 +8,47 @@ Presets live next to the training presets as ``configs/classify-*.yaml`` (``clas
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from dinodiff.config import ConfigError, merge_preset
+from dinodiff.config import ConfigError, build_settings
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENTS = ("augmentation", "full-synthetic", "control")
+# control: real images repeated to (1 + r) n, the count of augmentation at ratio r; control-full: repeated to r n,
+# the count of full-synthetic at ratio r (at r = 1 that is the real-only cell itself, which is reused).
+EXPERIMENTS = ("augmentation", "full-synthetic", "control", "control-full")
 STRATEGIES = ("reconstruction", "interpolation")
+TESTS = ("corrected-ttest",)  # the corrected resampled t-test (stats.corrected_resampled_ttest)
+_REFUSED_TESTS = {"ttest": "a plain paired t-test over cross-validation folds ignores that the folds share training "
+                           "images and is anti-conservative",
+                  "wilcoxon": "a signed-rank test over cross-validation folds treats overlapping folds as independent"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataSettings:
     """The labelled real images: prepared shards or any dataset `dinodiff.data.datasets.discover` reads."""
 
     source: str = ""
     kind: str = "auto"  # auto | shards | csv | folder | mimic-cxr | montgomery | ...
-    label_columns: Optional[list[str]] = None  # CSV: label columns (a text column such as finding -> one per value)
-    path_column: Optional[str] = None
-    root: Optional[str] = None
-    labels: Optional[list[str]] = None  # the labels L to classify; None = every label with enough positives
+    label_columns: list[str] | None = None  # CSV: label columns (a text column such as finding -> one per value)
+    path_column: str | None = None
+    root: str | None = None
+    labels: list[str] | None = None  # the labels L to classify; None = every label with enough positives
     min_positives: int = 10  # auto-chosen labels need this many positives in both the pool and the test set
     balance_none: bool = False  # also draw images positive for none of L (a '(none)' stratum): gives negatives
-    test_fraction: float = 0.25  # test share by id hash when the source has no test split
+    test_fraction: float = 0.25  # test share by subject hash when the source has no test split
     split_seed: int = 0
-    subject_pattern: Optional[str] = None  # regex on ids whose group 1 is the subject (MIMIC: '^p\d+__(p\d+)__')
-    test_limit: Optional[int] = None  # use at most this many test images (first by id)
+    subject_column: str | None = None  # CSV: the patient column (default: subject, patient_id, ... when present)
+    subject_pattern: str | None = None  # images without a subject: regex on ids, group 1 (MIMIC: '^p\d+__(p\d+)__')
+    test_limit: int | None = None  # use at most this many test images (first by id)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifierSettings:
     """The paper's DenseNet-121 recipe; backbone and size are configurable so CPU runs can use a small net."""
 
@@ -63,11 +70,11 @@ class ClassifierSettings:
     threads: int = 0  # torch CPU threads per cell process (0 = torch's default)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticSettings:
     """How synthetic sets are made with `dinodiff.generate` (per regime, strategy and ratio)."""
 
-    model: Optional[str] = None  # model / checkpoint / run folder; None: only the real and control experiments
+    model: str | None = None  # model / checkpoint / run folder; None: only the real and control experiments
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     ratios: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     num_inference_steps: int = 25
@@ -75,22 +82,24 @@ class SyntheticSettings:
     scheduler: str = "dpm"
     seed: int = 0
     batch_size: int = 16
-    folder: Optional[str] = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
-    train_sources_only: bool = True  # per fold, use only synthetic images made from that fold's training images
+    folder: str | None = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClassifySettings:
     out: str = "classify-output"
     regimes: list[int] = field(default_factory=lambda: [50, 100, 500, 1000, 5000, 10000])
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # real-only always runs
     folds: int = 5
-    seeds: list[int] = field(default_factory=lambda: [0])
-    subset_seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])  # repetitions: each re-draws the folds and the training
+    subset_seed: int = 0  # the regimes' subsets (fixed across repetitions)
     workers: int = 1  # cell processes run in parallel (one per GPU on a multi-GPU machine)
-    test: str = "ttest"  # paired test over folds x seeds: ttest | wilcoxon
+    test: str = "corrected-ttest"  # over folds x seeds: the corrected resampled t-test (Nadeau & Bengio 2003)
     correction: str = "holm"  # holm | bonferroni, over all comparisons of the grid
     alpha: float = 0.05
+    ci_level: float = 0.95  # confidence intervals of AUC differences: paired bootstrap over test images
+    bootstrap: int = 2000  # bootstrap resamples
+    bootstrap_seed: int = 0
     data: DataSettings = field(default_factory=DataSettings)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
@@ -103,11 +112,22 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
         raise ConfigError(f"Unknown experiments/strategies {bad}; use {EXPERIMENTS} and {STRATEGIES}.")
     if settings.folds < 2:
         raise ConfigError(f"folds must be >= 2 (cross-validation), got {settings.folds}.")
-    if settings.test not in ("ttest", "wilcoxon") or settings.correction not in ("holm", "bonferroni"):
-        raise ConfigError(f"test must be ttest|wilcoxon and correction holm|bonferroni, got {settings.test!r}, "
+    if settings.test in _REFUSED_TESTS:
+        raise ConfigError(f"test={settings.test} is refused: {_REFUSED_TESTS[settings.test]}; use "
+                          "test=corrected-ttest (the corrected resampled t-test).")
+    if settings.test not in TESTS or settings.correction not in ("holm", "bonferroni"):
+        raise ConfigError(f"test must be one of {TESTS} and correction holm|bonferroni, got {settings.test!r}, "
                           f"{settings.correction!r}.")
     if any(r < 1 for r in settings.synthetic.ratios) or any(n < 2 for n in settings.regimes):
         raise ConfigError("ratios must be >= 1 and regimes >= 2.")
+    if not 0.5 <= settings.ci_level < 1 or settings.bootstrap < 100:
+        raise ConfigError(f"ci_level must be in [0.5, 1) and bootstrap >= 100, got {settings.ci_level}, "
+                          f"{settings.bootstrap}.")
+    data = settings.data
+    is_csv = data.kind == "csv" or (data.kind == "auto" and data.source.endswith((".csv", ".csv.gz")))
+    if data.subject_column and not is_csv:
+        raise ConfigError(f"data.subject_column names a CSV column, but data.source {data.source!r} is not a CSV "
+                          "(its adapter or prepare's metadata gives the subjects); remove data.subject_column.")
     if settings.classifier.weights not in ("auto", "imagenet", "none"):
         raise ConfigError(f"classifier.weights={settings.classifier.weights!r} is not one of auto, imagenet, none.")
     return settings
@@ -115,12 +135,7 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
 
 def load_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifySettings:
     """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``)."""
-    merged = merge_preset(ClassifySettings, source, overrides)
-    try:
-        settings = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Invalid classify settings ({source or 'defaults'}): {str(err).splitlines()[0]}") from None
-    return _check(settings)  # type: ignore[arg-type]
+    return _check(build_settings(ClassifySettings, source, overrides))
 
 
 def to_dict(settings: ClassifySettings) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """Label-balanced, nested training subsets (the paper's regimes), their cross-validation folds and the
-count-matched control.
+count-matched controls.
 
 Balance and nesting (DiNO-Diffusion, Section 4.3, "Classification"): every regime draws n/|L| images per
 label, without replacement, and each regime's subset lies inside the next larger one. Both follow from one
 draw: a seeded round robin over the labels, each turn taking the next not-yet-taken image from a seeded
 permutation of that label's positives. The subset of regime n is the first n draws, so it holds n/|L|
 images drawn for each label and every smaller regime is its prefix.
+
+Repeated cross-validation: a regime's subset is drawn once (subset_seed); each repetition seed re-draws its
+folds (stratified by the drawn-for stratum, grouped by subject), saved as ``nN-sSEED.csv``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -67,18 +70,6 @@ def balanced_draw(positive: np.ndarray, names: Sequence[str], n: int, seed: int,
     return np.array(rows, dtype=np.int64), drawn_for
 
 
-def subject_ids(ids: Sequence[str], pattern: Optional[str]) -> list[str]:
-    """Subject of each id: group 1 of `pattern` (e.g. MIMIC '^p\\d+__(p\\d+)__'), else the id itself."""
-    if not pattern:
-        return list(ids)
-    regex = re.compile(pattern)
-    out = []
-    for ident in ids:
-        match = regex.search(ident)
-        out.append(match.group(1) if match else ident)
-    return out
-
-
 def make_folds(strata: Sequence[str], subjects: Sequence[str], folds: int, seed: int) -> np.ndarray:
     """Fold index per image: stratified by the drawn-for stratum, and no subject in two folds."""
     if len(set(subjects)) < folds:
@@ -91,49 +82,69 @@ def make_folds(strata: Sequence[str], subjects: Sequence[str], folds: int, seed:
 
 
 def count_matched(train_rows: np.ndarray, total: int) -> np.ndarray:
-    """The control: the real training rows repeated in order until there are `total` (each used floor/ceil times)."""
+    """A control: the real training rows repeated in order until there are `total` (each used floor/ceil times):
+    (1 + r) n for the augmentation control, r n for the full-synthetic control (control-full)."""
     if len(train_rows) == 0:
         raise ValueError("the control needs at least one real training image")
     return np.resize(np.asarray(train_rows), total)
 
 
-def write_subset(path: Path, ids: Sequence[str], rows: np.ndarray, drawn_for: Sequence[str], folds: np.ndarray,
-                 subjects: Sequence[str]) -> None:
-    """CSV of one regime: id, row (in the real cache), drawn_for, subject, fold."""
+@dataclass(frozen=True)
+class Subset:
+    """One regime's images under one repetition seed: rows (in the real cache), drawn-for stratum, subject, fold."""
+
+    rows: np.ndarray
+    drawn_for: list[str]
+    subjects: list[str]
+    folds: np.ndarray
+
+    def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, validation rows) of `fold`: train on the other folds, early-stop on this one."""
+        return self.rows[self.folds != fold], self.rows[self.folds == fold]
+
+
+def subset_path(folder: Path, regime: int, seed: int) -> Path:
+    return Path(folder) / f"n{regime}-s{seed}.csv"
+
+
+def write_subset(path: Path, ids: Sequence[str], subset: Subset) -> None:
+    """CSV of one regime and repetition: id, row (in the real cache), drawn_for, subject, fold."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "row", "drawn_for", "subject", "fold"])
-    for row, stratum, fold in zip(rows, drawn_for, folds):
-        writer.writerow([ids[row], int(row), stratum, subjects[row], int(fold)])
+    for row, stratum, subject, fold in zip(subset.rows, subset.drawn_for, subset.subjects, subset.folds):
+        writer.writerow([ids[row], int(row), stratum, subject, int(fold)])
     write_bytes_atomic(path, buffer.getvalue().encode())
 
 
-def read_subset(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(rows, drawn_for, folds) of a subset CSV."""
+def read_subset(path: Path) -> Subset:
     with open(path, newline="") as f:
         table = list(csv.DictReader(f))
-    return (np.array([int(r["row"]) for r in table], dtype=np.int64), [r["drawn_for"] for r in table],
-            np.array([int(r["fold"]) for r in table], dtype=np.int64))
+    return Subset(np.array([int(r["row"]) for r in table], dtype=np.int64), [r["drawn_for"] for r in table],
+                  [r["subject"] for r in table], np.array([int(r["fold"]) for r in table], dtype=np.int64))
 
 
 def build_subsets(folder: Path, ids: Sequence[str], positive: np.ndarray, names: Sequence[str], regimes: Sequence[int],
-                  pool: np.ndarray, *, seed: int, folds: int, balance_none: bool = False,
-                  subject_pattern: Optional[str] = None) -> dict[int, Path]:
-    """Write (or keep) `folder/n{regime}.csv` for every regime; returns regime -> CSV path.
+                  pool: np.ndarray, subjects: Sequence[str], *, subset_seed: int, seeds: Sequence[int], folds: int,
+                  balance_none: bool = False) -> dict[tuple[int, int], Path]:
+    """Write (or keep) `folder/nN-sSEED.csv` for every regime and repetition seed; returns (regime, seed) -> path.
 
-    `ids`/`positive` ((N, L) over `names`) describe every cached real image; `pool` holds the rows that may be
-    drawn (the training pool: test images excluded). Existing CSVs are kept, so every experiment of a grid,
-    and every rerun, uses exactly the same images and folds.
+    `ids`/`positive` ((N, L) over `names`)/`subjects` describe every cached real image; `pool` holds the rows
+    that may be drawn (the training pool: test images excluded). The draw depends on `subset_seed` only, the
+    folds on the repetition seed. Existing CSVs are kept, so every experiment of a grid, and every rerun, uses
+    exactly the same images and folds.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    subjects = subject_ids(ids, subject_pattern)
     paths = {}
     for n in sorted(regimes):
-        path = folder / f"n{n}.csv"
-        if not path.is_file():
-            drawn, drawn_for = balanced_draw(positive[pool], names, n, seed, balance_none)
-            rows = np.asarray(pool)[drawn]
-            fold = make_folds(drawn_for, [subjects[r] for r in rows], folds, seed)
-            write_subset(path, ids, rows, drawn_for, fold, subjects)
-        paths[n] = path
+        drawn = None
+        for seed in seeds:
+            path = subset_path(folder, n, seed)
+            if not path.is_file():
+                if drawn is None:
+                    drawn = balanced_draw(positive[pool], names, n, subset_seed, balance_none)
+                rows = np.asarray(pool)[drawn[0]]
+                own = [subjects[r] for r in rows]
+                write_subset(path, ids, Subset(rows, drawn[1], own, make_folds(drawn[1], own, folds, seed)))
+            paths[(n, seed)] = path
     return paths

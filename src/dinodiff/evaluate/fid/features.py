@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinodiff.devices import resolve_device
 from dinodiff.files import atomic_path
 from dinodiff.models.encoders import load_encoder
 from dinodiff.models.factory import resolve_encoder_path
@@ -86,7 +86,7 @@ class FeatureExtractor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- XRV
-def xrv_weights_file(weights: str = XRV_WEIGHTS, cache_dir: Optional[str | Path] = None) -> Path:
+def xrv_weights_file(weights: str = XRV_WEIGHTS, cache_dir: str | Path | None = None) -> Path:
     """The file xrv's loader reads for `weights`: its download name under `cache_dir` (default: xrv's cache dir)."""
     import torchxrayvision as xrv
 
@@ -101,7 +101,7 @@ class XRVExtractor(FeatureExtractor):
 
     tap, dim, input_size = "features2", 1024, 224
 
-    def __init__(self, weights: str = XRV_WEIGHTS, cache_dir: Optional[str | Path] = None):
+    def __init__(self, weights: str = XRV_WEIGHTS, cache_dir: str | Path | None = None):
         super().__init__()
         import torchxrayvision as xrv
 
@@ -151,7 +151,7 @@ class InceptionExtractor(FeatureExtractor):
 
     name, tap, dim, input_size = "inception-v3-torchvision", "avgpool", 2048, 299
 
-    def __init__(self, weights_file: Optional[str | Path] = None):
+    def __init__(self, weights_file: str | Path | None = None):
         super().__init__()
         from torchvision.models import inception_v3
 
@@ -169,7 +169,7 @@ class InceptionExtractor(FeatureExtractor):
         return self.model((2.0 * images - 1.0).expand(-1, 3, -1, -1))
 
 
-def save_random_inception_weights(path: Optional[str | Path] = None, seed: int = 0) -> Path:
+def save_random_inception_weights(path: str | Path | None = None, seed: int = 0) -> Path:
     """Write a random Inception-v3 state dict (default: where torchvision looks for the ImageNet weights)."""
     from torchvision.models import inception_v3
 
@@ -199,7 +199,7 @@ class DinoExtractor(FeatureExtractor):
         return self.encoder(images)[:, 0]
 
 
-def build_extractor(name: str = "xrv", weights: Optional[str] = None,
+def build_extractor(name: str = "xrv", weights: str | None = None,
                     device: str | torch.device = "cpu") -> FeatureExtractor:
     """An extractor by name; `weights` is xrv's cache folder, Inception's state-dict file, or a DINO hub id/folder."""
     if name == "xrv":
@@ -212,8 +212,3 @@ def build_extractor(name: str = "xrv", weights: Optional[str] = None,
         raise ValueError(f"Unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}.")
     return extractor.to(resolve_device(device)).eval()
 
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -1,4 +1,4 @@
-"""Image sets to score: a folder of image files, `prepare` shards, or a synthetic dataset (`images/*.png`).
+"""Image sets to score: a folder of image files, `prepare` shards, or a synthetic dataset (`images/**/*.png`).
 
 An image set is a sorted list of :class:`ImageRef` (a file, or a sample key inside a shard), so a seeded
 subset and a cache key over exactly the files used are both well defined.
@@ -7,18 +7,16 @@ subset and a cache key over exactly the files used are both well defined.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 
+from dinodiff.data.image_sets import image_records
 from dinodiff.data.readers import load_image
 from dinodiff.data.shards import list_shards, open_shard
 from dinodiff.evaluate.fid.features import center_crop_resize
@@ -29,7 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 @dataclass(frozen=True, order=True)
 class ImageRef:
     path: str  # an image file, or a shard .tar
-    key: Optional[str] = None  # the sample key inside a shard; None for a plain file
+    key: str | None = None  # the sample key inside a shard; None for a plain file
 
     def __str__(self) -> str:
         return f"{self.path}#{self.key}" if self.key else self.path
@@ -53,7 +51,7 @@ def _is_mask(relative: Path) -> bool:
     return ".mask_" in relative.name or any(re.search(r"masks?$", part.lower()) for part in relative.parts[:-1])
 
 
-def list_images(source: str | Path, split: Optional[str] = "test") -> list[ImageRef]:
+def list_images(source: str | Path, split: str | None = "test") -> list[ImageRef]:
     """Every image of `source`, in a stable order.
 
     A prepared folder or a folder of shards gives its `split` shards when it has any, else all its
@@ -81,7 +79,7 @@ def list_images(source: str | Path, split: Optional[str] = "test") -> list[Image
     return refs
 
 
-def select(refs: list[ImageRef], num: Optional[int], seed: int = 0) -> list[ImageRef]:
+def select(refs: list[ImageRef], num: int | None, seed: int = 0) -> list[ImageRef]:
     """A seeded random subset of `num` images (all when `num` is None or >= len), kept in list order."""
     if num is None or num >= len(refs):
         return list(refs)
@@ -101,12 +99,6 @@ def fingerprint(refs: Iterable[ImageRef]) -> str:
             stats[ref.path] = f"{st.st_size}:{st.st_mtime_ns}"
         digest.update(f"{Path(ref.path).resolve()}|{ref.key}|{stats[ref.path]}\n".encode())
     return digest.hexdigest()
-
-
-def _png_to_tensor(data: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L") if im.mode != "L" else im)
-    return torch.from_numpy(arr.copy())[None].float().div_(255.0)
 
 
 def _read_file(path: str) -> torch.Tensor:
@@ -134,15 +126,10 @@ def iter_images(refs: list[ImageRef], size: int) -> Iterator[torch.Tensor]:
 
 
 def _read_shard(path: str, keys: set[str], size: int) -> dict[ImageRef, torch.Tensor]:
-    out = {}
-    with open_shard(path) as tar:
-        for member in tar:
-            base = member.name.rsplit("/", 1)[-1]
-            stem, _, ext = base.partition(".")
-            key = member.name[: len(member.name) - len(base)] + stem
-            if ext == "png" and key in keys:
-                out[ImageRef(path, key)] = center_crop_resize(_png_to_tensor(tar.extractfile(member).read()), size)
-    return out
+    """The selected samples of one shard (the others are not decoded), centre-cropped and resized."""
+    return {ImageRef(path, record.id): center_crop_resize(torch.from_numpy(record.decode())[None].float().div_(255.0),
+                                                          size)
+            for record in image_records(path, size=size, kind="shards", ids=keys)}
 
 
 def load_images(refs: list[ImageRef], size: int) -> torch.Tensor:

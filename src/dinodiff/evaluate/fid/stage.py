@@ -13,20 +13,28 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
+from dinodiff.config import FidSettings
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
-from dinodiff.evaluate.fid.images import ImageRef, fingerprint, iter_images, list_images, select
-from dinodiff.evaluate.fid.settings import FidSettings
-from dinodiff.files import atomic_path, write_text_atomic
+from dinodiff.evaluate.fid.images import (
+    ImageRef,
+    fingerprint,
+    iter_images,
+    list_images,
+    select,
+)
+from dinodiff.files import atomic_path
 from dinodiff.models.factory import cache_home
+from dinodiff.results import Results, write_results
 
-logger = logging.getLogger("dinodiff.evaluate")
+logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
+REPORT_SPLIT = "test"  # what `fid` reports on when no split is named: the held-out images
 
 
 # ------------------------------------------------------------------------------------------ maths
@@ -68,7 +76,7 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
 
 
-def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: Optional[float] = None,
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,
                     coef0: float = 1.0) -> float:
     """Unbiased MMD^2 between samples x (m, D) and y (n, D) under k(a, b) = (gamma a.b + coef0)^degree."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -120,7 +128,7 @@ def cache_key(extractor: FeatureExtractor, refs: list[ImageRef]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def cached_features(extractor: FeatureExtractor, refs: list[ImageRef], cache_dir: Optional[str | Path],
+def cached_features(extractor: FeatureExtractor, refs: list[ImageRef], cache_dir: str | Path | None,
                     batch_size: int = 32) -> np.ndarray:
     """Features of `refs`: read from ``cache_dir/<extractor>-<tap>-n<N>-<key>.npz`` when present, else extracted
     and saved there (no cache when `cache_dir` is None)."""
@@ -160,18 +168,19 @@ def scores(real: np.ndarray, fake: np.ndarray, kid_subsets: int = 100, kid_subse
 
 # ------------------------------------------------------------------------------------------ stage
 def fid(real: str | Path, fake: str | Path, settings: FidSettings = FidSettings(),
-        out: Optional[str | Path] = None) -> dict:
+        out: str | Path | None = None) -> dict:
     """FID and KID between two image sets (folders, shards or synthetic datasets).
 
     `settings.num_real` real and `settings.num_sources` fake images are drawn with `settings.seed` (all when
     fewer or None). Real-set features are cached in `settings.cache_dir` (default ``$DINODIFF_CACHE/fid-stats``;
-    none when `settings.cache` is False). The result names the extractor, its tap and weights; with `out` it
-    is also written there as JSON.
+    none when `settings.cache` is False). The result names the extractor, its tap and weights; with `out` (a
+    folder, or a .json file) it is also written there as a results record (kind "fid", the result under data).
     """
     s = settings
+    split = s.split or REPORT_SPLIT
     net = build_extractor(s.extractor, s.weights, s.device)
-    real_refs = select(list_images(real, s.split), s.num_real, s.seed)
-    fake_refs = select(list_images(fake, s.split), s.num_sources, s.seed)
+    real_refs = select(list_images(real, split), s.num_real, s.seed)
+    fake_refs = select(list_images(fake, split), s.num_sources, s.seed)
     cache = (Path(s.cache_dir) if s.cache_dir else default_cache_dir()) if s.cache else None
     start = time.time()
     real_features = cached_features(net, real_refs, cache, s.batch_size)
@@ -179,5 +188,18 @@ def fid(real: str | Path, fake: str | Path, settings: FidSettings = FidSettings(
     result = {**scores(real_features, fake_features, s.kid_subsets, s.kid_subset_size, s.seed), **net.describe(),
               "real": str(real), "fake": str(fake), "seed": s.seed, "seconds": round(time.time() - start, 2)}
     if out is not None:
-        write_text_atomic(out, json.dumps(result, indent=2))
+        write_results(out, fid_results(result, split))
     return result
+
+
+def fid_results(result: dict, split: str) -> Results:
+    """`dinodiff fid`'s results record: one row naming both sets, the features and the sample sizes."""
+    features = f"{result['extractor']}:{result['tap']}"
+    row = {"real": result["real"], "generated": result["fake"], "FID/FD": round(float(result["fid"]), 4),
+           "KID": f"{result['kid_mean']:.4g} ± {result['kid_std']:.2g}", "features": features,
+           "n real / generated": f"{result['n_real']} / {result['n_fake']}", "split": split, "seed": result["seed"]}
+    return Results(kind="fid", title=f"Image quality: {Path(result['fake']).name} vs {Path(result['real']).name}",
+                   provenance={k: v for k, v in result.items() if k not in ("fid", "kid_mean", "kid_std")},
+                   tables={"FID/FD": [row]}, headline={f"FID ({features}) of {Path(result['fake']).name}":
+                                                       round(float(result["fid"]), 4)},
+                   data=result)

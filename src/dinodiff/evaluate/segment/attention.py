@@ -181,7 +181,7 @@ def dinodiff_model(encoder: Any, autoencoder: Any, unet: UNet2DConditionModel, p
 
 def load_attention_model(folder: str | Path, device: str | torch.device = "cpu") -> AttentionModel:
     """A dinodiff model folder, checkpoint or pipeline folder, or a Stable Diffusion 1.x pipeline folder."""
-    folder = runs.checkpoint_models(folder)[-1]  # a checkpoint -> its model/; a run -> its newest checkpoint's
+    folder = runs.resolve_model(folder).path  # a checkpoint -> its model/; a run -> its best/ or newest checkpoint's
     if (folder / "text_encoder").is_dir():
         return load_sd15(folder, device)
     if (folder / "model_index.json").is_file():
@@ -199,7 +199,10 @@ def load_sd15(folder: str | Path, device: str | torch.device = "cpu") -> Attenti
 
     The context is the empty prompt's text embedding whatever the condition, as in DiffSeg.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer  # only for the SD 1.5 baseline
+    from transformers import (  # only for the SD 1.5 baseline
+        CLIPTextModel,
+        CLIPTokenizer,
+    )
 
     folder = Path(folder)
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / p).is_dir()]

@@ -14,9 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dinodiff.data.datasets import Record, detect_kind, discover, files_by_stem, images_in, make_id
+from dinodiff.data.datasets import (
+    Record,
+    detect_kind,
+    discover,
+    files_by_stem,
+    images_in,
+    make_id,
+)
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
-from dinodiff.data.readers import UnreadableImage, load_image, load_mask  # the same reading rules as the shards
+from dinodiff.data.readers import (  # the same reading rules as the shards
+    UnreadableImage,
+    load_image,
+    load_mask,
+)
 from dinodiff.evaluate.segment.metrics import split_lungs
 
 log = logging.getLogger(__name__)

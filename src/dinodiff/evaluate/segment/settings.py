@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dinodiff.evaluate.segment.attention import CONDITIONS
@@ -64,26 +62,36 @@ class SegmentSettings:
     the image's anchor-to-anchor KL instead.
     """
 
-    methods: Sequence[str] = ("diffseg",)
-    thresholds: Sequence[float] = (0.05,)
+    methods: tuple[str, ...] = ("diffseg",)
+    thresholds: tuple[float, ...] = (0.05,)
     threshold_mode: str = "absolute"
     merge_iterations: int = 3
-    timesteps: Sequence[int | Sequence[int]] = ((300,),)  # an int is a group of one
-    grid_sizes: Sequence[int] = (16,)
-    taus: Sequence[float] = (0.5,)  # DiffCut's default (paper: 0.5 for most datasets)
-    alphas: Sequence[float] = (10.0,)  # DiffCut's default
-    feature_sides: Sequence[int] = (0,)  # 0 = the encoder's final self-attention (DiffCut's choice)
-    refinements: Sequence[str] = ("none",)  # also score each method's maps split into connected components
+    # timestep groups; each entry a timestep (a group of one), a list of timesteps or "100+300" (YAML:
+    # timesteps: [300, [100, 300]]); always held as tuples of ints, ((300,), (100, 300))
+    timesteps: tuple[Any, ...] = ((300,),)
+    grid_sizes: tuple[int, ...] = (16,)
+    taus: tuple[float, ...] = (0.5,)  # DiffCut's default (paper: 0.5 for most datasets)
+    alphas: tuple[float, ...] = (10.0,)  # DiffCut's default
+    feature_sides: tuple[int, ...] = (0,)  # 0 = the encoder's final self-attention (DiffCut's choice)
+    refinements: tuple[str, ...] = ("none",)  # also score each method's maps split into connected components
     condition: str = "image"  # the UNet's condition: the image's own c_GLB, or null
-    noise_seeds: Sequence[int] = ()  # one noised pass per seed and timestep (empty: the clean latent)
+    noise_seeds: tuple[int, ...] = ()  # one noised pass per seed and timestep (empty: the clean latent)
     report_fraction: float = 0.5  # share of subjects in the report split (the rest tune)
     split_seed: int = 0
     resolution: int | None = None  # image size in pixels; None = the (first) model's
-    sd15: str | Path | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
+    sd15: str | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
     batch_size: int = 8  # images per UNet pass
     device: str = "auto"
     limit: int | None = None  # only the first N images of each dataset
     n_overlay: int = 3  # best and worst report-split cases per dataset and method drawn in OUT/overlays/
+
+    def __post_init__(self) -> None:
+        # one form whatever the source (Python lists, OmegaConf's inner lists, a bare int as a group of one)
+        for name in ("methods", "thresholds", "grid_sizes", "taus", "alphas", "feature_sides", "refinements",
+                     "noise_seeds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "timesteps", tuple(self.timestep_groups()))
+        self.check()  # a bad value fails where the settings are made (a --config file: exit 2 naming it)
 
     def check(self) -> None:
         if self.threshold_mode not in THRESHOLD_MODES:
@@ -106,8 +114,17 @@ class SegmentSettings:
                              "is chosen on the other images.")
 
     def timestep_groups(self) -> list[tuple[int, ...]]:
-        """``timesteps`` as groups: 300 -> (300,), (100, 300) stays."""
-        return [(int(g),) if isinstance(g, (int, float)) else tuple(int(t) for t in g) for g in self.timesteps]
+        """``timesteps`` as groups: 300 -> (300,), "100+300" -> (100, 300), (100, 300) stays."""
+        groups = []
+        for g in self.timesteps:
+            if isinstance(g, str):
+                g = [t for t in g.split("+") if t.strip()]
+            elif not isinstance(g, (list, tuple)):
+                g = [g]
+            if any(isinstance(t, bool) or float(t) != int(float(t)) for t in g):
+                raise ValueError(f"timesteps: {g!r} is not a timestep group (an int, a list of ints or '100+300').")
+            groups.append(tuple(int(float(t)) for t in g))
+        return groups
 
     def cell_settings(self) -> dict[str, Any]:
         """What every cell's labels depend on besides the cell itself: part of a cached cell's key, and

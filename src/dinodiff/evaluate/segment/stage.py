@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from dinodiff import runs
+from dinodiff.devices import resolve_device
 from dinodiff.evaluate.segment import report as seg_report
 from dinodiff.evaluate.segment.attention import AttentionModel, load_attention_model
 from dinodiff.evaluate.segment.data import SegCase, load_cases
@@ -33,8 +32,9 @@ from dinodiff.evaluate.segment.overlays import write_overlays
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.evaluate.segment.split import REPORT, TUNE, assign_splits, only, subjects_by_split, tag
 from dinodiff.files import write_bytes_atomic
+from dinodiff.results import write_results
 
-log = logging.getLogger("dinodiff.segment")
+log = logging.getLogger(__name__)
 
 
 class ModelLoader:
@@ -53,7 +53,7 @@ class ModelLoader:
 
 def expand_models(paths: Sequence[str | Path]) -> list[Path]:
     """A run folder -> each complete checkpoint's model/; a checkpoint -> its model/; else the folder itself."""
-    return [model for path in paths for model in runs.checkpoint_models(path)]
+    return [model for path in paths for model in runs.run_models(path)]
 
 
 def model_resolution(path: Path, load: ModelLoader) -> int:
@@ -168,7 +168,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     settings = dataclasses.replace(settings, **changes) if changes else settings
     settings.check()
     out = Path(out)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    device = resolve_device(settings.device)
     load = ModelLoader(device)
     paths = expand_models(models)
     sd_paths = [Path(settings.sd15)] if settings.sd15 else []
@@ -196,7 +196,11 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     results = {
         "settings": {**settings.cell_settings(), "methods": list(settings.methods),
                      "refinements": list(settings.refinements),
-                     "report_fraction": settings.report_fraction, "split_seed": settings.split_seed},
+                     "timesteps": [list(g) for g in settings.timestep_groups()],
+                     **{k: list(getattr(settings, k)) for k in ("thresholds", "grid_sizes", "taus", "alphas",
+                                                                "feature_sides")},
+                     "report_fraction": settings.report_fraction, "split_seed": settings.split_seed,
+                     "limit": settings.limit, "sd15": settings.sd15},
         "datasets": {d: sum(1 for c in cases if c.dataset == d) for d in names},
         "splits": {s: sorted(k) for s, k in subjects_by_split(cases, splits).items()},
         "cells": [{"cell": asdict(c), "description": describe(c),
@@ -214,7 +218,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     }
     if settings.n_overlay > 0:
         results["overlays"] = draw_overlays(out, cases, splits, table, chosen, paths + sd_paths, settings, load)
-    write_bytes_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+    write_results(out, seg_report.results_record(out, results))
     return results
 
 

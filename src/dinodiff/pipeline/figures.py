@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from dinodiff.generate.plan import item_seed
-from dinodiff.generate.sample import generate_reconstructions, sample_batches
 from dinodiff.interpolate import mix
-from dinodiff.pipeline import DiNODiffusionPipeline
+from dinodiff.pipeline.diffusion import DiNODiffusionPipeline
+from dinodiff.pipeline.sample import generate_reconstructions, sample_batches
+from dinodiff.sampling import item_seed
 
 STRIP_R = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -11,9 +11,10 @@ classifier-free guidance is only meaningful when it was > 0.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import PIL.Image
@@ -42,7 +43,7 @@ class DiNODiffusionPipelineOutput(BaseOutput):
     """`images`: list of grey PIL images ("pil"), (B, H, W, 1) float array ("np"), (B, 1, H, W) tensor in [0, 1]
     ("pt") or normalised latents ("latent"). `c_glb`: the (B, S, N) global tokens each image was conditioned on."""
 
-    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     c_glb: torch.Tensor
 
 
@@ -122,13 +123,13 @@ class DiNODiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        images: Optional[ImageInput] = None,
-        c_glb: Optional[torch.Tensor] = None,
+        images: ImageInput | None = None,
+        c_glb: torch.Tensor | None = None,
         num_images_per_condition: int = 1,
         num_inference_steps: int = 25,
         guidance_scale: float = 1.0,
         generator: Generators = None,
-        latents: Optional[torch.Tensor] = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> DiNODiffusionPipelineOutput | tuple:
@@ -151,8 +152,9 @@ class DiNODiffusionPipeline(DiffusionPipeline):
         elif c_glb.ndim != 3:
             raise ValueError(f"c_glb must be (B, S, N) global tokens, got shape {tuple(c_glb.shape)}.")
         c_glb = c_glb.to(self.device, torch.float32).repeat_interleave(num_images_per_condition, dim=0)
-        context = self.projection(c_glb)
-        null = self.projection(torch.zeros_like(c_glb)) if guided else None
+        width = self.projection.dtype  # bf16/fp16 when the pipeline was loaded in half precision
+        context = self.projection(c_glb.to(width))
+        null = self.projection(torch.zeros_like(c_glb, dtype=width)) if guided else None
         sampled = sample_latents(self.unet, self.scheduler, context, latent_shape=self.latent_shape,
                                  num_inference_steps=num_inference_steps, generator=generator,
                                  guidance_scale=guidance_scale, null_cond=null, latents=latents,
@@ -172,7 +174,7 @@ class DiNODiffusionPipeline(DiffusionPipeline):
                 "was trained without it (cond_dropout=0). Use guidance_scale=1.0.")
 
     @staticmethod
-    def postprocess(decoded: torch.Tensor, output_type: str) -> Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]:
+    def postprocess(decoded: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """Decoded (B, C, H, W) in [0, 1] -> grey images of `output_type` ("pt", "np" or "pil")."""
         grey = decoded.float().cpu()
         grey = grey.mean(dim=1, keepdim=True).clamp(0, 1) if grey.shape[1] > 1 else grey
@@ -203,7 +205,7 @@ def to_uint8_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------ model folders
 def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, projection: ConditionProjection,
                       autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler, model_cfg: DictConfig,
-                      encoder: Optional[GlobalTokenEncoder] = None, cond_dropout: Optional[float] = None) -> Path:
+                      encoder: GlobalTokenEncoder | None = None, cond_dropout: float | None = None) -> Path:
     """Write an inference-ready model folder through ``DiNODiffusionPipeline.save_pretrained``.
 
     encoder: the frozen encoder (built from ``model_cfg.encoder`` when not given). cond_dropout: the training

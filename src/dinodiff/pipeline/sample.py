@@ -1,25 +1,54 @@
-"""Low-level sampling shared by the generate stage, the checkpoint sweep and the training grids.
+"""Sampling at the pipeline level, shared by generate, the checkpoint sweep, the training grids and the demo.
 
 A pipeline with a chosen sampler, the sources' c_GLB, and images drawn one generator per item.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
-from dinodiff.generate.plan import item_seed
-from dinodiff.pipeline import DiNODiffusionPipeline
-from dinodiff.sampling import inference_scheduler
+from dinodiff.models.factory import enable_tf32
+from dinodiff.pipeline.diffusion import DiNODiffusionPipeline
+from dinodiff.sampling import inference_scheduler, item_seed
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_BATCH, CPU_BATCH = 32, 8  # default images per batch: a 512 px sd15 batch of 32 fills ~20 GB in bf16
 
 
-def load_pipeline(model: str | Path, scheduler: str, device: torch.device | str) -> DiNODiffusionPipeline:
-    """The pipeline of a model folder / hub id with the named sampling scheduler (see sampling.SCHEDULERS)."""
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
+    """auto: bf16 on CUDA (fp16's range overflows SD's VAE decoder at 512 px), fp32 elsewhere (bf16 is slow on CPUs)."""
+    if precision == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use auto or one of {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    return CUDA_BATCH if torch.device(device).type == "cuda" else CPU_BATCH
+
+
+def load_pipeline(model: str | Path, scheduler: str, device: torch.device | str,
+                  precision: str = "auto") -> DiNODiffusionPipeline:
+    """The pipeline of a model folder / hub id with the named sampling scheduler (see sampling.SCHEDULERS).
+
+    The UNet, projection and VAE run in `precision` (see resolve_precision); the image encoder stays fp32, so the
+    sources' c_GLB are the numbers training saw. The scheduler's arithmetic is fp32 whatever the precision.
+    """
     pipeline = DiNODiffusionPipeline.from_pretrained(str(model))
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, scheduler)
-    return pipeline.to(device)
+    pipeline = pipeline.to(device)
+    dtype = resolve_precision(precision, device)
+    if dtype != torch.float32:
+        for module in (pipeline.unet, pipeline.projection, pipeline.vae):
+            module.to(dtype)
+    if torch.device(device).type == "cuda":
+        enable_tf32()  # the fp32 encoder (and an fp32 pipeline)
+    return pipeline
 
 
 def sample_batches(pipeline: DiNODiffusionPipeline, c_glb: torch.Tensor, seeds: Sequence[int], *, batch_size: int,

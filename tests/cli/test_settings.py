@@ -1,0 +1,123 @@
+"""The one path to a stage's settings: defaults <- --config YAML <- options typed on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dinodiff.cli import app
+from dinodiff.cli.common import stage_settings, typed
+from dinodiff.config import ConfigError, FidSettings, build_settings
+
+# Commands whose settings live in one frozen *Settings object; each takes --config.
+SETTINGS_COMMANDS = ("prepare", "cache", "train", "generate", "fid", "sweep", "segment", "classify", "audit",
+                     "pretrain-encoder", "probe-encoder", "train-embeddings", "demo")
+
+
+@dataclass(frozen=True)
+class ToySettings:
+    size: int = 64
+    name: str = "a"
+    values: tuple[float, ...] = (0.5,)
+    where: str | None = None
+
+
+def test_build_settings_layers_defaults_file_and_typed_values_and_names_a_bad_key(tmp_path):
+    config = tmp_path / "toy.yaml"
+    config.write_text("size: 32\nname: from-file\n")
+    settings = build_settings(ToySettings, config, values={"name": "typed", "where": tmp_path})
+    assert settings == ToySettings(size=32, name="typed", values=(0.5,), where=str(tmp_path))
+    assert dataclasses.is_dataclass(settings) and isinstance(settings, ToySettings)
+    config.write_text("sise: 32\n")
+    with pytest.raises(ConfigError, match="sise"):
+        build_settings(ToySettings, config)
+    with pytest.raises(ConfigError, match="size"):
+        build_settings(ToySettings, None, values={"size": "big"})
+    assert build_settings(ToySettings, None, base={"size": 8}, values={"name": "b"}) == ToySettings(8, "b")
+
+
+def test_only_typed_options_override_the_file(tmp_path):
+    config = tmp_path / "toy.yaml"
+    config.write_text("size: 32\nname: from-file\n")
+    toy = typer.Typer()
+    seen = {}
+
+    @toy.command()
+    def run(ctx: typer.Context, size: int = typer.Option(64), name: str = typer.Option("a"),
+            config: str = typer.Option(None, "--config")) -> None:
+        seen["settings"] = stage_settings(ToySettings, config, typed(ctx, size=size, name=name))
+
+    assert CliRunner().invoke(toy, ["--config", str(config), "--name", "typed"]).exit_code == 0
+    assert seen["settings"] == ToySettings(size=32, name="typed")  # size left at its default: the file's 32
+    assert CliRunner().invoke(toy, []).exit_code == 0 and seen["settings"] == ToySettings()
+    config.write_text("nmae: x\n")
+    result = CliRunner().invoke(toy, ["--config", str(config)])
+    assert result.exit_code == 2 and "nmae" in result.output and "Traceback" not in result.output
+
+
+def test_every_settings_command_takes_config_and_fid_defaults_are_the_settings():
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    for name in SETTINGS_COMMANDS:
+        options = {o for p in group.get_command(ctx, name).params for o in p.opts}
+        assert "--config" in options, name
+    fid = {p.name: p.default for p in group.get_command(ctx, "fid").params}
+    for field in ("batch_size", "extractor", "seed", "kid_subsets", "kid_subset_size", "device"):
+        assert fid[field] == getattr(FidSettings(), field), field  # the CLI shows the settings' own defaults
+    sweep = {p.name: p.default for p in group.get_command(ctx, "sweep").params}
+    assert sweep["batch_size"] == FidSettings().batch_size and sweep["steps"] == FidSettings().sample_steps
+
+
+def test_segment_reads_its_settings_from_a_file(tmp_path, monkeypatch):
+    captured = {}
+    import dinodiff.evaluate.segment.stage as stage
+
+    def fake_segment(models, data, out, settings):
+        captured["settings"] = settings
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(stage, "segment", fake_segment)
+    config = tmp_path / "seg.yaml"
+    config.write_text("thresholds: [0.1, 0.2]\ntimesteps: [100, 300]\nbatch_size: 2\n")
+    result = CliRunner().invoke(app, ["segment", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--config", str(config), "--batch-size", "4"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    settings = captured["settings"]
+    assert settings.thresholds == (0.1, 0.2) and settings.timesteps == ((100,), (300,)) and settings.batch_size == 4
+    assert Path(tmp_path).exists()
+
+
+def test_segment_methods_groups_and_refinements_come_from_the_file_or_the_typed_options(tmp_path, monkeypatch):
+    captured = {}
+    import dinodiff.evaluate.segment.stage as stage
+
+    def fake_segment(models, data, out, settings):
+        captured["settings"] = settings
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(stage, "segment", fake_segment)
+    config = tmp_path / "seg.yaml"
+    config.write_text("methods: [diffseg, diffcut]\ntimesteps: [300, [100, 300], '50+300']\nrefinements: [none, "
+                      "components]\nnoise_seeds: [1, 2]\ntaus: [0.5, 0.7]\nreport_fraction: 0.4\n")
+    base = ["segment", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)]
+    assert CliRunner().invoke(app, base).exit_code == 2
+    s = captured["settings"]
+    assert s.methods == ("diffseg", "diffcut") and s.timesteps == ((300,), (100, 300), (50, 300))
+    assert s.refinements == ("none", "components") and s.noise_seeds == (1, 2) and s.taus == (0.5, 0.7)
+    assert s.report_fraction == 0.4 and s.n_overlay == 3
+    # typed options override the file, by their own names (--method -> methods, --refine -> refinements, ...)
+    result = CliRunner().invoke(app, [*base, "--method", "diffcut", "--timesteps", "100+300,500", "--refine", "none",
+                                      "--noise-seeds", "7", "--overlays", "0", "--split-seed", "3"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    s = captured["settings"]
+    assert s.methods == ("diffcut",) and s.timesteps == ((100, 300), (500,)) and s.refinements == ("none",)
+    assert s.noise_seeds == (7,) and s.n_overlay == 0 and s.split_seed == 3 and s.taus == (0.5, 0.7)
+    config.write_text("methods: [diffseg, watershed]\n")  # checked when the settings are made, before the stage
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 2 and "--method must be one or more of" in result.output and "watershed" in result.output
