@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("train_throughput", "trainer_steps", "sampling", "diffseg", "real_data", "generate_precision")
+SECTIONS = ("train_throughput", "trainer_steps", "sampling", "diffseg", "segment_recipe", "real_data",
+            "generate_precision")  # the dry run runs the opt-in segment_recipe too
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,10 @@ def evidence(tmp_path_factory, shared_data) -> Path:
     env = {**os.environ, "PYTHON": sys.executable, "SHARED_DATA": str(shared_data), "GPU_BUNDLE": str(tmp / "bundle"),
            "BUNDLE_WHEELS": "0", "BUNDLE_LIMIT": "10"}
     subprocess.run(["bash", str(REPO / "benchmarks/gpu/bundle.sh")], env=env, check=True, capture_output=True)
-    env.update(OUT=str(tmp / "out"), DEVICE="cpu", EVIDENCE_PYTHON=sys.executable)
+    # every section, the opt-in segment_recipe too; on a loaded CPU each section process needs up to a minute to
+    # start, so the dry run gets more than the GPU run's 500 s
+    env.update(OUT=str(tmp / "out"), DEVICE="cpu", EVIDENCE_PYTHON=sys.executable, EVIDENCE_BUDGET_S="900",
+               EVIDENCE_TIMEOUT_S="915")
     proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu/evidence.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp
@@ -78,6 +82,19 @@ def test_dry_run_measures_throughput_rows_and_real_data_figures(evidence):
     recon = real["eval"]["reconstruction"]
     assert 0.0 <= recon["retrieval_rate"] <= 1.0 and recon["chance"] == pytest.approx(1 / recon["n_sources"], abs=1e-4)
     assert "Otsu" in real["eval"]["segment"]["table_md"]
+
+
+@pytest.mark.slow
+def test_dry_run_trains_the_segmentation_recipe_and_reports_both_methods_beside_the_baselines(evidence):
+    recipe = json.loads((evidence / "out/results.json").read_text())["sections"]["segment_recipe"]
+    assert recipe["preset"] == "gpu-seg256.yaml" and recipe["train"]["steps"] >= recipe["train"]["probe_steps"] > 0
+    seg = recipe["segment"]
+    assert {"diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "prior", "otsu", "position", "whole"} == set(seg["dice"])
+    assert seg["leader"] in ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc")  # the best on the tuning split
+    assert seg["splits"]["tune"] > 0 and seg["splits"]["report"] > 0
+    assert "report split" in seg["table_md"] and "DiNO-Diffusion (DiffCut)" in seg["table_md"]
+    summary = (evidence / "out/summary.md").read_text()
+    assert "(g) segmentation recipe (issue 23): ok" in summary
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@
 #   .gpu/data/lungs-shenzhen/
 #   .gpu/weights/taef2/         the TAEF2 tiny autoencoder
 #   .gpu/data/cxr-covid-labelled/  the same CXRs at 128 px with a 0/1 `covid` label (for encoder_evidence.sh)
+#   .gpu/weights/encoder/       with BUNDLE_ENCODER=RUN/encoder: a `pretrain-encoder` output (the segmentation
+#                               recipe's domain encoder; without it that section uses a random ViT)
 # Environment: PYTHON (the python that runs dinodiff here, default .venv/bin/python), SHARED_DATA
 # (default ../shared/data), GPU_BUNDLE (default .gpu), BUNDLE_LIMIT (only the first N images of each set,
 # for tests), BUNDLE_WHEELS=0 (skip the wheels), BUNDLE_MAX_MIB (default 60).
@@ -83,6 +85,9 @@ for set in lungs-covid lungs-shenzhen; do
 done
 mkdir -p "$OUT/weights/taef2"
 cp "$SHARED"/weights/taef2/* "$OUT/weights/taef2/"
+if [ -n "${BUNDLE_ENCODER:-}" ]; then
+  rm -rf "$OUT/weights/encoder"; cp -r "$BUNDLE_ENCODER" "$OUT/weights/encoder"
+fi
 rm -rf "$OUT/.cxr-subset"
 
 kib=$(du -sk "$OUT" | cut -f1)

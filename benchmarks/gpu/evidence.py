@@ -3,7 +3,11 @@
     python benchmarks/gpu/evidence.py --out $OUT [--bundle .gpu] [--dry-run] [--budget-s 520]
 
 Sections: (a) train_throughput, (e) trainer_steps (issue 22: the real Trainer), (b) sampling, (c) diffseg,
-(d) real_data (gets the time the others leave), (f) generate_precision (issue 22: fp32 vs bf16 on (d)'s model). A section that fails or overruns is recorded as such in results.json and the next one runs.
+(g) segment_recipe (issue 23; on the GPU only when named in --sections), (d) real_data (gets the time the others
+leave), (f) generate_precision (issue 22: fp32 vs bf16 on (d)'s model). The last section named in --sections
+also gets the time the others leave (--sections segment_recipe gives that section the whole budget); the dry
+run runs every section. A section that fails or overruns is recorded as such in results.json and the next one
+runs.
 $OUT receives at most 8 flat files: results.json, summary.md, evidence.log (written by evidence.sh),
 training.png, evaluation.png and the fp16 model folder as model-fp16.tar (or up to 3 parts).
 """
@@ -23,9 +27,11 @@ from dinodiff.files import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 MAX_FILES = 8
-# (name, seconds on the GPU, seconds in the CPU dry run); real_data takes what is left.
+# (name, seconds on the GPU, seconds in the CPU dry run); real_data, and the last section run, take what is left.
 PLAN = [("train_throughput", 75, 90), ("trainer_steps", 150, 150), ("sampling", 40, 90), ("diffseg", 35, 90),
-        ("real_data", None, 240), ("generate_precision", 30, 90)]
+        ("segment_recipe", 170, 150), ("real_data", None, 240), ("generate_precision", 30, 90)]
+# Run on the GPU only when named (the default sections fill the budget); the dry run runs them too.
+OPT_IN = ("segment_recipe",)
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
@@ -92,6 +98,13 @@ def summary_md(results: dict) -> str:
     if "s_per_image" in c:
         lines.append(f"{c['s_per_image']} s/image at {c['image_px']} px ({c['images']} images, batch {c['batch']}, "
                      f"{c['dtype']}, {c['cell']})")
+    e = results["sections"].get("segment_recipe", {})
+    lines.append(f"\n## (g) segmentation recipe (issue 23): {e.get('status')}\n")
+    if e.get("train"):
+        lines.append("```\n" + json.dumps({k: e.get(k) for k in ("preset", "encoder", "cache", "train")}, indent=1)
+                     + "\n```")
+    if e.get("segment"):
+        lines.append(e["segment"].get("table_md", ""))
     d = results["sections"].get("real_data", {})
     lines.append(f"\n## (d) real-data training: {d.get('status')}\n")
     lines.append("```\n" + json.dumps({k: d.get(k) for k in ("cache", "train", "model_tar")}, indent=1) + "\n```")
@@ -141,7 +154,8 @@ def main() -> None:
     parser.add_argument("--bundle", default=".gpu")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--budget-s", type=float, default=500, help="total seconds for all sections")
-    parser.add_argument("--sections", default=",".join(p[0] for p in PLAN))
+    parser.add_argument("--sections", default=None, help="comma list (default: every section; on the GPU those "
+                        f"not opt-in: {', '.join(OPT_IN)} runs only when named)")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     import torch
@@ -153,13 +167,16 @@ def main() -> None:
             "torch": torch.__version__, "python": sys.version.split()[0], "budget_s": args.budget_s,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "cpu"}
     results = {"meta": meta, "sections": {}}
-    wanted = args.sections.split(",")
+    wanted = args.sections.split(",") if args.sections else [p[0] for p in PLAN
+                                                             if args.dry_run or p[0] not in OPT_IN]
+    last = [name for name, _, _ in PLAN if name in wanted][-1:]
     for name, gpu_s, dry_s in PLAN:
         if name not in wanted:
             continue
         left = args.budget_s - (time.time() - start)
         later = sum(p[1] or 0 for p in PLAN[PLAN.index((name, gpu_s, dry_s)) + 1:] if p[0] in wanted)
-        budget = dry_s if args.dry_run else (gpu_s if gpu_s is not None else left - 15 - later)
+        rest = gpu_s is None or [name] == last
+        budget = dry_s if args.dry_run else (left - 15 - later if rest else gpu_s)
         budget = min(budget, left - 15)
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}

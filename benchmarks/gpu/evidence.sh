@@ -4,8 +4,9 @@
 #   DEVICE=cpu bash benchmarks/gpu/evidence.sh # the same at toy sizes on a CPU (also: --dry-run)
 # Environment: OUT (results folder; default ./gpu-evidence-out), EVIDENCE_PYTHON (default python3, or
 # .venv/bin/python when present in a dry run), GPU_BUNDLE (default .gpu), EVIDENCE_BUDGET_S (default 500:
-# all sections; the script stops well inside 9 minutes), EVIDENCE_SECTIONS (a comma list of sections; default all),
-# DEVICE=cpu or --dry-run for the dry run.
+# all sections; the script stops well inside 9 minutes), EVIDENCE_SECTIONS (a comma list of sections; default all
+# but the opt-in segment_recipe; the last one listed gets the time the others leave), DEVICE=cpu or --dry-run for
+# the dry run (every section).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -3,7 +3,8 @@
     python benchmarks/gpu/run_section.py train_throughput --json OUT.json [--dry-run] [--budget-s 90]
 
 The sections live in sections.py (sd15 training, sampling, DiffSeg), trainsteps.py (the real Trainer, generate's
-precision) and realdata.py (a model trained on the bundled real CXRs); this entry point is the only module that
+precision), realdata.py (a model trained on the bundled real CXRs) and segrecipe.py (issue 23's segmentation
+recipe); this entry point is the only module that
 knows them all, so none of them imports another's registry.
 """
 
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         from realdata import real_data  # benchmarks/gpu/realdata.py, beside this file
 
         func = real_data
+    elif args.section == "segment_recipe":
+        from segrecipe import segment_recipe  # benchmarks/gpu/segrecipe.py: imported only when asked (it trains)
+
+        func = segment_recipe
     elif args.section in ("trainer_steps", "generate_precision"):
         from trainsteps import SECTIONS as TRAINER_SECTIONS  # imported only when asked: it loads the Trainer
 

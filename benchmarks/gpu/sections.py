@@ -231,7 +231,8 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
 
     from dinodiff.evaluate.segment.attention import dinodiff_model
     from dinodiff.evaluate.segment.data import load_cases
-    from dinodiff.evaluate.segment.stage import Cell, segment_cases
+    from dinodiff.evaluate.segment.grid import segment_cases
+    from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
     from dinodiff.models.autoencoders import LatentAutoencoder
     from dinodiff.models.encoders import load_encoder
     from dinodiff.models.projection import ConditionProjection
@@ -254,21 +255,20 @@ def diffseg_speed(args: argparse.Namespace) -> dict:
     model = dinodiff_model(encoder, autoencoder, unet, projection, train_scheduler(), "sd15-random")
     n, warm = args.limit or (2 if args.dry_run else 24), 2 if args.dry_run else 8
     cases = load_cases(Path(args.bundle) / "data" / "lungs-covid", sz.image_px, limit=n + warm)
-    cell = Cell("sd15-random", 300, 16 if not args.dry_run else 4, 0.05)
-    kwargs = dict(timestep=300, threshold_mode="absolute", merge_iterations=3, condition="image", noise_seed=None,
-                  batch_size=8)
-    segment_cases(model, cases[:warm], [cell], **kwargs)  # warm-up at the timed batch size (cuDNN autotuning)
+    cell = Cell("sd15-random", "diffseg", (300,), 16 if not args.dry_run else 4, 0.05)
+    settings = SegmentSettings(threshold_mode="absolute", merge_iterations=3, condition="image", batch_size=8)
+    segment_cases(model, cases[:warm], [cell], settings)  # warm-up at the timed batch size (cuDNN autotuning)
     sync(device)
     start = time.perf_counter()
-    out = segment_cases(model, cases[warm:], [cell], **kwargs)[cell]
+    out = segment_cases(model, cases[warm:], [cell], settings)[cell]
     sync(device)
     seconds = time.perf_counter() - start
     segs = [len(set(labels.ravel().tolist())) for labels, _ in out]
     return {"unet": sz.preset, "image_px": sz.image_px, "dtype": str(dtype).replace("torch.", ""),
             "images": len(out), "batch": 8, "precision": f"UNet + projection {str(dtype).replace('torch.', '')}, VAE + ViT fp32", "seconds": round(seconds, 3), "s_per_image": round(seconds / len(out), 4),
-            "cell": cell.describe("absolute", 3), "mean_segments": round(sum(segs) / len(segs), 2),
+            "cell": settings.describe(cell), "mean_segments": round(sum(segs) / len(segs), 2),
             "includes": "VAE encode (SD-v1-shaped KL VAE, random) + ViT-B/16 c_GLB + one UNet pass at t=300 with "
-            "self-attention capture + aggregation + KL merging + label map (evaluate.segment.segment_cases)",
+            "self-attention capture + aggregation + KL merging + label map (evaluate.segment.grid.segment_cases)",
             "images_from": "lungs-covid (bundle, shrunk to 256 px short side, upsampled to 512 by preprocessing)"}
 
 

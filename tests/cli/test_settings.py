@@ -89,5 +89,35 @@ def test_segment_reads_its_settings_from_a_file(tmp_path, monkeypatch):
                                       "--config", str(config), "--batch-size", "4"])
     assert result.exit_code == 2 and "stop here" in result.output
     settings = captured["settings"]
-    assert settings.thresholds == (0.1, 0.2) and settings.timesteps == (100, 300) and settings.batch_size == 4
+    assert settings.thresholds == (0.1, 0.2) and settings.timesteps == ((100,), (300,)) and settings.batch_size == 4
     assert Path(tmp_path).exists()
+
+
+def test_segment_methods_groups_and_refinements_come_from_the_file_or_the_typed_options(tmp_path, monkeypatch):
+    captured = {}
+    import dinodiff.evaluate.segment.stage as stage
+
+    def fake_segment(models, data, out, settings):
+        captured["settings"] = settings
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(stage, "segment", fake_segment)
+    config = tmp_path / "seg.yaml"
+    config.write_text("methods: [diffseg, diffcut]\ntimesteps: [300, [100, 300], '50+300']\nrefinements: [none, "
+                      "components]\nnoise_seeds: [1, 2]\ntaus: [0.5, 0.7]\nreport_fraction: 0.4\n")
+    base = ["segment", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)]
+    assert CliRunner().invoke(app, base).exit_code == 2
+    s = captured["settings"]
+    assert s.methods == ("diffseg", "diffcut") and s.timesteps == ((300,), (100, 300), (50, 300))
+    assert s.refinements == ("none", "components") and s.noise_seeds == (1, 2) and s.taus == (0.5, 0.7)
+    assert s.report_fraction == 0.4 and s.n_overlay == 3
+    # typed options override the file, by their own names (--method -> methods, --refine -> refinements, ...)
+    result = CliRunner().invoke(app, [*base, "--method", "diffcut", "--timesteps", "100+300,500", "--refine", "none",
+                                      "--noise-seeds", "7", "--overlays", "0", "--split-seed", "3"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    s = captured["settings"]
+    assert s.methods == ("diffcut",) and s.timesteps == ((100, 300), (500,)) and s.refinements == ("none",)
+    assert s.noise_seeds == (7,) and s.n_overlay == 0 and s.split_seed == 3 and s.taus == (0.5, 0.7)
+    config.write_text("methods: [diffseg, watershed]\n")  # checked when the settings are made, before the stage
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 2 and "--method must be one or more of" in result.output and "watershed" in result.output

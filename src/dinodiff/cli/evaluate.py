@@ -108,38 +108,55 @@ def segment(
     models: list[Path] = typer.Argument(..., help="Model folders, checkpoints or run folders (a run = all its checkpoints, grid-searched)."),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Images with lung masks: Montgomery, Shenzhen, JSRT/SCR layout or images/ + masks/ (repeat for several)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: table.md, table.csv, results.json, overlays/, cells/ (cache)."),
-    thresholds: str = typer.Option("0.05", help="Comma list of merging thresholds to grid-search (each used for every iteration)."),
-    threshold_mode: str = typer.Option("absolute", help="absolute (the paper's KL values) or relative (quantiles of each image's anchor-to-anchor KL)."),
-    merge_iterations: int = typer.Option(3, help="Merging iterations (DiffSeg's threshold list length)."),
-    timesteps: str = typer.Option("300", help="Comma list of timesteps to grid-search."),
-    grid_sizes: str = typer.Option("16", help="Comma list of anchor grid sizes M (MxM anchors; at most the largest attention map's side)."),
+    method: str = typer.Option("diffseg", help="Zero-shot method(s), comma list: diffseg (the paper's: merge self-attention maps by KL) and/or diffcut (recursive normalised cut on the encoder's self-attention outputs)."),
+    thresholds: str = typer.Option("0.05", help="DiffSeg: comma list of merging thresholds to grid-search (each used for every iteration)."),
+    threshold_mode: str = typer.Option("absolute", help="DiffSeg: absolute (the paper's KL values) or relative (quantiles of each image's anchor-to-anchor KL)."),
+    merge_iterations: int = typer.Option(3, help="DiffSeg: merging iterations (DiffSeg's threshold list length)."),
+    grid_sizes: str = typer.Option("16", help="DiffSeg: comma list of anchor grid sizes M (MxM anchors; at most the largest attention map's side)."),
+    taus: str = typer.Option("0.5", help="DiffCut: comma list of Ncut thresholds tau (a segment is split while its best cut is below tau)."),
+    alphas: str = typer.Option("10", help="DiffCut: comma list of affinity exponents alpha (cosine similarity, min-max scaled, ** alpha)."),
+    feature_sides: str = typer.Option("0", help="DiffCut: comma list of feature maps: 0 = the encoder's final self-attention (DiffCut's), S = the last encoder self-attention with an SxS map."),
+    refine: str = typer.Option("none", help="Comma list: none (the methods as published) and/or components (also each method with every segment split into its connected components, its own column)."),
+    timesteps: str = typer.Option("300", help="Comma list of timestep groups to grid-search; a group averages its passes, e.g. 300,100+300+500."),
+    noise_seeds: str = typer.Option("", help="Comma list of noise seeds: one noised pass per seed and timestep, averaged (default: the clean latent, as DiffSeg)."),
+    report_fraction: float = typer.Option(0.5, help="Share of subjects (images without subject ids: images) in the report split; the rest choose the configuration."),
+    split_seed: int = typer.Option(0, help="Seed of the tuning / report split."),
     condition: str = typer.Option("image", help="UNet condition: image (the image's own c_GLB) or null."),
-    noise_seed: int | None = typer.Option(None, help="Noise the latent to the timestep with this seed (default: the clean latent, as DiffSeg)."),
     resolution: int | None = typer.Option(None, help="Image size in pixels (default: the model's training resolution)."),
-    sd15: Path | None = typer.Option(None, help="A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run as a baseline."),
+    sd15: Path | None = typer.Option(None, help="A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run as a DiffSeg baseline."),
     batch_size: int = typer.Option(8, help="Images per UNet pass."),
     device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),
     limit: int | None = typer.Option(None, help="Use only the first N images of each dataset."),
-    overlays: int = typer.Option(3, help="Best and worst cases per dataset drawn in OUT/overlays/ (0 = none)."),
-    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overlays: int = typer.Option(3, help="Best and worst report-split cases per dataset and method drawn in OUT/overlays/ (0 = none)."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Timestep groups there: timesteps: [[300], [100, 300]]."),
 ) -> None:
-    """Zero-shot lung segmentation from the UNet's self-attention (DiffSeg), scored by Dice against lung masks.
+    """Zero-shot lung segmentation from the UNet's self-attention, scored by Dice against lung masks.
 
-    Grid-searches thresholds x timesteps x grid sizes x checkpoints (cached per cell: a re-run computes only
-    new cells) and compares with a mean-mask prior, a position-only k-means control and Otsu.
+    DiffSeg (the paper's) and/or DiffCut, grid-searched over their parameters x timesteps x checkpoints on a
+    tuning split of the images (by subject) and reported on the other images, beside a leave-one-out
+    mean-mask prior, a position-only k-means control, Otsu and the whole image. Cells are cached: a re-run
+    computes only new ones.
     """
     from dinodiff.evaluate.segment.settings import SegmentSettings
     from dinodiff.evaluate.segment.stage import segment as run_segment
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        ints = [int(v) for v in timesteps.split(",") if v.strip()], [int(v) for v in grid_sizes.split(",") if v.strip()]
-        values = typed(ctx, thresholds=floats(thresholds) or [], threshold_mode=threshold_mode,
-                       merge_iterations=merge_iterations, timesteps=ints[0], grid_sizes=ints[1], condition=condition,
-                       noise_seed=noise_seed, resolution=resolution, sd15=sd15, batch_size=batch_size, device=device,
-                       limit=limit)
-        values.update({"n_overlay": overlays} if typed(ctx, overlays=overlays) else {})
-        settings = stage_settings(SegmentSettings, config, values)
+        def ints(text: str) -> list[int]:
+            return [int(v) for v in text.split(",") if v.strip()]
+
+        def names(text: str) -> list[str]:
+            return [v.strip() for v in text.split(",") if v.strip()]
+
+        groups = [[int(t) for t in g.split("+") if t.strip()] for g in timesteps.split(",") if g.strip()]
+        values = typed(ctx, method=names(method), thresholds=floats(thresholds) or [], threshold_mode=threshold_mode,
+                       merge_iterations=merge_iterations, timesteps=groups, grid_sizes=ints(grid_sizes),
+                       taus=floats(taus) or [], alphas=floats(alphas) or [], feature_sides=ints(feature_sides),
+                       refine=names(refine), noise_seeds=ints(noise_seeds), report_fraction=report_fraction,
+                       split_seed=split_seed, condition=condition, resolution=resolution, sd15=sd15,
+                       batch_size=batch_size, device=device, limit=limit, overlays=overlays)
+        renamed = {"method": "methods", "refine": "refinements", "overlays": "n_overlay"}  # option -> field
+        settings = stage_settings(SegmentSettings, config, {renamed.get(k, k): v for k, v in values.items()})
         results = run_segment(models, data, out, settings)
     typer.echo(Path(results["tables"]["markdown"]).read_text())
     typer.echo(f"tables: {results['tables']['markdown']}, {results['tables']['csv']}; results: {out / 'results.json'}"

@@ -158,9 +158,10 @@ def stage_classify(s: DemoSettings) -> dict[str, Path]:
 
 def stage_segment(s: DemoSettings) -> dict[str, Path]:
     out = s.root / "segment"
-    segment([model_folder(s)], [source_folder(s)], out, thresholds=tuple(s.segment_thresholds),
-            threshold_mode="relative", timesteps=tuple(s.segment_timesteps), grid_sizes=tuple(s.segment_grids),
-            limit=s.segment_limit, n_overlay=2, noise_seed=s.seed)
+    segment([model_folder(s)], [source_folder(s)], out, methods=("diffseg", "diffcut"),
+            thresholds=tuple(s.segment_thresholds), threshold_mode="relative",
+            timesteps=tuple((t,) for t in s.segment_timesteps), grid_sizes=tuple(s.segment_grids),
+            limit=s.segment_limit, n_overlay=2, noise_seeds=(s.seed,))
     return {"results": out / "results.json", "table": out / "table.md"}
 
 

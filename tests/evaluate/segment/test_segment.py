@@ -14,6 +14,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from dinodiff.cli import app
+from dinodiff.evaluate.segment import grid as grid_module
 from dinodiff.evaluate.segment import stage as segment_module
 from dinodiff.evaluate.segment.attention import capture_attention, load_attention_model
 from dinodiff.evaluate.segment.data import load_cases
@@ -195,23 +196,32 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     assert [r["n_segments"] for r in position] == [r["n_segments"] for r in per_image]  # same k as DiffSeg
     markdown = (tmp_path / "table.md").read_text()
     for text in ("Mean-mask prior", "Position-only k-means", "Otsu", "lungs-shenzhen", "combined", "± ",
-                 "Best configuration per checkpoint"):
+                 "Per checkpoint", "report split", "Paired differences"):
         assert text in markdown
-    assert (tmp_path / "table.csv").read_text().startswith("table,dataset,method")
-    assert sorted(Path(p).name for p in results["overlays"].values()) == ["lungs-covid.png", "lungs-shenzhen.png"]
+    assert (tmp_path / "table.csv").read_text().startswith("split,dataset,method")
+    assert sorted(Path(p).name for p in results["overlays"].values()) == ["diffseg-lungs-covid.png",
+                                                                          "diffseg-lungs-shenzhen.png"]
     record = read_results(tmp_path / "results.json")  # the results record the report shows
     assert record.kind == "segment" and record.data["best"]["combined"]["cell"]["grid"] in (4, 8)
-    assert sorted(record.figures.values()) == ["overlays/lungs-covid.png", "overlays/lungs-shenzhen.png"]
-    assert any(k.endswith("Mean-mask prior") for k in record.headline)
+    assert sorted(record.figures.values()) == ["overlays/diffseg-lungs-covid.png", "overlays/diffseg-lungs-shenzhen.png"]
+    assert record.tables == {"Table 2, paired differences and per-dataset choices (table.md)": "table.md"}
+    n_report = results["methods"]["diffseg"]["summary"]["combined"]["n"]
+    assert list(record.headline) == [f"Dice, both lungs, report split (n={n_report}): {name}" for name in (
+        "DiNO-Diffusion (DiffSeg)", "Mean-mask prior (leave-one-out)", "Position-only k-means", "Otsu",
+        "Whole image (1 segment)")]
+    assert all(v.endswith(" %") and "±" in v for v in record.headline.values())
+    assert record.provenance["report images"] == n_report and set(record.provenance["subjects per split"]) == {
+        "tune", "report"}
+    assert "DiffSeg" in record.provenance["configuration chosen on the tuning split"]["DiNO-Diffusion (DiffSeg)"]
 
     calls = []
-    real_capture = segment_module.capture_attention
+    real_capture = grid_module.capture_pass
 
     def counting(*args, **kw):
         calls.append(kw["timestep"])
         return real_capture(*args, **kw)
 
-    monkeypatch.setattr(segment_module, "capture_attention", counting)
+    monkeypatch.setattr(grid_module, "capture_pass", counting)
     again = segment([tiny_model], data, tmp_path, **{**kwargs, "n_overlay": 0})
     assert calls == []  # every cell came from the cache
     assert again["methods"]["diffseg"]["summary"] == results["methods"]["diffseg"]["summary"]
@@ -227,7 +237,10 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
     results = segment([tiny_model], [shared_data / "lungs-shenzhen"], tmp_path, settings)
     assert loads == [tiny_model] and len(results["overlays"]) == 1  # was loaded twice: grid, then overlays
     assert results["settings"] == {"threshold_mode": "relative", "merge_iterations": 3, "condition": "image",
-                                   "noise_seed": None, "resolution": 32}
+                                   "noise_seeds": [], "resolution": 32, "methods": ["diffseg"],
+                                   "refinements": ["none"], "timesteps": [[300]], "thresholds": [0.3],
+                                   "grid_sizes": [4], "taus": [0.5], "alphas": [10.0], "feature_sides": [0],
+                                   "report_fraction": 0.5, "split_seed": 0, "limit": 2, "sd15": None}
 
 
 def test_run_models_expands_runs_and_checkpoints(tmp_path):
@@ -279,9 +292,42 @@ def test_cli_segment_help_and_a_bad_data_folder(tiny_model, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     assert result.exit_code == 0
-    for option in ("--data", "--out", "--thresholds", "--threshold-mode", "--timesteps", "--grid-sizes",
-                   "--condition", "--noise-seed", "--resolution", "--sd15", "--overlays"):
+    for option in ("--data", "--out", "--method", "--thresholds", "--threshold-mode", "--timesteps", "--grid-sizes",
+                   "--taus", "--alphas", "--feature-sides", "--condition", "--noise-seeds", "--report-fraction",
+                   "--split-seed", "--resolution", "--sd15", "--overlays"):
         assert option in result.output
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["segment", str(tiny_model), "--data", str(tmp_path / "empty"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "no lung masks" in result.output and "Traceback" not in result.output
+
+
+def test_diffcut_beside_diffseg_with_averaged_timesteps_and_noise_reports_only_the_report_split(
+        tiny_model, shared_data, tmp_path):
+    data = [shared_data / "lungs-shenzhen", shared_data / "lungs-covid"]
+    results = segment([tiny_model], data, tmp_path, methods=("diffseg", "diffcut"), thresholds=[0.3],
+                      threshold_mode="relative", grid_sizes=[4], taus=[0.3, 0.6], alphas=[10.0],
+                      feature_sides=[0, 8], timesteps=[(100, 300)], noise_seeds=[0, 1], limit=6, n_overlay=1,
+                      refinements=("none", "components"))
+    assert {"diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "prior", "otsu", "position", "whole"} == set(
+        results["methods"])
+    cells = [c["cell"] for c in results["cells"]]
+    assert sorted((c["method"], c["grid"], c["threshold"]) for c in cells
+                  if c["method"] == "diffcut" and c["refine"] == "none") == [
+        ("diffcut", 0, 0.3), ("diffcut", 0, 0.6), ("diffcut", 8, 0.3), ("diffcut", 8, 0.6)]
+    for method in ("diffseg", "diffcut"):  # a refined map has at least the segments of the unrefined one
+        plain, split = (results["methods"][m]["per_image"] for m in (method, method + "+cc"))
+        if results["best_by_method"][method]["combined"]["cell"]["threshold"] == \
+                results["best_by_method"][method + "+cc"]["combined"]["cell"]["threshold"]:
+            assert all(b["n_segments"] >= a["n_segments"] for a, b in zip(plain, split))
+    assert all(tuple(c["timesteps"]) == (100, 300) for c in cells)
+    tuning, reported = set(results["splits"]["tune"]), set(results["splits"]["report"])
+    assert tuning and reported and not tuning & reported
+    for method in results["methods"].values():  # every reported image is a report-split image
+        assert {f"{r['dataset']}/{r['id']}" for r in method["per_image"]} == reported
+        assert method["summary"]["combined"]["n"] == len(reported)
+    markdown = (tmp_path / "table.md").read_text()
+    assert "DiNO-Diffusion (DiffCut)" in markdown and "t=100+300 noise x2" in markdown
+    assert {Path(p).name for p in results["overlays"].values()} >= {"diffcut-lungs-covid.png", "diffseg-lungs-covid.png"}
+    bad = dict(methods=("diffcut",), feature_sides=[3], limit=4, n_overlay=0)
+    with pytest.raises(ValueError, match="no encoder self-attention map of side 3"):
+        segment([tiny_model], data, tmp_path / "bad", **bad)

@@ -2,7 +2,8 @@
 
 Capture swaps the processor of every ``attn1`` (self-attention) for :class:`SelfAttentionCapture`, which
 computes attention explicitly (SDPA never materialises the probabilities) and records them averaged over
-heads; every other processor is left as it was (SDPA). The UNet's output is unchanged.
+heads; every other processor is left as it was (SDPA). The UNet's output is unchanged. The outputs of the
+encoder's (``down_blocks``) self-attention layers can be recorded too: DiffCut's features.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ class SelfAttentionCapture:
     is one (B, N, N) map, not (B, heads, N, N).
     """
 
-    def __init__(self, name: str, store: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
-        self.name, self.store, self.dtype = name, store, dtype
+    def __init__(self, name: str, store: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 outputs: dict[str, torch.Tensor] | None = None, inputs: dict[str, torch.Tensor] | None = None) -> None:
+        self.name, self.store, self.dtype, self.outputs, self.inputs = name, store, dtype, outputs, inputs
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -49,6 +51,8 @@ class SelfAttentionCapture:
         batch, length, _ = hidden_states.shape
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if self.inputs is not None:  # what the layer attends over (B, N, C): the block's normalised features
+            self.inputs[self.name] = hidden_states.detach().float()
         query = attn.to_q(hidden_states)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
@@ -87,6 +91,8 @@ class SelfAttentionCapture:
         self.store[self.name] = mean.div_(attn.heads).to(self.dtype)
         hidden_states = torch.stack(outputs, 1).transpose(1, 2).reshape(batch, length, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if self.outputs is not None:  # the layer's output (B, N, C), before any residual: DiffCut's features
+            self.outputs[self.name] = hidden_states.detach().float()
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
@@ -94,14 +100,36 @@ class SelfAttentionCapture:
         return hidden_states / attn.rescale_output_factor
 
 
+ENCODER_PREFIX = "down_blocks."
+
+
+@dataclass
+class Capture:
+    """One UNet pass: every self-attention map (name -> (B, N, N), head-averaged, in call order) and, when
+    asked, the outputs (``features``) and inputs of the encoder's self-attention layers (name -> (B, N, C))."""
+
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
-def capture_self_attention(unet: UNet2DConditionModel,
-                           dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, every ``attn1`` of ``unet`` records into the yielded dict (name -> (B, N, N))."""
+def capture_self_attention(unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32,
+                           capture: Capture | None = None, features: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, every ``attn1`` of ``unet`` records into the yielded dict (name -> (B, N, N)); with
+    ``features``, the encoder's ``attn1`` layers also record their outputs into ``capture.features``."""
     original = dict(unet.attn_processors)
-    store: dict[str, torch.Tensor] = {}
-    swapped = {name: SelfAttentionCapture(name.removesuffix(".processor"), store, dtype)
-               if name.endswith("attn1.processor") else proc for name, proc in original.items()}
+    capture = capture if capture is not None else Capture()
+    store = capture.maps
+
+    def processor(name: str) -> SelfAttentionCapture:
+        layer = name.removesuffix(".processor")
+        encoder = features and layer.startswith(ENCODER_PREFIX)
+        return SelfAttentionCapture(layer, store, dtype, capture.features if encoder else None,
+                                    capture.inputs if encoder else None)
+
+    swapped = {name: processor(name) if name.endswith("attn1.processor") else proc
+               for name, proc in original.items()}
     if not any(isinstance(p, SelfAttentionCapture) for p in swapped.values()):
         raise ValueError("this UNet has no self-attention (attn1) layers: DiffSeg needs a UNet with transformer "
                          "blocks (CrossAttn*Block2D).")
@@ -206,6 +234,15 @@ def capture_attention(model: AttentionModel, images: torch.Tensor, *, timestep: 
     The clean latent goes in with timestep t (DiffSeg); with ``noise_seed`` it is first noised to t by the
     model's scheduler. ``condition``: 'image' (the image's own c_GLB) or 'null'. Maps are stored in ``dtype``.
     """
+    return list(capture_pass(model, images, timestep=timestep, condition=condition, noise_seed=noise_seed,
+                             dtype=dtype).maps.values())
+
+
+@torch.no_grad()
+def capture_pass(model: AttentionModel, images: torch.Tensor, *, timestep: int = 300, condition: str = "image",
+                 noise_seed: int | None = None, dtype: torch.dtype = torch.float32, features: bool = False) -> Capture:
+    """:func:`capture_attention` keeping the layer names, and with ``features`` the encoder's self-attention
+    outputs (DiffCut's input)."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
     device = model.device
@@ -216,6 +253,7 @@ def capture_attention(model: AttentionModel, images: torch.Tensor, *, timestep: 
         noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
         latents = model.scheduler.add_noise(latents, noise, t)
     context = model.context(images, condition)
-    with capture_self_attention(model.unet, dtype) as store:
+    capture = Capture()
+    with capture_self_attention(model.unet, dtype, capture, features):
         model.unet(latents, t, encoder_hidden_states=context)
-    return list(store.values())
+    return capture

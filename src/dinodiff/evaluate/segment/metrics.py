@@ -147,6 +147,19 @@ def otsu_threshold(image: np.ndarray) -> float:
     return float(np.argmax(between))
 
 
+def split_components(labels: np.ndarray) -> np.ndarray:
+    """Each segment of a label map split into its 4-connected components: (H, W) -> (H, W) labels 0..K-1."""
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, np.int64)
+    count = 0
+    for value in np.unique(labels):
+        comp, n = ndimage.label(labels == value)
+        inside = comp > 0
+        out[inside] = comp[inside] - 1 + count
+        count += n
+    return out
+
+
 def otsu_segments(image: np.ndarray) -> np.ndarray:
     """Otsu baseline: dark (air) pixels at or below Otsu's threshold split into connected components, one
     segment each; everything brighter is segment 0."""
@@ -161,3 +174,17 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 5000,
+                     seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean of a - b over paired items, its 95% percentile-bootstrap interval (items resampled with
+    replacement) and a two-sided bootstrap p-value for 'no difference': (mean, low, high, p)."""
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    if diff.size == 0:
+        return float("nan"), float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (n_boot, diff.size))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return float(diff.mean()), float(low), float(high), float(p)

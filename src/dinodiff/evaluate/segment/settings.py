@@ -8,55 +8,148 @@ from typing import Any
 from dinodiff.evaluate.segment.attention import CONDITIONS
 from dinodiff.evaluate.segment.diffseg import THRESHOLD_MODES
 
+METHODS = ("diffseg", "diffcut")
+# Refinements of a method's label map: none (the method as published) or components (each segment split into its
+# 4-connected components, as the Otsu baseline's dark pixels are); a refined method is its own column.
+REFINEMENTS = {"none": "", "components": "+cc"}
+
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid-search configuration."""
+    """One grid-search configuration: a model, the timesteps whose passes are averaged, a method and its
+    parameters (DiffSeg: anchor grid, threshold; DiffCut: feature map side, tau, alpha)."""
 
     model: str  # model label (see stage.model_label)
-    timestep: int
-    grid: int
-    threshold: float
+    method: str
+    timesteps: tuple[int, ...]
+    grid: int  # DiffSeg: MxM anchors. DiffCut: side of the feature map (0 = the encoder's final self-attention)
+    threshold: float  # DiffSeg: merging threshold. DiffCut: Ncut threshold tau
+    alpha: float = 0.0  # DiffCut: affinity exponent (0 for DiffSeg)
+    refine: str = "none"  # see REFINEMENTS
 
-    def describe(self, mode: str, iterations: int) -> str:
-        return f"{self.model} t={self.timestep} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}"
+    @property
+    def variant(self) -> str:
+        """The method's column: 'diffseg', 'diffcut', or with a refinement 'diffseg+cc', ..."""
+        return self.method + REFINEMENTS[self.refine]
+
+    @property
+    def timestep_label(self) -> str:
+        return "+".join(str(t) for t in self.timesteps)
+
+    def describe(self, mode: str, iterations: int, noise: str = "") -> str:
+        t = f"t={self.timestep_label}{noise}"
+        refine = "" if self.refine == "none" else f" +{self.refine}"
+        if self.method == "diffcut":
+            side = "final" if self.grid == 0 else f"{self.grid}x{self.grid}"
+            return f"{self.model} DiffCut {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}{refine}"
+        return f"{self.model} DiffSeg {t} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}{refine}"
 
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    """DiffSeg grid search over thresholds x timesteps x grid sizes, and how it runs.
+    """Zero-shot segmentation grid search and how it runs.
 
-    Defaults are the paper's DiNO-Diffusion setting (absolute 0.05, t=300, 16x16). ``threshold_mode='relative'``
-    reads each threshold as a quantile of the image's anchor-to-anchor KL instead.
+    ``methods``: 'diffseg' (faithful DiffSeg; grid: thresholds x grid_sizes) and/or 'diffcut' (recursive
+    normalised cut on the encoder's self-attention outputs; grid: taus x feature_sides x alphas). Both share
+    ``timesteps``: each entry is a tuple of timesteps whose passes are averaged (DiffSeg: the aggregated
+    attention; DiffCut: the features, concatenated after L2 normalisation), and every noise draw of
+    ``noise_seeds`` adds one pass per timestep (empty: the clean latent, as DiffSeg).
+
+    Tuning: each image is put in the tuning or the report split by a hash of its subject (the image itself
+    when the dataset has no subject ids); the configuration is chosen on the tuning split and every number
+    in the tables is measured on the report split. Defaults are the paper's DiNO-Diffusion DiffSeg setting
+    (absolute 0.05, t=300, 16x16); ``threshold_mode='relative'`` reads each DiffSeg threshold as a quantile of
+    the image's anchor-to-anchor KL instead.
     """
 
+    methods: tuple[str, ...] = ("diffseg",)
     thresholds: tuple[float, ...] = (0.05,)
     threshold_mode: str = "absolute"
     merge_iterations: int = 3
-    timesteps: tuple[int, ...] = (300,)
+    # timestep groups; each entry a timestep (a group of one), a list of timesteps or "100+300" (YAML:
+    # timesteps: [300, [100, 300]]); always held as tuples of ints, ((300,), (100, 300))
+    timesteps: tuple[Any, ...] = ((300,),)
     grid_sizes: tuple[int, ...] = (16,)
+    taus: tuple[float, ...] = (0.5,)  # DiffCut's default (paper: 0.5 for most datasets)
+    alphas: tuple[float, ...] = (10.0,)  # DiffCut's default
+    feature_sides: tuple[int, ...] = (0,)  # 0 = the encoder's final self-attention (DiffCut's choice)
+    refinements: tuple[str, ...] = ("none",)  # also score each method's maps split into connected components
     condition: str = "image"  # the UNet's condition: the image's own c_GLB, or null
-    noise_seed: int | None = None  # noise the latent to the timestep with this seed (None: the clean latent)
+    noise_seeds: tuple[int, ...] = ()  # one noised pass per seed and timestep (empty: the clean latent)
+    report_fraction: float = 0.5  # share of subjects in the report split (the rest tune)
+    split_seed: int = 0
     resolution: int | None = None  # image size in pixels; None = the (first) model's
     sd15: str | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
     batch_size: int = 8  # images per UNet pass
     device: str = "auto"
     limit: int | None = None  # only the first N images of each dataset
-    n_overlay: int = 3  # best and worst cases per dataset drawn in OUT/overlays/
+    n_overlay: int = 3  # best and worst report-split cases per dataset and method drawn in OUT/overlays/
+
+    def __post_init__(self) -> None:
+        # one form whatever the source (Python lists, OmegaConf's inner lists, a bare int as a group of one)
+        for name in ("methods", "thresholds", "grid_sizes", "taus", "alphas", "feature_sides", "refinements",
+                     "noise_seeds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "timesteps", tuple(self.timestep_groups()))
+        self.check()  # a bad value fails where the settings are made (a --config file: exit 2 naming it)
 
     def check(self) -> None:
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"--threshold-mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}.")
         if self.condition not in CONDITIONS:
             raise ValueError(f"--condition must be one of {CONDITIONS}, got {self.condition!r}.")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"--method must be one or more of {METHODS}, got {list(self.methods)}.")
         if self.merge_iterations < 1 or not self.thresholds or not self.timesteps or not self.grid_sizes:
             raise ValueError("need >= 1 merge iteration, threshold, timestep and grid size.")
+        if any(not group for group in self.timestep_groups()):
+            raise ValueError("every --timesteps entry needs at least one timestep (e.g. 300 or 100+300).")
+        if not self.taus or not self.alphas or not self.feature_sides:
+            raise ValueError("DiffCut needs at least one tau, alpha and feature side.")
+        if not self.refinements or set(self.refinements) - set(REFINEMENTS):
+            raise ValueError(f"--refine must be one or more of {tuple(REFINEMENTS)}, got {list(self.refinements)}.")
+        if not 0.0 < self.report_fraction < 1.0:
+            raise ValueError(f"--report-fraction must be in (0, 1), got {self.report_fraction}: the configuration "
+                             "is chosen on the other images.")
+
+    def timestep_groups(self) -> list[tuple[int, ...]]:
+        """``timesteps`` as groups: 300 -> (300,), "100+300" -> (100, 300), (100, 300) stays."""
+        groups = []
+        for g in self.timesteps:
+            if isinstance(g, str):
+                g = [t for t in g.split("+") if t.strip()]
+            elif not isinstance(g, (list, tuple)):
+                g = [g]
+            if any(isinstance(t, bool) or float(t) != int(float(t)) for t in g):
+                raise ValueError(f"timesteps: {g!r} is not a timestep group (an int, a list of ints or '100+300').")
+            groups.append(tuple(int(float(t)) for t in g))
+        return groups
 
     def cell_settings(self) -> dict[str, Any]:
         """What every cell's labels depend on besides the cell itself: part of a cached cell's key, and
         results.json's "settings"."""
         return {"threshold_mode": self.threshold_mode, "merge_iterations": self.merge_iterations,
-                "condition": self.condition, "noise_seed": self.noise_seed, "resolution": self.resolution}
+                "condition": self.condition, "noise_seeds": list(self.noise_seeds), "resolution": self.resolution}
+
+    def noise_label(self) -> str:
+        return "" if not self.noise_seeds else f" noise x{len(self.noise_seeds)}"
 
     def describe(self, cell: Cell) -> str:
-        return cell.describe(self.threshold_mode, self.merge_iterations)
+        return cell.describe(self.threshold_mode, self.merge_iterations, self.noise_label())
+
+    def variants(self) -> list[str]:
+        """The zero-shot columns: each method, and each refined method."""
+        return [m + REFINEMENTS[r] for m in self.methods for r in self.refinements]
+
+    def method_cells(self, model: str, timesteps: tuple[int, ...]) -> list[Cell]:
+        """Every cell of the grid for one model and timestep group."""
+        cells = []
+        for r in self.refinements:
+            if "diffseg" in self.methods:
+                cells += [Cell(model, "diffseg", timesteps, int(g), float(t), refine=r)
+                          for g in self.grid_sizes for t in self.thresholds]
+            if "diffcut" in self.methods:
+                cells += [Cell(model, "diffcut", timesteps, int(s), float(t), float(a), r)
+                          for s in self.feature_sides for t in self.taus for a in self.alphas]
+        return cells

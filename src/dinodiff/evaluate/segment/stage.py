@@ -1,54 +1,40 @@
-"""The `segment` stage: zero-shot lung segmentation by DiffSeg, grid-searched, against baselines.
+"""The `segment` stage: zero-shot lung segmentation (DiffSeg and/or DiffCut), grid-searched on a tuning split,
+reported on a report split beside baselines.
 
-For every model (a run's checkpoints, model or pipeline folders) and timestep, one UNet pass per image
-gives the self-attention maps; every (grid size, threshold) cell then merges them into a label map,
-scored against the lung masks. Each cell's per-image scores are cached in ``OUT/cells/`` (a re-run only
-computes missing cells). Outputs: ``results.json``, ``table.csv``, ``table.md``, ``overlays/<dataset>.png``.
+For every model (a run's checkpoints, model or pipeline folders) and timestep group, UNet passes give the
+self-attention maps and the encoder's self-attention outputs; every cell (method x parameters) turns them
+into label maps scored against the lung masks (`grid`). The configuration of each method is chosen on the
+tuning images (`split`); the tables show the report images only. Outputs: ``results.json``, ``table.csv``,
+``table.md``, ``overlays/<method>-<dataset>.png``, ``cells/`` (the cache).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from dinodiff import runs
 from dinodiff.devices import resolve_device
 from dinodiff.evaluate.segment import report as seg_report
-from dinodiff.evaluate.segment.attention import (
-    AttentionModel,
-    capture_attention,
-    load_attention_model,
-)
+from dinodiff.evaluate.segment.attention import AttentionModel, load_attention_model
 from dinodiff.evaluate.segment.data import SegCase, load_cases
-from dinodiff.evaluate.segment.diffseg import (
-    aggregate_attention,
-    attention_entropy,
-    diffseg,
-    map_side,
-)
-from dinodiff.evaluate.segment.metrics import (
-    mean_mask_prior,
-    otsu_segments,
-    position_kmeans,
-    score_labels,
-)
+from dinodiff.evaluate.segment.grid import record, run_grid, segment_cases
+from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans
+from dinodiff.evaluate.segment.overlays import write_overlays
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
+from dinodiff.evaluate.segment.split import REPORT, TUNE, assign_splits, only, subjects_by_split, tag
 from dinodiff.files import write_bytes_atomic
 from dinodiff.results import write_results
 
 log = logging.getLogger(__name__)
-CELL_VERSION = 2
 
 
 class ModelLoader:
@@ -87,109 +73,10 @@ def model_label(path: Path) -> str:
     return f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
 
 
-def _cell_path(out: Path, cell: Cell, settings: SegmentSettings) -> Path:
-    s = settings
-    noise = "" if s.noise_seed is None else f"_noise{s.noise_seed}"
-    name = (f"t{cell.timestep}_g{cell.grid}_{s.threshold_mode[:3]}{cell.threshold:g}"
-            f"x{s.merge_iterations}_{s.condition}{noise}_r{s.resolution}.json")
-    return out / "cells" / cell.model / name
-
-
-def _cell_key(cell: Cell, settings: SegmentSettings, images: str, model_path: Path) -> dict:
-    return {"version": CELL_VERSION, **asdict(cell), **settings.cell_settings(), "images": images,
-            "model_path": str(model_path.resolve())}
-
-
-def _read_cell(path: Path, key: dict) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return data["images"] if data.get("key") == key else None
-
-
-def _images_tensor(cases: Sequence[SegCase]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([c.image for c in cases])).float().div(255.0)[:, None]
-
-
-def segment_cases(model: AttentionModel, cases: Sequence[SegCase], cells: Sequence[Cell], *, timestep: int,
-                  threshold_mode: str, merge_iterations: int, condition: str, noise_seed: int | None,
-                  batch_size: int) -> dict[Cell, list[tuple[np.ndarray, dict]]]:
-    """Label maps and per-image info for every cell (all with ``timestep``) from one UNet pass per image."""
-    half = model.device.type == "cuda"  # fp16 maps on GPU: half the memory of the 4-D attention tensor
-    dtype = torch.float16 if half else torch.float32
-    results: dict[Cell, list[tuple[np.ndarray, dict]]] = {c: [] for c in cells}
-    for start in range(0, len(cases), batch_size):
-        batch = cases[start:start + batch_size]
-        images = _images_tensor(batch)
-        maps = capture_attention(model, images, timestep=timestep, condition=condition, noise_seed=noise_seed,
-                                 dtype=dtype)
-        agg = aggregate_attention(maps, dtype=dtype)
-        side = map_side(agg.shape[-1])
-        too_big = sorted({c.grid for c in cells if c.grid > side})
-        if too_big:
-            raise ValueError(f"grid size {too_big} larger than the model's largest self-attention map ({side}x{side}) "
-                             f"at {images.shape[-1]} px: use --grid-size <= {side}.")
-        for b, case in enumerate(batch):
-            entropy, max_entropy = attention_entropy(agg[b])
-            for cell in cells:
-                labels, used = diffseg(agg[b], cell.grid, [cell.threshold] * merge_iterations,
-                                       case.image.shape, mode=threshold_mode)
-                info = {"thresholds": [round(t, 6) for t in used], "entropy": round(entropy, 4),
-                        "max_entropy": round(max_entropy, 4)}
-                results[cell].append((labels.cpu().numpy(), info))
-    return results
-
-
-def _record(case: SegCase, labels: np.ndarray, extra: dict | None = None) -> dict:
-    score = score_labels(labels, case.lungs)
-    hung = {k: v for k, v in score["hungarian"].items() if k != "segments"}
-    return {"id": case.id, "dataset": case.dataset, "n_segments": score["n_segments"], "hungarian": hung,
-            "union": {k: v for k, v in score["union"].items() if k != "n_segments"}, "single": score["single"],
-            **(extra or {})}
-
-
-def segment_with(model: AttentionModel, cases: Sequence[SegCase], cells: Sequence[Cell], timestep: int,
-                 settings: SegmentSettings) -> dict[Cell, list[tuple[np.ndarray, dict]]]:
-    """segment_cases with the settings' merging, condition, noise and batch size."""
-    s = settings
-    return segment_cases(model, cases, cells, timestep=timestep, threshold_mode=s.threshold_mode,
-                         merge_iterations=s.merge_iterations, condition=s.condition, noise_seed=s.noise_seed,
-                         batch_size=s.batch_size)
-
-
-def run_grid(models: Sequence[Path], cases: Sequence[SegCase], out: Path, settings: SegmentSettings,
-             load: ModelLoader) -> dict[Cell, list[dict]]:
-    """Every cell's per-image records, from the cache where it is complete, else computed and cached."""
-    images = hashlib.sha1(json.dumps([(c.dataset, c.id) for c in cases]).encode()).hexdigest()[:12]
-    table: dict[Cell, list[dict]] = {}
-    for path in models:
-        label = model_label(path)
-        for t in settings.timesteps:
-            todo = []
-            for grid in settings.grid_sizes:
-                for thr in settings.thresholds:
-                    cell = Cell(label, int(t), int(grid), float(thr))
-                    cached = _read_cell(_cell_path(out, cell, settings), _cell_key(cell, settings, images, path))
-                    if cached is None:
-                        todo.append(cell)
-                    else:
-                        table[cell] = cached
-            if not todo:
-                continue
-            started = time.perf_counter()
-            for cell, items in segment_with(load(path), cases, todo, t, settings).items():
-                table[cell] = [_record(c, labels, info) for c, (labels, info) in zip(cases, items)]
-                body = {"key": _cell_key(cell, settings, images, path), "images": table[cell]}
-                write_bytes_atomic(_cell_path(out, cell, settings), json.dumps(body, indent=1).encode())
-            log.info("%s t=%d: %d cells on %d images in %.1f s", label, t, len(todo), len(cases),
-                     time.perf_counter() - started)
-    return table
-
-
 def run_baselines(cases: Sequence[SegCase],
                   n_segments: dict[tuple[str, str], int] | None = None) -> dict[str, list[dict]]:
     """Mean-mask prior (leave-one-out mean of the other images' masks, >= 0.5), Otsu, the whole image as one
-    segment, and position-only k-means with, per image, the number of segments DiffSeg produced
+    segment, and position-only k-means with, per image, the number of segments the zero-shot method produced
     (``n_segments`` by (dataset, case id))."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -201,11 +88,11 @@ def run_baselines(cases: Sequence[SegCase],
     for case in cases:
         # leave this image out, so its own mask never shapes its prediction
         means = {n: (sums[n] - case.lungs.get(n, 0)) / max(counts[n] - (n in case.lungs), 1) for n in sums}
-        out["prior"].append(_record(case, mean_mask_prior(means)))
-        out["otsu"].append(_record(case, otsu_segments(case.image)))
-        out["whole"].append(_record(case, np.zeros(case.image.shape, np.int64)))  # what a merge-all scores
+        out["prior"].append(record(case, mean_mask_prior(means)))
+        out["otsu"].append(record(case, otsu_segments(case.image)))
+        out["whole"].append(record(case, np.zeros(case.image.shape, np.int64)))  # what a merge-all scores
         if n_segments is not None:
-            out["position"].append(_record(case, position_kmeans(case.image.shape, n_segments[case.dataset, case.id])))
+            out["position"].append(record(case, position_kmeans(case.image.shape, n_segments[case.dataset, case.id])))
     if n_segments is None:
         del out["position"]
     return out
@@ -220,12 +107,63 @@ def load_all_cases(data: Sequence[str | Path], resolution: int, limit: int | Non
     return [c for group in per_source for c in group]
 
 
+def choose(table: dict[Cell, list[dict]], methods: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Cell]]:
+    """Per method, the best cell on the tuning split, overall ('combined') and per dataset."""
+    return {m: seg_report.best_cells({c: r for c, r in table.items() if c.variant == m}, names) for m in methods}
+
+
+def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, entropy: float, max_h: float) -> str:
+    counts = {s: sum(1 for v in splits.values() if v == s) for s in (TUNE, REPORT)}
+    per = ", ".join(f"{d} {sum(1 for c in cases if c.dataset == d)}" for d in dict.fromkeys(c.dataset for c in cases))
+    return (f"Images: {per}; resolution {settings.resolution} px, condition '{settings.condition}'. Split by subject "
+            f"(an image without a subject id is its own subject), seed {settings.split_seed}: **{counts[TUNE]} tuning "
+            f"images choose each method's configuration and checkpoint; every Dice below is on the other "
+            f"{counts[REPORT]} (report split)**, mean ± SD over images, in %. The mean-mask prior is the mean of all "
+            f"other images' masks (leave-one-out). Mean entropy of the aggregated self-attention (DiffSeg's chosen "
+            f"configuration): {entropy:.3f} nats of a possible {max_h:.3f} (uniform attention).")
+
+
+def write_tables(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[Cell, list[dict]],
+                 methods: dict[str, list[dict]], chosen: dict[str, Cell], settings: SegmentSettings) -> dict:
+    """table.md + table.csv; returns the tables' part of results.json."""
+    names = list(dict.fromkeys(c.dataset for c in cases))
+    rows_order = [*names, seg_report.COMBINED]
+    report = {m: only(recs, REPORT) for m, recs in methods.items()}
+    summaries = {m: seg_report.summarize(recs) for m, recs in report.items()}
+    tuned = {m: float(np.mean([r["hungarian"]["both"] for r in only(methods[m], TUNE)])) for m in chosen}
+    # the dinodiff zero-shot method that won on the tuning split (the SD 1.5 baseline is not a candidate)
+    leader = max((m for m in chosen if m != "sd15"), key=lambda m: tuned[m])
+    first = table[chosen[leader]]
+    entropy = float(np.mean([r["entropy"] for r in first])), first[0]["max_entropy"]
+    tables = {
+        "Table 2: one segment per lung (Hungarian matching), both lungs, report split":
+            seg_report.method_table(summaries, tuned, chosen, rows_order, settings),
+        f"Paired differences on the report split (bootstrap over images, 95% CI): {seg_report.METHOD_NAMES[leader]}"
+        " (best on the tuning split) against the others": (["Difference (Dice %)", "Images", "Mean", "95% CI", "p"],
+                                                          seg_report.difference_rows(report, leader)),
+        "Union of segments lying mostly inside the lungs (rewards over-segmentation; k = segments per image)":
+            seg_report.union_table(summaries, rows_order),
+        "Configuration chosen per dataset (on its tuning images; scored on its report images)":
+            (["Method", "Dataset", "Configuration", "Both lungs", "Left lung", "Right lung", "Union (k)",
+              "Best single segment vs both lungs"],
+             [row for m in chosen for row in seg_report.per_dataset_rows(table, m, names, settings)]),
+        "Per checkpoint (configuration chosen on the tuning split; combined)":
+            (["Method", "Checkpoint", "Configuration", "Tuning Dice", "Report Dice", "Union (k)"],
+             [row for m in chosen for row in seg_report.per_checkpoint_rows(table, m, settings)]),
+    }
+    md = seg_report.table_markdown({"intro": _intro(cases, splits, settings, *entropy)}, tables)
+    write_bytes_atomic(out / "table.md", md.encode())
+    write_bytes_atomic(out / "table.csv", seg_report.table_csv(summaries, chosen, rows_order, settings).encode())
+    return {"summaries": summaries, "tuned": tuned, "leader": leader, "entropy": entropy}
+
+
 def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str | Path,
             settings: SegmentSettings = SegmentSettings(), **changes: Any) -> dict:
-    """Grid search DiffSeg over models x timesteps x grid sizes x thresholds; tables, overlays, results.json.
+    """Grid-search the zero-shot methods over models x timesteps x parameters on the tuning split; tables,
+    overlays and results.json on the report split.
 
     `settings` (with any `changes` to its fields, e.g. ``thresholds=[0.1]``): see :class:`SegmentSettings`.
-    Each model is loaded once for the grid and, when it is the best one, reused for the overlays.
+    Each model is loaded once for the grid and, when it is the chosen one, reused for the overlays.
     """
     settings = dataclasses.replace(settings, **changes) if changes else settings
     settings.check()
@@ -237,21 +175,65 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     settings = dataclasses.replace(settings, device=device,
                                    resolution=settings.resolution or model_resolution(paths[0], load))
     cases = load_all_cases(data, settings.resolution, settings.limit)
-    names = sorted({c.dataset for c in cases})
+    splits = assign_splits(cases, settings.report_fraction, settings.split_seed)
+    names = list(dict.fromkeys(c.dataset for c in cases))
     log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(names), settings.resolution, len(paths))
-    table = run_grid(paths, cases, out, settings, load)
-    sd_table = run_grid(sd_paths, cases, out, settings, load) if sd_paths else {}
-    best = seg_report.best_cells(table, names)
-    by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in table[best["combined"]]}
-    methods = {"diffseg": table[best["combined"]], **run_baselines(cases, by_id)}
-    if sd_table:
-        methods["sd15"] = sd_table[seg_report.best_cells(sd_table, [])["combined"]]
-    results = seg_report.write_outputs(out, table, sd_table, best, methods, settings)
+    table = {c: tag(r, splits) for c, r in run_grid(paths, cases, out, settings, load, model_label).items()}
+    best = choose(table, settings.variants(), names)
+    chosen = {m: best[m][seg_report.COMBINED] for m in settings.variants()}
+    if sd_paths:
+        sd_settings = dataclasses.replace(settings, methods=("diffseg",), refinements=("none",))
+        sd_table = {c: tag(r, splits) for c, r in run_grid(sd_paths, cases, out, sd_settings, load, model_label).items()}
+        chosen["sd15"] = seg_report.best_cells(sd_table, [])[seg_report.COMBINED]
+        table.update({dataclasses.replace(c, method="sd15"): r for c, r in sd_table.items()})
+        chosen["sd15"] = dataclasses.replace(chosen["sd15"], method="sd15")
+    primary = table[chosen[settings.variants()[0]]]
+    by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in primary}
+    methods = {m: table[c] for m, c in chosen.items()}
+    methods.update({m: tag(r, splits) for m, r in run_baselines(cases, by_id).items()})
+    tables = write_tables(out, cases, splits, table, methods, chosen, settings)
+    describe = settings.describe
+    results = {
+        "settings": {**settings.cell_settings(), "methods": list(settings.methods),
+                     "refinements": list(settings.refinements),
+                     "timesteps": [list(g) for g in settings.timestep_groups()],
+                     **{k: list(getattr(settings, k)) for k in ("thresholds", "grid_sizes", "taus", "alphas",
+                                                                "feature_sides")},
+                     "report_fraction": settings.report_fraction, "split_seed": settings.split_seed,
+                     "limit": settings.limit, "sd15": settings.sd15},
+        "datasets": {d: sum(1 for c in cases if c.dataset == d) for d in names},
+        "splits": {s: sorted(k) for s, k in subjects_by_split(cases, splits).items()},
+        "cells": [{"cell": asdict(c), "description": describe(c),
+                   "tuning": seg_report.summarize(only(recs, TUNE)), "report": seg_report.summarize(only(recs, REPORT))}
+                  for c, recs in sorted(table.items(), key=lambda kv: describe(kv[0]))],
+        "best": {d: {"cell": asdict(c), "description": describe(c)} for d, c in best[tables["leader"]].items()},
+        "best_by_method": {m: {d: {"cell": asdict(c), "description": describe(c)} for d, c in b.items()}
+                           for m, b in best.items()},
+        "leader": tables["leader"],
+        "methods": {m: {"name": seg_report.METHOD_NAMES[m], "summary": tables["summaries"][m],
+                        "tuning_dice": tables["tuned"].get(m), "per_image": only(recs, REPORT)}
+                    for m, recs in methods.items()},
+        "attention_entropy": {"mean": tables["entropy"][0], "max_possible": tables["entropy"][1]},
+        "tables": {"markdown": str(out / "table.md"), "csv": str(out / "table.csv")},
+    }
     if settings.n_overlay > 0:
-        cell = best["combined"]
-        model = load({model_label(p): p for p in paths + sd_paths}[cell.model])
-        results["overlays"] = seg_report.write_overlays(
-            out, cases, table[cell], settings.n_overlay,
-            lambda sel: segment_with(model, sel, [cell], cell.timestep, settings)[cell])
+        results["overlays"] = draw_overlays(out, cases, splits, table, chosen, paths + sd_paths, settings, load)
     write_results(out, seg_report.results_record(out, results))
     return results
+
+
+def draw_overlays(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[Cell, list[dict]],
+                  chosen: dict[str, Cell], paths: Sequence[Path], settings: SegmentSettings,
+                  load: ModelLoader) -> dict[str, str]:
+    """Per zero-shot method and dataset, the best and worst report-split images with its chosen configuration."""
+    by_label = {model_label(p): p for p in paths}
+    report_cases = [c for c in cases if splits[c.dataset, c.id] == REPORT]
+    drawn = {}
+    for method, cell in chosen.items():
+        model = load(by_label[cell.model])
+        real = dataclasses.replace(cell, method="diffseg") if method == "sd15" else cell
+        records = only(table[cell], REPORT)
+        drawn.update(write_overlays(
+            out, method, seg_report.METHOD_NAMES[method], report_cases, records, settings.n_overlay,
+            lambda sel, m=model, c=real: segment_cases(m, sel, [c], settings)[c]))
+    return drawn

@@ -1,0 +1,190 @@
+"""The grid's cells: UNet passes (one per image, timestep and noise draw), every cell's label maps, the cache.
+
+For one model and one group of timesteps, the passes give (a) the DiffSeg aggregated attention averaged over
+the passes and (b) the outputs of the encoder's self-attention layers (DiffCut's features), L2-normalised per
+pass and concatenated, so that their cosine similarity is the mean of the passes' similarities. Each cell's
+per-image scores are cached in ``OUT/cells/`` (a re-run only computes the missing cells).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass
+from dinodiff.evaluate.segment.data import SegCase
+from dinodiff.evaluate.segment.diffcut import diffcut
+from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_entropy, diffseg, map_side
+from dinodiff.evaluate.segment.metrics import score_labels, split_components
+from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
+from dinodiff.files import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+CELL_VERSION = 3
+Labels = list[tuple[np.ndarray, dict]]
+
+
+@dataclass
+class Passes:
+    """What the passes over one batch give: aggregated attention (B, N, N), averaged over the passes, and
+    DiffCut features per map side (0 = the encoder's final self-attention): (B, N, C x passes)."""
+
+    attention: torch.Tensor
+    features: dict[int, torch.Tensor]
+
+
+def feature_layers(names: Sequence[str], sides: Sequence[int]) -> dict[int, str]:
+    """Encoder self-attention layers (in call order) -> the one each DiffCut side reads: 0 = the last one (the
+    encoder's final self-attention, DiffCut's choice), s = the last one whose map is s x s."""
+    if not names:
+        raise ValueError("this UNet's encoder (down blocks) has no self-attention layer: DiffCut needs one "
+                         "(use a UNet with CrossAttnDownBlock2D).")
+    return {0: names[-1], **dict(zip(sides, names))}  # a later layer of the same side replaces an earlier one
+
+
+def _images_tensor(cases: Sequence[SegCase]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([c.image for c in cases])).float().div(255.0)[:, None]
+
+
+def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[int], settings: SegmentSettings,
+               features: bool, dtype: torch.dtype) -> Passes:
+    """Every (timestep, noise draw) pass over ``images``; see :class:`Passes`."""
+    seeds = list(settings.noise_seeds) or [None]
+    attention, feats = None, {}
+    for t in timesteps:
+        for seed in seeds:
+            cap = capture_pass(model, images, timestep=int(t), condition=settings.condition, noise_seed=seed,
+                               dtype=dtype, features=features)
+            agg = aggregate_attention(list(cap.maps.values()), dtype=dtype)
+            attention = agg if attention is None else attention.add_(agg)
+            if features:
+                names = list(cap.features)
+                sides = [map_side(cap.features[n].shape[1]) for n in names]
+                for side, name in feature_layers(names, sides).items():
+                    feats.setdefault(side, []).append(F.normalize(cap.features[name], dim=-1))
+    attention.div_(len(timesteps) * len(seeds))
+    return Passes(attention, {side: torch.cat(parts, dim=-1) for side, parts in feats.items()})
+
+
+def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings,
+               done: dict[Cell, tuple] | None = None) -> tuple:
+    """One image's label map and info for one cell; ``done`` holds this image's unrefined maps, so that a
+    refined cell reuses its method's map instead of running the method again."""
+    plain = dataclasses.replace(cell, refine="none")
+    if done is None or plain not in done:
+        result = _method_labels(plain, passes, b, shape, settings)
+        if done is None:
+            done = {}
+        done[plain] = result
+    labels, info = done[plain]
+    if cell.refine == "components":
+        labels = torch.from_numpy(split_components(labels.cpu().numpy()))
+    return labels, dict(info)
+
+
+def _method_labels(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
+    if cell.method == "diffcut":
+        if cell.grid not in passes.features:
+            raise ValueError(f"no encoder self-attention map of side {cell.grid} (sides: "
+                             f"{sorted(s for s in passes.features if s)}); use --feature-sides 0 for the final one.")
+        labels, found = diffcut(passes.features[cell.grid][b], cell.threshold, cell.alpha, shape)
+        return labels, {"feature_segments": found}
+    labels, used = diffseg(passes.attention[b], cell.grid, [cell.threshold] * settings.merge_iterations, shape,
+                           mode=settings.threshold_mode)
+    return labels, {"thresholds": [round(t, 6) for t in used]}
+
+
+def segment_cases(model: AttentionModel, cases: Sequence[SegCase], cells: Sequence[Cell],
+                  settings: SegmentSettings) -> dict[Cell, Labels]:
+    """Label maps and per-image info for every cell (all with the same timesteps) from the batched passes."""
+    timesteps = {c.timesteps for c in cells}
+    if len(timesteps) != 1:
+        raise ValueError(f"segment_cases takes cells of one timestep group, got {sorted(timesteps)}")
+    half = model.device.type == "cuda"  # fp16 maps on GPU: half the memory of the 4-D attention tensor
+    dtype = torch.float16 if half else torch.float32
+    need_features = any(c.method == "diffcut" for c in cells)
+    side_needed = max((c.grid for c in cells if c.method == "diffseg"), default=0)
+    results: dict[Cell, Labels] = {c: [] for c in cells}
+    for start in range(0, len(cases), settings.batch_size):
+        batch = cases[start:start + settings.batch_size]
+        images = _images_tensor(batch)
+        passes = run_passes(model, images, next(iter(timesteps)), settings, need_features, dtype)
+        side = map_side(passes.attention.shape[-1])
+        if side_needed > side:
+            raise ValueError(f"grid size {side_needed} larger than the model's largest self-attention map "
+                             f"({side}x{side}) at {images.shape[-1]} px: use --grid-size <= {side}.")
+        for b, case in enumerate(batch):
+            entropy, max_entropy = attention_entropy(passes.attention[b])
+            done: dict[Cell, tuple] = {}
+            for cell in cells:
+                labels, info = label_cell(cell, passes, b, case.image.shape, settings, done)
+                info.update(entropy=round(entropy, 4), max_entropy=round(max_entropy, 4))
+                results[cell].append((labels.cpu().numpy(), info))
+    return results
+
+
+def record(case: SegCase, labels: np.ndarray, extra: dict | None = None) -> dict:
+    """One image's scores (Hungarian per lung and both, union, best single segment) and its identity."""
+    score = score_labels(labels, case.lungs)
+    hung = {k: v for k, v in score["hungarian"].items() if k != "segments"}
+    return {"id": case.id, "dataset": case.dataset, "n_segments": score["n_segments"], "hungarian": hung,
+            "union": {k: v for k, v in score["union"].items() if k != "n_segments"}, "single": score["single"],
+            **(extra or {})}
+
+
+def _cell_path(out: Path, cell: Cell, settings: SegmentSettings) -> Path:
+    s = settings
+    noise = "" if not s.noise_seeds else "_noise" + "-".join(str(n) for n in s.noise_seeds)
+    params = (f"g{cell.grid}_{s.threshold_mode[:3]}{cell.threshold:g}x{s.merge_iterations}" if cell.method == "diffseg"
+              else f"side{cell.grid}_tau{cell.threshold:g}_alpha{cell.alpha:g}")
+    refine = "" if cell.refine == "none" else f"_{cell.refine}"
+    name = f"{cell.method}_t{cell.timestep_label}_{params}{refine}_{s.condition}{noise}_r{s.resolution}.json"
+    return out / "cells" / cell.model / name
+
+
+def _cell_key(cell: Cell, settings: SegmentSettings, images: str, model_path: Path) -> dict:
+    return {"version": CELL_VERSION, **asdict(cell), **settings.cell_settings(), "images": images,
+            "model_path": str(model_path.resolve())}
+
+
+def _read_cell(path: Path, key: dict) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data["images"] if data.get("key") == json.loads(json.dumps(key)) else None
+
+
+def run_grid(models: Sequence[Path], cases: Sequence[SegCase], out: Path, settings: SegmentSettings,
+             load: Callable[[Path], AttentionModel], label: Callable[[Path], str]) -> dict[Cell, list[dict]]:
+    """Every cell's per-image records, from the cache where it is complete, else computed and cached."""
+    images = hashlib.sha1(json.dumps([(c.dataset, c.id) for c in cases]).encode()).hexdigest()[:12]
+    table: dict[Cell, list[dict]] = {}
+    for path in models:
+        for group in settings.timestep_groups():
+            todo = []
+            for cell in settings.method_cells(label(path), group):
+                cached = _read_cell(_cell_path(out, cell, settings), _cell_key(cell, settings, images, path))
+                if cached is None:
+                    todo.append(cell)
+                else:
+                    table[cell] = cached
+            if not todo:
+                continue
+            started = time.perf_counter()
+            for cell, items in segment_cases(load(path), cases, todo, settings).items():
+                table[cell] = [record(c, labels, info) for c, (labels, info) in zip(cases, items)]
+                body = {"key": _cell_key(cell, settings, images, path), "images": table[cell]}
+                write_bytes_atomic(_cell_path(out, cell, settings), json.dumps(body, indent=1).encode())
+            log.info("%s t=%s: %d cells on %d images in %.1f s", label(path), todo[0].timestep_label, len(todo),
+                     len(cases), time.perf_counter() - started)
+    return table
