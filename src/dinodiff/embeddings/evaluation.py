@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dinodiff.embeddings.data import CachedEmbeddings, HoldoutSplit, multi_hot
-from dinodiff.embeddings.metrics import embedding_report, frechet_distance, nearest_training, precision_recall
+from dinodiff.embeddings.metrics import (MAX_ROWS, embedding_report, frechet_distance, nearest_training,
+                                         precision_recall)
 from dinodiff.embeddings.model_io import EmbeddingModel, load_embedding_model, sample_embeddings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _normalised(model: EmbeddingModel, data: CachedEmbeddings) -> torch.Tensor:
 
 
 def _quality(reference: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> dict[str, float]:
-    precision, recall = precision_recall(reference, rows, k, chunk)
+    precision, recall = precision_recall(reference, rows, k, chunk, MAX_ROWS)  # as embedding_report's
     return {"precision": precision, "recall": recall, "fd": frechet_distance(reference, rows)}
 
 
