@@ -6,6 +6,7 @@ preprocessed exactly as `prepare` does (bit depth -> uint8, border removal, cent
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 from dinodiff.data.datasets import discover
 from dinodiff.data.preprocess import preprocess_image
 from dinodiff.data.readers import UnreadableImage, load_image
-from dinodiff.data.shards import list_shards, read_samples
+from dinodiff.data.shards import decode_png, list_shards, read_members
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def iter_sources(source: str | Path, *, size: int, kind: str = "auto", split: Op
     discover_options go to the adapter, e.g. path_column=, label_columns=['finding'], root= for a CSV.
     """
     if kind == "shards" or (kind == "auto" and is_prepared(source)):
-        stream = _from_shards(source, split)
+        stream = _from_shards(source, split, ids)
     else:
         stream = _from_records(source, kind, split, size, min(64, size) if min_size is None else min_size,
                                discover_options, ids)
@@ -67,14 +68,17 @@ def iter_sources(source: str | Path, *, size: int, kind: str = "auto", split: Op
             return  # every wanted source found: do not read the rest
 
 
-def _from_shards(source: str | Path, split: Optional[str]) -> Iterator[SourceImage]:
+def _from_shards(source: str | Path, split: Optional[str], ids: Optional[set[str]] = None) -> Iterator[SourceImage]:
+    """Shard samples in order; with `ids`, a sample is matched by its key before anything of it is decoded."""
     path = Path(source)
     urls = [str(path)] if path.is_file() else list_shards(path, split)
     if not urls:
         raise FileNotFoundError(f"No {split + ' ' if split else ''}shards in {source}.")
-    for sample in read_samples(urls):
-        meta = sample.get("json", {})
-        yield SourceImage(sample["__key__"], dict(meta.get("labels") or {}), sample["image"], subject_of(meta),
+    for key, fields in read_members(urls):
+        if (ids is not None and key not in ids) or "png" not in fields:
+            continue
+        meta = json.loads(fields["json"]) if "json" in fields else {}
+        yield SourceImage(key, dict(meta.get("labels") or {}), decode_png(fields["png"]), subject_of(meta),
                           str(meta["path"]) if meta.get("path") else None)
 
 
