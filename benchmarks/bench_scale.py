@@ -188,6 +188,9 @@ CLASSIFY_REGIME = 200  # a fixed subset (50 per stratum: 3 labels + none) drawn 
 
 
 def classify_setup(data: Path, n: int) -> Path:
+    import dinodiff.evaluate.classify.images  # noqa: F401 - imports (sklearn, ...) before the clock starts
+    import dinodiff.evaluate.classify.subsets  # noqa: F401
+
     _prepared(data, n)
     shutil.rmtree(data / "classify", ignore_errors=True)
     return data
@@ -220,6 +223,8 @@ def embedding_setup(data: Path, n: int) -> tuple:
     """Random float32 arrays of c_GLB's shape (the metrics' cost depends on shapes, not values): N training
     images x K views, and the samples; patients: 2 images each."""
     import torch
+
+    import dinodiff.embeddings.metrics  # noqa: F401 - imports (scipy.linalg) before the clock starts
 
     rng = np.random.default_rng(n)
     views = torch.from_numpy(rng.standard_normal((n, EMBEDDING_SHAPE[0], EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]),
