@@ -24,8 +24,8 @@ from dinodiff.embeddings import (
     train_embeddings,
 )
 from dinodiff.embeddings.data import CachedEmbeddings, split_holdout
-from dinodiff.embeddings.metrics import (COPY_FACTOR, coverage, knn_radii, nearest, nearest_training,
-                                         own_distances)
+from dinodiff.embeddings.metrics import (COPY_FACTOR, _moments, coverage, knn_radii, nearest, nearest_training,
+                                         own_distances, subsample)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -212,6 +212,47 @@ def test_the_holdout_is_drawn_within_a_prepared_train_split():
     for fraction in (0.1, 0.2):
         held = len(split_holdout(data, fraction, seed=0).holdout)
         assert abs(held / len(keys) - fraction) < 0.05, (fraction, held)
+
+
+def test_subsampled_copy_scale_and_precision_recall_are_the_full_computation_on_the_subsample():
+    rng = np.random.default_rng(2)
+    views = torch.from_numpy(rng.normal(size=(300, 2, 8))).float()
+    subjects = np.arange(300) // 3
+    chosen = subsample(300, 40, seed=5)
+    assert len(chosen) == 40 and np.array_equal(chosen, np.sort(chosen)) and subsample(300, 300) is None
+    full = own_distances(views, subjects)
+    assert torch.equal(own_distances(views, subjects, queries=40, seed=5), full[chosen])  # against every view
+    assert torch.equal(own_distances(views, subjects, queries=300), full)
+    real, fake = views[:, 0], views[:120, 1] + 0.3
+    assert precision_recall(real, fake, max_rows=50, seed=5) == precision_recall(
+        real[subsample(300, 50, 5)], fake[subsample(120, 50, 5)])
+    assert precision_recall(real, fake, max_rows=300) == precision_recall(real, fake)
+
+
+def test_chunked_moments_equal_numpy_and_fd_matches_its_formula():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(103, 5)) * [1, 2, 3, 4, 5] + 1e3  # far from 0: the shift keeps the sums accurate
+    for chunk in (7, 50, 1000):
+        mean, cov = _moments(torch.from_numpy(x).float(), chunk)
+        assert np.allclose(mean, x.astype(np.float32).mean(0), rtol=1e-6)
+        assert np.allclose(cov, np.cov(x.astype(np.float32).astype(np.float64), rowvar=False), rtol=1e-6, atol=1e-6)
+
+
+def test_embedding_report_compares_linearly_many_pairs_in_the_training_set_size(monkeypatch):
+    """The issue-22 bar as arithmetic, not speed: the distances computed grow linearly with the training set
+    (the copy scale and precision/recall are subsampled), not as M^2."""
+    pairs = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda x, y, *a, **kw: pairs.append(len(x) * len(y)) or cdist(x, y, *a, **kw))
+    counts = {}
+    for m in (600, 1200):
+        rng = np.random.default_rng(m)
+        views, sampled = torch.from_numpy(rng.normal(size=(m, 2, 6))).float(), torch.randn(50, 6)
+        pairs.clear()
+        report = embedding_report(sampled, views, chunk=256, calibration_queries=100, max_rows=200)
+        counts[m] = sum(pairs)
+        assert report["n_train"] == m and report["train_nn_queries"] == 100 and report["pr_rows"] == [200, 50]
+    assert counts[1200] <= 2.05 * counts[600]
 
 
 def test_holdout_takes_whole_subjects_and_is_seeded():

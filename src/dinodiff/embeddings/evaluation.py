@@ -23,6 +23,7 @@ import torch
 
 from dinodiff.embeddings.data import CachedEmbeddings, HoldoutSplit, multi_hot
 from dinodiff.embeddings.metrics import (
+    MAX_ROWS,
     embedding_report,
     frechet_distance,
     nearest_training,
@@ -45,7 +46,7 @@ def _normalised(model: EmbeddingModel, data: CachedEmbeddings) -> torch.Tensor:
 
 
 def _quality(reference: torch.Tensor, rows: torch.Tensor, k: int, chunk: int) -> dict[str, float]:
-    precision, recall = precision_recall(reference, rows, k, chunk)
+    precision, recall = precision_recall(reference, rows, k, chunk, MAX_ROWS)  # as embedding_report's
     return {"precision": precision, "recall": recall, "fd": frechet_distance(reference, rows)}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +17,6 @@ from dinodiff.data.image_sets import (
     SourceImage,
     SyntheticDataset,
     iter_sources,
-    label_names,
 )
 from dinodiff.evaluate.classify.settings import DataSettings
 from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
@@ -75,25 +74,29 @@ def _open(path: Path, count: int, size: int) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=(count, size, size))
 
 
-def _read_sources(data: DataSettings, size: int) -> tuple[list[SourceImage], list[str] | None]:
-    """Every labelled source image, and the source's own split ('train'/'test') when it has a test split."""
+def _read_sources(data: DataSettings, size: int) -> Iterator[tuple[SourceImage, str | None]]:
+    """Every labelled source image, streamed (decoded one at a time), with the source's own split ('train'/'test')
+    when it has a test split, else None: the train split first, then the test split."""
     options = source_options(data)
+    test = iter_sources(data.source, size=size, split="test", **options)
     try:
-        test = list(iter_sources(data.source, size=size, split="test", **options))
+        first = next(test, None)
     except FileNotFoundError:  # shards without a test split
-        test = []
-    if test:
-        train = list(iter_sources(data.source, size=size, split="train", **options))
-        return train + test, ["train"] * len(train) + ["test"] * len(test)
-    every = list(iter_sources(data.source, size=size, split=None, **options))
+        first = None
+    if first is not None:
+        yield from ((s, "train") for s in iter_sources(data.source, size=size, split="train", **options))
+        yield first, "test"
+        yield from ((s, "test") for s in test)
+        return
     logger.info("%s has no test split: %.0f%% of its subjects go to the test set by subject hash (seed %d)",
                 data.source, 100 * data.test_fraction, data.split_seed)
-    return every, None
+    yield from ((s, None) for s in iter_sources(data.source, size=size, split=None, **options))
 
 
 def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
     """The real images at `size` px with their subjects and split, decoded once into `cache` (rebuilt if the data
-    settings change). Raises SubjectPatternMismatch when data.subject_pattern misses an id that needs it."""
+    settings change). Raises SubjectPatternMismatch when data.subject_pattern misses an id that needs it.
+    Images are streamed into the memmap: only ids, subjects and labels are held, never the decoded images."""
     key = {"data": asdict(data), "size": size, "format": REAL_FORMAT}
     index_path, raw_path = cache / f"real-{size}.json", cache / f"real-{size}.u8"
     if index_path.is_file() and raw_path.is_file():
@@ -102,17 +105,29 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
             return _real_set(index, raw_path, size)
     if not data.source:
         raise ValueError("No real data: set data.source (a prepared folder, shards, a labelled CSV or a dataset root).")
-    sources, own_split = _read_sources(data, size)
-    if not sources:
-        raise FileNotFoundError(f"No labelled images found in {data.source}.")
-    ids = [s.id for s in sources]
-    subjects, counts = resolve_subjects(ids, [s.subject for s in sources], data.subject_pattern)
-    splits = split_by_subject(subjects, own_split, data.test_fraction, data.split_seed)
+    ids: list[str] = []
+    known: list[str | None] = []
+    own: list[str | None] = []
+    labels: list[dict[str, float | None]] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for source, split in _read_sources(data, size):
+            ids.append(source.id)
+            known.append(source.subject)
+            own.append(split)
+            labels.append(source.labels)
+            yield source.image
+
     cache.mkdir(parents=True, exist_ok=True)
-    names = label_names(sources)
-    count = _write_images(raw_path, (s.image for s in sources))
+    count = _write_images(raw_path, images())
+    if not count:
+        raw_path.unlink(missing_ok=True)
+        raise FileNotFoundError(f"No labelled images found in {data.source}.")
+    subjects, counts = resolve_subjects(ids, known, data.subject_pattern)
+    splits = split_by_subject(subjects, own if own[0] is not None else None, data.test_fraction, data.split_seed)
+    names = sorted({name for row in labels for name in row})
     index = {"key": key, "count": count, "names": names, "ids": ids, "split": splits.tolist(), "subjects": subjects,
-             "subject_counts": counts, "labels": [[s.labels.get(n) for n in names] for s in sources]}
+             "subject_counts": counts, "labels": [[row.get(n) for n in names] for row in labels]}
     write_json_atomic(index_path, index)
     logger.info("cached %d real images at %d px in %s", count, size, raw_path)
     return _real_set(index, raw_path, size)

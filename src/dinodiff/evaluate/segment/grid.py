@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass
 from dinodiff.evaluate.segment.data import SegCase
 from dinodiff.evaluate.segment.diffcut import diffcut
-from dinodiff.evaluate.segment.diffseg import aggregate_attention, attention_entropy, diffseg, map_side
+from dinodiff.evaluate.segment.diffseg import (
+    aggregate_attention,
+    attention_entropy,
+    diffseg,
+    map_side,
+)
 from dinodiff.evaluate.segment.metrics import score_labels, split_components
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic

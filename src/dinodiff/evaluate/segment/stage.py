@@ -27,10 +27,21 @@ from dinodiff.evaluate.segment import report as seg_report
 from dinodiff.evaluate.segment.attention import AttentionModel, load_attention_model
 from dinodiff.evaluate.segment.data import SegCase, load_cases
 from dinodiff.evaluate.segment.grid import record, run_grid, segment_cases
-from dinodiff.evaluate.segment.metrics import mean_mask_prior, otsu_segments, position_kmeans
+from dinodiff.evaluate.segment.metrics import (
+    mean_mask_prior,
+    otsu_segments,
+    position_kmeans,
+)
 from dinodiff.evaluate.segment.overlays import write_overlays
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
-from dinodiff.evaluate.segment.split import REPORT, TUNE, assign_splits, only, subjects_by_split, tag
+from dinodiff.evaluate.segment.split import (
+    REPORT,
+    TUNE,
+    assign_splits,
+    only,
+    subjects_by_split,
+    tag,
+)
 from dinodiff.files import write_bytes_atomic
 from dinodiff.results import write_results
 
