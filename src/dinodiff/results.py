@@ -16,12 +16,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from dinodiff.files import write_text_atomic
 
 RESULTS_FILE = "results.json"
-Table = Union[list[dict[str, Any]], str]  # row dicts, Markdown text, or a .md/.csv file relative to the record
+Table = list[dict[str, Any]] | str  # row dicts, Markdown text, or a .md/.csv file relative to the record
 
 
 class ResultsError(ValueError):

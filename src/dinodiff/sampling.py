@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Union
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-Generators = Union[torch.Generator, list[torch.Generator], None]
+Generators = torch.Generator | list[torch.Generator] | None
 
 # Short names accepted wherever a sampling scheduler is chosen (`--scheduler`); any diffusers class name works too.
 SCHEDULERS = {

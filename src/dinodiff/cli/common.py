@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import click
 import typer
@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ErrorKinds = Union[type, tuple]  # an exception class or a tuple of them, as in an `except` clause
+ErrorKinds = type | tuple  # an exception class or a tuple of them, as in an `except` clause
 
 
 def fail(message: str, code: int = 1) -> None:

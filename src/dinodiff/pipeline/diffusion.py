@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -34,7 +34,7 @@ from dinodiff.sampling import Generators, inference_scheduler, sample_latents
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[torch.Tensor, np.ndarray, PIL.Image.Image, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
+ImageInput = torch.Tensor | np.ndarray | PIL.Image.Image | Sequence[PIL.Image.Image] | Sequence[np.ndarray]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
