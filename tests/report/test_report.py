@@ -269,8 +269,9 @@ def test_a_dinodiff_fid_result_file_is_shown_with_its_features(tmp_path):
               "tap": "features2", "weights": "densenet121-res224-all", "real": "prepared", "fake": "generated/rec",
               "seed": 0}
     write_results(tmp_path / "work" / "fid.json", fid_results(result, "test"))  # `dinodiff fid --out fid.json`
+    (tmp_path / "work" / "dinodiff_encoder.json").write_text(json.dumps({"kind": "dino", "step": 200}))  # not a record
     summary = build_report(tmp_path / "work")
-    assert summary["keys"] == ["fid"]
+    assert summary["keys"] == ["fid"] and summary["problems"] == []
     md = summary["markdown"].read_text()
     assert "| FID (xrv:features2) of rec | 12.35 |" in md and "| prepared | generated/rec | 12.35 |" in md
     assert "30 / 48" in md and "densenet121-res224-all" in md

@@ -72,7 +72,8 @@ def _visit(folder: Path, names: set[str], dirs: set[str], found: Found) -> None:
         try:
             found.results.append((folder / name, read_results(folder / name)))
         except ResultsError as err:
-            found.problems.append(str(err))
+            if name == RESULTS_FILE:  # another JSON file with a "kind" (an encoder's metadata) is not a record
+                found.problems.append(str(err))
 
 
 def discover(root: str | Path) -> Found:
