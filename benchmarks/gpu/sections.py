@@ -131,24 +131,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_train(unet, opt, sched, sz: Sizes, batch_size: int, device: torch.device, steps: int, seconds: float) -> dict:
-    batch = random_batch(sz, batch_size, device)
-    for _ in range(2 if device.type == "cuda" else 1):  # warm-up (allocator, cuDNN/SDPA kernel choice)
-        train_step(unet, opt, sched, batch, device)
+def timed_steps(step, batch_size: int, device: torch.device, steps: int, seconds: float) -> dict:
+    """Time `step()` (one training step, returning its loss) after warm-up (allocator, cuDNN/SDPA kernel choice):
+    at least 3 steps on a GPU (1 on a CPU), then until `steps` or `seconds`; speed, peak memory and the last loss."""
+    for _ in range(2 if device.type == "cuda" else 1):
+        step()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     done, start = 0, time.perf_counter()
     least = 3 if device.type == "cuda" else 1
     while done < steps and (done < least or time.perf_counter() - start < seconds):
-        loss = train_step(unet, opt, sched, batch, device)
+        loss = step()
         done += 1
     sync(device)
     elapsed = (time.perf_counter() - start) / done
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"batch": batch_size, "steps_timed": done, "s_per_step": round(elapsed, 4),
             "images_per_s": round(batch_size / elapsed, 2), "peak_mem_GiB": None if peak is None else round(peak, 2),
-            "loss": round(loss, 4)}
+            "loss": round(float(loss), 4)}
+
+
+def time_train(unet, opt, sched, sz: Sizes, batch_size: int, device: torch.device, steps: int, seconds: float) -> dict:
+    batch = random_batch(sz, batch_size, device)
+    return timed_steps(lambda: train_step(unet, opt, sched, batch, device), batch_size, device, steps, seconds)
 
 
 def train_throughput(args: argparse.Namespace) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from sections import Sizes, chip_peak, count_train_flops, save_partial, sizes, sync, time_train, train_scheduler
+from sections import (Sizes, chip_peak, count_train_flops, save_partial, sizes, sync, time_train, timed_steps,
+                      train_scheduler)
 
 from dinodiff.config import load_config
 from dinodiff.data.shards import write_shard
@@ -101,25 +102,10 @@ def make_trainer(args: argparse.Namespace, sz: Sizes) -> Trainer:
 
 # ------------------------------------------------------------------------------------------ timing
 def time_trainer(trainer: Trainer, batch: int, steps: int, seconds: float) -> dict:
-    """Steps of the real loop (data included) after 2 warm-up steps; nothing in a step waits for the GPU."""
-    device = trainer.accelerator.device
+    """Steps of the real loop (data included) after warm-up; nothing in a step waits for the GPU."""
     trainer.cfg.train.batch_size = batch
     batches = trainer._batches()
-    for _ in range(2 if device.type == "cuda" else 1):
-        trainer._optimizer_step(batches)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    done, start, least = 0, time.perf_counter(), 3 if device.type == "cuda" else 1
-    while done < steps and (done < least or time.perf_counter() - start < seconds):
-        loss, _ = trainer._optimizer_step(batches)
-        done += 1
-    sync(device)
-    elapsed = (time.perf_counter() - start) / done
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"batch": batch, "steps_timed": done, "s_per_step": round(elapsed, 4),
-            "images_per_s": round(batch / elapsed, 2), "peak_mem_GiB": None if peak is None else round(peak, 2),
-            "loss": round(float(loss), 4)}
+    return timed_steps(lambda: trainer._optimizer_step(batches)[0], batch, trainer.accelerator.device, steps, seconds)
 
 
 class Rows:

@@ -267,7 +267,7 @@ def resolve_model(path: str | Path, marker: str = MODEL_MARKER) -> ModelChoice:
 
 
 def _best_how(run_dir: Path) -> str:
-    record = read_best(run_dir) if (run_dir / "best" / "best.json").is_file() else None
+    record = read_best(run_dir)
     if not record:
         return "the run's selected best/model"
     split = (record.get("scores") or {}).get("split")

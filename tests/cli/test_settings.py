@@ -74,15 +74,22 @@ def test_every_settings_command_takes_config_and_fid_defaults_are_the_settings()
     assert sweep["batch_size"] == FidSettings().batch_size and sweep["steps"] == FidSettings().sample_steps
 
 
-def test_segment_reads_its_settings_from_a_file(tmp_path, monkeypatch):
-    captured = {}
+@pytest.fixture
+def captured(monkeypatch) -> dict:
+    """The SegmentSettings `dinodiff segment` builds, under "settings"; the stage itself stops at once (exit 2)."""
     import dinodiff.evaluate.segment.stage as stage
 
+    seen: dict = {}
+
     def fake_segment(models, data, out, settings):
-        captured["settings"] = settings
+        seen["settings"] = settings
         raise FileNotFoundError("stop here")
 
     monkeypatch.setattr(stage, "segment", fake_segment)
+    return seen
+
+
+def test_segment_reads_its_settings_from_a_file(tmp_path, captured):
     config = tmp_path / "seg.yaml"
     config.write_text("thresholds: [0.1, 0.2]\ntimesteps: [100, 300]\nbatch_size: 2\n")
     result = CliRunner().invoke(app, ["segment", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
@@ -93,15 +100,7 @@ def test_segment_reads_its_settings_from_a_file(tmp_path, monkeypatch):
     assert Path(tmp_path).exists()
 
 
-def test_segment_methods_groups_and_refinements_come_from_the_file_or_the_typed_options(tmp_path, monkeypatch):
-    captured = {}
-    import dinodiff.evaluate.segment.stage as stage
-
-    def fake_segment(models, data, out, settings):
-        captured["settings"] = settings
-        raise FileNotFoundError("stop here")
-
-    monkeypatch.setattr(stage, "segment", fake_segment)
+def test_segment_methods_groups_and_refinements_come_from_the_file_or_the_typed_options(tmp_path, captured):
     config = tmp_path / "seg.yaml"
     config.write_text("methods: [diffseg, diffcut]\ntimesteps: [300, [100, 300], '50+300']\nrefinements: [none, "
                       "components]\nnoise_seeds: [1, 2]\ntaus: [0.5, 0.7]\nreport_fraction: 0.4\n")
