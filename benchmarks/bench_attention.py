@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dinodiff import runs
-from dinodiff.config import load_config
+from dinodiff.config import load_training_settings
 from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass, dinodiff_model
 from dinodiff.evaluate.segment.data import load_cases
 from dinodiff.evaluate.segment.locality import layer_locality
@@ -56,7 +56,7 @@ def load(model_dir: Path, weights: str) -> AttentionModel:
         parts.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         parts.projection.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("projection.")})
     elif weights == "untrained":
-        cfg = load_config(model_dir.parent.parent.parent / "config.yaml")
+        cfg = load_training_settings(model_dir.parent.parent.parent / "config.yaml")
         torch.manual_seed(int(cfg.train.seed))
         fresh = build_components(cfg.model)
         parts.unet.load_state_dict(fresh.unet.state_dict())

@@ -85,14 +85,14 @@ def bench_extraction(args, tmp: Path, device: torch.device) -> list[tuple]:
 
 
 def tiny_run(tmp: Path) -> Path:
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
     from dinodiff.data.phantoms import write_phantoms
     from dinodiff.prepare import prepare
     from dinodiff.train.trainer import train
 
     source = write_phantoms(tmp / "raw", 48, size=96, seed=0, progress=False)
     prepare([source], tmp / "prepared", size=64, shard_size=16, workers=1, test_fraction=0.5, seed=0, progress=False)
-    cfg = load_config("tiny", [f"data.shards={tmp / 'prepared'}", f"train.run_dir={tmp / 'run'}", "train.max_steps=6",
+    cfg = load_training_settings("tiny", [f"data.shards={tmp / 'prepared'}", f"train.run_dir={tmp / 'run'}", "train.max_steps=6",
                                "train.checkpoint_every=2", "train.keep_last=3", "train.sample_every=100"])
     return train(cfg)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 # name -> (preset, resolution, frozen models, default batch)
 CASES = {
     "tiny": ("tiny", 32, "preset", 16),
@@ -40,7 +39,7 @@ def _paper_frozen_models(folder: Path) -> tuple[str, str]:
 
 
 def build_pipeline(case: str, workdir: Path, device: str):
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
     from dinodiff.models.factory import build_components
     from dinodiff.pipeline import DiNODiffusionPipeline
 
@@ -52,7 +51,7 @@ def build_pipeline(case: str, workdir: Path, device: str):
                       "model.autoencoder.kind=kl", f"model.autoencoder.path={vae}",
                       "model.autoencoder.scaling_factor=0.18215"]
     torch.manual_seed(0)
-    parts = build_components(load_config(preset, overrides).model)
+    parts = build_components(load_training_settings(preset, overrides).model)
     pipe = DiNODiffusionPipeline.from_components(parts).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

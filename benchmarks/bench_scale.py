@@ -75,11 +75,11 @@ def tiny_model(work: Path) -> Path:
     """A random model of the `tiny` preset (32 px), saved once as a model folder."""
     folder = work / "tiny-model"
     if not (folder / "model_index.json").is_file():
-        from dinodiff.config import load_config
+        from dinodiff.config import load_training_settings
         from dinodiff.models.factory import build_components
         from dinodiff.pipeline import save_model_folder
 
-        cfg = load_config("tiny")
+        cfg = load_training_settings("tiny")
         parts = build_components(cfg.model)
         save_model_folder(folder, unet=parts.unet, projection=parts.projection, autoencoder=parts.autoencoder,
                           noise_scheduler=parts.noise_scheduler, model_cfg=cfg.model, encoder=parts.encoder)
@@ -100,10 +100,10 @@ VIEWS = int(os.environ.get("BENCH_SCALE_VIEWS", "2"))
 
 def stage_cache(data: Path, n: int) -> None:
     from dinodiff.cache import build_cache
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
 
     shutil.rmtree(data / "cache", ignore_errors=True)
-    cfg = load_config("tiny", [f"data.shards={data / 'prepared'}", f"train.run_dir={data / 'run'}"])
+    cfg = load_training_settings("tiny", [f"data.shards={data / 'prepared'}", f"train.run_dir={data / 'run'}"])
     build_cache(cfg, data / "cache", views=VIEWS, batch_size=256, progress=False, num_workers=1)
 
 
@@ -112,8 +112,8 @@ def stage_generate_plan(data: Path, n: int) -> None:
 
     from dinodiff.generate.outputs import start_provenance, write_labels
     from dinodiff.generate.plan import GenerateSettings
-    from dinodiff.pipeline.sample import load_pipeline
     from dinodiff.generate.stage import plan_job
+    from dinodiff.pipeline.sample import load_pipeline
 
     out, model, prepared = data / "generated", tiny_model(data.parent), data / "prepared"
     shutil.rmtree(out, ignore_errors=True)

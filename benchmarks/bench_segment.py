@@ -29,7 +29,7 @@ CASES = {"small": ("cpu-small", "preset"), "sd15": ("sd15-dinov1", "paper")}
 def build_model(name: str, size: int, workdir: Path, device: str):
     import torch
 
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
     from dinodiff.evaluate.segment.attention import dinodiff_model
     from dinodiff.models.factory import build_components
 
@@ -43,7 +43,7 @@ def build_model(name: str, size: int, workdir: Path, device: str):
         overrides += [f"model.encoder.name_or_path={vit}", "model.encoder.tokens=[cls,pooler]",
                       f"model.autoencoder.path={vae}", "model.autoencoder.scaling_factor=0.18215"]
     torch.manual_seed(0)
-    parts = build_components(load_config(preset, overrides).model)
+    parts = build_components(load_training_settings(preset, overrides).model)
     for module in (parts.encoder, parts.autoencoder, parts.unet, parts.projection):
         module.to(device).eval()
     return dinodiff_model(parts.encoder, parts.autoencoder, parts.unet, parts.projection, parts.noise_scheduler)

@@ -84,7 +84,7 @@ def run_case(name: str, mode: str, args: argparse.Namespace) -> dict:
     import torch
 
     from dinodiff.cache import build_cache
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings, with_overrides
     from dinodiff.train.trainer import Trainer
 
     preset, resolution, frozen, batch = CASES[name]
@@ -102,12 +102,12 @@ def run_case(name: str, mode: str, args: argparse.Namespace) -> dict:
     if name == "sd15":
         overrides += ["train.gradient_checkpointing=false"]
     overrides.append(f"data.shards={prepared_data(work, max(resolution, 64))}")
-    cfg = load_config(preset, overrides)
+    cfg = load_training_settings(preset, overrides)
     if mode == "cache":
         cache_dir = work / f"cache-{name}"
         start = time.time()
         build_cache(cfg, cache_dir, views=1, batch_size=batch, progress=False)
-        cfg.data.cache = str(cache_dir)
+        cfg = with_overrides(cfg, [f"data.cache={cache_dir}"])
     trainer = Trainer(cfg)
     cuda = trainer.accelerator.device.type == "cuda"
     batches = trainer._batches()

@@ -55,6 +55,6 @@ def prepared_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(run_dir: Path, shards: Path, *overrides: str):
     """The `tiny` preset pointed at `shards`, writing to `run_dir`."""
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
 
-    return load_config("tiny", [f"data.shards={shards}", f"train.run_dir={run_dir}", *overrides])
+    return load_training_settings("tiny", [f"data.shards={shards}", f"train.run_dir={run_dir}", *overrides])

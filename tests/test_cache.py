@@ -10,6 +10,7 @@ from conftest import tiny_config
 
 import dinodiff.cache as cache_mod
 from dinodiff.cache import build_cache
+from dinodiff.config import with_overrides
 
 
 def _shards(folder):
@@ -45,6 +46,6 @@ def test_a_worker_stops_on_a_damaged_shard_when_asked_to(tmp_path, prepared_phan
     cfg = tiny_config(tmp_path / "run", copy, "data.on_corrupt=stop")
     with pytest.raises(Exception, match=tar.name):
         build_cache(cfg, tmp_path / "cache", views=1, batch_size=4, progress=False, num_workers=2)
-    cfg.data.on_corrupt = "skip"
+    cfg = with_overrides(cfg, ["data.on_corrupt=skip"])
     info = build_cache(cfg, tmp_path / "cache", views=1, batch_size=4, progress=False, num_workers=2)
     assert info["skipped_shards"] == [str(tar)]

@@ -1,14 +1,21 @@
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from dinodiff.config import PRESET_DIR, ConfigError, load_config, save_config
+from dinodiff.config import (
+    PRESET_DIR,
+    ConfigError,
+    TrainingSettings,
+    load_training_settings,
+    save_config,
+    with_overrides,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd15-dinov1", "sd15-dinov2"])
 def test_every_preset_loads_and_validates(preset):
-    cfg = load_config(preset)
+    cfg = load_training_settings(preset)
     assert cfg.model.resolution % 8 == 0
     assert cfg.train.max_steps > 0
 
@@ -16,7 +23,7 @@ def test_every_preset_loads_and_validates(preset):
 def test_paper_presets_follow_the_paper_protocol():
     paper = [("sd15-dinov1", "facebook/dino-vitb16"), ("sd15-dinov2", "timm/vit_base_patch14_reg4_dinov2.lvd142m")]
     for preset, encoder in paper:
-        cfg = load_config(preset)
+        cfg = load_training_settings(preset)
         assert cfg.model.encoder.name_or_path == encoder
         assert (cfg.model.noise.beta_start, cfg.model.noise.beta_end) == (0.00085, 0.012)
         assert cfg.model.noise.beta_schedule == "scaled_linear" and cfg.model.noise.prediction_type == "epsilon"
@@ -26,7 +33,7 @@ def test_paper_presets_follow_the_paper_protocol():
 
 
 def test_dotted_overrides_apply_with_types():
-    cfg = load_config("tiny", ["optim.lr=2e-4", "train.max_steps=7", "model.encoder.tokens=[cls,pooler]"])
+    cfg = load_training_settings("tiny", ["optim.lr=2e-4", "train.max_steps=7", "model.encoder.tokens=[cls,pooler]"])
     assert cfg.optim.lr == pytest.approx(2e-4) and cfg.train.max_steps == 7
     assert list(cfg.model.encoder.tokens) == ["cls", "pooler"]
 
@@ -39,19 +46,31 @@ def test_dotted_overrides_apply_with_types():
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        load_config("tiny", [override])
+        load_training_settings("tiny", [override])
 
 
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="cpu-small"):
-        load_config("no-such-preset")
+        load_training_settings("no-such-preset")
 
 
 def test_saved_config_round_trips(tmp_path: Path):
-    cfg = load_config("cpu-small", ["train.seed=5"])
+    cfg = load_training_settings("cpu-small", ["train.seed=5"])
     save_config(cfg, tmp_path / "config.yaml")
-    again = load_config(tmp_path / "config.yaml")
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    again = load_training_settings(tmp_path / "config.yaml")
+    assert isinstance(again, TrainingSettings) and again == cfg
+
+
+def test_training_settings_are_frozen_and_derived_by_overrides():
+    cfg = load_training_settings("tiny", ["train.max_steps=7"])
+    with pytest.raises(FrozenInstanceError):
+        cfg.train.max_steps = 9  # type: ignore[misc]  # one object per run: a change makes a new one
+    derived = with_overrides(cfg, ["train.max_steps=9", "data.cache=somewhere"])
+    assert (derived.train.max_steps, derived.data.cache) == (9, "somewhere")
+    assert derived == replace(cfg, train=replace(cfg.train, max_steps=9), data=replace(cfg.data, cache="somewhere"))
+    assert cfg.train.max_steps == 7  # the original is untouched
+    with pytest.raises(ConfigError, match="max_steps"):
+        with_overrides(cfg, ["train.max_steps=many"])  # checked like a preset's overrides
 
 
 def test_top_level_configs_folder_is_the_package_presets():

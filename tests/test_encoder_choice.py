@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinodiff.config import load_config, save_config
+from dinodiff.config import load_training_settings, save_config
 from dinodiff.models.factory import build_encoder
 from dinodiff.models.random_init import save_random_encoder
 
@@ -24,7 +24,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_cpu_small_falls_back_to_the_random_vit_when_no_domain_encoder_exists(in_tmp, caplog):
     with caplog.at_level(logging.INFO, logger="dinodiff.config"):
-        cfg = load_config("cpu-small", [f"train.run_dir={in_tmp / 'run'}"])
+        cfg = load_training_settings("cpu-small", [f"train.run_dir={in_tmp / 'run'}"])
     assert cfg.model.encoder.name_or_path == "random:transformers-vit"
     assert cfg.model.encoder.fallback is None  # settled: the saved config names one encoder
     assert "pretrain-encoder" in caplog.text
@@ -32,7 +32,7 @@ def test_cpu_small_falls_back_to_the_random_vit_when_no_domain_encoder_exists(in
 
 def test_cpu_small_uses_the_domain_encoder_when_present_and_loads_it(in_tmp):
     save_random_encoder(in_tmp / DOMAIN_ENCODER, family="transformers-vit")
-    cfg = load_config("cpu-small", [f"train.run_dir={in_tmp / 'run'}"])
+    cfg = load_training_settings("cpu-small", [f"train.run_dir={in_tmp / 'run'}"])
     assert cfg.model.encoder.name_or_path == str(DOMAIN_ENCODER)
     encoder = build_encoder(cfg.model.encoder)  # the same loading path as a hub encoder
     tokens = encoder(torch.rand(2, 3, 64, 64))
@@ -42,10 +42,10 @@ def test_cpu_small_uses_the_domain_encoder_when_present_and_loads_it(in_tmp):
 def test_a_run_keeps_the_encoder_it_began_with_when_one_appears_later(in_tmp):
     run = in_tmp / "run"
     run.mkdir()
-    first = load_config("cpu-small", [f"train.run_dir={run}"])
+    first = load_training_settings("cpu-small", [f"train.run_dir={run}"])
     save_config(first, run / "config.yaml")  # what the trainer writes when the run starts
     save_random_encoder(in_tmp / DOMAIN_ENCODER, family="transformers-vit")  # pretrained while the run was paused
-    resumed = load_config("cpu-small", [f"train.run_dir={run}"])
+    resumed = load_training_settings("cpu-small", [f"train.run_dir={run}"])
     assert resumed.model.encoder.name_or_path == "random:transformers-vit"
-    fresh = load_config("cpu-small", [f"train.run_dir={in_tmp / 'other-run'}"])
+    fresh = load_training_settings("cpu-small", [f"train.run_dir={in_tmp / 'other-run'}"])
     assert fresh.model.encoder.name_or_path == str(DOMAIN_ENCODER)

@@ -15,10 +15,10 @@ from dinodiff.pipeline import DiNODiffusionPipeline
 
 
 def _tiny_components(seed: int = 0):
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
     from dinodiff.models.factory import build_components
 
-    cfg = load_config("tiny")
+    cfg = load_training_settings("tiny")
     torch.manual_seed(seed)
     return cfg, build_components(cfg.model)
 

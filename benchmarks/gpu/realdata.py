@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinodiff.cache import build_cache
-from dinodiff.config import load_config
+from dinodiff.config import load_training_settings, with_overrides
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
 from dinodiff.evaluate.segment.stage import expand_models, segment
@@ -46,7 +46,7 @@ def make_config(args: argparse.Namespace, work: Path, checkpoint_every: int):
     overrides = [f"data.shards={bundle / 'data' / 'cxr-covid'}", f"model.autoencoder.path={bundle / 'weights' / 'taef2'}",
                  f"train.run_dir={work / 'run'}", f"train.checkpoint_every={checkpoint_every}",
                  f"train.sample_every={checkpoint_every}", "train.keep_last=2", "train.log_every=10"]
-    return load_config(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
+    return load_training_settings(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -57,8 +57,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def train_for(cfg, seconds: float, probe_steps: int, max_steps: int) -> dict:
     """Train `probe_steps`, measure the speed, then resume up to the step count that fills `seconds`."""
     start = time.time()
-    cfg.train.max_steps = probe_steps
-    train(cfg)
+    train(with_overrides(cfg, [f"train.max_steps={probe_steps}"]))
     probe_wall = time.time() - start
     rows = read_metrics(Path(cfg.train.run_dir))
     loop_s = float(rows[-1]["elapsed_s"]) if rows else probe_wall
@@ -68,8 +67,7 @@ def train_for(cfg, seconds: float, probe_steps: int, max_steps: int) -> dict:
     left = seconds - probe_wall - 20  # 20 s: a second start-up and the final checkpoint
     total = int(min(max_steps, probe_steps + max(0, left) * rate))
     if total > probe_steps:
-        cfg.train.max_steps = total
-        train(cfg)  # resumes from checkpoint-<probe_steps> (exact data stream, see dinodiff.train)
+        train(with_overrides(cfg, [f"train.max_steps={total}"]))  # resumes from checkpoint-<probe_steps> (exact data stream, see dinodiff.train)
     rows = read_metrics(Path(cfg.train.run_dir))
     return {"probe_steps": probe_steps, "probe_wall_s": round(probe_wall, 1), "steps_per_s_probe": round(rate, 2),
             "steps": int(rows[-1]["step"]) if rows else 0, "train_wall_s": round(time.time() - start, 1),
@@ -244,7 +242,7 @@ def real_data(args: argparse.Namespace) -> dict:
     t0 = time.time()
     views = 2 if dry else 8
     info = build_cache(cfg, work / "cache", views=views, batch_size=64, progress=False)
-    cfg.data.cache = str(work / "cache")
+    cfg = with_overrides(cfg, [f"data.cache={work / 'cache'}"])
     result["cache"] = {"images": info.get("count"), "views": views, "seconds": round(time.time() - t0, 1)}
     args.save_partial(result)
     train_seconds = args.budget_s - (time.time() - start) - eval_reserve

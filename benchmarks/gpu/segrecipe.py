@@ -18,7 +18,7 @@ from pathlib import Path
 from realdata import read_metrics, train_for  # benchmarks/gpu/realdata.py, beside this file
 
 from dinodiff.cache import build_cache
-from dinodiff.config import load_config
+from dinodiff.config import load_training_settings, with_overrides
 from dinodiff.evaluate.segment.stage import expand_models, segment
 
 logger = logging.getLogger("gpu-evidence")
@@ -44,7 +44,7 @@ def make_config(args: argparse.Namespace, work: Path, checkpoint_every: int):
                  f"train.run_dir={work / 'run'}", f"train.checkpoint_every={checkpoint_every}",
                  f"train.sample_every={checkpoint_every}", "train.keep_last=2", "train.log_every=10",
                  f"model.encoder.name_or_path={encoder if encoder.is_dir() else 'random:transformers-vit'}"]
-    return load_config(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
+    return load_training_settings(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
 
 
 def segment_recipe(args: argparse.Namespace) -> dict:
@@ -56,7 +56,7 @@ def segment_recipe(args: argparse.Namespace) -> dict:
                     "autoencoder": "TAEF2 (pretrained, bundle)", "dry_run": dry}
     t0 = time.time()
     info = build_cache(cfg, work / "cache", views=2 if dry else 8, batch_size=64, progress=False)
-    cfg.data.cache = str(work / "cache")
+    cfg = with_overrides(cfg, [f"data.cache={work / 'cache'}"])
     result["cache"] = {"images": info.get("count"), "seconds": round(time.time() - t0, 1)}
     args.save_partial(result)
     seconds = args.budget_s - (time.time() - start) - eval_reserve

@@ -21,21 +21,30 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from sections import (Sizes, chip_peak, count_train_flops, save_partial, sizes, sync, time_train, timed_steps,
-                      train_scheduler)
+from sections import (
+    Sizes,
+    chip_peak,
+    count_train_flops,
+    save_partial,
+    sizes,
+    sync,
+    time_train,
+    timed_steps,
+    train_scheduler,
+)
 
-from dinodiff.config import load_config
+from dinodiff.config import load_training_settings, with_overrides
 from dinodiff.data.shards import write_shard
-from dinodiff.sampling import item_seed
-from dinodiff.pipeline.sample import load_pipeline, sample_batches
 from dinodiff.models.random_init import save_random_encoder
 from dinodiff.pipeline import to_uint8_array
+from dinodiff.pipeline.sample import load_pipeline, sample_batches
 from dinodiff.runs import resolve_model
+from dinodiff.sampling import item_seed
 from dinodiff.train.performance import make_optimizer
 from dinodiff.train.trainer import Trainer
 
@@ -78,8 +87,8 @@ def random_cache(folder: Path, cfg, sz: Sizes) -> Path:
                    for i in range(shard * per_shard, (shard + 1) * per_shard)]
         write_shard(folder / "shards" / f"train-{shard:06d}.tar", samples)
     info = {"version": 1, "source_shards": str(folder), "views": 1, "resolution": sz.image_px, "augment": False,
-            "seed": 0, "encoder": OmegaConf.to_container(cfg.model.encoder, resolve=True),
-            "autoencoder": OmegaConf.to_container(cfg.model.autoencoder, resolve=True), "scaling_factor": 0.18215,
+            "seed": 0, "encoder": asdict(cfg.model.encoder),
+            "autoencoder": asdict(cfg.model.autoencoder), "scaling_factor": 0.18215,
             "shift_factor": 0.0, "count": CACHE_SAMPLES, "latent_channels": 4, "hidden_size": sz.cross_dim,
             "num_tokens": sz.tokens, "frozen_dtype": "float32", "skipped_shards": []}
     (folder / "cache.json").write_text(json.dumps(info))
@@ -95,15 +104,20 @@ def make_trainer(args: argparse.Namespace, sz: Sizes) -> Trainer:
                  "data.shuffle_buffer=32", "train.grad_accum=1", "train.ema=false", "optim.warmup_steps=0",
                  "optim.use_8bit_adam=false", "train.log_every=1000000", "train.checkpoint_every=1000000",
                  "train.sample_every=1000000", f"train.batch_size={sz.train_batches[0]}"]
-    cfg = load_config(None, overrides + (["train.mixed_precision='no'"] if args.dry_run else []))
+    cfg = load_training_settings(None, overrides + (["train.mixed_precision='no'"] if args.dry_run else []))
     random_cache(work / "cache", cfg, sz)
     return Trainer(cfg)
 
 
 # ------------------------------------------------------------------------------------------ timing
+def reconfigure(trainer: Trainer, overrides: list[str]) -> None:
+    """Give a built trainer (and its data stream) other settings between rows, without rebuilding its models."""
+    trainer.cfg = trainer.data.cfg = with_overrides(trainer.cfg, overrides)
+
+
 def time_trainer(trainer: Trainer, batch: int, steps: int, seconds: float) -> dict:
     """Steps of the real loop (data included) after warm-up; nothing in a step waits for the GPU."""
-    trainer.cfg.train.batch_size = batch
+    reconfigure(trainer, [f"train.batch_size={batch}"])
     batches = trainer._batches()
     return timed_steps(lambda: trainer._optimizer_step(batches)[0], batch, trainer.accelerator.device, steps, seconds)
 
@@ -192,10 +206,10 @@ def trainer_steps(args: argparse.Namespace) -> dict:
     info["recommended"] = recommend(rows.rows, fused)
     eight_bit(trainer, rows, base, big, seconds, args.dry_run)
     for backend in ("math",) if args.dry_run else ("flash", "efficient", "cudnn", "math"):
-        trainer.cfg.train.sdpa_backend = backend
+        reconfigure(trainer, [f"train.sdpa_backend={backend}"])
         rows.measure({**base, "sdpa_backend": backend, "batch": big, "optimizer": optimizer_name(trainer)},
                      lambda: time_trainer(trainer, big, 12, seconds))
-    trainer.cfg.train.sdpa_backend = "auto"
+    reconfigure(trainer, ["train.sdpa_backend=auto"])
     compiled(trainer, rows, base, big, seconds, args.dry_run)
     return info
 
@@ -220,7 +234,7 @@ def eight_bit(trainer: Trainer, rows: Rows, base: dict, batch: int, seconds: flo
     except ImportError as err:
         rows.rows.append({**row, "status": f"skipped: bitsandbytes not importable ({err})"})
         return
-    trainer.cfg.optim.use_8bit_adam = True
+    reconfigure(trainer, ["optim.use_8bit_adam=true"])
     acc = trainer.accelerator
     old = trainer.optimizer
     trainer.optimizer = acc.prepare_optimizer(make_optimizer(trainer.model.parameters(), trainer.cfg.optim, True))
@@ -293,7 +307,7 @@ def random_cxr_model(args: argparse.Namespace) -> Path:
     from dinodiff.pipeline import save_model_folder
 
     overrides = [f"model.autoencoder.path={Path(args.bundle).resolve() / 'weights' / 'taef2'}"]
-    cfg = load_config(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
+    cfg = load_training_settings(PRESET, overrides + (DRY_OVERRIDES if args.dry_run else []))
     parts = build_components(cfg.model)
     folder = Path(args.work) / "random-model"
     save_model_folder(folder, unet=parts.unet, projection=parts.projection, autoencoder=parts.autoencoder,

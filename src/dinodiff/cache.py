@@ -26,6 +26,7 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from dinodiff.config import TrainingSettings
 from dinodiff.data.augment import augment_seeded, paper_augmentation
 from dinodiff.data.shards import (
     CorruptShard,
@@ -175,7 +176,7 @@ def _cache_shards(loader, out: Path, encoder, ae, views: int, device, progress: 
     return skipped
 
 
-def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True,
+def build_cache(cfg: TrainingSettings, out: str | Path, *, views: int = 4, batch_size: int = 16, progress: bool = True,
                 num_workers: int | None = None) -> dict:
     """Cache K views of every prepared train image; returns the contents of cache.json.
 
@@ -212,8 +213,8 @@ def build_cache(cfg: DictConfig, out: str | Path, *, views: int = 4, batch_size:
     info = {
         "version": CACHE_VERSION, "source_shards": str(Path(source).resolve()), "views": views,
         "resolution": cfg.model.resolution, "augment": bool(cfg.data.augment), "seed": int(cfg.train.seed),
-        "encoder": OmegaConf.to_container(cfg.model.encoder, resolve=True),
-        "autoencoder": OmegaConf.to_container(cfg.model.autoencoder, resolve=True),
+        "encoder": asdict(cfg.model.encoder),
+        "autoencoder": asdict(cfg.model.autoencoder),
         "scaling_factor": float(ae.scaling_factor), "shift_factor": float(ae.shift_factor),
         "count": sum(_cached_count(p) for p in sorted((out / "shards").glob("train-*.tar")))
         if state.is_main_process else None,

@@ -1,15 +1,16 @@
-"""Typed run configuration: dataclass defaults, YAML presets merged over them, dotted overrides.
+"""Typed settings: frozen dataclass defaults, YAML presets merged over them, dotted overrides.
 
-A config is data (k-diffusion style): ``load_config("configs/cpu-small.yaml", ["train.lr=2e-4"])``
-merges the preset over the defaults below, then the overrides over that, and validates types
-and choices. The resolved config is saved with every run as ``config.yaml``.
+Settings are data (k-diffusion style): ``load_training_settings("cpu-small", ["train.lr=2e-4"])`` merges the
+preset over the defaults below, then the overrides over that, validates types and choices, and returns a frozen
+`TrainingSettings`; every other stage's `*Settings` is built by the same `build_settings`. A run's resolved
+settings are saved with it as ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,8 +24,39 @@ logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
-@dataclass
-class EncoderConfig:
+def setting(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A settings field with its description: the one text a command's `--help` shows for the option made from it
+    (`dinodiff.cli.common.settings_options`), so neither the default nor the help is written twice."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything `prepare` depends on (recorded in manifest.json, except `workers`: any count gives the same bytes)."""
+
+    kind: str = setting("auto", "Dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt.")
+    size: int = setting(512, "Side of the square output images in pixels.")
+    min_size: int = setting(64, "Reject images whose content (after border removal) has a shorter side below this.")
+    remove_borders: bool = setting(True, "Strip constant black/white frames and letterboxing before cropping.")
+    intensity: str = setting("minmax", "How >8-bit images become uint8: minmax or percentile (0.5-99.5%).")
+    shard_size: int = setting(1000, "Input images per shard.")
+    workers: int | None = setting(None, "Parallel worker processes (default: all cores).")
+    seed: int = setting(0, "Seed of the train/test/val assignment when the dataset has no split.")
+    test_fraction: float = setting(0.0, "Fraction of subjects (patients; images when unknown) put in the test split "
+                                        "when the dataset has none.")
+    val_fraction: float = setting(0.0, "Fraction of subjects put in a 'val' split (from the training side): what "
+                                       "`dinodiff sweep` selects checkpoints on, so the test split stays unseen.")
+    subject_column: str | None = setting(None, "CSV sources: the column naming each image's patient (default: the "
+                                               "first of subject, subject_id, patient, patient_id, patientid, "
+                                               "PatientID). MIMIC-CXR needs none.")
+    subject_pattern: str | None = setting(None, "A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it "
+                                                "must match every id.")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
     # Hub id or local folder; "random:<family>" builds a small randomly initialised ViT of that
     # family (for demos and tests, since pretrained weights need the internet).
     name_or_path: str = "facebook/dino-vitb16"
@@ -37,8 +69,8 @@ class EncoderConfig:
     fallback: str | None = None
 
 
-@dataclass
-class AutoencoderConfig:
+@dataclass(frozen=True)
+class AutoencoderSettings:
     kind: str = "kl"  # kl | tiny | taef2 | unshuffle
     path: str | None = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     scaling_factor: float | None = None  # None = from the autoencoder's config, else estimated
@@ -47,15 +79,15 @@ class AutoencoderConfig:
     estimate_stats_images: int = 256  # images used to estimate scale/shift when the AE has none
 
 
-@dataclass
-class UNetConfig:
+@dataclass(frozen=True)
+class UNetSettings:
     preset: str = "sd15"  # sd15 | small | tiny
     pretrained: str | None = None  # SD weights (hub id or folder) to start from
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset's UNet config
 
 
-@dataclass
-class NoiseConfig:
+@dataclass(frozen=True)
+class NoiseSettings:
     """The training noise schedule (diffusers DDPMScheduler arguments)."""
 
     num_train_timesteps: int = 1000
@@ -66,17 +98,17 @@ class NoiseConfig:
     rescale_betas_zero_snr: bool = False
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelSettings:
     resolution: int = 512  # image side in pixels fed to the autoencoder
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
+    unet: UNetSettings = field(default_factory=UNetSettings)
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class TrainDataSettings:
     shards: str = ""  # a prepared folder, a shard file/brace pattern, or a URL (pipe:, s3://)
     cache: str | None = None  # a `dinodiff cache` folder; when set, training reads it instead
     augment: bool = True  # the paper's sharpening + affine augmentation
@@ -88,8 +120,8 @@ class DataConfig:
     on_corrupt: str = "skip"
 
 
-@dataclass
-class OptimConfig:
+@dataclass(frozen=True)
+class TrainOptimSettings:
     lr: float = 1e-4
     warmup_steps: int = 1000
     lr_schedule: str = "constant_with_warmup"  # any diffusers.optimization.get_scheduler name
@@ -102,8 +134,8 @@ class OptimConfig:
     fused: bool = True  # torch AdamW's fused CUDA kernel (CUDA only; not with 8-bit Adam)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainRunSettings:
     run_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 140_000
@@ -145,34 +177,41 @@ class FidSettings:
     they are the real images and the fixed sources that every checkpoint reconstructs.
     """
 
-    real: str | None = None  # real images (folder/shards); None = the run's data.shards (sweep, training)
-    sources: str | None = None  # images whose c_GLB is reconstructed; None = the real set (sweep)
-    # Split of a prepared folder. None: `fid` reports on "test"; checkpoint selection (sweep, training hook) uses
-    # "val" when present, else "train", never "test" unless named (see evaluate.fid.sweep.selection_split).
-    split: str | None = None
-    extractor: str = "xrv"  # xrv (the paper's) | inception | dinov2 | rad-dino
-    weights: str | None = None  # xrv cache folder / Inception state dict / DINO id; None = the library's default
+    real: str | None = setting(None, "Real images (default: the run's data.shards).")
+    sources: str | None = setting(None, "Images whose reconstructions are scored (default: the real set).")
+    # None: `fid` reports on "test"; checkpoint selection (sweep, training hook) uses "val" when present, else
+    # "train", never "test" unless named (see evaluate.fid.sweep.selection_split).
+    split: str | None = setting(None, "Split of a prepared folder. fid reports on it (default: test); sweep selects "
+                                      "checkpoints on it (default: 'val' when present, else 'train'; never 'test' "
+                                      "unless named: fid and classify report on it).")
+    extractor: str = setting("xrv", "Feature extractor: xrv (TorchXRayVision densenet121-res224-all features2, the "
+                                    "paper's), inception, dinov2 or rad-dino.")
+    weights: str | None = setting(None, "Extractor weights: xrv's cache folder (default "
+                                        "~/.torchxrayvision/models_data/), an Inception-v3 state-dict file (default "
+                                        "$TORCH_HOME/hub/checkpoints/), or a DINOv2/RAD-DINO hub id or folder.")
     num_real: int | None = 5000  # None = all
     num_sources: int | None = 5000  # None = all
-    per_source: int = 1  # reconstructions per source (sweep)
+    per_source: int = setting(1, "Reconstructions per source image.")
     sample_steps: int = 25  # sampling steps per image (sweep)
-    batch_size: int = 16  # images per batch, for sampling and for the extractor
-    seed: int = 0  # seed of the subsets, the sampling noise and KID's subsets
-    device: str = "auto"
-    cache_dir: str | None = None  # real-set feature cache; None = the stage's default folder
-    cache: bool = True  # False: extract the real set's features every time
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
+    batch_size: int = setting(16, "Images per batch, for sampling (sweep) and for the extractor.")
+    seed: int = setting(0, "Seed of the image subsets, of the sampling noise (sweep: the same for every checkpoint) "
+                           "and of KID's random subsets.")
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    cache_dir: str | None = setting(None, "Folder of cached real-set features (default: fid $DINODIFF_CACHE/fid-stats, "
+                                          "sweep RUN_DIR/fid-cache).")
+    cache: bool = setting(True, "Cache the real set's features (keyed by extractor and exact file list).")
+    kid_subsets: int = setting(100, "KID: number of random subsets.")
+    kid_subset_size: int = setting(1000, "KID: images per subset (capped by the smaller set).")
 
 
-@dataclass
-class Config:
+@dataclass(frozen=True)
+class TrainingSettings:
     """A training run's whole configuration, saved as RUN/config.yaml (the sections below, in this order)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: TrainDataSettings = field(default_factory=TrainDataSettings)
+    optim: TrainOptimSettings = field(default_factory=TrainOptimSettings)
+    train: TrainRunSettings = field(default_factory=TrainRunSettings)
     eval: FidSettings = field(default_factory=FidSettings)
 
 
@@ -206,9 +245,9 @@ def preset_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"No config file '{name_or_path}'. Give a YAML path or one of the presets: {known}.")
 
 
-def merge_preset(schema: type, source: str | Path | None = None, overrides: Sequence[str] = (),
+def merge_preset(schema: Any, source: str | Path | None = None, overrides: Sequence[str] = (),
                  choices: dict[str, Sequence[Any]] | None = None) -> DictConfig:
-    """Defaults of the dataclass ``schema`` <- YAML preset/file <- dotted overrides, with one-line errors.
+    """Defaults of the dataclass ``schema`` (a class, or an instance to start from) <- YAML preset/file <- dotted overrides, with one-line errors.
 
     The one merge rule for every stage's settings (training config, encoder pretraining, classification).
     """
@@ -272,22 +311,27 @@ def build_settings(schema: type[S], source: str | Path | None = None, overrides:
         raise ConfigError(f"Invalid settings ({source or 'command line'}): {err}") from None
 
 
-def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated; the encoder chosen."""
-    cfg = merge_preset(Config, source, overrides, _CHOICES)
-    choose_encoder(cfg)
-    return cfg
+def load_training_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainingSettings:
+    """A training run's settings: defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated,
+    through `build_settings` like every stage's; the encoder chosen (`choose_encoder`)."""
+    return choose_encoder(build_settings(TrainingSettings, source, overrides, choices=_CHOICES))
 
 
-def choose_encoder(cfg: DictConfig) -> None:
-    """Settle ``model.encoder.name_or_path`` when a ``fallback`` is given (see EncoderConfig.fallback).
+def with_overrides(settings: S, overrides: Sequence[str]) -> S:
+    """A copy of frozen `settings` with dotted overrides (``data.cache=DIR``) applied and type-checked: how a
+    program that holds a settings object (a benchmark, a test, the CLI's --resume) derives another."""
+    return OmegaConf.to_object(merge_preset(settings, None, overrides))  # type: ignore[return-value]
+
+
+def choose_encoder(settings: TrainingSettings) -> TrainingSettings:
+    """Settle ``model.encoder.name_or_path`` when a ``fallback`` is given (see EncoderSettings.fallback).
 
     A run that already has a config.yaml keeps the encoder recorded there, so resuming never swaps encoders.
     """
-    enc = cfg.model.encoder
+    enc = settings.model.encoder
     if not enc.fallback:
-        return
-    saved = Path(cfg.train.run_dir) / "config.yaml"
+        return settings
+    saved = Path(settings.train.run_dir) / "config.yaml"
     recorded = OmegaConf.select(OmegaConf.load(saved), "model.encoder.name_or_path") if saved.is_file() else None
     if recorded:
         chosen, why = recorded, f"recorded in {saved}"
@@ -296,13 +340,12 @@ def choose_encoder(cfg: DictConfig) -> None:
     else:
         chosen, why = enc.fallback, f"{enc.name_or_path} not found (run `dinodiff pretrain-encoder` to make it)"
     logger.info("encoder: %s (%s)", chosen, why)
-    enc.name_or_path, enc.fallback = chosen, None
+    model = replace(settings.model, encoder=replace(enc, name_or_path=chosen, fallback=None))
+    return replace(settings, model=model)
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+def save_config(settings: Any, path: str | Path) -> None:
+    """Write resolved settings (a settings dataclass or a plain mapping) as YAML, atomically."""
+    node = OmegaConf.structured(settings) if is_dataclass(settings) else OmegaConf.create(settings)
+    write_text_atomic(path, OmegaConf.to_yaml(node, resolve=True))
 
-
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import dinodiff
+from dinodiff.config import PrepareSettings
 from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
@@ -317,24 +318,6 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
             window.stop()
             pool.terminate()
             pool.join()
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """Everything `prepare` depends on (recorded in manifest.json, except `workers`: any count gives the same bytes)."""
-
-    kind: str = "auto"  # dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt
-    size: int = 512  # side of the square output images in pixels
-    min_size: int = 64  # reject images whose content (after border removal) has a shorter side below this
-    remove_borders: bool = True  # strip constant frames and letterboxing before cropping
-    intensity: str = "minmax"  # how >8-bit images become uint8: minmax or percentile
-    shard_size: int = 1000  # input images per shard
-    workers: int | None = None  # parallel worker processes (None: all cores)
-    seed: int = 0  # seed of the train/test/val assignment when the dataset has no split
-    test_fraction: float = 0.0  # fraction of subjects (patients; images when unknown) in the test split
-    val_fraction: float = 0.0  # fraction of subjects in a 'val' split (checkpoint selection tunes on it)
-    subject_column: str | None = None  # CSV sources: the column naming each image's patient
-    subject_pattern: str | None = None  # a regex on ids whose group 1 is the patient; it must match every id
 
 
 def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSettings | None = None, *,

@@ -91,7 +91,7 @@ def resume_checkpoint(accelerator: Any, run_dir: Path, resume: str, restore_own:
 
 def start_run(accelerator: Any, run_dir: Path, config: Any, wait: Callable[[], None] | None = None) -> None:
     """On the main process: create RUN/, remove what a killed checkpoint save left and write RUN/config.yaml
-    (`config`, a DictConfig or a dict); then `wait` (default: every process) for it."""
+    (`config`, a settings dataclass or a dict); then `wait` (default: every process) for it."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(run_dir)

@@ -12,8 +12,9 @@ import typer
 from typer.testing import CliRunner
 
 from dinodiff.cli import app
-from dinodiff.cli.common import stage_settings, typed
-from dinodiff.config import ConfigError, FidSettings, build_settings
+from dinodiff.cli.common import settings_options, stage_settings, typed
+from dinodiff.config import ConfigError, FidSettings, PrepareSettings, build_settings, setting
+from dinodiff.evaluate.audit.settings import AuditSettings
 
 # Commands whose settings live in one frozen *Settings object; each takes --config.
 SETTINGS_COMMANDS = ("prepare", "cache", "train", "generate", "fid", "sweep", "segment", "classify", "audit",
@@ -72,6 +73,53 @@ def test_every_settings_command_takes_config_and_fid_defaults_are_the_settings()
         assert fid[field] == getattr(FidSettings(), field), field  # the CLI shows the settings' own defaults
     sweep = {p.name: p.default for p in group.get_command(ctx, "sweep").params}
     assert sweep["batch_size"] == FidSettings().batch_size and sweep["steps"] == FidSettings().sample_steps
+
+
+@dataclass(frozen=True)
+class DescribedSettings:
+    size: int = setting(64, "Side in pixels.")
+    spaces: list[str] = setting(help="Comma list of spaces.", default_factory=lambda: ["a", "b"])
+    sharp: bool = setting(True, "Sharpen first.")
+    where: str | None = setting(None, "Somewhere.")
+    hidden: int = 3  # no option made from it
+
+
+def test_settings_options_are_made_from_the_fields_and_only_typed_ones_reach_the_settings(tmp_path):
+    toy, seen = typer.Typer(add_completion=False), {}
+
+    @toy.command()
+    @settings_options(DescribedSettings, "size", "spaces", "sharp", "where")
+    def run(out: str = typer.Option("o", "--out"), config: str | None = typer.Option(None, "--config"), *,
+            options: dict) -> None:
+        seen["options"], seen["out"] = options, out
+        seen["settings"] = stage_settings(DescribedSettings, config, options)
+
+    command = typer.main.get_command(toy)
+    params = {p.name: p for p in command.params}
+    assert [p.name for p in command.params] == ["out", "size", "spaces", "sharp", "where", "config"]  # before --config
+    assert (params["size"].default, params["size"].help) == (64, "Side in pixels.")
+    assert params["spaces"].default == "a,b" and "--no-sharp" in params["sharp"].secondary_opts
+    config = tmp_path / "toy.yaml"
+    config.write_text("size: 32\nhidden: 5\nspaces: [c]\n")
+    result = CliRunner().invoke(toy, ["--config", str(config), "--spaces", "x, y", "--no-sharp", "--out", "p"])
+    assert result.exit_code == 0, result.output
+    assert seen["options"] == {"spaces": ["x", "y"], "sharp": False} and seen["out"] == "p"
+    assert seen["settings"] == DescribedSettings(size=32, spaces=["x", "y"], sharp=False, hidden=5)
+    assert CliRunner().invoke(toy, []).exit_code == 0 and seen["settings"] == DescribedSettings()
+
+
+@pytest.mark.parametrize("command, schema", [("prepare", PrepareSettings), ("audit", AuditSettings),
+                                             ("fid", FidSettings), ("sweep", FidSettings)])
+def test_commands_show_their_settings_own_defaults_and_help(command, schema):
+    group = typer.main.get_command(app)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.metadata.get("help")}
+    made = [p for p in group.get_command(click.Context(group), command).params if p.name in fields and p.param_type_name == "option"]
+    assert made, command
+    for param in made:
+        field = fields[param.name]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        default = ",".join(default) if isinstance(default, list) else default
+        assert (param.default, param.help) == (default, field.metadata["help"]), (command, param.name)
 
 
 @pytest.fixture

@@ -117,16 +117,17 @@ def test_stop_policy_in_a_dataloader_worker_raises_one_clean_line(no_sidecar):
 
 
 def test_trainer_data_follows_data_on_corrupt(damaged, tmp_path):
+    from dinodiff.config import with_overrides
     from dinodiff.models.factory import build_components
     from dinodiff.train.data import TrainData
 
     cfg = tiny_config(tmp_path / "run", damaged, "model.resolution=64")
-    data = TrainData(cfg, build_components(cfg.model))
-    batch = next(data.batches(segment=0))
+    parts = build_components(cfg.model)
+    batch = next(TrainData(cfg, parts).batches(segment=0))
     assert not set(batch["key"]) & _keys_of_damaged_prefix(damaged)
-    cfg.data.on_corrupt = "stop"
+    stop = TrainData(with_overrides(cfg, ["data.on_corrupt=stop"]), parts)
     with pytest.raises(CorruptShard, match=DAMAGED):
-        next(data.batches(segment=0))
+        next(stop.batches(segment=0))
 
 
 def _keys_of_damaged_prefix(damaged: Path) -> set[str]:

@@ -13,15 +13,14 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
-from dinodiff.config import EncoderConfig
+from dinodiff.config import EncoderSettings
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.encoder.augment import MultiCrop, random_crops
 from dinodiff.encoder.export import read_provenance
 from dinodiff.encoder.monitor import CollapseMonitor, EncoderCollapsed
 from dinodiff.encoder.pretrain import EncoderPretrainer
 from dinodiff.encoder.settings import AugmentSettings, load_encoder_settings
-from dinodiff.models.encoders import load_encoder
-from dinodiff.models.encoders import GlobalTokenEncoder
+from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.factory import build_encoder
 from dinodiff.models.training_images import read_training_images
 from dinodiff.runs import latest_checkpoint, list_checkpoints
@@ -72,7 +71,7 @@ def test_saved_folder_loads_through_the_encoder_loader_with_identical_tokens(tmp
     trainer = EncoderPretrainer(tiny_settings(run, prepared_phantoms, "run.max_steps=2", "run.checkpoint_every=2"))
     out = trainer.run()
     assert out == run / "encoder"
-    encoder = build_encoder(EncoderConfig(name_or_path=str(out)))  # what model.encoder.name_or_path=ENC does
+    encoder = build_encoder(EncoderSettings(name_or_path=str(out)))  # what model.encoder.name_or_path=ENC does
     assert encoder.family == "transformers-dinov2" and encoder.tokens == ("cls", "registers")
     assert encoder.image_size == 16 and encoder.num_tokens == 3
     images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -17,15 +17,15 @@ from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
 from dinodiff.cli import app
-from dinodiff.data.phantoms import write_phantoms
 from dinodiff.data.image_sets import iter_sources
+from dinodiff.data.phantoms import write_phantoms
 from dinodiff.encoder.augment import PRETRAINING_FAMILY
 from dinodiff.encoder.pretrain import EncoderPretrainer
-from dinodiff.encoder.probe_table import TABLE_NAME
 from dinodiff.encoder.probe import ProbeSettings, knn_auc, linear_auc, make_views, retrieval_top1
 from dinodiff.encoder.probe_data import ProbeImages, seen_mask
-from dinodiff.encoder.settings import load_encoder_settings
-from dinodiff.encoder.views import HELDOUT_FAMILY, HeldOutViewSettings, heldout_views
+from dinodiff.encoder.probe_table import TABLE_NAME
+from dinodiff.encoder.settings import HELDOUT_FAMILY, HeldOutViewSettings, load_encoder_settings
+from dinodiff.encoder.views import heldout_views
 from dinodiff.models.random_init import save_random_encoder
 from dinodiff.models.training_images import TrainingImages, read_training_images
 from dinodiff.prepare import prepare

@@ -20,6 +20,7 @@ import torch
 from conftest import tiny_config
 
 from dinodiff.cache import _augmented_views, build_cache
+from dinodiff.config import with_overrides
 from dinodiff.data.shards import list_shards, read_samples
 from dinodiff.models.factory import FROZEN_DTYPE, build_components, frozen_precision
 from dinodiff.train.data import TrainData
@@ -57,7 +58,7 @@ def test_on_the_fly_c_glb_and_latents_under_bf16_autocast_equal_the_cached_ones(
         latents_fly, c_fly = fly.latents_and_condition({"pixel_values": pixels}, torch.Generator().manual_seed(0))
     assert c_fly.dtype == FROZEN_DTYPE and latents_fly.dtype == FROZEN_DTYPE
 
-    cfg.data.cache = str(cache_dir)
+    cfg = with_overrides(cfg, [f"data.cache={cache_dir}"])
     from_cache = TrainData(cfg, parts)
     latents_cache, c_cache = from_cache.latents_and_condition({"moments": moments, "c_glb": c_cached},
                                                               torch.Generator().manual_seed(0))

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dinodiff.config import load_config
+from dinodiff.config import load_training_settings
 from dinodiff.models.encoders import load_encoder
 from dinodiff.models.factory import build_components
-from dinodiff.pipeline import save_model_folder
 from dinodiff.models.random_init import HUB_STANDINS, save_hub_standin, save_random_sd_components
+from dinodiff.pipeline import save_model_folder
 
 WIDTH = 32  # the stand-ins' hidden size (ViT-B's is 768); the only fields shrunk are sizes
 
@@ -105,14 +105,14 @@ def test_rad_dino_and_dinov2_registers_standins_keep_their_config_classes_and_pr
 
 @pytest.mark.parametrize("preset", ["sd15-dinov1", "sd15-dinov2"])
 def test_paper_preset_builds_encoder_and_model_from_its_hub_standin(preset, standins, tmp_path):
-    hub_id = load_config(preset).model.encoder.name_or_path
+    hub_id = load_training_settings(preset).model.encoder.name_or_path
     assert hub_id in HUB_STANDINS, f"{preset} names {hub_id}, a checkpoint without a stand-in of its layout"
     sd = save_random_sd_components(tmp_path / "sd", sample_size=8, cross_attention_dim=WIDTH)
     sizes = [  # size fields only: the preset's tokens, block types, layers per block and heads' width stay
         f"model.encoder.name_or_path={standins[hub_id]}", f"model.autoencoder.path={sd}", "model.resolution=64",
         "model.unet.overrides.block_out_channels=[32,32,32,32]", f"model.unet.overrides.cross_attention_dim={WIDTH}",
     ]
-    cfg = load_config(preset, sizes)
+    cfg = load_training_settings(preset, sizes)
     parts = build_components(cfg.model)
     tokens = tuple(cfg.model.encoder.tokens)
     assert parts.encoder.tokens == tokens

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from dinodiff.config import ConfigError, load_config
+from dinodiff.config import ConfigError, load_training_settings, with_overrides
 from dinodiff.runs import latest_checkpoint
 from dinodiff.train.performance import make_optimizer, sdpa_backend
 from dinodiff.train.trainer import Trainer
@@ -29,7 +30,7 @@ def test_channels_last_weights_train_save_contiguous_and_resume(tmp_path, prepar
     saved = load_file(latest_checkpoint(run) / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     live = trainer.accelerator.unwrap_model(trainer.model).unet.state_dict()
     assert all(torch.equal(saved[k], live[k]) for k in saved)  # written as plain NCHW, same values
-    cfg.train.max_steps = 3
+    cfg = with_overrides(cfg, ["train.max_steps=3"])
     resumed = Trainer(cfg)
     resumed.run()
     assert resumed.step == 3 and latest_checkpoint(run).name == "checkpoint-3"
@@ -42,17 +43,17 @@ def test_compile_option_compiles_the_unet_in_place(tmp_path, prepared_phantoms, 
     assert compiled == [("UNet2DConditionModel", {"mode": "max-autotune-no-cudagraphs"})]
     assert all(not k.startswith("_orig_mod") for k in trainer.parts.unet.state_dict())
     with pytest.raises(ConfigError, match="train.compile"):
-        load_config("tiny", ["train.compile=reduce-overhead"])  # CUDA graphs: not offered
+        load_training_settings("tiny", ["train.compile=reduce-overhead"])  # CUDA graphs: not offered
 
 
 def test_adamw_is_fused_on_cuda_only_and_8bit_falls_back_without_bitsandbytes():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    optim = OmegaConf.structured(load_config("tiny").optim)
+    optim = load_training_settings("tiny").optim
     assert make_optimizer(params, optim, on_cuda=True).defaults["fused"] is True
     assert not make_optimizer(params, optim, on_cuda=False).defaults.get("fused")
-    optim.fused = False
+    optim = replace(optim, fused=False)
     assert not make_optimizer(params, optim, on_cuda=True).defaults.get("fused")
-    optim.use_8bit_adam = True  # no CUDA here: plain AdamW, logged
+    optim = replace(optim, use_8bit_adam=True)  # no CUDA here: plain AdamW, logged
     assert type(make_optimizer(params, optim, on_cuda=False)) is torch.optim.AdamW
 
 

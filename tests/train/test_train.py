@@ -14,6 +14,7 @@ import torch
 from conftest import REPO_ROOT, tiny_config
 from safetensors.torch import load_file
 
+from dinodiff.config import with_overrides
 from dinodiff.runs import latest_checkpoint, list_checkpoints
 from dinodiff.train.trainer import Trainer, TrainingDiverged, train
 
@@ -106,7 +107,7 @@ def test_training_from_the_cache(tmp_path, prepared_phantoms):
     shards_before = {p.name: p.read_bytes() for p in (tmp_path / "cache" / "shards").glob("*.tar")}
     build_cache(cfg, tmp_path / "cache", views=2, batch_size=8, progress=False)  # rerun: nothing rewritten
     assert shards_before == {p.name: p.read_bytes() for p in (tmp_path / "cache" / "shards").glob("*.tar")}
-    cfg.data.cache = str(tmp_path / "cache")
+    cfg = with_overrides(cfg, [f"data.cache={tmp_path / 'cache'}"])
     train(cfg)
     assert latest_checkpoint(tmp_path / "run").name == "checkpoint-3"
     other = tiny_config(tmp_path / "other", prepared_phantoms, "model.resolution=64")

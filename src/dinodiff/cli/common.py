@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
-from collections.abc import Iterator, Mapping
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import typer
+
+if TYPE_CHECKING:  # the CLI imports dinodiff's modules lazily, for start-up time
+    from dinodiff.config import TrainingSettings
 
 app = typer.Typer(
     help=(
@@ -58,9 +65,9 @@ def is_main_process() -> bool:
     return get_int_from_env(["RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"], 0) == 0
 
 
-def load_config(config: str | None, overrides: list[str] | None):
+def training_settings(config: str | None, overrides: list[str] | None) -> TrainingSettings:
     from dinodiff.config import ConfigError
-    from dinodiff.config import load_config as load
+    from dinodiff.config import load_training_settings as load
 
     with failures({ConfigError: 2}):
         return load(config, overrides or [])
@@ -78,6 +85,57 @@ def typed(ctx: click.Context, **options: Any) -> dict[str, Any]:
     # by name: typer's ParameterSource may be its own copy of click's enum
     return {name: value for name, value in options.items()
             if sources[name] is not None and sources[name].name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def settings_options(schema: type, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Offer the fields `names` of the settings dataclass `schema` as options of the decorated command, made from
+    the fields themselves: default, type and help (`dinodiff.config.setting`), so none of them is written twice.
+
+    They are placed before the command's --config option. The command receives `options`: the ones typed on
+    the command line, by field name (an option left at its default never overrides a --config file); a list
+    field is typed as one comma-separated value."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        made = [_option_parameter(fields[name], hints[name]) for name in names]
+
+        @functools.wraps(command)
+        def with_options(*args: Any, **kwargs: Any) -> Any:
+            ctx = kwargs.pop(_CONTEXT)
+            values = {name: kwargs.pop(name) for name in names}
+            chosen = typed(ctx, **values)
+            return command(*args, options={name: _from_option(value, hints[name]) for name, value in chosen.items()},
+                           **kwargs)
+
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+        at = next((i for i, p in enumerate(own) if p.name == "config"), len(own))
+        context = inspect.Parameter(_CONTEXT, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        parameters = [context, *own[:at], *made, *own[at:]]  # typer fills a typer.Context parameter by its type
+        with_options.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        with_options.__annotations__ = {p.name: p.annotation for p in parameters}  # what typer resolves types from
+        return with_options
+
+    return decorate
+
+
+_CONTEXT = "settings_options_context"
+
+
+def _option_parameter(field: dataclasses.Field, hint: Any) -> inspect.Parameter:
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if _is_list(hint):  # a list is typed comma-separated: --spaces pixels,c_glb
+        hint, default = (str | None, None) if default is None else (str, ",".join(map(str, default)))
+    option = typer.Option(default, help=field.metadata.get("help", ""))  # named --field-name (and --no-... for a bool)
+    return inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=hint)
+
+
+def _is_list(hint: Any) -> bool:
+    return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
+
+
+def _from_option(value: Any, hint: Any) -> Any:
+    return [v.strip() for v in value.split(",") if v.strip()] if _is_list(hint) and value is not None else value
 
 
 def stage_settings(schema: type[S], config: str | None, values: Mapping[str, Any],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -10,9 +11,11 @@ from dinodiff.cli.common import (
     CONFIG_HELP,
     configure_logging,
     failures,
+    settings_options,
     stage_settings,
     typed,
 )
+from dinodiff.encoder.settings import ProbeSettings  # light: its fields make probe-encoder's options
 
 
 def pretrain_encoder(
@@ -45,20 +48,14 @@ def pretrain_encoder(
 
 
 
+@settings_options(ProbeSettings, "labels", "label_columns", "size", "folds", "k", "min_count", "seed", "transductive")
 def probe_encoder(
-    ctx: typer.Context,
     encoders: list[str] = typer.Argument(..., help="Encoder folders, hub ids or random:<family> (e.g. RUN/encoder RUN/encoder-init)."),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Labelled images: prepared shards, a CSV or a dataset folder (repeatable)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json and table.md."),
-    labels: str | None = typer.Option(None, help="Comma-separated labels to probe (default: every label with >= --min-count positives and negatives)."),
-    label_columns: str | None = typer.Option(None, help="For a CSV: comma-separated label columns (a text column such as finding gives one label per value)."),
-    size: int = typer.Option(128, help="Side at which images are read; each encoder resizes to its own input."),
-    folds: int = typer.Option(5, help="Stratified cross-validation folds."),
-    k: int = typer.Option(10, help="Neighbours of the k-NN probe."),
-    min_count: int = typer.Option(10, help="Smallest number of positives and of negatives for a label to be probed."),
-    seed: int = typer.Option(0, help="Seed of the folds and of the augmented views."),
-    transductive: bool = typer.Option(False, "--transductive", help="Probe the images the encoders trained on too (every number is then labelled transductive where it is)."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Also sets what has no option (C, views, tokens, heldout_views, augment)."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Measure encoders on the same labelled images that none of them trained on: k-NN and linear-probe ROC AUC
     per label (cross-validated, grouped by subject, mean ± SD) and view retrieval top-1 among 2N views drawn with
@@ -66,12 +63,9 @@ def probe_encoder(
 
     The images each encoder trained on come from its training_images.json (written by pretrain-encoder) and are
     left out; an encoder without one (a hub model) is labelled unknown."""
-    from dinodiff.encoder.probe import ProbeSettings, markdown_table, probe_encoders
+    from dinodiff.encoder.probe import markdown_table, probe_encoders
 
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
-    settings = stage_settings(ProbeSettings, config, typed(
-        ctx, size=size, labels=split(labels), label_columns=split(label_columns), folds=folds, k=k,
-        min_count=min_count, seed=seed, transductive=transductive))
+    settings = stage_settings(ProbeSettings, config, options)
     with failures({(FileNotFoundError, ValueError, OSError): 2}):
         results = probe_encoders(encoders, data, out, settings)
     typer.echo(markdown_table(results.data), nl=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,43 +12,33 @@ from dinodiff.cli.common import (
     configure_logging,
     failures,
     floats,
+    settings_options,
     stage_settings,
     typed,
 )
-
-_EXTRACTOR_HELP = "Feature extractor: xrv (TorchXRayVision densenet121-res224-all features2, the paper's), inception, dinov2 or rad-dino."
-_WEIGHTS_HELP = ("Extractor weights: xrv's cache folder (default ~/.torchxrayvision/models_data/), an Inception-v3 "
-                 "state-dict file (default $TORCH_HOME/hub/checkpoints/), or a DINOv2/RAD-DINO hub id or folder.")
+from dinodiff.config import FidSettings  # light, like AuditSettings: their fields make options
+from dinodiff.evaluate.audit.settings import AuditSettings
 
 
+@settings_options(FidSettings, "extractor", "weights", "seed", "split", "batch_size", "device", "cache_dir", "cache",
+                  "kid_subsets", "kid_subset_size")
 def fid(
     ctx: typer.Context,
     real: Path = typer.Argument(..., help="Real images: a folder, a `prepare` folder/shards, or a synthetic dataset."),
     fake: Path = typer.Argument(..., help="Generated images: a `dinodiff generate` folder, a folder of images or shards."),
-    extractor: str = typer.Option("xrv", help=_EXTRACTOR_HELP),
-    weights: str | None = typer.Option(None, help=_WEIGHTS_HELP),
     num_samples: int = typer.Option(5000, help="Images drawn from each set (all when a set has fewer); 0 = all."),
-    seed: int = typer.Option(0, help="Seed of the image subsets and of KID's random subsets."),
-    split: str | None = typer.Option(None, help="Split used when a prepared folder has one (else all its shards); default: test."),
-    batch_size: int = typer.Option(16, help="Images per forward pass of the extractor."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."),
-    cache_dir: Path | None = typer.Option(None, help="Folder of cached real-set features (default $DINODIFF_CACHE/fid-stats)."),
-    cache: bool = typer.Option(True, help="Cache the real set's features (keyed by extractor and exact file list)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the results record here (a folder gets results.json; a .json file name is used as given); `dinodiff report` shows it."),
-    kid_subsets: int = typer.Option(100, help="KID: number of random subsets."),
-    kid_subset_size: int = typer.Option(1000, help="KID: images per subset (capped by the smaller set)."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """FID and KID between two image sets, on XRV features by default (the paper's protocol).
 
     The result names the extractor, its feature tap and weights: FIDs on different taps are not comparable.
     """
-    from dinodiff.config import FidSettings
     from dinodiff.evaluate.fid.stage import fid as run_fid
 
-    values = typed(ctx, split=split, extractor=extractor, weights=weights, batch_size=batch_size, seed=seed,
-                   device=device, cache_dir=cache_dir, cache=cache, kid_subsets=kid_subsets,
-                   kid_subset_size=kid_subset_size)
+    values = dict(options)
     if "num_samples" in typed(ctx, num_samples=num_samples):
         values.update(num_real=num_samples or None, num_sources=num_samples or None)
     settings = stage_settings(FidSettings, config, values)
@@ -59,38 +50,29 @@ def fid(
         typer.echo(f"result: {out}")
 
 
+@settings_options(FidSettings, "real", "sources", "extractor", "weights", "split", "per_source", "batch_size", "seed",
+                  "device", "cache_dir")
 def sweep(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A training run folder (with checkpoints/)."),
-    real: str | None = typer.Option(None, help="Real images (default: the run's data.shards)."),
-    sources: str | None = typer.Option(None, help="Images whose reconstructions are scored (default: the real set)."),
-    extractor: str = typer.Option("xrv", help=_EXTRACTOR_HELP),
-    weights: str | None = typer.Option(None, help=_WEIGHTS_HELP),
     num_real: int = typer.Option(5000, help="Real images (seeded subset; 0 = all)."),
     num_sources: int = typer.Option(5000, help="Source images, the same for every checkpoint (seeded subset; 0 = all)."),
-    per_source: int = typer.Option(1, help="Reconstructions per source image."),
     steps: int = typer.Option(25, help="Sampling steps per image."),
-    split: str | None = typer.Option(None, help="Split of a prepared folder to select on (default: 'val' when present, else 'train'; never 'test' unless named: fid and classify report on it)."),
-    batch_size: int = typer.Option(16, help="Images per batch, for sampling and for the extractor."),
-    seed: int = typer.Option(0, help="Seed of the subsets and of the sampling noise (the same for every checkpoint)."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),
-    cache_dir: Path | None = typer.Option(None, help="Cached real-set features (default RUN_DIR/fid-cache)."),
     force: bool = typer.Option(False, help="Re-score checkpoints already in fid.csv."),
     update_best: bool = typer.Option(True, help="Copy the lowest-FID checkpoint's model to RUN_DIR/best/."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " A run's config.yaml `eval:` section has the same fields."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Score every checkpoint of a run by FID of reconstructions (the paper's Figure 3).
 
     Writes RUN_DIR/fid.csv and RUN_DIR/fid.png (best checkpoint starred) and keeps RUN_DIR/best/ up to date.
     Restartable: checkpoints already scored with the same settings are skipped.
     """
-    from dinodiff.config import FidSettings
     from dinodiff.evaluate.fid.sweep import sweep as run_sweep
 
     configure_logging()  # one line per checkpoint
-    values = typed(ctx, real=real, sources=sources, split=split, extractor=extractor, weights=weights,
-                   num_real=num_real or None, num_sources=num_sources or None, per_source=per_source,
-                   batch_size=batch_size, seed=seed, device=device, cache_dir=cache_dir)
+    values = {**options, **typed(ctx, num_real=num_real or None, num_sources=num_sources or None)}
     values.update({"sample_steps": steps} if typed(ctx, steps=steps) else {})
     settings = stage_settings(FidSettings, config, values)
     with failures({(FileNotFoundError, ValueError): 2}):  # MissingWeights is a FileNotFoundError
@@ -222,41 +204,25 @@ def classify(
 
 
 
+@settings_options(AuditSettings, "holdout", "model", "encoder", "xrv_weights", "size", "limit", "pairs", "spaces",
+                  "candidates", "calibration_queries", "seed", "chunk", "max_memory_mb", "device")
 def audit(
-    ctx: typer.Context,
     synthetic: list[Path] = typer.Argument(..., help="Synthetic datasets made by `dinodiff generate` (one per strategy and ratio)."),
     train_data: Path | None = typer.Option(None, "--train", help="Required (here or as `train:` in --config). The model's training images: a `dinodiff prepare` folder (its train split) or an image dataset."),
-    holdout: Path | None = typer.Option(None, help="Real images never trained on (default: the --train folder's test split, if any)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: results.json, audit.md, closest-pairs.png, dcr.png."),
-    model: Path | None = typer.Option(None, help="Pipeline model folder whose image_encoder/ gives the c_glb space (default: the model named in the synthetic sets' provenance.json)."),
-    encoder: Path | None = typer.Option(None, help="An encoder folder (global_tokens.json) for the c_glb space instead."),
-    xrv_weights: Path | None = typer.Option(None, help="TorchXRayVision weights folder (default ~/.torchxrayvision/models_data/); the xrv space is 'unavailable' without it."),
-    spaces: str = typer.Option("pixels,c_glb,xrv,rad-dino", help="Comma list of feature spaces."),
-    size: int = typer.Option(128, help="Images are compared at this size in pixels."),
-    limit: int | None = typer.Option(None, help="At most N synthetic images per dataset and N held-out images. Never caps the training set: every training image is searched (a truncated training set would push distances up and hide copies)."),
-    pairs: int = typer.Option(8, help="Closest synthetic/real pairs drawn per dataset."),
-    candidates: int = typer.Option(16, help="Pixel copy search: training images registered per query (rotation, zoom, shift)."),
-    calibration_queries: int = typer.Option(2000, help="train->train reference: at most N training images as queries (a seeded subsample; each still searched against the whole training set)."),
-    seed: int = typer.Option(0, help="Seed of the train->train subsample."),
-    chunk: int = typer.Option(1024, help="Training images decoded and compared at a time (the training set is streamed)."),
-    max_memory_mb: float = typer.Option(512, help="Working memory of one distance or registration block, in MB."),
-    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu or cuda."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Privacy audit: each synthetic image's distance to its closest training record (DCR), per feature space,
     calibrated on real held-out and train-vs-other-patient-train distances; near-copies flagged (the pixel space
     registers each candidate over rotation, zoom and shift, after equalising intensities), every fraction with an
     exact 95% CI; reconstruction's per-source memorisation reported apart."""
-    from dinodiff.evaluate.audit import AuditSettings
     from dinodiff.evaluate.audit import audit as run_audit
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        values = typed(ctx, holdout=holdout, model=model, encoder=encoder, xrv_weights=xrv_weights, size=size,
-                       limit=limit, pairs=pairs, spaces=[s for s in spaces.split(",") if s], candidates=candidates,
-                       calibration_queries=calibration_queries, seed=seed, chunk=chunk, max_memory_mb=max_memory_mb,
-                       device=device)
-        values.update({"train": train_data} if train_data is not None else {})
+        values = {**options, **({"train": train_data} if train_data is not None else {})}
         settings = stage_settings(AuditSettings, config, values)
         run_audit(synthetic, out, settings)
     typer.echo((out / "audit.md").read_text())

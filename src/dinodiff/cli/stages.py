@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,30 +13,23 @@ from dinodiff.cli.common import (
     failures,
     floats,
     is_main_process,
-    load_config,
+    settings_options,
     stage_settings,
+    training_settings,
     typed,
 )
+from dinodiff.config import PrepareSettings  # a light module: its fields make prepare's options
 
 
+@settings_options(PrepareSettings, "kind", "size", "min_size", "remove_borders", "intensity", "shard_size", "workers",
+                  "seed", "test_fraction", "val_fraction", "subject_column", "subject_pattern")
 def prepare(
-    ctx: typer.Context,
     sources: list[Path] = typer.Argument(..., help="Image folders, a CSV, or a dataset root (MIMIC-CXR-JPG, Montgomery, Shenzhen, JSRT/SCR)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, manifest.json and rejects.csv go here."),
-    kind: str = typer.Option("auto", help="Dataset layout: auto, folder, csv, mimic-cxr, montgomery, shenzhen or jsrt."),
-    size: int = typer.Option(512, help="Side of the square output images in pixels."),
-    min_size: int = typer.Option(64, help="Reject images whose content (after border removal) has a shorter side below this."),
-    remove_borders: bool = typer.Option(True, help="Strip constant black/white frames and letterboxing before cropping."),
-    intensity: str = typer.Option("minmax", help="How >8-bit images become uint8: minmax or percentile (0.5-99.5%)."),
-    shard_size: int = typer.Option(1000, help="Input images per shard."),
-    workers: int | None = typer.Option(None, help="Parallel worker processes (default: all cores)."),
-    seed: int = typer.Option(0, help="Seed of the train/test assignment when the dataset has no split."),
-    test_fraction: float = typer.Option(0.0, help="Fraction of subjects (patients; images when unknown) put in the test split when the dataset has none."),
-    val_fraction: float = typer.Option(0.0, help="Fraction of subjects put in a 'val' split (from the training side): what `dinodiff sweep` selects checkpoints on, so the test split stays unseen."),
-    subject_column: str | None = typer.Option(None, help="CSV sources: the column naming each image's patient (default: the first of subject, subject_id, patient, patient_id, patientid, PatientID). MIMIC-CXR needs none."),
-    subject_pattern: str | None = typer.Option(None, help="A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it must match every id."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Fields: those of manifest.json's settings."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Turn raw chest X-rays into WebDataset shards of square, border-free uint8 grey PNGs.
 
@@ -44,13 +38,10 @@ def prepare(
     Re-running skips finished shards and gives byte-identical output. Each sample's metadata names its
     subject (patient) when the dataset has one, and --test-fraction keeps a patient's images together.
     """
-    from dinodiff.prepare import NothingUsable, PrepareSettings
+    from dinodiff.prepare import NothingUsable
     from dinodiff.prepare import prepare as run_prepare
 
-    settings = stage_settings(PrepareSettings, config, typed(
-        ctx, kind=kind, size=size, min_size=min_size, remove_borders=remove_borders, intensity=intensity,
-        shard_size=shard_size, workers=workers, seed=seed, test_fraction=test_fraction, val_fraction=val_fraction,
-        subject_column=subject_column, subject_pattern=subject_pattern))
+    settings = stage_settings(PrepareSettings, config, options)
     with failures({NothingUsable: 1, (FileNotFoundError, ValueError): 2}):
         manifest = run_prepare(sources, out, settings, progress=progress)
     counts = manifest["counts"]
@@ -86,7 +77,7 @@ def cache(
     every prepared image, so training runs only the UNet. Resumable."""
     from dinodiff.cache import build_cache
 
-    cfg = load_config(config, overrides)
+    cfg = training_settings(config, overrides)
     with failures({(FileNotFoundError, ValueError): 2}):  # missing or damaged shards: one line that names the fix
         manifest = build_cache(cfg, out, views=views, batch_size=batch_size)
     typer.echo(f"cached {manifest['count']} images x {views} views in {out}")
@@ -107,9 +98,7 @@ def train(
     from dinodiff.train import TrainingDiverged
     from dinodiff.train import train as run_train
 
-    cfg = load_config(config, overrides)
-    if resume is not None:
-        cfg.train.resume = resume
+    cfg = training_settings(config, [*(overrides or []), *([f"train.resume={resume}"] if resume is not None else [])])
     configure_logging(main_process=is_main_process())
     with failures({TrainingDiverged: 1, (FileNotFoundError, ValueError): 2}):
         # with train.eval_every > 0, checkpoints are scored by FID as the config's `eval` section says

@@ -12,10 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from dinodiff.cache import build_cache
-from dinodiff.config import load_config
+from dinodiff.config import TrainingSettings, load_training_settings
 from dinodiff.data.phantoms import write_phantoms
 from dinodiff.demo.settings import DemoSettings
 from dinodiff.demo.summary import add_downstream
@@ -88,7 +86,7 @@ def stage_probe(s: DemoSettings) -> dict[str, Path]:
     return {"results": out / "results.json", "table": out / "table.md"}
 
 
-def train_config(s: DemoSettings) -> DictConfig:
+def train_config(s: DemoSettings) -> TrainingSettings:
     """The tiny preset at the demo's size, conditioned on the demo's encoder, trained from the cache."""
     steps = s.train_steps
     overrides = [f"data.shards={s.root / 'prepared'}", f"data.cache={s.root / 'cache'}",
@@ -101,7 +99,7 @@ def train_config(s: DemoSettings) -> DictConfig:
                  f"model.noise.prediction_type={s.prediction}",
                  f"model.encoder.name_or_path={s.root / 'encoder' / 'encoder'}",
                  f"model.unet.overrides.block_out_channels=[{s.unet_channels[0]},{s.unet_channels[1]}]"]
-    return load_config("tiny", overrides)
+    return load_training_settings("tiny", overrides)
 
 
 def stage_cache(s: DemoSettings) -> dict[str, Path]:

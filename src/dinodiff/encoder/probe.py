@@ -18,7 +18,7 @@ Features are the flattened c_GLB (the tokens that condition the diffusion model)
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,8 @@ from dinodiff.encoder.probe_table import (
     markdown_table,
     table_rows,
 )
-from dinodiff.encoder.settings import AugmentSettings
-from dinodiff.encoder.views import HeldOutViewSettings, heldout_views
+from dinodiff.encoder.settings import ProbeSettings
+from dinodiff.encoder.views import heldout_views
 from dinodiff.files import write_bytes_atomic
 from dinodiff.models.encoders import GlobalTokenEncoder, load_encoder
 from dinodiff.models.factory import RANDOM_PREFIX, resolve_encoder_path
@@ -50,24 +50,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ProbeSettings", "embed", "knn_auc", "linear_auc", "markdown_table", "probe_encoders", "probe_one",
            "retrieval_top1"]
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    size: int = 128  # side at which images are read (each encoder resizes to its own input)
-    labels: list[str] | None = None  # None = every label with >= min_count positives and negatives
-    label_columns: list[str] | None = None  # CSV sources: columns holding labels (e.g. ['finding'])
-    min_count: int = 10
-    folds: int = 5
-    k: int = 10  # neighbours of the k-NN probe (cosine, distance-weighted)
-    C: float = 0.1  # inverse L2 strength of the logistic-regression probe (standardised features)
-    views: int = 0  # images used for view retrieval (0 = all probed images)
-    tokens: str = "all"  # all = the flattened c_GLB; cls = its first token only
-    seed: int = 0
-    batch_size: int = 64
-    transductive: bool = False  # True: probe images the encoders trained on too (labelled transductive)
-    heldout_views: HeldOutViewSettings = field(default_factory=HeldOutViewSettings)  # the reported invariance
-    augment: AugmentSettings = field(default_factory=AugmentSettings)  # the pretext views (pretraining's)
 
 
 @torch.no_grad()

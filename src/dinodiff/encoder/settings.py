@@ -1,4 +1,5 @@
-"""Typed settings of `dinodiff pretrain-encoder`: dataclass defaults <- YAML preset <- dotted overrides.
+"""Typed settings of `dinodiff pretrain-encoder` (dataclass defaults <- YAML preset <- dotted overrides) and of
+`dinodiff probe-encoder`. A light module: the CLI builds probe-encoder's options from ProbeSettings at start-up.
 
 Same conventions as the diffusion config (`dinodiff.config`): presets live in `dinodiff/configs/`
 (`cpu-encoder`, `gpu-encoder`), overrides look like `optim.lr=1e-3`, and the resolved settings are
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinodiff.config import ConfigError, build_settings
+from dinodiff.config import ConfigError, build_settings, setting
 
 
 @dataclass(frozen=True)
@@ -168,3 +169,43 @@ def _validate(s: EncoderPretrainSettings) -> None:
 def to_container(settings: EncoderPretrainSettings) -> DictConfig:
     """The settings as an OmegaConf node (for `config.yaml` and provenance)."""
     return OmegaConf.structured(settings)
+
+
+HELDOUT_FAMILY = ("shear", "zoom out", "resolution loss", "gaussian noise", "jpeg")
+
+
+@dataclass(frozen=True)
+class HeldOutViewSettings:
+    """The probe's held-out augmentations (encoder.views): none of them is a pretraining augmentation."""
+
+    shear: float = 0.08  # largest |shear| along x and along y
+    zoom_out: tuple[float, float] = (0.85, 1.0)  # scale of the image inside the view (<= 1: never a crop)
+    downsample: tuple[float, float] = (0.5, 1.0)  # side kept before resizing back up
+    noise_std: tuple[float, float] = (0.0, 0.03)
+    jpeg_quality: tuple[int, int] = (30, 70)
+
+    def describe(self) -> dict:
+        return {"family": list(HELDOUT_FAMILY), "shear": self.shear, "zoom_out": list(self.zoom_out),
+                "downsample": list(self.downsample), "noise_std": list(self.noise_std),
+                "jpeg_quality": list(self.jpeg_quality)}
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    size: int = setting(128, "Side at which images are read; each encoder resizes to its own input.")
+    labels: list[str] | None = setting(None, "Comma-separated labels to probe (default: every label with >= "
+                                             "--min-count positives and negatives).")
+    label_columns: list[str] | None = setting(None, "For a CSV: comma-separated label columns (a text column such "
+                                                    "as finding gives one label per value).")
+    min_count: int = setting(10, "Smallest number of positives and of negatives for a label to be probed.")
+    folds: int = setting(5, "Stratified cross-validation folds.")
+    k: int = setting(10, "Neighbours of the k-NN probe (cosine, distance-weighted).")
+    C: float = 0.1  # inverse L2 strength of the logistic-regression probe (standardised features)
+    views: int = 0  # images used for view retrieval (0 = all probed images)
+    tokens: str = "all"  # all = the flattened c_GLB; cls = its first token only
+    seed: int = setting(0, "Seed of the folds and of the augmented views.")
+    batch_size: int = 64
+    transductive: bool = setting(False, "Probe the images the encoders trained on too (every number is then "
+                                        "labelled transductive where it is).")
+    heldout_views: HeldOutViewSettings = field(default_factory=HeldOutViewSettings)  # the reported invariance
+    augment: AugmentSettings = field(default_factory=AugmentSettings)  # the pretext views (pretraining's)

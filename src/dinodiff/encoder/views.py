@@ -18,31 +18,15 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dinodiff.encoder.settings import HeldOutViewSettings
+
 logger = logging.getLogger(__name__)
-
-HELDOUT_FAMILY = ("shear", "zoom out", "resolution loss", "gaussian noise", "jpeg")
-
-
-@dataclass(frozen=True)
-class HeldOutViewSettings:
-    shear: float = 0.08  # largest |shear| along x and along y
-    zoom_out: tuple[float, float] = (0.85, 1.0)  # scale of the image inside the view (<= 1: never a crop)
-    downsample: tuple[float, float] = (0.5, 1.0)  # side kept before resizing back up
-    noise_std: tuple[float, float] = (0.0, 0.03)
-    jpeg_quality: tuple[int, int] = (30, 70)
-
-    def describe(self) -> dict:
-        return {"family": list(HELDOUT_FAMILY), "shear": self.shear, "zoom_out": list(self.zoom_out),
-                "downsample": list(self.downsample), "noise_std": list(self.noise_std),
-                "jpeg_quality": list(self.jpeg_quality)}
-
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen) * (hi - lo) + lo

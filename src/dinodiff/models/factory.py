@@ -1,4 +1,4 @@
-"""Build the DiNO-Diffusion components from a ModelConfig.
+"""Build the DiNO-Diffusion components from a ModelSettings (a run's `model` section).
 
 Saving and loading an inference-ready model folder lives in `dinodiff.pipeline` (models never import the
 pipeline). A model folder (what every checkpoint and `best/` hold) is a `DiNODiffusionPipeline` folder, written by its
@@ -15,14 +15,14 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from omegaconf import DictConfig, OmegaConf
 
+from dinodiff.config import AutoencoderSettings, EncoderSettings, ModelSettings, NoiseSettings, TrainingSettings
 from dinodiff.data.cached import cache_key
 from dinodiff.data.loader import first_images
 from dinodiff.files import temporary_sibling
@@ -150,29 +150,29 @@ def resolve_encoder_path(name_or_path: str) -> str:
     return str(folder)
 
 
-def build_encoder(cfg: DictConfig) -> GlobalTokenEncoder:
+def build_encoder(cfg: EncoderSettings) -> GlobalTokenEncoder:
     tokens = list(cfg.tokens) if cfg.tokens is not None else None
     return load_encoder(resolve_encoder_path(cfg.name_or_path), library=cfg.library, tokens=tokens,
                         image_size=cfg.image_size)
 
 
-def build_autoencoder(cfg: DictConfig) -> LatentAutoencoder:
+def build_autoencoder(cfg: AutoencoderSettings) -> LatentAutoencoder:
     return load_autoencoder(cfg.kind, cfg.path, scaling_factor=cfg.scaling_factor,
                             shift_factor=cfg.shift_factor, unshuffle_factor=cfg.unshuffle_factor)
 
 
-def build_noise_scheduler(cfg: DictConfig) -> DDPMScheduler:
-    return DDPMScheduler(**OmegaConf.to_container(cfg, resolve=True))
+def build_noise_scheduler(cfg: NoiseSettings) -> DDPMScheduler:
+    return DDPMScheduler(**asdict(cfg))
 
 
-def build_components(model_cfg: DictConfig, autoencoder: LatentAutoencoder | None = None) -> Components:
+def build_components(model_cfg: ModelSettings, autoencoder: LatentAutoencoder | None = None) -> Components:
     """Encoder, autoencoder, a freshly initialised (or SD-initialised) UNet and the projection."""
     encoder = build_encoder(model_cfg.encoder)
     autoencoder = autoencoder or build_autoencoder(model_cfg.autoencoder)
     if model_cfg.resolution % autoencoder.downscale:
         raise ValueError(f"model.resolution={model_cfg.resolution} is not a multiple of the autoencoder's "
                          f"downscale factor {autoencoder.downscale}.")
-    overrides: dict[str, Any] = OmegaConf.to_container(model_cfg.unet.overrides, resolve=True)  # type: ignore[assignment]
+    overrides: dict[str, Any] = dict(model_cfg.unet.overrides)
     cross_dim = overrides.pop("cross_attention_dim", None)
     unet = build_unet(
         model_cfg.unet.preset,
@@ -191,7 +191,7 @@ def _preset_cross_dim(preset: str, encoder_width: int) -> int:
     return int(UNET_PRESETS[preset].get("cross_attention_dim", encoder_width))
 
 
-def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None:
+def ensure_latent_stats(ae, cfg: TrainingSettings, device: torch.device | str) -> None:
     """Estimate the latent scale/shift from the corpus when neither the config nor the autoencoder gives them."""
     ae_cfg = cfg.model.autoencoder
     if ae_cfg.scaling_factor is not None or ae.kind in ("kl", "tiny"):
@@ -203,7 +203,7 @@ def ensure_latent_stats(ae, cfg: DictConfig, device: torch.device | str) -> None
     logger.info("latent stats estimated on %d images: scaling_factor=%.4f shift_factor=%.4f", len(images), scale, shift)
 
 
-def model_cache_key(model_cfg: DictConfig) -> dict[str, Any]:
+def model_cache_key(model_cfg: ModelSettings) -> dict[str, Any]:
     """What a cache made for this model records (see dinodiff.data.cached.cache_key)."""
-    return cache_key(model_cfg.resolution, OmegaConf.to_container(model_cfg.encoder, resolve=True),
+    return cache_key(model_cfg.resolution, asdict(model_cfg.encoder),
                      model_cfg.autoencoder.kind, model_cfg.autoencoder.path)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from dinodiff.config import ModelSettings, save_config
 from dinodiff.data.readers import grey_to_unit
 from dinodiff.models.autoencoders import LatentAutoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder
@@ -204,7 +205,7 @@ def to_uint8_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------ model folders
 def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, projection: ConditionProjection,
-                      autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler, model_cfg: DictConfig,
+                      autoencoder: LatentAutoencoder, noise_scheduler: DDPMScheduler, model_cfg: ModelSettings,
                       encoder: GlobalTokenEncoder | None = None, cond_dropout: float | None = None) -> Path:
     """Write an inference-ready model folder through ``DiNODiffusionPipeline.save_pretrained``.
 
@@ -215,7 +216,7 @@ def save_model_folder(folder: str | Path, *, unet: UNet2DConditionModel, project
     parts = Components(encoder or build_encoder(model_cfg.encoder), autoencoder, unet, projection, noise_scheduler)
     dropout = run_cond_dropout(folder) if cond_dropout is None else float(cond_dropout)
     DiNODiffusionPipeline.from_components(parts, cond_dropout=dropout).save_pretrained(folder)
-    (folder / "model_config.yaml").write_text(OmegaConf.to_yaml(model_cfg, resolve=True))
+    save_config(model_cfg, folder / "model_config.yaml")
     return folder
 
 

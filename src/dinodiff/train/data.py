@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from dinodiff.config import TrainingSettings
 from dinodiff.data.cached import build_cache_loader, read_cache_info
 from dinodiff.data.loader import build_train_loader, first_images
 from dinodiff.data.shards import list_shards
@@ -33,7 +33,7 @@ def _stream_seed(seed: int, segment: int, rank: int) -> int:
     return (seed * 1_000_003 + segment * 7919 + rank * 104_729) % (2**31)
 
 
-def check_data_config(cfg: DictConfig) -> None:
+def check_data_config(cfg: TrainingSettings) -> None:
     """Fail before any model is built when the run has no data to read."""
     if not cfg.data.cache and not cfg.data.shards:
         raise ValueError("No training data: set data.shards=<prepared folder or shard pattern> "
@@ -65,7 +65,7 @@ def _missing_shards(shards: str) -> str | None:
 
 
 class TrainData:
-    def __init__(self, cfg: DictConfig, parts: Components, *, process_index: int = 0, num_processes: int = 1):
+    def __init__(self, cfg: TrainingSettings, parts: Components, *, process_index: int = 0, num_processes: int = 1):
         self.cfg, self.parts = cfg, parts
         self.rank, self.world = process_index, num_processes
         self.device = next(parts.unet.parameters()).device

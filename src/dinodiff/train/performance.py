@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dinodiff.config import TrainOptimSettings, TrainRunSettings
 from dinodiff.models.factory import Components, enable_tf32
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
-def make_optimizer(params, cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainOptimSettings, on_cuda: bool) -> torch.optim.Optimizer:
     """bitsandbytes AdamW8bit (the paper's) when asked for and usable, else torch AdamW (fused on CUDA)."""
     kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                   eps=cfg.adam_epsilon)
@@ -64,7 +64,7 @@ def use_channels_last(module: torch.nn.Module) -> None:
     module._register_state_dict_hook(_contiguous_state_dict)
 
 
-def tune_components(parts: Components, tcfg: DictConfig, device: torch.device) -> None:
+def tune_components(parts: Components, tcfg: TrainRunSettings, device: torch.device) -> None:
     """Apply train.tf32, train.channels_last and train.compile to the models the trainer built."""
     on_cuda = device.type == "cuda"
     if on_cuda and tcfg.tf32:

@@ -43,10 +43,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from dinodiff import runs
+from dinodiff.config import TrainingSettings
 from dinodiff.devices import resolve_mixed_precision
 from dinodiff.models.denoiser import ConditionedUNet
 from dinodiff.models.factory import Components, build_components
@@ -88,7 +88,7 @@ def _maybe_inject_fault(step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, eval_hook: EvalHook | None = None):
+    def __init__(self, cfg: TrainingSettings, eval_hook: EvalHook | None = None):
         self.cfg, self.eval_hook = cfg, eval_hook
         tcfg = cfg.train
         check_data_config(cfg)
@@ -364,7 +364,7 @@ class Trainer:
         self.accelerator.log({k: v for k, v in scores.items() if isinstance(v, (int, float))}, step=self.step)
 
 
-def train(cfg: DictConfig, eval_hook: EvalHook | None = None) -> Path:
+def train(cfg: TrainingSettings, eval_hook: EvalHook | None = None) -> Path:
     """Train (or resume) the run described by `cfg`; returns the run folder.
 
     With train.eval_every > 0, `eval_hook` scores each such checkpoint (the CLI builds the FID hook from the

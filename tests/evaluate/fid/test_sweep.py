@@ -8,12 +8,12 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import dinodiff.evaluate.fid.sweep as sweep_mod
 import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
 
+import dinodiff.evaluate.fid.sweep as sweep_mod
 from dinodiff.config import FidSettings
 from dinodiff.evaluate.fid.sweep import best_row, hook_from_config, make_fid_hook, promote_best, sweep, upsert
 from dinodiff.results import read_results
@@ -170,23 +170,20 @@ def test_best_row_upsert_and_pruned_best(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_the_config_eval_section_is_the_one_fid_settings_object() -> None:
-    from omegaconf import OmegaConf
+    from dinodiff.config import ConfigError, load_training_settings
 
-    from dinodiff.config import ConfigError, load_config
-
-    cfg = load_config("tiny", EVAL + ["eval.real=somewhere", "eval.kid_subsets=7"])
-    settings = OmegaConf.to_object(cfg.eval)
-    assert settings == replace(SETTINGS, real="somewhere", kid_subsets=7)  # every field, one list
-    assert OmegaConf.to_object(load_config("tiny", []).eval) == FidSettings()  # the defaults the CLI uses too
+    cfg = load_training_settings("tiny", EVAL + ["eval.real=somewhere", "eval.kid_subsets=7"])
+    assert cfg.eval == replace(SETTINGS, real="somewhere", kid_subsets=7)  # every field, one list
+    assert load_training_settings("tiny", []).eval == FidSettings()  # the defaults the CLI uses too
     with pytest.raises(ConfigError, match="num_reals"):
-        load_config("tiny", ["eval.num_reals=5"])  # a misspelt or renamed field fails instead of being dropped
+        load_training_settings("tiny", ["eval.num_reals=5"])  # a misspelt or renamed field fails instead of being dropped
 
 
 def test_eval_every_without_real_images_fails_with_the_fix(tmp_path: Path) -> None:
-    from dinodiff.config import load_config
+    from dinodiff.config import load_training_settings
     from dinodiff.evaluate.fid.sweep import hook_from_config
 
-    cfg = load_config("tiny", [f"train.run_dir={tmp_path}", "train.eval_every=10", "data.cache=somewhere"])
+    cfg = load_training_settings("tiny", [f"train.run_dir={tmp_path}", "train.eval_every=10", "data.cache=somewhere"])
     with pytest.raises(ValueError, match="eval.real="):
         hook_from_config(cfg)
 

@@ -3,6 +3,17 @@
 Imports no other evaluate subpackage or module.
 """
 
-from dinodiff.evaluate.audit.stage import AuditSettings, audit
+from typing import Any
+
+from dinodiff.evaluate.audit.settings import AuditSettings
 
 __all__ = ["AuditSettings", "audit"]
+
+
+def __getattr__(name: str) -> Any:
+    """`audit` is imported when first used: the CLI reads AuditSettings at start-up, without torch (PEP 562)."""
+    if name == "audit":
+        from dinodiff.evaluate.audit.stage import audit
+
+        return audit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ Outputs in OUT: results.json (``kind: audit``), audit.md, closest-pairs.png and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from dinodiff.evaluate.audit.search import (
     pair_distances,
     search,
 )
+from dinodiff.evaluate.audit.settings import AuditSettings
 from dinodiff.evaluate.audit.spaces import (
     FeatureSpace,
     encoder_space,
@@ -49,29 +49,6 @@ from dinodiff.results import Results
 logger = logging.getLogger(__name__)
 
 SOURCES = "reconstruction sources"
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """What the audit reads and how (saved under results.json's provenance)."""
-
-    train: str
-    holdout: str | None = None  # real images never trained on; default: the train folder's test split, if any
-    train_split: str = "train"
-    holdout_split: str = "test"
-    model: str | None = None  # pipeline model folder whose image_encoder/ gives the c_glb space
-    encoder: str | None = None  # or an encoder folder directly
-    xrv_weights: str | None = None
-    size: int = 128  # images are compared at this resolution
-    limit: int | None = None  # at most this many synthetic and held-out images per set; never caps the training set
-    pairs: int = 8  # closest synthetic/real pairs drawn per dataset in the grid
-    spaces: list[str] = field(default_factory=lambda: ["pixels", "c_glb", "xrv", "rad-dino"])
-    candidates: int = 16  # training images registered per query in the pixel copy search
-    calibration_queries: int = 2000  # train->train queries: a seeded subsample (all when fewer training images)
-    seed: int = 0
-    chunk: int = 1024  # training images decoded and compared at a time
-    max_memory_mb: float = 512  # working memory of one distance or registration block
-    device: str = "auto"  # the GPU when there is one
 
 
 def build_spaces(settings: AuditSettings, model: str | None,

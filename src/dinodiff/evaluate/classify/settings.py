@@ -1,5 +1,5 @@
 """Typed settings of `dinodiff classify`: dataclass defaults (the paper's protocol), a YAML preset merged over
-them, then dotted overrides, the same way `dinodiff.config.load_config` builds a training config.
+them, then dotted overrides, the same way `dinodiff.config.load_training_settings` builds a training run's.
 
 Presets live next to the training presets as ``configs/classify-*.yaml`` (``classify-phantoms``,
 ``classify-cxr-covid``, ``classify-mimic``).

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from dinodiff import runs
-from dinodiff.config import FidSettings
+from dinodiff.config import FidSettings, TrainingSettings
 from dinodiff.data.shards import available_splits
 from dinodiff.devices import resolve_device
 from dinodiff.evaluate.fid.features import FeatureExtractor, build_extractor
@@ -352,7 +352,7 @@ def make_fid_hook(run_dir: str | Path, settings: FidSettings, timeout_s: float =
     return hook
 
 
-def hook_from_config(cfg: DictConfig) -> EvalHook:
+def hook_from_config(cfg: TrainingSettings) -> EvalHook:
     """make_fid_hook from a run config's `eval` section (used when train.eval_every > 0)."""
     e = cfg.eval
     real = e.real or cfg.data.shards
@@ -363,6 +363,5 @@ def hook_from_config(cfg: DictConfig) -> EvalHook:
         logger.warning("train.eval_every=%d is not a multiple of train.checkpoint_every=%d: FID runs only at "
                        "checkpoints that fall on a multiple of eval_every.", cfg.train.eval_every,
                        cfg.train.checkpoint_every)
-    settings = FidSettings(**OmegaConf.to_container(e, resolve=True))  # the eval section is a FidSettings
-    return make_fid_hook(cfg.train.run_dir, dataclasses.replace(settings, real=str(real)),
+    return make_fid_hook(cfg.train.run_dir, dataclasses.replace(e, real=str(real)),
                          timeout_s=cfg.train.eval_timeout_s)
