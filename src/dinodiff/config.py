@@ -56,6 +56,22 @@ class PrepareSettings:
 
 
 @dataclass(frozen=True)
+class PhantomSettings:
+    """`dinodiff phantoms`: deterministic synthetic CXRs with lung masks and labels (data.phantoms)."""
+
+    n: int = setting(64, "Number of phantoms.")
+    size: int = setting(256, "Image side in pixels.")
+    seed: int = setting(0, "Seed: same seed and index give the same phantom.")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """`dinodiff report`: what the page shows besides the results found under its folder."""
+
+    title: str | None = setting(None, "Page title (default: 'dinodiff report: ROOT').")
+
+
+@dataclass(frozen=True)
 class EncoderSettings:
     # Hub id or local folder; "random:<family>" builds a small randomly initialised ViT of that
     # family (for demos and tests, since pretrained weights need the internet).

@@ -13,12 +13,20 @@ from typer.testing import CliRunner
 
 from dinodiff.cli import app
 from dinodiff.cli.common import settings_options, stage_settings, typed
-from dinodiff.config import ConfigError, FidSettings, PrepareSettings, build_settings, setting
+from dinodiff.config import (
+    ConfigError,
+    FidSettings,
+    PhantomSettings,
+    PrepareSettings,
+    ReportSettings,
+    build_settings,
+    setting,
+)
 from dinodiff.evaluate.audit.settings import AuditSettings
 
 # Commands whose settings live in one frozen *Settings object; each takes --config.
-SETTINGS_COMMANDS = ("prepare", "cache", "train", "generate", "fid", "sweep", "segment", "classify", "audit",
-                     "pretrain-encoder", "probe-encoder", "train-embeddings", "demo")
+SETTINGS_COMMANDS = ("phantoms", "prepare", "cache", "train", "generate", "fid", "sweep", "segment", "classify", "audit",
+                     "pretrain-encoder", "probe-encoder", "train-embeddings", "demo", "report")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ def test_only_typed_options_override_the_file(tmp_path):
 def test_every_settings_command_takes_config_and_fid_defaults_are_the_settings():
     group = typer.main.get_command(app)
     ctx = click.Context(group)
+    assert set(group.list_commands(ctx)) == set(SETTINGS_COMMANDS)  # every command
     for name in SETTINGS_COMMANDS:
         options = {o for p in group.get_command(ctx, name).params for o in p.opts}
         assert "--config" in options, name
@@ -107,9 +116,18 @@ def test_settings_options_are_made_from_the_fields_and_only_typed_ones_reach_the
     assert seen["settings"] == DescribedSettings(size=32, spaces=["x", "y"], sharp=False, hidden=5)
     assert CliRunner().invoke(toy, []).exit_code == 0 and seen["settings"] == DescribedSettings()
 
+    @toy.command()
+    @settings_options(DescribedSettings, "size")
+    def own_context(ctx: typer.Context, n: int = typer.Option(1), *, options: dict) -> None:  # the command's own ctx
+        seen["options"], seen["n"] = options, typed(ctx, n=n)
+
+    assert CliRunner().invoke(toy, ["own-context", "--size", "9", "--n", "2"]).exit_code == 0
+    assert seen["options"] == {"size": 9} and seen["n"] == {"n": 2}
+
 
 @pytest.mark.parametrize("command, schema", [("prepare", PrepareSettings), ("audit", AuditSettings),
-                                             ("fid", FidSettings), ("sweep", FidSettings)])
+                                             ("fid", FidSettings), ("sweep", FidSettings),
+                                             ("phantoms", PhantomSettings), ("report", ReportSettings)])
 def test_commands_show_their_settings_own_defaults_and_help(command, schema):
     group = typer.main.get_command(app)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.metadata.get("help")}

@@ -100,18 +100,22 @@ def settings_options(schema: type, *names: str) -> Callable[[Callable[..., Any]]
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         made = [_option_parameter(fields[name], hints[name]) for name in names]
 
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
+        # typer fills one parameter annotated typer.Context: the command's own, else one added here
+        context = next((p.name for p in own if p.annotation is typer.Context), None)
+
         @functools.wraps(command)
         def with_options(*args: Any, **kwargs: Any) -> Any:
-            ctx = kwargs.pop(_CONTEXT)
+            ctx = kwargs[context] if context else kwargs.pop(_CONTEXT)
             values = {name: kwargs.pop(name) for name in names}
             chosen = typed(ctx, **values)
             return command(*args, options={name: _from_option(value, hints[name]) for name, value in chosen.items()},
                            **kwargs)
 
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
         at = next((i for i, p in enumerate(own) if p.name == "config"), len(own))
-        context = inspect.Parameter(_CONTEXT, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-        parameters = [context, *own[:at], *made, *own[at:]]  # typer fills a typer.Context parameter by its type
+        added = [] if context else [inspect.Parameter(_CONTEXT, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      annotation=typer.Context)]
+        parameters = [*added, *own[:at], *made, *own[at:]]
         with_options.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         with_options.__annotations__ = {p.name: p.annotation for p in parameters}  # what typer resolves types from
         return with_options

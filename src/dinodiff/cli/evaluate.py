@@ -16,7 +16,7 @@ from dinodiff.cli.common import (
     stage_settings,
     typed,
 )
-from dinodiff.config import FidSettings  # light, like AuditSettings: their fields make options
+from dinodiff.config import FidSettings, ReportSettings  # light, like AuditSettings: their fields make options
 from dinodiff.evaluate.audit.settings import AuditSettings
 
 
@@ -145,10 +145,13 @@ def segment(
                + "".join(f"\noverlay: {p}" for p in results.get("overlays", {}).values()))
 
 
+@settings_options(ReportSettings, "title")
 def report(
     root: Path = typer.Argument(..., help="A training run folder, or a work folder holding stage outputs (searched recursively)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="The HTML page (default ROOT/report.html); the Markdown summary goes beside it (.md)."),
-    title: str | None = typer.Option(None, help="Page title (default: 'dinodiff report: ROOT')."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """One self-contained HTML page (figures embedded) and a Markdown summary of every result under ROOT.
 
@@ -157,8 +160,9 @@ def report(
     """
     from dinodiff.report import ReportError, build_report
 
+    settings = stage_settings(ReportSettings, config, options)
     with failures({(ReportError, FileNotFoundError): 2}):
-        summary = build_report(root, out, title=title)
+        summary = build_report(root, out, title=settings.title)
     for name in summary["sections"]:
         typer.echo(f"  ok       {name}")
     for name, command in summary["missing"]:

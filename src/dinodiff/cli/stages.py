@@ -18,7 +18,7 @@ from dinodiff.cli.common import (
     training_settings,
     typed,
 )
-from dinodiff.config import PrepareSettings  # a light module: its fields make prepare's options
+from dinodiff.config import PhantomSettings, PrepareSettings  # light: their fields make the options
 
 
 @settings_options(PrepareSettings, "kind", "size", "min_size", "remove_borders", "intensity", "shard_size", "workers",
@@ -51,18 +51,22 @@ def prepare(
     )
 
 
+@settings_options(PhantomSettings, "size", "seed")
 def phantoms(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (Montgomery layout + labels.csv)."),
-    n: int = typer.Option(64, "-n", help="Number of phantoms."),
-    size: int = typer.Option(256, help="Image side in pixels."),
-    seed: int = typer.Option(0, help="Seed: same seed and index give the same phantom."),
+    n: int = typer.Option(PhantomSettings.n, "-n", help="Number of phantoms."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Write deterministic synthetic chest-X-ray phantoms with lung masks and labels
     (Cardiomegaly, Pleural Effusion, Consolidation) for demos and tests."""
     from dinodiff.data.phantoms import write_phantoms
 
-    folder = write_phantoms(out, n, size=size, seed=seed)
-    typer.echo(f"{n} phantoms in {folder} (labels: {folder / 'labels.csv'})")
+    settings = stage_settings(PhantomSettings, config, {**options, **typed(ctx, n=n)})
+    folder = write_phantoms(out, settings.n, size=settings.size, seed=settings.seed)
+    typer.echo(f"{settings.n} phantoms in {folder} (labels: {folder / 'labels.csv'})")
 
 
 
