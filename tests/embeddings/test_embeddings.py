@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ from dinodiff.embeddings import (
     train_embeddings,
 )
 from dinodiff.embeddings.data import CachedEmbeddings, split_holdout
-from dinodiff.embeddings.metrics import (COPY_FACTOR, _moments, coverage, knn_radii, nearest, nearest_training,
-                                         own_distances, subsample)
+from dinodiff.embeddings.evaluation import eval_rows, evaluate_against_cache
+from dinodiff.embeddings.metrics import (
+    COPY_FACTOR,
+    _moments,
+    coverage,
+    knn_radii,
+    nearest,
+    nearest_training,
+    own_distances,
+    subsample,
+)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -299,6 +309,19 @@ def test_eval_measures_samples_against_held_out_embeddings_beside_the_real_floor
     assert floor["n"] == len(train)
     assert (floor["precision"], floor["recall"]) == pytest.approx(precision_recall(reference, firsts), abs=1e-9)
     assert report["copy_reference"].startswith("nearest of all 2 cached views")
+
+    # capped: a seeded subset of the training images gets the samples (and is the floor), so the copy search is
+    # samples x views, linear in the training set
+    cached = read_cached_embeddings(cache)
+    capped = evaluate_against_cache(folder, cached, split_holdout(cached, 0.25, settings.seed), [],
+                                    replace(settings, eval_samples=30))
+    drawn = eval_rows(len(train), 30, settings.seed)
+    assert len(drawn) == len(set(drawn)) == 30 and np.array_equal(drawn, eval_rows(len(train), 30, settings.seed))
+    assert capped["n_sampled"] == capped["real_floor"]["n"] == 30 and capped["n_train"] == len(train)
+    firsts = normalise(torch.from_numpy(data[train[drawn], 0].astype(np.float16).astype(np.float32)))
+    assert (capped["real_floor"]["precision"], capped["real_floor"]["recall"]) == pytest.approx(
+        precision_recall(reference, firsts), abs=1e-9)
+    assert "of a seeded 30 of" in capped["samples"]
 
 
 def test_generate_sampled_decodes_new_embeddings_with_the_sources_labels(tiny_model_folder, tmp_path):

@@ -72,6 +72,7 @@ class EmbeddingTrainSettings:
     limit: int | None = None  # use only the first N cached images
     holdout_fraction: float = 0.1  # of the subjects (images when unknown), held out of training to evaluate against
     eval_steps: int = 50  # DDIM steps of the evaluation samples
+    eval_samples: int | None = 10_000  # samples the evaluation draws (one per training image up to this); None = all
     metrics_chunk: int = CHUNK  # rows per block of the evaluation's distance computations (memory ~ chunk^2)
 
     def __post_init__(self) -> None:
@@ -124,7 +125,8 @@ def _resume(accelerator: Accelerator, run: Path, metrics: MetricsLog) -> int:
 def _check_settings(run: Path, settings: EmbeddingTrainSettings) -> None:
     path = run / "settings.json"
     fixed = {k: v for k, v in asdict(settings).items() if k not in ("max_steps", "checkpoint_every", "keep_last",
-                                                                   "log_every", "eval_steps", "metrics_chunk")}
+                                                                   "log_every", "eval_steps", "eval_samples",
+                                                                   "metrics_chunk")}
     if path.is_file() and latest_checkpoint(run) is not None:
         old = json.loads(path.read_text())
         changed = sorted(k for k in fixed if old.get(k) != fixed[k])
