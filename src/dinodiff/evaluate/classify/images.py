@@ -19,7 +19,6 @@ from dinodiff.data.image_sets import (
     iter_sources,
 )
 from dinodiff.evaluate.classify.index import (
-    Coded,
     Positives,
     StringsBuilder,
     load_index,
@@ -130,7 +129,6 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
         raise FileNotFoundError(f"No labelled images found in {data.source}.")
     subjects, counts = resolve_subjects(ids.build(), known.build(), data.subject_pattern)
     splits = split_by_subject(subjects, own if own[0] is not None else None, data.test_fraction, data.split_seed)
-    subjects = Coded.of(subjects)
     names, positive = positives.matrix()
     save_index(index_path, ids.build(), subjects, positive, splits)
     meta = {"key": key, "count": count, "names": names, "subject_counts": counts}

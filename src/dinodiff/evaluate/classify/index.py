@@ -1,7 +1,8 @@
 """The real-image cache's index, compact: the ids, subjects, positives and split of every cached image as arrays.
 
 As Python lists (and the JSON that held them) the index took ~1.4 KB per image (130 MB at 100k images). Here the
-ids are one UTF-8 buffer with offsets, the subjects codes into a table of the distinct ones, the positives a uint8
+ids are one UTF-8 buffer with offsets, the subjects codes into a table of the distinct ones (or into the ids, for an
+image that is its own subject), the positives a uint8
 matrix and the split codes: tens of bytes per image. They are saved with np.savez and read back without pickle.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import pairwise
+from itertools import pairwise, repeat
 from pathlib import Path
 
 import numpy as np
@@ -70,33 +71,32 @@ class StringsBuilder:
 
 
 class Coded(Sequence[str]):
-    """Strings as int32 codes into a table of the distinct ones (the subjects: a patient has several images)."""
+    """Strings as int32 codes into a table of the distinct ones (the subjects: a patient has several images);
+    code -1: the string at the same position of `own` (an image that is its own subject: its id)."""
 
-    def __init__(self, codes: np.ndarray, table: Strings):
-        self.codes, self.table = codes, table
+    def __init__(self, codes: np.ndarray, table: Strings, own: Sequence[str] | None = None):
+        self.codes, self.table, self.own = codes, table, own
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, i):  # an index or a slice, as list's
         if isinstance(i, slice):
-            return [self.table[c] for c in self.codes[i].tolist()]
-        return self.table[int(self.codes[i])]
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        i = i + len(self) if i < 0 else i
+        code = int(self.codes[i])
+        return self.table[code] if code >= 0 else self.own[i]
 
     def __iter__(self) -> Iterator[str]:
         table = list(self.table)  # the distinct strings only
-        return (table[c] for c in self.codes.tolist())
+        own = self.own if self.own is not None and (self.codes < 0).any() else repeat(None)
+        return (table[c] if c >= 0 else o for c, o in zip(self.codes.tolist(), own))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # type: ignore[assignment]
-
-    @classmethod
-    def of(cls, strings: Iterable[str]) -> Coded:
-        table: dict[str, int] = {}
-        codes = array("i", (table.setdefault(s, len(table)) for s in strings))
-        return cls(np.frombuffer(codes, dtype=np.int32), Strings.of(table))
 
 
 class Positives:
@@ -135,5 +135,5 @@ def load_index(path: Path) -> tuple[Strings, Coded, np.ndarray, np.ndarray]:
     """(ids, subjects, (N, L) bool positives, split names) as save_index wrote them; no pickle is read."""
     with np.load(path, allow_pickle=False) as f:
         ids = Strings(f["ids_data"], f["ids_offsets"])
-        subjects = Coded(f["subject_codes"], Strings(f["subject_data"], f["subject_offsets"]))
+        subjects = Coded(f["subject_codes"], Strings(f["subject_data"], f["subject_offsets"]), own=ids)
         return ids, subjects, f["positive"].astype(bool), np.array(SPLITS)[f["split"]]
