@@ -19,6 +19,7 @@ import numpy as np
 from dinodiff.files import atomic_path
 
 SPLITS = ("train", "test", "excluded")  # the split codes' names (split.EXCLUDED is the third)
+CHUNK = 4096  # strings decoded per step when iterating
 
 
 class Strings(Sequence[str]):
@@ -40,8 +41,10 @@ class Strings(Sequence[str]):
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
     def __iter__(self) -> Iterator[str]:
-        data, offsets = self.data.tobytes(), self.offsets.tolist()
-        return (data[a:b].decode("utf-8") for a, b in pairwise(offsets))
+        data = self.data.tobytes()
+        for start in range(0, len(self), CHUNK):  # the offsets as Python ints a chunk at a time (36 bytes each)
+            for a, b in pairwise(self.offsets[start:start + CHUNK + 1].tolist()):
+                yield data[a:b].decode("utf-8")
 
     def __eq__(self, other: object) -> bool:  # equal to a list of the same strings, as the list it replaces
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
@@ -90,8 +93,10 @@ class Coded(Sequence[str]):
 
     def __iter__(self) -> Iterator[str]:
         table = list(self.table)  # the distinct strings only
-        own = self.own if self.own is not None and (self.codes < 0).any() else repeat(None)
-        return (table[c] if c >= 0 else o for c, o in zip(self.codes.tolist(), own))
+        own = iter(self.own) if self.own is not None and (self.codes < 0).any() else repeat(None)
+        for start in range(0, len(self), CHUNK):
+            for c, o in zip(self.codes[start:start + CHUNK].tolist(), own):
+                yield table[c] if c >= 0 else o
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
