@@ -243,3 +243,54 @@ def test_records_in_flight_to_the_worker_pool_are_bounded():
     assert got == [3]
     window.stop()  # a feeder waiting at shutdown is released and ends
     assert list(feed) == []
+
+
+def _reference_order(sources: list[Path], shard_size: int, test_fraction: float, seed: int) -> list[list[tuple]]:
+    """The records of every shard as the in-memory adapters give them (discover, dedupe_ids, sorted by id; what
+    `prepare` held before its discovery was spooled to disk): (id, split, labels, subject) per record."""
+    from dinodiff.data.datasets import dedupe_ids, discover
+
+    records = []
+    for src in sources:
+        recs = discover(src)
+        for r in recs:
+            r.id = f"{src.stem}__{r.id}" if len(sources) > 1 else r.id
+        records += recs
+    records = dedupe_ids(records, [str(r.path) for r in records])
+    by_split: dict[str, list] = {}
+    for r in records:
+        r.split = prep._split_of(r, test_fraction, seed)
+        by_split.setdefault(r.split, []).append((r.id, r.split, r.labels, r.subject))
+    return [recs[i:i + shard_size] for _, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]
+
+
+def test_spooled_discovery_gives_the_in_memory_order_ids_and_labels(tmp_path):
+    """Ids that collide within a folder (a.png, a.jpg, a.PNG) and across sources, a labels.csv with subjects and a
+    row repeated for one path (the later wins), a labels.csv row for no file: the shards hold the records, ids,
+    labels, subjects and splits of the in-memory adapters, shard by shard and in the same order."""
+    from dinodiff.data.phantoms import make_phantom
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    rows = [["path", "Effusion", "patient"]]
+    for i in range(14):
+        rel = f"{'sub/' if i % 3 else ''}a{i % 5}.{'png' if i % 2 else 'jpg'}"
+        (one / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_phantom(i, size=32).image).save(one / rel)
+        rows.append([rel, str(i % 2), f"P{i % 4}"])
+    Image.fromarray(make_phantom(20, size=32).image).save(one / "a1.PNG")
+    rows += [[rows[1][0], "1", "P9"], ["missing.png", "1", "P8"]]
+    (one / "labels.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    two.mkdir()
+    for i in range(6):
+        Image.fromarray(make_phantom(30 + i, size=32).image).save(two / f"a{i}.png")
+    for sources in ([one], [one, two]):
+        out = tmp_path / f"out-{len(sources)}"
+        m = prepare(sources, out, size=32, min_size=8, shard_size=4, workers=1, test_fraction=0.4,
+                    progress=False)
+        expected = _reference_order(sources, 4, 0.4, 0)
+        assert any("-" in r[0] for shard in expected for r in shard)  # colliding ids were renamed
+        assert [s["samples"] for s in m["shards"]] == [len(shard) for shard in expected]
+        got = [[(s["__key__"], s["json"]["split"], s["json"]["labels"], s["json"]["subject"])
+                for s in read_samples(out / s["path"])] for s in m["shards"]]
+        assert got == expected
+        assert not (out / ".records.tmp").exists()  # the spool is removed

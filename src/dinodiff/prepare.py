@@ -1,7 +1,8 @@
 """The `prepare` stage: raw images -> WebDataset shards + manifest.json + rejects.csv.
 
 Records are sorted by id, split, and cut into fixed chunks of `shard_size` *input* records, one
-shard per chunk, so shard boundaries never depend on which files turn out unreadable. Each shard
+shard per chunk, so shard boundaries never depend on which files turn out unreadable. The records are spooled to
+an on-disk table as they are found (data/spool.py), so memory stays flat over any number of images. Each shard
 is written atomically with a sidecar (`<shard>.meta.json`: fingerprint, rejects, statistics, and the
 shard's size and sha256); a rerun skips every chunk whose sidecar fingerprint still matches and whose
 shard still has that size and hash, redoes the others (a shard cut short or damaged is logged and
@@ -19,9 +20,11 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 import dinodiff
 from dinodiff.config import PrepareSettings
-from dinodiff.data.datasets import Record, dedupe_ids, detect_kind, discover
+from dinodiff.data.datasets import Record, detect_kind, label_rows, stream_records
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
 from dinodiff.data.shards import (
@@ -46,7 +49,8 @@ from dinodiff.data.shards import (
     sidecar_path,
     write_shard,
 )
-from dinodiff.data.subjects import apply_subject_pattern, hash_split, subject_key
+from dinodiff.data.spool import RecordSpool
+from dinodiff.data.subjects import hash_split, subject_key
 from dinodiff.files import write_bytes_atomic
 from dinodiff.memory import fix_mmap_threshold
 
@@ -116,25 +120,31 @@ def _split_of(rec: Record, test_fraction: float, seed: int, val_fraction: float 
     return hash_split(subject_key(rec.id, rec.subject), test, seed, val_fraction)
 
 
-def _collect(sources: list[Path], kind: str, out: Path, subject_column: str | None = None,
-             subject_pattern: str | None = None) -> tuple[list[Record], dict[str, str]]:
-    records: list[Record] = []
+def _collect(sources: list[Path], kind: str, out: Path, spool: RecordSpool, subject_column: str | None = None,
+             subject_pattern: str | None = None) -> dict[str, str]:
+    """Every source's records into `spool`, ids unique (prefixed by their source's name when there are several);
+    returns each source's kind."""
     kinds = {}
-    for src in sources:
+    for number, src in enumerate(sources):
         kinds[str(src)] = detect_kind(src) if kind == "auto" else kind
         options = {"subject_column": subject_column} if subject_column and kinds[str(src)] == "csv" else {}
+        records, streamed = stream_records(src, kinds[str(src)], **options)
+        labelled = streamed and kinds[str(src)] == "folder" and src.is_dir()
+        if labelled:
+            spool.add_labels(label_rows(src))  # joined by path as the records are added
         # an output folder inside a source must not feed its own shards back in on a rerun
-        recs = [r for r in discover(src, kinds[str(src)], **options) if out not in r.path.parents]
+        spool.add(records, number, skip=lambda r: out in r.path.parents, labelled=labelled)
+        if streamed:  # the adapter's own de-duplication (the other adapters did it)
+            spool.dedupe(number)
+        spool.drop_skipped()
         if len(sources) > 1:  # ids from different sources may clash: prefix the source's name
-            prefix = re.sub(r"[^A-Za-z0-9_-]+", "_", src.stem)
-            for r in recs:
-                r.id = f"{prefix}__{r.id}"
+            spool.prefix(number, re.sub(r"[^A-Za-z0-9_-]+", "_", src.stem))
         # Subjects are not prefixed: the same patient named in two sources stays one patient (two sources that
         # number their patients alike are merged, which only makes a split more conservative).
-        records.extend(recs)
     if subject_pattern:
-        apply_subject_pattern(records, subject_pattern)
-    return dedupe_ids(records, [str(r.path) for r in records]), kinds
+        spool.apply_subject_pattern(subject_pattern)
+    spool.dedupe()
+    return kinds
 
 
 def _fingerprint(chunk: list[Record], settings: _Settings) -> str:
@@ -293,9 +303,10 @@ class _Window:
         self.slots.release()  # wakes the feeder thread if it waits, so the pool can shut down
 
 
-def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
-    """Yield (chunk, results) for each chunk in `todo`, processing records on `workers` processes."""
-    recs = (r for _, _, _, chunk in todo for r in chunk)
+def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, workers: int, bar: tqdm):
+    """Yield (todo item, its records, their results) for each chunk in `todo`, processing records on `workers`
+    processes; a chunk's records are read from the spool when fed and again when written (never all held)."""
+    recs = (r for *_, first, count in todo for r in spool.records(first, count))
     window = _Window(64 * workers)
     if workers <= 1:
         _init_worker(settings)
@@ -308,11 +319,11 @@ def _results(todo: list[tuple], settings: _Settings, workers: int, bar: tqdm):
     try:
         for item in todo:
             results = []
-            for _ in item[3]:
+            for _ in range(item[4]):
                 results.append(next(stream))
                 window.taken()
                 bar.update(1)
-            yield item, results
+            yield item, spool.records(item[3], item[4]), results
     finally:
         if pool is not None:
             window.stop()
@@ -354,17 +365,24 @@ def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSetting
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
               "val_fraction": float(val_fraction), "subject_column": p.subject_column,
               "subject_pattern": p.subject_pattern}
-    records, params["kinds"] = _collect(sources, kind, out, p.subject_column, p.subject_pattern)
-    if not records:
-        raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
-    plan, metas, todo = _plan(out, _chunks(records, shard_size, test_fraction, seed, val_fraction), settings)
-    n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(len(t[3]) for t in todo) or 1))
-    with tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
-        for (tar, split, fp, chunk), results in _results(todo, settings, n_workers, bar):
-            metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
+    scratch = out / ".records.tmp"  # the discovered records, on disk (a killed run's is replaced)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        with closing(RecordSpool(scratch / "records.sqlite")) as spool:
+            params["kinds"] = _collect(sources, kind, out, spool, p.subject_column, p.subject_pattern)
+            if not len(spool):
+                raise NothingUsable(f"no files found in {', '.join(map(str, sources))}")
+            spool.assign_splits(lambda r: _split_of(r, test_fraction, seed, val_fraction))
+            plan, metas, todo = _plan(out, spool, shard_size, settings)
+            n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(t[4] for t in todo) or 1))
+            with tqdm(total=sum(t[4] for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
+                for (tar, split, fp, _, _), chunk, results in _results(todo, spool, settings, n_workers, bar):
+                    metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
+            params["subjects"] = spool.subjects()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _remove_unplanned(out / SHARD_DIR, plan)
-    subjects = {r.subject for r in records if r.subject}
-    params["subjects"] = {"images_with_subject": sum(1 for r in records if r.subject), "distinct": len(subjects)}
     manifest = _write_outputs(out, [metas[p] for p in plan], params)
     counts = manifest["counts"]
     if counts["written"] == 0:
@@ -375,31 +393,23 @@ def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSetting
     return manifest
 
 
-def _chunks(records: list[Record], shard_size: int, test_fraction: float, seed: int,
-            val_fraction: float = 0.0) -> list[tuple]:
-    """(split, index, records) of each shard to write: records split, then cut into `shard_size` chunks."""
-    by_split: dict[str, list[Record]] = {}
-    for r in records:
-        r.split = _split_of(r, test_fraction, seed, val_fraction)
-        by_split.setdefault(r.split, []).append(r)
-    return [(split, i // shard_size, recs[i:i + shard_size])
-            for split, recs in sorted(by_split.items()) for i in range(0, len(recs), shard_size)]
-
-
-def _plan(out: Path, chunks: list[tuple], settings: _Settings) -> tuple[list[Path], dict[Path, dict], list[tuple]]:
-    """Every shard's path, the sidecars of those already done, and (tar, split, fingerprint, chunk) to do."""
+def _plan(out: Path, spool: RecordSpool, shard_size: int,
+          settings: _Settings) -> tuple[list[Path], dict[Path, dict], list[tuple]]:
+    """Every shard's path, the sidecars of those already done, and (tar, split, fingerprint, first, count) to do:
+    the records, in split then id order, cut into chunks of `shard_size` per split (read back from the spool by
+    position when processed)."""
     shards = out / SHARD_DIR
     shards.mkdir(parents=True, exist_ok=True)
     for p in shards.glob(".*.tmp"):  # leftovers of an interrupted run
         p.unlink(missing_ok=True)
     plan, metas, todo = [], {}, []
-    for split, idx, chunk in chunks:
-        tar, fp = shard_path(out, split, idx), _fingerprint(chunk, settings)
+    for split, idx, first, count in spool.chunks(shard_size):
+        tar, fp = shard_path(out, split, idx), _fingerprint(spool.records(first, count), settings)
         plan.append(tar)
         if (meta := _done(tar, fp)) is not None:
             metas[tar] = meta
         else:
-            todo.append((tar, split, fp, chunk))
+            todo.append((tar, split, fp, first, count))
     return plan, metas, todo
 
 

@@ -14,7 +14,9 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path, PurePosixPath
 
 from dinodiff.data.readers import has_dicom_preamble
@@ -76,6 +78,11 @@ def make_id(relpath: str | PurePosixPath) -> str:
     return ident
 
 
+def unique_id(ident: str, relpath: str) -> str:
+    """The id of a record whose id `ident` collides with another's: a hash of its path appended."""
+    return f"{ident[:_MAX_ID - 9]}-{_short_hash(relpath)}"
+
+
 def dedupe_ids(records: list[Record], relpaths: list[str]) -> list[Record]:
     """Append a path hash to ids that still collide (e.g. `a.png` and `a.jpg`), then sort."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -84,7 +91,7 @@ def dedupe_ids(records: list[Record], relpaths: list[str]) -> list[Record]:
     for ident, idx in groups.items():
         if len(idx) > 1:
             for i in idx:
-                records[i].id = f"{ident[:_MAX_ID - 9]}-{_short_hash(relpaths[i])}"
+                records[i].id = unique_id(ident, relpaths[i])
     return sorted(records, key=lambda r: r.id)
 
 
@@ -102,25 +109,55 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS or has_dicom_preamble(path)
 
 
+def _iter_files(root: Path) -> Iterator[tuple[os.DirEntry, str]]:
+    """(entry, path relative to root) of the files `_walk_files` lists, in no particular order, one at a time: only
+    the folders still to visit are held, not every name (a folder of 100k images)."""
+    folders = [(str(root), "")]
+    while folders:
+        folder, prefix = folders.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:  # os.walk skips an unreadable folder too
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if not entry.is_symlink():  # as os.walk: a linked folder is neither walked nor a file
+                        folders.append((entry.path, f"{prefix}{entry.name}/"))
+                else:
+                    yield entry, f"{prefix}{entry.name}"
+
+
+def iter_folder(root: Path, dataset: str | None = None) -> Iterator[tuple[Record, str]]:
+    """discover_folder's records and their paths relative to root, one at a time, before their ids are
+    de-duplicated and sorted and labels.csv is joined (`prepare` spools them to disk; see data/spool.py)."""
+    root = Path(root)
+    name = dataset or root.name
+    if root.is_file():
+        yield Record(path=root.resolve(), id=make_id(root.name), dataset=name), root.name
+        return
+    real_root = root.resolve()
+    for entry, rel in _iter_files(root):
+        if rel == LABELS_FILE:
+            continue
+        # a linked folder is not walked, so only a file itself can be a link: one lstat per file instead of
+        # resolve()'s one per path component (a third of prepare's time on 100k small images)
+        path = Path(entry.path).resolve() if entry.is_symlink() else real_root / rel
+        yield Record(path=path, id=make_id(rel), dataset=name), rel
+
+
 def discover_folder(root: Path, dataset: str | None = None) -> list[Record]:
     """Every non-hidden file under `root`, recursively.
 
     Files that are not images (by extension or DICOM preamble) are still returned, so that
     `prepare` reports them as 'not an image' instead of letting them vanish silently.
     """
-    root = Path(root)
-    name = dataset or root.name
-    if root.is_file():
-        return [Record(path=root.resolve(), id=make_id(root.name), dataset=name)]
-    files = [f for f in _walk_files(root) if f != root / LABELS_FILE]
-    rels = [f.relative_to(root).as_posix() for f in files]
-    real_root = root.resolve()
-    # os.walk does not descend into symlinked folders, so only a file itself can be a link: one lstat per file
-    # instead of resolve()'s one per path component (a third of prepare's time on 100k small images).
-    recs = [Record(path=f.resolve() if f.is_symlink() else real_root / r, id=make_id(r), dataset=name)
-            for f, r in zip(files, rels)]
-    del files
-    return attach_labels(root, dedupe_ids(recs, rels))
+    found = list(iter_folder(root, dataset))
+    if Path(root).is_file():
+        return [rec for rec, _ in found]
+    return attach_labels(Path(root), dedupe_ids([rec for rec, _ in found], [rel for _, rel in found]))
 
 
 def _open_text(path: Path):
@@ -138,20 +175,8 @@ def _parse_label(value: str | None) -> float | None:
     return float(v)
 
 
-def _is_label_column(values: list[str]) -> bool:
-    try:
-        parsed = {_parse_label(v) for v in values}
-    except ValueError:
-        return False
-    return parsed - {None} <= {-1.0, 0.0, 1.0} and parsed != {None}
-
-
 def _split_values(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _categories(values) -> list[str]:
-    return sorted({v for value in values for v in _split_values(value)})
 
 
 def discover_csv(
@@ -166,49 +191,102 @@ def discover_csv(
     multi-hot label per distinct comma-separated value. `view_column` and `split_column` default
     to `view`/`ViewPosition` and `split`; `subject_column` (the patient) to the first of SUBJECT_COLUMNS present.
     """
+    found = list(iter_csv(csv_path, path_column, label_columns, root, view_column, split_column, dataset,
+                          subject_column))
+    return dedupe_ids([rec for rec, _ in found], [rel for _, rel in found])
+
+
+class _ColumnKind:
+    """What one pass over a column's values tells: is it a label column (every value in {1, 0, -1, empty, true,
+    false}, not all empty), and the distinct comma-separated values of a named label column."""
+
+    def __init__(self, categories: bool):
+        self.parsed: set[float | None] | None = set()  # None once a value is no label
+        self.categories: set[str] | None = set() if categories else None
+
+    def add(self, value: str) -> None:
+        if self.parsed is not None:
+            try:
+                self.parsed.add(_parse_label(value))
+            except (ValueError, AttributeError):  # AttributeError: the list of a row's extra fields
+                self.parsed = None
+            else:
+                if not self.parsed - {None} <= {-1.0, 0.0, 1.0}:
+                    self.parsed = None
+        if self.categories is not None:
+            self.categories.update(_split_values(value))
+
+    @property
+    def is_label(self) -> bool:
+        return self.parsed is not None and self.parsed != {None}
+
+
+def iter_csv(
+    csv_path: Path, path_column: str | None = None, label_columns: list[str] | None = None,
+    root: str | Path | None = None, view_column: str | None = None, split_column: str | None = None,
+    dataset: str | None = None, subject_column: str | None = None,
+) -> Iterator[tuple[Record, str]]:
+    """discover_csv's records and their relative paths, one at a time and before their ids are de-duplicated and
+    sorted: a first pass over the file finds the columns (errors are raised here, before any record), a second
+    yields the rows, so no more than a row is held (`prepare` spools them to disk; see data/spool.py)."""
     csv_path = Path(csv_path)
     with _open_text(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return []
-    cols = list(rows[0].keys())
-    path_column = path_column or next(
-        (c for c in ("path", "filename", "file", "image", "image_path", "Path") if c in cols), None)
-    if path_column not in cols:
-        raise ValueError(f"{csv_path}: no path column; pass path_column= (columns: {cols})")
-    view_column = view_column or next((c for c in ("view", "ViewPosition") if c in cols), None)
-    split_column = split_column or ("split" if "split" in cols else None)
-    if subject_column is not None and subject_column not in cols:
-        raise ValueError(f"{csv_path}: subject column {subject_column!r} not found (columns: {cols})")
-    subject_column = subject_column or next((c for c in SUBJECT_COLUMNS if c in cols), None)
+        reader = csv.DictReader(f)
+        first = next(reader, None)
+        if first is None:
+            return iter(())
+        cols = list(first.keys())
+        path_column = path_column or next(
+            (c for c in ("path", "filename", "file", "image", "image_path", "Path") if c in cols), None)
+        if path_column not in cols:
+            raise ValueError(f"{csv_path}: no path column; pass path_column= (columns: {cols})")
+        view_column = view_column or next((c for c in ("view", "ViewPosition") if c in cols), None)
+        split_column = split_column or ("split" if "split" in cols else None)
+        if subject_column is not None and subject_column not in cols:
+            raise ValueError(f"{csv_path}: subject column {subject_column!r} not found (columns: {cols})")
+        subject_column = subject_column or next((c for c in SUBJECT_COLUMNS if c in cols), None)
+        base = Path(root) if root is not None else csv_path.parent
+        named = set(label_columns or ())
+        kinds = {c: _ColumnKind(categories=c in named) for c in cols}
+        rows, exists = 0, False
+        for r in chain([first], reader):
+            rows += 1
+            for c, kind in kinds.items():
+                kind.add(r[c])
+            exists = exists or (base / r[path_column].strip()).exists()
     if label_columns is None:
         skip = {path_column, view_column, split_column, subject_column}
-        label_columns = [c for c in cols if c not in skip and _is_label_column([r[c] for r in rows])]
+        label_columns = [c for c in cols if c not in skip and kinds[c].is_label]
     missing = [c for c in label_columns if c not in cols]
     if missing:
         raise ValueError(f"{csv_path}: label columns {missing} not found (columns: {cols})")
-    base = Path(root) if root is not None else csv_path.parent
-    if not any((base / r[path_column].strip()).exists() for r in rows):
-        raise ValueError(f"{csv_path}: none of the {len(rows)} paths in column {path_column!r} exist under "
+    if not exists:
+        raise ValueError(f"{csv_path}: none of the {rows} paths in column {path_column!r} exist under "
                          f"{base}; pass root= (the folder they are relative to)")
-    binary = [c for c in label_columns if _is_label_column([r[c] for r in rows])]
-    categorical = {c: _categories(r[c] for r in rows) for c in label_columns if c not in binary}
-    recs, rels = [], []
-    for row in rows:
-        rel = row[path_column].strip()
-        labels = {c: _parse_label(row[c]) for c in binary}
-        for c, names in categorical.items():
-            present = set(_split_values(row[c]))
-            labels.update({n: (float(n in present) if present else None) for n in names})
-        recs.append(Record(
-            path=(base / rel).resolve(), id=make_id(rel), dataset=dataset or csv_path.parent.name, labels=labels,
-            view=(row.get(view_column) or None) if view_column else None,
-            split=(row[split_column].strip() or "train") if split_column else "train",
-            split_fixed=bool(split_column),
-            subject=(row[subject_column].strip() or None) if subject_column else None,
-        ))
-        rels.append(rel)
-    return dedupe_ids(recs, rels)
+    binary = [c for c in label_columns if kinds[c].is_label]
+    categorical = {c: sorted(kinds[c].categories) for c in label_columns if c not in binary}
+    return _csv_records(csv_path, base, path_column, binary, categorical, view_column, split_column, subject_column,
+                        dataset or csv_path.parent.name)
+
+
+def _csv_records(csv_path: Path, base: Path, path_column: str, binary: list[str], categorical: dict[str, list[str]],
+                 view_column: str | None, split_column: str | None, subject_column: str | None,
+                 dataset: str) -> Iterator[tuple[Record, str]]:
+    """iter_csv's second pass: one Record per row."""
+    with _open_text(csv_path) as f:
+        for row in csv.DictReader(f):
+            rel = row[path_column].strip()
+            labels = {c: _parse_label(row[c]) for c in binary}
+            for c, names in categorical.items():
+                present = set(_split_values(row[c]))
+                labels.update({n: (float(n in present) if present else None) for n in names})
+            yield Record(
+                path=(base / rel).resolve(), id=make_id(rel), dataset=dataset, labels=labels,
+                view=(row.get(view_column) or None) if view_column else None,
+                split=(row[split_column].strip() or "train") if split_column else "train",
+                split_fixed=bool(split_column),
+                subject=(row[subject_column].strip() or None) if subject_column else None,
+            ), rel
 
 
 def attach_labels(root: Path, records: list[Record]) -> list[Record]:
@@ -217,23 +295,34 @@ def attach_labels(root: Path, records: list[Record]) -> list[Record]:
     This is how label files that travel with an image layout (e.g. the phantoms' Montgomery-style
     tree) reach the shards. A labels.csv that does not describe these images is ignored with a warning.
     """
+    table = {r.path: r for r in label_rows(root)}
+    for rec in records:
+        join_labels(rec, table.get(rec.path))
+    return records
+
+
+def label_rows(root: Path) -> Iterator[Record]:
+    """The rows of `root/labels.csv`, one at a time; none when it is absent or does not describe these images
+    (with a warning). A later row for the same path wins."""
     table_path = Path(root) / LABELS_FILE
     if not table_path.is_file():
-        return records
+        return iter(())
     try:
-        table = {r.path: r for r in discover_csv(table_path, root=root)}
+        return (rec for rec, _ in iter_csv(table_path, root=root))
     except ValueError as e:
         log.warning("ignoring %s: %s", table_path, e)
-        return records
-    for rec in records:
-        row = table.get(rec.path)
-        if row is not None:
-            rec.labels = {**rec.labels, **row.labels}
-            rec.view = rec.view or row.view
-            rec.subject = rec.subject or row.subject
-            if row.split_fixed:
-                rec.split, rec.split_fixed = row.split, True
-    return records
+        return iter(())
+
+
+def join_labels(rec: Record, row: Record | None) -> Record:
+    """`rec` with what its row of a labels.csv (None: no row) adds: labels, and a view, subject or split it lacks."""
+    if row is not None:
+        rec.labels = {**rec.labels, **row.labels}
+        rec.view = rec.view or row.view
+        rec.subject = rec.subject or row.subject
+        if row.split_fixed:
+            rec.split, rec.split_fixed = row.split, True
+    return rec
 
 
 def _mimic_csv(root: Path, name: str) -> Path:
@@ -391,6 +480,20 @@ _ADAPTERS = {
     "folder": discover_folder, "csv": discover_csv, "mimic-cxr": discover_mimic,
     "montgomery": discover_montgomery, "shenzhen": discover_shenzhen, "jsrt": discover_jsrt,
 }
+
+
+def stream_records(source: str | Path, kind: str, **options) -> tuple[Iterator[tuple[Record, str | None]], bool]:
+    """discover's records, one at a time where the adapter can (folder, csv: True, with each record's relative path,
+    before ids are de-duplicated and sorted and a folder's labels.csv joined); the other adapters' small datasets
+    come as discover gives them (False, paths None)."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src}")
+    if kind == "folder":
+        return iter_folder(src, **options), True
+    if kind == "csv":
+        return iter_csv(src, **options), True
+    return ((rec, None) for rec in discover(src, kind, **options)), False
 
 
 def discover(source: str | Path, kind: str = "auto", **options) -> list[Record]:

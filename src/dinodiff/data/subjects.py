@@ -36,17 +36,30 @@ def subjects_from_pattern(ids: Sequence[str], pattern: str) -> list[str]:
     regex = re.compile(pattern)
     out, misses = [], []
     for ident in ids:
-        match = regex.search(ident)
-        if match is None:
+        subject = subject_in(regex, ident)
+        if subject is None:
             misses.append(ident)
             continue
-        out.append(match.group(1) if regex.groups else match.group(0))
+        out.append(subject)
     if misses:
-        raise SubjectPatternMismatch(
-            f"subject pattern {pattern!r} matches {len(ids) - len(misses)} of {len(ids)} ids (no match: "
-            f"{', '.join(misses[:3])}{', ...' if len(misses) > 3 else ''}); fix the pattern so that it matches "
-            "every id, or prepare those sources separately.")
+        raise pattern_mismatch(pattern, len(ids), misses[:4], len(misses))
     return out
+
+
+def subject_in(regex: re.Pattern, ident: str) -> str | None:
+    """Group 1 (or the whole match) of `regex` searched in `ident`; None when it does not match."""
+    match = regex.search(ident)
+    if match is None:
+        return None
+    return match.group(1) if regex.groups else match.group(0)
+
+
+def pattern_mismatch(pattern: str, total: int, first_misses: list[str], misses: int) -> SubjectPatternMismatch:
+    """The error for a pattern that matched `total - misses` of `total` ids (`first_misses`: the first few)."""
+    return SubjectPatternMismatch(
+        f"subject pattern {pattern!r} matches {total - misses} of {total} ids (no match: "
+        f"{', '.join(first_misses[:3])}{', ...' if misses > 3 else ''}); fix the pattern so that it matches "
+        "every id, or prepare those sources separately.")
 
 
 def apply_subject_pattern(records: Sequence[HasSubject], pattern: str) -> None:

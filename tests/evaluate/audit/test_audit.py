@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dinodiff.cli import app
 from dinodiff.results import read_results
-from dinodiff.evaluate.audit import AuditSettings, audit, copies
+from dinodiff.evaluate.audit import AuditSettings, audit, copies, search
 
 from audit_data import COPIES, DISGUISES, SIZE, TWIN_PATIENT, disguise, row, write_prepared, write_synthetic
 from audit_data import cxr, cxr_audit  # noqa: F401  (fixtures)
@@ -92,7 +92,8 @@ def test_results_carry_exact_intervals_and_say_the_held_out_reference_is_too_sma
 @pytest.fixture(scope="module")
 def small_audit(cxr, tmp_path_factory) -> dict:
     """40 training images, 30 held out; copies of the last 5 training images (JPEG q50) and 5 unrelated images.
-    Audited with --limit 8 (and a train->train subsample of 10) in chunks of 7, and again in one chunk."""
+    Audited with --limit 8 (and a train->train subsample of 10) in chunks of 7, and again in one chunk; and with a
+    max_memory_mb so small that each query's candidates are fetched and registered alone, and a large one."""
     root = tmp_path_factory.mktemp("small-audit")
     train, test, unrelated = cxr[:40], cxr[40:70], cxr[70:75]
     prep = write_prepared(root / "prep", train, test)
@@ -103,6 +104,10 @@ def small_audit(cxr, tmp_path_factory) -> dict:
         settings = AuditSettings(train=str(prep), size=SIZE, spaces=["pixels"], limit=8, pairs=2, chunk=chunk,
                                  calibration_queries=10, max_memory_mb=4)
         runs[chunk] = audit([syn], root / f"out-{chunk}", settings)
+    for mb in (0.05, 512):
+        settings = AuditSettings(train=str(prep), size=SIZE, spaces=["pixels"], limit=8, pairs=2,
+                                 calibration_queries=10, max_memory_mb=mb)
+        runs[f"{mb} MB"] = audit([syn], root / f"out-{mb}-mb", settings)
     return runs
 
 
@@ -123,6 +128,19 @@ def test_train_reference_is_a_stated_seeded_subsample(small_audit):
 def test_chunking_and_memory_bound_do_not_change_the_audit(small_audit):
     for table in ("dcr", "calibration"):
         assert small_audit[7].tables[table] == small_audit[1000].tables[table]
+
+
+def test_a_tiny_memory_bound_registers_query_by_query_with_the_same_results(small_audit):
+    for table in ("dcr", "calibration"):
+        assert small_audit["0.05 MB"].tables[table] == small_audit["512 MB"].tables[table]
+    assert row(small_audit["0.05 MB"], "late")["flagged_copies_k"] == 5
+
+
+def test_candidate_blocks_hold_at_most_the_budget_of_distinct_candidates():
+    indices = np.array([[0, 1], [1, 2], [3, 4], [-1, -1], [5, 6], [5, 6]])
+    assert list(search.candidate_blocks(indices, 3)) == [(0, 2), (2, 4), (4, 6)]
+    assert list(search.candidate_blocks(indices, 1)) == [(0, 1), (1, 2), (2, 4), (4, 6)]  # a row alone may exceed
+    assert list(search.candidate_blocks(indices, 100)) == [(0, 6)]
 
 
 def test_cli_help_says_limit_never_caps_the_training_set():

@@ -18,6 +18,7 @@ import dinodiff.evaluate.classify.grid as grid
 from dinodiff.cli import app
 from dinodiff.results import read_results
 from dinodiff.evaluate.classify import classify, load_settings
+from dinodiff.evaluate.classify.images import cached_real
 from dinodiff.evaluate.classify.stage import GridMismatch
 from dinodiff.evaluate.classify.subsets import read_subset, subset_path
 from dinodiff.interpolate import pairing_classes
@@ -72,7 +73,7 @@ def test_every_synthetic_arm_sees_ratio_times_its_real_training_images_in_every_
         own = train_real if r["experiment"] == "augmentation" else 0
         assert int(r["real_images"]) == own and int(r["train_images"]) == own + int(r["ratio"]) * train_real
     # interpolation: one set per repetition seed and fold, made from that fold's training images only
-    real_ids = json.loads((out / "cache" / "real-16.json").read_text())["ids"]
+    real_ids = cached_real(out / "cache", 16).ids
     for ratio in (1, 3):
         sets = _synthetic_sets(out, "interpolation", ratio)
         assert [p.parent.name for p in sets] == ["s0-f0", "s0-f1", "s1-f0", "s1-f1"]
@@ -111,9 +112,8 @@ def test_each_synthetic_arm_is_compared_with_the_control_of_its_own_count(full_g
 
 def test_interpolation_sets_keep_the_label_prevalence_of_their_folds_training_images(full_grid):
     out, _ = full_grid
-    cache = json.loads((out / "cache" / "real-16.json").read_text())
-    names = cache["names"]
-    real_positive = np.array([[v == 1.0 for v in row] for row in cache["labels"]])
+    cache = cached_real(out / "cache", 16)
+    names, real_positive = cache.names, cache.positive
     for ratio in (1, 3):
         for path in _synthetic_sets(out, "interpolation", ratio):
             seed, fold = int(path.parent.name[1]), int(path.parent.name[-1])

@@ -61,3 +61,19 @@ def test_real_cache_streams_images_into_the_memmap(tmp_path, monkeypatch):
     assert real.names == ["a", "b"] and real.positive[:, 0].tolist() == [i % 2 == 1 for i in range(40)]
     assert real.subjects[0] == real.subjects[1] != real.subjects[2]  # p0, p0, p1
     assert real.subject_counts[FROM_DATA] == 40
+
+
+def test_real_index_is_compact_arrays_read_back_without_pickle(tmp_path):
+    """The index is arrays (ids as a UTF-8 buffer, subjects as codes, positives, split codes), tens of bytes per
+    image, readable with allow_pickle=False, and a second load_real reads the same index back from the cache."""
+    folder = _prepared(tmp_path / "prepared")
+    built = images.load_real(DataSettings(source=str(folder)), 16, tmp_path / "cache")
+    with np.load(tmp_path / "cache" / "real-16.npz", allow_pickle=False) as f:
+        assert all(f[name].dtype != object for name in f.files)
+        assert sum(f[name].nbytes for name in f.files) / 40 < 40  # bytes per image (a JSON list: ~1.4 KB)
+    again = images.load_real(DataSettings(source=str(folder)), 16, tmp_path / "cache")
+    assert list(again.ids) == [f"img{i:03d}" for i in range(40)] and again.ids == built.ids
+    assert list(again.subjects) == [f"p{i // 2}" for i in range(40)] and again.subjects[-1] == "p19"
+    assert again.ids[-1] == "img039" and again.ids[1:3] == ["img001", "img002"] and len(again.subjects.table) == 20
+    assert np.array_equal(again.positive, built.positive) and again.positive.dtype == bool
+    assert list(again.split) == list(built.split) == ["train"] * 30 + ["test"] * 10

@@ -5,7 +5,6 @@ ids stops the run with one clean line."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from dinodiff.cli import app
 from dinodiff.evaluate.classify import classify, load_settings
+from dinodiff.evaluate.classify.images import cached_real
 from dinodiff.evaluate.classify.split import FROM_DATA
 from dinodiff.evaluate.classify.subsets import read_subset, subset_path
 
@@ -52,18 +52,18 @@ def test_no_patient_is_in_both_pool_and_test_nor_in_two_folds(shared_data, patie
     out = tmp_path / "grid"
     results = classify(load_settings(None, _options(shared_data, patients_csv, out, "data.subject_column=pid")),
                        progress=False)
-    index = json.loads((out / "cache" / "real-16.json").read_text())
+    real = cached_real(out / "cache", 16)
     with open(patients_csv, newline="") as f:
         patient = {Path(r["filename"]).stem: r["pid"] for r in csv.DictReader(f)}
-    assert index["subjects"] == [patient[i] for i in index["ids"]]  # the CSV's patient column, not the image id
+    assert real.subjects == [patient[i] for i in real.ids]  # the CSV's patient column, not the image id
     sides: dict[str, set[str]] = {}
-    for subject, part in zip(index["subjects"], index["split"]):
+    for subject, part in zip(real.subjects, real.split):
         sides.setdefault(subject, set()).add(part)
     assert all(len(parts) == 1 for parts in sides.values()), sides  # no patient in both pool and test
     assert {"train", "test"} == set().union(*sides.values())
     for seed in (0, 1):
         subset = read_subset(subset_path(out / "subsets", 12, seed))
-        assert subset.subjects == [patient[index["ids"][r]] for r in subset.rows]
+        assert subset.subjects == [patient[real.ids[r]] for r in subset.rows]
         folds: dict[str, set[int]] = {}
         for subject, fold in zip(subset.subjects, subset.folds):
             folds.setdefault(subject, set()).add(int(fold))

@@ -4,14 +4,15 @@ The training set is decoded once, `chunk` images at a time; each chunk's feature
 (synthetic images, held-out images, the calibration subsample of training images, reconstruction sources) and
 each query keeps its k nearest rows (neighbours.NearestSearch; rows of the query's own patient skipped). In the
 copy space the k candidates of each query are then fetched (only those images are decoded again) and registered
-(copies.register); the DCR is the smallest registered distance. Nothing grows with the training set but its
-(N,) int64 patient groups: time is linear in N, memory bounded by `chunk` and `max_memory_mb`.
+(copies.register), one block of queries at a time; the DCR is the smallest registered distance. Nothing grows with
+the training set but its (N,) int64 patient groups: time is linear in N, memory bounded by `chunk` and `max_memory_mb`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,10 @@ from dinodiff.evaluate.audit.neighbours import NearestSearch
 from dinodiff.evaluate.audit.spaces import FeatureSpace
 
 logger = logging.getLogger(__name__)
+
+# The share of `max_memory_mb` held by one block's candidate working images (the registration block's working
+# memory is the rest); 64 MB (16k images of 32 x 32 float32) by default.
+CANDIDATE_SHARE = 1 / 8
 
 
 @dataclass
@@ -73,25 +78,50 @@ def search(spaces: list[FeatureSpace], query_sets: list[QuerySet], train: Traini
 
 def _registered(sp: FeatureSpace, query_sets: list[QuerySet], results: dict, train: TrainingSet, chunk: int,
                 max_memory_mb: float) -> dict[str, Found]:
-    """DCR in the copy space: each query registered onto its k candidates, the smallest distance kept."""
-    wanted = np.unique(np.concatenate([r.indices.ravel() for r in results.values()]))
-    wanted = wanted[wanted >= 0]
-    cache: dict[int, torch.Tensor] = {}
-    for positions, images in train.fetch(wanted, chunk):
-        cache.update(zip(positions.tolist(), sp.working(images)))
+    """DCR in the copy space: each query registered onto its k candidates, the smallest distance kept.
+
+    The candidates' working images are held for one block of queries at a time, and a block's distinct candidates
+    fit in CANDIDATE_SHARE of `max_memory_mb` (one fetch pass over the training set per block): memory is bounded
+    by the setting, not by queries x candidates (3000 x 16 working images, 197 MB, at 100k training images).
+    Each query's distances do not depend on its block, so the blocks change no result.
+    """
+    indices = np.concatenate([results[qs.name].indices for qs in query_sets])  # (every query of every set, k)
+    offsets = np.cumsum([0, *(len(qs.images) for qs in query_sets)])
+    dcr, index = np.full(len(indices), math.inf), np.full(len(indices), -1, dtype=np.int64)
     per_block = max(1, int(max_memory_mb * 2**20 / (len(copies.GRID) * copies.CROP**2 * 4 * 4)))
-    found = {}
-    for qs in query_sets:
-        neighbours = results[qs.name]
-        dcr, index = np.full(len(qs.images), math.inf), np.full(len(qs.images), -1, dtype=np.int64)
-        for start in range(0, len(qs.images), per_block):
-            block = slice(start, start + per_block)
-            d = registered_distances(sp, qs.images[block], neighbours.indices[block], cache)
-            best = d.argmin(1)
-            dcr[block] = d[np.arange(len(d)), best]
-            index[block] = np.where(np.isfinite(dcr[block]), neighbours.indices[block][np.arange(len(d)), best], -1)
-        found[qs.name] = Found(dcr, index)
-    return found
+    held = max(1, int(max_memory_mb * 2**20 * CANDIDATE_SHARE / (copies.WORK**2 * 4)))  # float32 working images
+    for first, stop in candidate_blocks(indices, held):
+        wanted = np.unique(indices[first:stop])
+        cache: dict[int, torch.Tensor] = {}
+        for positions, images in (train.fetch(wanted[wanted >= 0], chunk) if wanted.max() >= 0 else ()):
+            cache.update(zip(positions.tolist(), sp.working(images)))
+        for qs, offset in zip(query_sets, offsets):
+            for start in range(max(first, offset), min(stop, offset + len(qs.images)), per_block):
+                block = slice(start, min(start + per_block, stop, offset + len(qs.images)))
+                d = registered_distances(sp, qs.images[block.start - offset:block.stop - offset], indices[block],
+                                         cache)
+                best = d.argmin(1)
+                dcr[block] = d[np.arange(len(d)), best]
+                index[block] = np.where(np.isfinite(dcr[block]), indices[block][np.arange(len(d)), best], -1)
+        del cache  # before the next block's fetch
+    logger.debug("registered %d queries", len(indices))
+    return {qs.name: Found(dcr[offset:offset + len(qs.images)], index[offset:offset + len(qs.images)])
+            for qs, offset in zip(query_sets, offsets)}
+
+
+def candidate_blocks(indices: np.ndarray, held: int) -> Iterator[tuple[int, int]]:
+    """[first, stop) runs of consecutive query rows of `indices` (Q, k) whose distinct candidates (-1: none) number
+    at most `held`; a row alone may exceed it (its candidates are all needed at once)."""
+    first, seen = 0, set()
+    for row, candidates in enumerate(indices.tolist()):
+        new = {c for c in candidates if c >= 0} - seen
+        if new and seen and len(seen) + len(new) > held:
+            yield first, row
+            first, seen = row, set()
+            new = {c for c in candidates if c >= 0}
+        seen |= new
+    if len(indices):
+        yield first, len(indices)
 
 
 def registered_distances(sp: FeatureSpace, images: np.ndarray, candidates: np.ndarray,

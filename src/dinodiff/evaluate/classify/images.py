@@ -1,13 +1,13 @@
 """Decoded, resized images cached once per grid (a raw uint8 memmap + a JSON index), for the real pool, the real
 test set and every synthetic set. Cells open the memmaps read-only, so no fold decodes an image again.
-The real index also holds each image's subject and split (see `split`).
+The real index also holds each image's subject and split (see `split`), as compact arrays (real-SIZE.npz, index.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,13 +18,19 @@ from dinodiff.data.image_sets import (
     SyntheticDataset,
     iter_sources,
 )
+from dinodiff.evaluate.classify.index import (
+    Positives,
+    StringsBuilder,
+    load_index,
+    save_index,
+)
 from dinodiff.evaluate.classify.settings import DataSettings
 from dinodiff.evaluate.classify.split import resolve_subjects, split_by_subject
 from dinodiff.files import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-REAL_FORMAT = 2  # 2: subjects and a split by subject
+REAL_FORMAT = 3  # 2: subjects and a split by subject; 3: the index as arrays (real-SIZE.npz, index.py)
 
 
 @dataclass
@@ -32,11 +38,11 @@ class ImageSet:
     """Images (N, S, S) uint8 (a read-only memmap), their ids and positives (N, L) over `names`."""
 
     images: np.ndarray
-    ids: list[str]
+    ids: Sequence[str]  # a list, or for the real images index.Strings (compact)
     positive: np.ndarray
     names: list[str]
     split: np.ndarray | None = None  # 'train' / 'test' / 'excluded' per image (real images only)
-    subjects: list[str] | None = None  # the subject (patient) key of each image (real images only)
+    subjects: Sequence[str] | None = None  # the subject (patient) key of each image (real images only; index.Coded)
     subject_counts: dict[str, int] | None = None  # how many images got their subject each way (see split)
     source_a: list[str] | None = None  # synthetic: the source(s) each image was made from
     source_b: list[str] | None = None
@@ -96,26 +102,24 @@ def _read_sources(data: DataSettings, size: int) -> Iterator[tuple[SourceImage, 
 def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
     """The real images at `size` px with their subjects and split, decoded once into `cache` (rebuilt if the data
     settings change). Raises SubjectPatternMismatch when data.subject_pattern misses an id that needs it.
-    Images are streamed into the memmap: only ids, subjects and labels are held, never the decoded images."""
+    Images are streamed into the memmap, and the ids, subjects, labels and split are held as compact arrays
+    (index.py: tens of bytes per image), never as a list of Python objects per image."""
     key = {"data": asdict(data), "size": size, "format": REAL_FORMAT}
-    index_path, raw_path = cache / f"real-{size}.json", cache / f"real-{size}.u8"
-    if index_path.is_file() and raw_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index.get("key") == json.loads(json.dumps(key)):
-            return _real_set(index, raw_path, size)
+    meta_path, index_path, raw_path = cache / f"real-{size}.json", cache / f"real-{size}.npz", cache / f"real-{size}.u8"
+    if meta_path.is_file() and index_path.is_file() and raw_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == json.loads(json.dumps(key)):
+            return _real_set(meta, index_path, raw_path, size)
     if not data.source:
         raise ValueError("No real data: set data.source (a prepared folder, shards, a labelled CSV or a dataset root).")
-    ids: list[str] = []
-    known: list[str | None] = []
-    own: list[str | None] = []
-    labels: list[dict[str, float | None]] = []
+    ids, known, own, positives = StringsBuilder(), StringsBuilder(), [], Positives()
 
     def images() -> Iterator[np.ndarray]:
         for source, split in _read_sources(data, size):
             ids.append(source.id)
-            known.append(source.subject)
-            own.append(split)
-            labels.append(source.labels)
+            known.append(source.subject or "")  # "" as None: no subject known
+            own.append(split)  # 'train', 'test' or None: the same few str objects, a pointer per image
+            positives.add(source.labels)
             yield source.image
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -123,21 +127,26 @@ def load_real(data: DataSettings, size: int, cache: Path) -> ImageSet:
     if not count:
         raw_path.unlink(missing_ok=True)
         raise FileNotFoundError(f"No labelled images found in {data.source}.")
-    subjects, counts = resolve_subjects(ids, known, data.subject_pattern)
+    subjects, counts = resolve_subjects(ids.build(), known.build(), data.subject_pattern)
     splits = split_by_subject(subjects, own if own[0] is not None else None, data.test_fraction, data.split_seed)
-    names = sorted({name for row in labels for name in row})
-    index = {"key": key, "count": count, "names": names, "ids": ids, "split": splits.tolist(), "subjects": subjects,
-             "subject_counts": counts, "labels": [[row.get(n) for n in names] for row in labels]}
-    write_json_atomic(index_path, index)
+    names, positive = positives.matrix()
+    save_index(index_path, ids.build(), subjects, positive, splits)
+    meta = {"key": key, "count": count, "names": names, "subject_counts": counts}
+    write_json_atomic(meta_path, meta)  # last: the key says the cache is complete
     logger.info("cached %d real images at %d px in %s", count, size, raw_path)
-    return _real_set(index, raw_path, size)
+    return _real_set(meta, index_path, raw_path, size)
 
 
-def _real_set(index: dict, raw_path: Path, size: int) -> ImageSet:
-    labels = np.array([[v == 1.0 for v in row] for row in index["labels"]], dtype=bool)
-    return ImageSet(_open(raw_path, index["count"], size), index["ids"],
-                    labels.reshape(index["count"], len(index["names"])), index["names"], np.array(index["split"]),
-                    index["subjects"], index["subject_counts"])
+def cached_real(cache: Path, size: int) -> ImageSet:
+    """The real-image cache that load_real wrote in `cache` at `size` px, whatever data settings made it."""
+    meta = json.loads((cache / f"real-{size}.json").read_text())
+    return _real_set(meta, cache / f"real-{size}.npz", cache / f"real-{size}.u8", size)
+
+
+def _real_set(meta: dict, index_path: Path, raw_path: Path, size: int) -> ImageSet:
+    ids, subjects, positive, split = load_index(index_path)
+    return ImageSet(_open(raw_path, meta["count"], size), ids, positive.reshape(meta["count"], len(meta["names"])),
+                    meta["names"], split, subjects, meta["subject_counts"])
 
 
 def load_synthetic(folder: Path, size: int) -> ImageSet:

@@ -10,11 +10,14 @@ The split is the data's own test split when it has one, else `dinodiff.data.subj
 from __future__ import annotations
 
 import logging
+import re
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
 
-from dinodiff.data.subjects import hash_split, subject_key, subjects_from_pattern
+from dinodiff.data.subjects import hash_split, pattern_mismatch, subject_in
+from dinodiff.evaluate.classify.index import Coded, Strings
 
 logger = logging.getLogger(__name__)
 
@@ -23,24 +26,36 @@ EXCLUDED = "excluded"  # a pool image whose subject is in the data's own test sp
 
 
 def resolve_subjects(ids: Sequence[str], known: Sequence[str | None],
-                     pattern: str | None) -> tuple[list[str], dict[str, int]]:
+                     pattern: str | None) -> tuple[Coded, dict[str, int]]:
     """(subject key of each image, how many images got their subject each way).
 
-    Raises `SubjectPatternMismatch` (a ValueError) when `pattern` misses an id that has no subject from the data.
+    The keys are codes into the distinct subjects, an image that is its own subject pointing at its id: no string
+    per image is made (index.Coded). Raises `SubjectPatternMismatch` (a ValueError) when `pattern` misses an id that
+    has no subject from the data.
     """
-    missing = [i for i, s in enumerate(known) if not s]
-    from_pattern = subjects_from_pattern([ids[i] for i in missing], pattern) if pattern and missing else []
-    subjects = [subject_key(ident, s) for ident, s in zip(ids, known)]
-    for i, subject in zip(missing, from_pattern):
-        subjects[i] = subject
-    counts = {FROM_DATA: len(ids) - len(missing), FROM_PATTERN: len(from_pattern),
-              OWN: len(missing) - len(from_pattern)}
+    regex = re.compile(pattern) if pattern else None
+    table: dict[str, int] = {}
+    codes = array("i")
+    counts = {FROM_DATA: 0, FROM_PATTERN: 0, OWN: 0}
+    misses, missed = [], 0
+    for ident, subject in zip(ids, known):
+        way = FROM_DATA if subject else FROM_PATTERN if regex is not None else OWN
+        if way == FROM_PATTERN:
+            subject = subject_in(regex, ident)
+            if subject is None:
+                missed += 1
+                misses.extend([ident][:4 - len(misses)])
+                continue
+        counts[way] += 1
+        codes.append(-1 if way == OWN else table.setdefault(subject, len(table)))
+    if missed:
+        raise pattern_mismatch(pattern, counts[FROM_PATTERN] + missed, misses, missed)
     if counts[OWN]:
         logger.warning("%d of %d images have no known subject (no subject in the data, no data.subject_pattern): "
                        "each is its own subject, so a patient with several images may sit on both sides of a split",
                        counts[OWN], len(ids))
-    logger.info("subjects: %s; %d distinct", {k: v for k, v in counts.items() if v}, len(set(subjects)))
-    return subjects, counts
+    logger.info("subjects: %s; %d distinct", {k: v for k, v in counts.items() if v}, len(table) + counts[OWN])
+    return Coded(np.frombuffer(codes, dtype=np.int32), Strings.of(table), own=ids), counts
 
 
 def split_by_subject(subjects: Sequence[str], own_split: Sequence[str] | None, test_fraction: float,
