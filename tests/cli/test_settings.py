@@ -22,6 +22,7 @@ from dinodiff.config import (
     build_settings,
     setting,
 )
+from dinodiff.embeddings.settings import EmbeddingTrainSettings
 from dinodiff.evaluate.audit.settings import AuditSettings
 
 # Commands whose settings live in one frozen *Settings object; each takes --config.
@@ -127,7 +128,8 @@ def test_settings_options_are_made_from_the_fields_and_only_typed_ones_reach_the
 
 @pytest.mark.parametrize("command, schema", [("prepare", PrepareSettings), ("audit", AuditSettings),
                                              ("fid", FidSettings), ("sweep", FidSettings),
-                                             ("phantoms", PhantomSettings), ("report", ReportSettings)])
+                                             ("phantoms", PhantomSettings), ("report", ReportSettings),
+                                             ("train-embeddings", EmbeddingTrainSettings)])
 def test_commands_show_their_settings_own_defaults_and_help(command, schema):
     group = typer.main.get_command(app)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.metadata.get("help")}

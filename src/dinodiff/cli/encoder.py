@@ -15,7 +15,10 @@ from dinodiff.cli.common import (
     stage_settings,
     typed,
 )
-from dinodiff.encoder.settings import ProbeSettings  # light: its fields make probe-encoder's options
+
+# light modules (no torch): the options of train-embeddings and probe-encoder are made from these settings' fields
+from dinodiff.embeddings.settings import EmbeddingTrainSettings
+from dinodiff.encoder.settings import ProbeSettings
 
 
 def pretrain_encoder(
@@ -72,24 +75,17 @@ def probe_encoder(
 
 
 
+@settings_options(EmbeddingTrainSettings, "batch_size", "lr", "width", "depth", "labels", "label_dropout",
+                  "checkpoint_every", "seed", "limit", "holdout_fraction", "metrics_chunk")
 def train_embeddings_command(
     ctx: typer.Context,
     cache_dir: Path = typer.Option(..., "--cache", help="A `dinodiff cache` folder: its c_GLB (every augmented view) are the training set."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: settings.json, metrics.csv, checkpoints/, model/, eval.json."),
-    steps: int = typer.Option(2000, help="Training steps."),
-    batch_size: int = typer.Option(256, help="Embeddings per step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    width: int = typer.Option(512, help="Width of the MLP's residual blocks."),
-    depth: int = typer.Option(4, help="Number of residual blocks."),
-    labels: str = typer.Option("auto", help="auto: condition on the cached images' labels when they have any (null label for guidance); none: unconditional."),
-    label_dropout: float = typer.Option(0.1, help="Probability of the null label in training (classifier-free guidance)."),
-    checkpoint_every: int = typer.Option(500, help="Steps between checkpoints (a killed run resumes from the newest)."),
-    seed: int = typer.Option(0, help="Seed of the weights, batches and noise."),
-    limit: int | None = typer.Option(None, help="Use only the first N cached images."),
-    holdout_fraction: float = typer.Option(0.1, help="Fraction of the subjects (patients; images when unknown), drawn with --seed, held out of training: eval.json measures the samples against them. 0: against the training embeddings (transductive)."),
-    metrics_chunk: int = typer.Option(2048, help="Rows per block of eval.json's distance computations (memory grows with its square)."),
+    steps: int = typer.Option(EmbeddingTrainSettings.max_steps, help="Training steps."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Train the embedding generator for source-free generation: a small diffusion model over c_GLB (after RCG).
 
@@ -100,14 +96,11 @@ def train_embeddings_command(
     """
     import json
 
-    from dinodiff.embeddings import EmbeddingTrainSettings, train_embeddings
+    from dinodiff.embeddings import train_embeddings
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        values = typed(ctx, batch_size=batch_size, lr=lr, width=width, depth=depth, labels=labels,
-                       label_dropout=label_dropout, checkpoint_every=checkpoint_every, seed=seed, limit=limit,
-                       holdout_fraction=holdout_fraction, metrics_chunk=metrics_chunk)
-        values.update(cache=cache_dir, out=out, **({"max_steps": steps} if typed(ctx, steps=steps) else {}))
+        values = {**options, "cache": cache_dir, "out": out, **({"max_steps": steps} if typed(ctx, steps=steps) else {})}
         settings = stage_settings(EmbeddingTrainSettings, config, values)
         folder = train_embeddings(settings, progress=progress)
     report = json.loads((out / "eval.json").read_text())

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from dinodiff.embeddings.settings import CHUNK
+
 logger = logging.getLogger(__name__)
 
 # A sampled embedding counts as a copy when it is nearer a training embedding than COPY_FACTOR x the 5th percentile
 # of the training embeddings' distances to their nearest *other* training image (of another subject when known).
 COPY_FACTOR = 0.5
-CHUNK = 2048  # rows per block: a block of distances is CHUNK x CHUNK float32 (16 MiB)
 
 
 CALIBRATION_QUERIES = 2000  # training images whose nearest other image sets the copy scale (all when fewer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,8 @@ from dinodiff.embeddings.data import (
     split_holdout,
 )
 from dinodiff.embeddings.evaluation import evaluate_against_cache
-from dinodiff.embeddings.metrics import CHUNK
 from dinodiff.embeddings.model_io import save_embedding_model
+from dinodiff.embeddings.settings import EmbeddingTrainSettings
 from dinodiff.files import write_json_atomic
 from dinodiff.models.embedding_denoiser import EmbeddingDenoiser
 from dinodiff.runs import (
@@ -45,43 +45,6 @@ from dinodiff.runs import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EmbeddingTrainSettings:
-    """Everything a `train-embeddings` run depends on (saved as settings.json in the run folder)."""
-
-    cache: str
-    out: str
-    max_steps: int = 2000
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    width: int = 512
-    depth: int = 4
-    dropout: float = 0.0
-    num_train_timesteps: int = 1000
-    prediction_type: str = "v_prediction"  # epsilon | v_prediction | sample (v: stable at every t, Salimans & Ho 2022)
-    beta_schedule: str = "linear"  # DDPM (Ho et al. 2020) and RCG: linear betas 1e-4 .. 0.02 over 1000 steps
-    labels: str = "auto"  # auto: condition on labels when the cached images have any; none: never
-    label_dropout: float = 0.1  # probability of the null label in training (classifier-free guidance)
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 50
-    seed: int = 0
-    limit: int | None = None  # use only the first N cached images
-    holdout_fraction: float = 0.1  # of the subjects (images when unknown), held out of training to evaluate against
-    eval_steps: int = 50  # DDIM steps of the evaluation samples
-    eval_samples: int | None = 10_000  # samples the evaluation draws (one per training image up to this); None = all
-    metrics_chunk: int = CHUNK  # rows per block of the evaluation's distance computations (memory ~ chunk^2)
-
-    def __post_init__(self) -> None:
-        if self.labels not in ("auto", "none"):
-            raise ValueError(f"labels={self.labels!r}: use auto or none.")
-        if self.max_steps < 1 or self.batch_size < 1 or not 0 <= self.label_dropout < 1:
-            raise ValueError("max_steps and batch_size must be >= 1 and label_dropout in [0, 1).")
-        if not 0 <= self.holdout_fraction < 1 or self.metrics_chunk < 1:
-            raise ValueError("holdout_fraction must be in [0, 1) and metrics_chunk >= 1.")
 
 
 def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
