@@ -263,7 +263,8 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 def merge_preset(schema: Any, source: str | Path | None = None, overrides: Sequence[str] = (),
                  choices: dict[str, Sequence[Any]] | None = None) -> DictConfig:
-    """Defaults of the dataclass ``schema`` (a class, or an instance to start from) <- YAML preset/file <- dotted overrides, with one-line errors.
+    """Defaults of the dataclass ``schema`` (a class, or an instance to start from) <- YAML preset/file <- dotted
+    overrides, with one-line errors.
 
     The one merge rule for every stage's settings (training config, encoder pretraining, classification).
     """

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass
@@ -305,8 +305,17 @@ class _Window:
 
 def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, workers: int, bar: tqdm):
     """Yield (todo item, its records, their results) for each chunk in `todo`, processing records on `workers`
-    processes; a chunk's records are read from the spool when fed and again when written (never all held)."""
-    recs = (r for *_, first, count in todo for r in spool.records(first, count))
+    processes; a chunk's records are read from the spool once, when fed, and held until written (the feeder runs
+    at most 64 records per worker ahead, so never all of them)."""
+    fed: deque[list[Record]] = deque()  # chunks read and fed, not yet written (appended by the feeder thread)
+
+    def read_and_feed() -> Iterator[Record]:
+        for *_, first, count in todo:
+            chunk = spool.records(first, count)
+            fed.append(chunk)
+            yield from chunk
+
+    recs = read_and_feed()
     window = _Window(64 * workers)
     if workers <= 1:
         _init_worker(settings)
@@ -323,7 +332,7 @@ def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, workers
                 results.append(next(stream))
                 window.taken()
                 bar.update(1)
-            yield item, spool.records(item[3], item[4]), results
+            yield item, fed.popleft(), results  # its records were all fed: the feeder appended it already
     finally:
         if pool is not None:
             window.stop()

@@ -22,7 +22,29 @@ SPLITS = ("train", "test", "excluded")  # the split codes' names (split.EXCLUDED
 CHUNK = 4096  # strings decoded per step when iterating
 
 
-class Strings(Sequence[str]):
+class _CompactStrings(Sequence[str]):
+    """What Strings and Coded share: indexing and slicing as a list's, and equality with a list of the same
+    strings (the list they replace); a subclass gives `_item(i)` for 0 <= i < len."""
+
+    def _item(self, i: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} strings")
+        return self._item(i)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment] - mutable arrays inside, as a list
+
+
+class Strings(_CompactStrings):
     """Strings held as one UTF-8 buffer and (n + 1) offsets: ~8 bytes each beyond the text (a str object: ~50)."""
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray):
@@ -31,13 +53,7 @@ class Strings(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i):  # an index or a slice, as list's
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = operator.index(i)
-        i = i + len(self) if i < 0 else i
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} strings")
+    def _item(self, i: int) -> str:
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
 
     def __iter__(self) -> Iterator[str]:
@@ -45,11 +61,6 @@ class Strings(Sequence[str]):
         for start in range(0, len(self), CHUNK):  # the offsets as Python ints a chunk at a time (36 bytes each)
             for a, b in pairwise(self.offsets[start:start + CHUNK + 1].tolist()):
                 yield data[a:b].decode("utf-8")
-
-    def __eq__(self, other: object) -> bool:  # equal to a list of the same strings, as the list it replaces
-        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment] - mutable arrays inside, as a list
 
     @classmethod
     def of(cls, strings: Iterable[str]) -> Strings:
@@ -73,7 +84,7 @@ class StringsBuilder:
         return Strings(np.frombuffer(self.data, dtype=np.uint8), np.frombuffer(self.offsets, dtype=np.int64))
 
 
-class Coded(Sequence[str]):
+class Coded(_CompactStrings):
     """Strings as int32 codes into a table of the distinct ones (the subjects: a patient has several images);
     code -1: the string at the same position of `own` (an image that is its own subject: its id)."""
 
@@ -83,11 +94,7 @@ class Coded(Sequence[str]):
     def __len__(self) -> int:
         return len(self.codes)
 
-    def __getitem__(self, i):  # an index or a slice, as list's
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = operator.index(i)
-        i = i + len(self) if i < 0 else i
+    def _item(self, i: int) -> str:
         code = int(self.codes[i])
         return self.table[code] if code >= 0 else self.own[i]
 
@@ -97,11 +104,6 @@ class Coded(Sequence[str]):
         for start in range(0, len(self), CHUNK):
             for c, o in zip(self.codes[start:start + CHUNK].tolist(), own):
                 yield table[c] if c >= 0 else o
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class Positives:
