@@ -24,12 +24,16 @@ logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def setting(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None) -> Any:
+def setting(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = (),
+            default_factory: Callable[[], Any] | None = None) -> Any:
     """A settings field with its description: the one text a command's `--help` shows for the option made from it
-    (`dinodiff.cli.common.settings_options`), so neither the default nor the help is written twice."""
+    (`dinodiff.cli.common.settings_options`), so neither the default nor the help is written twice. `flags` are
+    the option's own names when they are not ``--field-name`` (e.g. ``("--out", "-o")``, or
+    ``("--shared-label/--any-pair",)`` for a bool): options users already type keep their names."""
+    metadata = {"help": help, "flags": tuple(flags)}
     if default_factory is not None:
-        return field(default_factory=default_factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class PrepareSettings:
 class PhantomSettings:
     """`dinodiff phantoms`: deterministic synthetic CXRs with lung masks and labels (data.phantoms)."""
 
-    n: int = setting(64, "Number of phantoms.")
+    n: int = setting(64, "Number of phantoms.", flags=("-n",))
     size: int = setting(256, "Image side in pixels.")
     seed: int = setting(0, "Seed: same seed and index give the same phantom.")
 
@@ -316,16 +320,31 @@ def build_settings(schema: type[S], source: str | Path | None = None, overrides:
                                           OmegaConf.create({k: _plain(v) for k, v in base.items()}))
         schema = OmegaConf.to_object(schema_defaults)  # an instance: OmegaConf.structured takes it as defaults
     merged = merge_preset(schema, source, overrides, choices)
+    key = None
     try:
-        if values:
-            merged = OmegaConf.merge(merged, OmegaConf.create({k: _plain(v) for k, v in values.items()}))
+        for key, value in (values or {}).items():  # one at a time, so that an error names its key
+            merged = OmegaConf.merge(merged, OmegaConf.create(_nested({key: value})))
+        key = None
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        where = f" (key {err.full_key})" if getattr(err, "full_key", None) else ""
+        key = getattr(err, "full_key", None) or key
+        where = f" (key {key})" if key else ""
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"Invalid settings ({source or 'command line'}): {first}{where}") from None
     except (TypeError, ValueError) as err:  # a settings class's own checks (__post_init__)
         raise ConfigError(f"Invalid settings ({source or 'command line'}): {err}") from None
+
+
+def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values by field name, a dotted name for a section's field (``data.source``), as nested plain mappings."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = nested
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = _plain(value)
+    return nested
 
 
 def load_training_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainingSettings:

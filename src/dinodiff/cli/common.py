@@ -89,16 +89,17 @@ def typed(ctx: click.Context, **options: Any) -> dict[str, Any]:
 
 def settings_options(schema: type, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Offer the fields `names` of the settings dataclass `schema` as options of the decorated command, made from
-    the fields themselves: default, type and help (`dinodiff.config.setting`), so none of them is written twice.
+    the fields themselves: default, type, help and flags (`dinodiff.config.setting`), so none of them is written
+    twice. A dotted name is a field of a section (``data.source``); its option is named after its last part.
 
     They are placed before the command's --config option. The command receives `options`: the ones typed on
-    the command line, by field name (an option left at its default never overrides a --config file); a list
-    field is typed as one comma-separated value."""
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    the command line, by field name (an option left at its default never overrides a --config file); a list or
+    tuple field is typed as one comma-separated value, and an element that is itself a group as A+B."""
+    fields = {name: _field(schema, name) for name in names}
+    parameter = {name: name.replace(".", "__") for name in names}  # a Python name for each option
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        made = [_option_parameter(fields[name], hints[name]) for name in names]
+        made = [_option_parameter(parameter[name], *fields[name]) for name in names]
 
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
         # typer fills one parameter annotated typer.Context: the command's own, else one added here
@@ -107,10 +108,11 @@ def settings_options(schema: type, *names: str) -> Callable[[Callable[..., Any]]
         @functools.wraps(command)
         def with_options(*args: Any, **kwargs: Any) -> Any:
             ctx = kwargs[context] if context else kwargs.pop(_CONTEXT)
-            values = {name: kwargs.pop(name) for name in names}
+            values = {parameter[name]: kwargs.pop(parameter[name]) for name in names}
             chosen = typed(ctx, **values)
-            return command(*args, options={name: _from_option(value, hints[name]) for name, value in chosen.items()},
-                           **kwargs)
+            options = {name: _from_option(chosen[parameter[name]], fields[name][1]) for name in names
+                       if parameter[name] in chosen}
+            return command(*args, options=options, **kwargs)
 
         at = next((i for i, p in enumerate(own) if p.name == "config"), len(own))
         added = [] if context else [inspect.Parameter(_CONTEXT, inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -126,20 +128,34 @@ def settings_options(schema: type, *names: str) -> Callable[[Callable[..., Any]]
 _CONTEXT = "settings_options_context"
 
 
-def _option_parameter(field: dataclasses.Field, hint: Any) -> inspect.Parameter:
+def _field(schema: type, dotted: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field `dotted` names (``data.source``: field source of the section data) and its type."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        schema = typing.get_type_hints(schema)[section]
+    return next(f for f in dataclasses.fields(schema) if f.name == name), typing.get_type_hints(schema)[name]
+
+
+def _option_parameter(name: str, field: dataclasses.Field, hint: Any) -> inspect.Parameter:
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    if _is_list(hint):  # a list is typed comma-separated: --spaces pixels,c_glb
-        hint, default = (str | None, None) if default is None else (str, ",".join(map(str, default)))
-    option = typer.Option(default, help=field.metadata.get("help", ""))  # named --field-name (and --no-... for a bool)
-    return inspect.Parameter(field.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=hint)
+    if _is_sequence(hint):  # a list or tuple is typed comma-separated: --spaces pixels,c_glb; --timesteps 300,50+300
+        hint, default = (str | None, None) if default is None else (str, _option_text(default))
+    flags = field.metadata.get("flags") or (("--" + field.name.replace("_", "-"),) if "__" in name else ())
+    option = typer.Option(default, *flags, help=field.metadata.get("help", ""))  # default flags: --field-name
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=hint)
 
 
-def _is_list(hint: Any) -> bool:
-    return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
+def _option_text(values: Any) -> str:
+    return ",".join("+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in values)
+
+
+def _is_sequence(hint: Any) -> bool:
+    return any(typing.get_origin(h) in (list, tuple) for h in (hint, *typing.get_args(hint)))
 
 
 def _from_option(value: Any, hint: Any) -> Any:
-    return [v.strip() for v in value.split(",") if v.strip()] if _is_list(hint) and value is not None else value
+    """A comma-separated option as a list of its (stripped) parts; the settings type-check and convert them."""
+    return [v.strip() for v in value.split(",") if v.strip()] if _is_sequence(hint) and value is not None else value
 
 
 def stage_settings(schema: type[S], config: str | None, values: Mapping[str, Any],
@@ -152,7 +168,3 @@ def stage_settings(schema: type[S], config: str | None, values: Mapping[str, Any
     with failures({ConfigError: 2}):
         return build_settings(schema, config, values=values, base=base)
     raise AssertionError("unreachable")  # failures() exits on a ConfigError
-
-
-def floats(text: str | None) -> list[float] | None:
-    return None if not text else [float(v) for v in text.replace(" ", "").split(",") if v]
