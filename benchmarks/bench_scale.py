@@ -111,7 +111,7 @@ def stage_generate_plan(data: Path, n: int) -> None:
     from accelerate import PartialState
 
     from dinodiff.generate.outputs import start_provenance, write_labels
-    from dinodiff.generate.plan import GenerateSettings
+    from dinodiff.generate import GenerateSettings
     from dinodiff.generate.stage import plan_job
     from dinodiff.pipeline.sample import load_pipeline
 

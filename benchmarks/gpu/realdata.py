@@ -26,7 +26,7 @@ from dinodiff.config import load_training_settings, with_overrides
 from dinodiff.data.image_sets import iter_sources
 from dinodiff.evaluate.fid.stage import fid_from_features
 from dinodiff.evaluate.segment.stage import expand_models, segment
-from dinodiff.generate.plan import GenerateSettings
+from dinodiff.generate import GenerateSettings
 from dinodiff.generate.stage import generate_dataset
 from dinodiff.train.trainer import train
 

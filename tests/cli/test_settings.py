@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from dinodiff.config import (
     build_settings,
     setting,
 )
+from dinodiff.demo.settings import DemoSettings
 from dinodiff.embeddings.settings import EmbeddingTrainSettings
 from dinodiff.evaluate.audit.settings import AuditSettings
+from dinodiff.evaluate.classify.settings import ClassifySettings
+from dinodiff.evaluate.segment.settings import SegmentSettings
+from dinodiff.generate.settings import GenerateSettings
 
 # Commands whose settings live in one frozen *Settings object; each takes --config.
 SETTINGS_COMMANDS = ("phantoms", "prepare", "cache", "train", "generate", "fid", "sweep", "segment", "classify", "audit",
@@ -126,20 +131,48 @@ def test_settings_options_are_made_from_the_fields_and_only_typed_ones_reach_the
     assert seen["options"] == {"size": 9} and seen["n"] == {"n": 2}
 
 
+def _described_fields(schema: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every field with a help text, a section's by its dotted name (data.source)."""
+    found, hints = {}, typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(_described_fields(hints[f.name], f"{prefix}{f.name}."))
+        elif f.metadata.get("help"):
+            found[prefix + f.name] = f
+    return found
+
+
+def _as_typed(default):
+    """A field's default as its option shows it: sequences comma-separated, a group inside one as A+B."""
+    if isinstance(default, (list, tuple)):
+        return ",".join("+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in default)
+    return default
+
+
 @pytest.mark.parametrize("command, schema", [("prepare", PrepareSettings), ("audit", AuditSettings),
                                              ("fid", FidSettings), ("sweep", FidSettings),
                                              ("phantoms", PhantomSettings), ("report", ReportSettings),
-                                             ("train-embeddings", EmbeddingTrainSettings)])
-def test_commands_show_their_settings_own_defaults_and_help(command, schema):
+                                             ("train-embeddings", EmbeddingTrainSettings),
+                                             ("generate", GenerateSettings), ("segment", SegmentSettings),
+                                             ("classify", ClassifySettings), ("demo", DemoSettings)])
+def test_commands_show_their_settings_own_defaults_help_and_flags(command, schema):
     group = typer.main.get_command(app)
-    fields = {f.name: f for f in dataclasses.fields(schema) if f.metadata.get("help")}
-    made = [p for p in group.get_command(click.Context(group), command).params if p.name in fields and p.param_type_name == "option"]
+    fields = _described_fields(schema)
+    params = {p.name.replace("__", "."): p for p in group.get_command(click.Context(group), command).params
+              if p.param_type_name == "option"}
+    made = [name for name in params if name in fields]
     assert made, command
-    for param in made:
-        field = fields[param.name]
+    for name in made:
+        field, param = fields[name], params[name]
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        default = ",".join(default) if isinstance(default, list) else default
-        assert (param.default, param.help) == (default, field.metadata["help"]), (command, param.name)
+        assert (param.default, param.help) == (_as_typed(default), field.metadata["help"]), (command, name)
+        flags = field.metadata["flags"] or ("--" + field.name.replace("_", "-"),)  # e.g. --shared-label/--any-pair
+        assert {part for flag in flags for part in flag.split("/")} <= {*param.opts, *param.secondary_opts}, name
+    # the settings fields that have help are all offered (sections' too), apart from those a command leaves out
+    offered = {"segment": set(fields), "generate": set(fields), "classify": {"out", "data.source", "synthetic.model",
+                                                                             "workers"}}
+    if command in offered:
+        assert set(made) == offered[command], command
 
 
 @pytest.fixture
@@ -188,3 +221,43 @@ def test_segment_methods_groups_and_refinements_come_from_the_file_or_the_typed_
     config.write_text("methods: [diffseg, watershed]\n")  # checked when the settings are made, before the stage
     result = CliRunner().invoke(app, base)
     assert result.exit_code == 2 and "--method must be one or more of" in result.output and "watershed" in result.output
+
+
+def _stop(seen: dict, name: str):
+    def stage(*args, **kwargs):
+        seen[name] = args, kwargs
+        raise FileNotFoundError("stop here")
+    return stage
+
+
+def test_generate_options_by_their_own_names_reach_the_settings_fields(tmp_path, monkeypatch):
+    import dinodiff.generate.stage as stage
+
+    seen: dict = {}
+    monkeypatch.setattr(stage, "generate_dataset", _stop(seen, "generate"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")  # a model folder, as far as the CLI looks
+    base = ["generate", str(tmp_path / "model"), "--source", str(tmp_path), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*base, "--strategy", "interpolation", "--steps", "7", "--guidance", "2.5",
+                                      "--r-range", "0.2,0.8", "--r-values", "0.25,0.75", "--any-pair"])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    settings = seen["generate"][0][3]
+    assert (settings.strategy, settings.num_inference_steps, settings.guidance_scale) == ("interpolation", 7, 2.5)
+    assert settings.r_range == (0.2, 0.8) and settings.r_values == [0.25, 0.75] and settings.shared_label is False
+    assert settings.source_options == {"kind": "auto", "split": None, "limit": None}
+    result = CliRunner().invoke(app, [*base, "--r-range", "0.2,0.5,0.8"])  # LOW,HIGH: one line naming the key
+    assert result.exit_code == 2 and "r_range" in result.output and "Traceback" not in result.output
+
+
+def test_classify_options_fill_fields_of_its_sections_over_the_preset_and_overrides(tmp_path, monkeypatch):
+    import dinodiff.evaluate.classify.stage as stage
+
+    seen: dict = {}
+    monkeypatch.setattr(stage, "classify", _stop(seen, "classify"))
+    result = CliRunner().invoke(app, ["classify", "-c", "classify-phantoms", "data.source=a/", "folds=3",
+                                      "-s", "b/", "-m", "run/", "--workers", "2", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    settings = seen["classify"][0][0]
+    assert (settings.data.source, settings.synthetic.model, settings.workers) == ("b/", "run/", 2)  # options last
+    assert settings.out == str(tmp_path) and settings.folds == 3
+    assert settings.classifier.backbone == "tiny-cnn"  # from the preset

@@ -11,13 +11,14 @@ from dinodiff.cli.common import (
     CONFIG_HELP,
     configure_logging,
     failures,
-    floats,
     settings_options,
     stage_settings,
     typed,
 )
 from dinodiff.config import FidSettings, ReportSettings  # light, like AuditSettings: their fields make options
 from dinodiff.evaluate.audit.settings import AuditSettings
+from dinodiff.evaluate.classify.settings import ClassifySettings
+from dinodiff.evaluate.segment.settings import SegmentSettings
 
 
 @settings_options(FidSettings, "extractor", "weights", "seed", "split", "batch_size", "device", "cache_dir", "cache",
@@ -85,32 +86,16 @@ def sweep(
     typer.echo(f"table: {summary['csv']}  plot: {summary['plot']}" + (f"  best model: {summary['best_dir']}" if summary["best_dir"] else ""))
 
 
+@settings_options(SegmentSettings, "methods", "thresholds", "threshold_mode", "merge_iterations", "grid_sizes", "taus",
+                  "alphas", "feature_sides", "refinements", "timesteps", "noise_seeds", "report_fraction", "split_seed",
+                  "condition", "resolution", "sd15", "batch_size", "device", "limit", "n_overlay")
 def segment(
-    ctx: typer.Context,
     models: list[Path] = typer.Argument(..., help="Model folders, checkpoints or run folders (a run = all its checkpoints, grid-searched)."),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Images with lung masks: Montgomery, Shenzhen, JSRT/SCR layout or images/ + masks/ (repeat for several)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: table.md, table.csv, results.json, overlays/, cells/ (cache)."),
-    method: str = typer.Option("diffseg", help="Zero-shot method(s), comma list: diffseg (the paper's: merge self-attention maps by KL) and/or diffcut (recursive normalised cut on the encoder's self-attention outputs)."),
-    thresholds: str = typer.Option("0.05", help="DiffSeg: comma list of merging thresholds to grid-search (each used for every iteration)."),
-    threshold_mode: str = typer.Option("absolute", help="DiffSeg: absolute (the paper's KL values) or relative (quantiles of each image's anchor-to-anchor KL)."),
-    merge_iterations: int = typer.Option(3, help="DiffSeg: merging iterations (DiffSeg's threshold list length)."),
-    grid_sizes: str = typer.Option("16", help="DiffSeg: comma list of anchor grid sizes M (MxM anchors; at most the largest attention map's side)."),
-    taus: str = typer.Option("0.5", help="DiffCut: comma list of Ncut thresholds tau (a segment is split while its best cut is below tau)."),
-    alphas: str = typer.Option("10", help="DiffCut: comma list of affinity exponents alpha (cosine similarity, min-max scaled, ** alpha)."),
-    feature_sides: str = typer.Option("0", help="DiffCut: comma list of feature maps: 0 = the encoder's final self-attention (DiffCut's), S = the last encoder self-attention with an SxS map."),
-    refine: str = typer.Option("none", help="Comma list: none (the methods as published) and/or components (also each method with every segment split into its connected components, its own column)."),
-    timesteps: str = typer.Option("300", help="Comma list of timestep groups to grid-search; a group averages its passes, e.g. 300,100+300+500."),
-    noise_seeds: str = typer.Option("", help="Comma list of noise seeds: one noised pass per seed and timestep, averaged (default: the clean latent, as DiffSeg)."),
-    report_fraction: float = typer.Option(0.5, help="Share of subjects (images without subject ids: images) in the report split; the rest choose the configuration."),
-    split_seed: int = typer.Option(0, help="Seed of the tuning / report split."),
-    condition: str = typer.Option("image", help="UNet condition: image (the image's own c_GLB) or null."),
-    resolution: int | None = typer.Option(None, help="Image size in pixels (default: the model's training resolution)."),
-    sd15: Path | None = typer.Option(None, help="A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run as a DiffSeg baseline."),
-    batch_size: int = typer.Option(8, help="Images per UNet pass."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda, ..."),
-    limit: int | None = typer.Option(None, help="Use only the first N images of each dataset."),
-    overlays: int = typer.Option(3, help="Best and worst report-split cases per dataset and method drawn in OUT/overlays/ (0 = none)."),
-    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Timestep groups there: timesteps: [[300], [100, 300]]."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Fields: those of SegmentSettings (results.json's settings)."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Zero-shot lung segmentation from the UNet's self-attention, scored by Dice against lung masks.
 
@@ -119,26 +104,11 @@ def segment(
     mean-mask prior, a position-only k-means control, Otsu and the whole image. Cells are cached: a re-run
     computes only new ones.
     """
-    from dinodiff.evaluate.segment.settings import SegmentSettings
     from dinodiff.evaluate.segment.stage import segment as run_segment
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        def ints(text: str) -> list[int]:
-            return [int(v) for v in text.split(",") if v.strip()]
-
-        def names(text: str) -> list[str]:
-            return [v.strip() for v in text.split(",") if v.strip()]
-
-        groups = [[int(t) for t in g.split("+") if t.strip()] for g in timesteps.split(",") if g.strip()]
-        values = typed(ctx, method=names(method), thresholds=floats(thresholds) or [], threshold_mode=threshold_mode,
-                       merge_iterations=merge_iterations, timesteps=groups, grid_sizes=ints(grid_sizes),
-                       taus=floats(taus) or [], alphas=floats(alphas) or [], feature_sides=ints(feature_sides),
-                       refine=names(refine), noise_seeds=ints(noise_seeds), report_fraction=report_fraction,
-                       split_seed=split_seed, condition=condition, resolution=resolution, sd15=sd15,
-                       batch_size=batch_size, device=device, limit=limit, overlays=overlays)
-        renamed = {"method": "methods", "refine": "refinements", "overlays": "n_overlay"}  # option -> field
-        settings = stage_settings(SegmentSettings, config, {renamed.get(k, k): v for k, v in values.items()})
+        settings = stage_settings(SegmentSettings, config, options)
         results = run_segment(models, data, out, settings)
     typer.echo(Path(results["tables"]["markdown"]).read_text())
     typer.echo(f"tables: {results['tables']['markdown']}, {results['tables']['csv']}; results: {out / 'results.json'}"
@@ -173,14 +143,13 @@ def report(
 
 
 
+@settings_options(ClassifySettings, "out", "data.source", "synthetic.model", "workers")
 def classify(
     config: str | None = typer.Option(None, "--config", "-c", help="Preset (classify-phantoms, classify-cxr-covid, classify-mimic) or YAML file merged over the paper's defaults."),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. data.source=prep/ synthetic.model=run/ regimes=[50,100] classifier.max_epochs=20."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (else the settings' `out`): results.csv, table.md/csv, figure4.png, results.json; cells/ caches each trained cell."),
-    source: str | None = typer.Option(None, "--source", "-s", help="Labelled real images (data.source): prepared shards, a labelled CSV or a dataset root (MIMIC-CXR-JPG ...)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model for synthetic sets (synthetic.model): a model folder, a checkpoint, or a run (its selected best/model, else its newest checkpoint); without one only real-only and the controls run."),
-    workers: int | None = typer.Option(None, help="Cells trained in parallel processes (one per GPU when several are visible)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Downstream classification (the paper's Table 1 and Figure 4): real-only vs augmentation (real + synthetic)
     vs full-synthetic, each synthetic arm beside the count-matched control of its own size (real images repeated
@@ -195,10 +164,8 @@ def classify(
     from dinodiff.evaluate.classify import load_settings
 
     configure_logging()
-    extra = [f"{key}={value}" for key, value in (("out", out), ("data.source", source), ("synthetic.model", model),
-                                                  ("workers", workers)) if value is not None]
     with failures({(FileNotFoundError, ValueError, RuntimeError): 2}):  # a ConfigError is a ValueError
-        settings = load_settings(config, [*(overrides or []), *extra])
+        settings = load_settings(config, overrides or [], values=options)
         results = run_classify(settings, progress=progress)
     files = results.data["files"]
     typer.echo(Path(files["table_markdown"]).read_text())

@@ -11,7 +11,6 @@ from dinodiff.cli.common import (
     CONFIG_HELP,
     configure_logging,
     failures,
-    floats,
     is_main_process,
     settings_options,
     stage_settings,
@@ -19,6 +18,7 @@ from dinodiff.cli.common import (
     typed,
 )
 from dinodiff.config import PhantomSettings, PrepareSettings  # light: their fields make the options
+from dinodiff.generate.settings import GenerateSettings
 
 
 @settings_options(PrepareSettings, "kind", "size", "min_size", "remove_borders", "intensity", "shard_size", "workers",
@@ -51,11 +51,9 @@ def prepare(
     )
 
 
-@settings_options(PhantomSettings, "size", "seed")
+@settings_options(PhantomSettings, "n", "size", "seed")
 def phantoms(
-    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (Montgomery layout + labels.csv)."),
-    n: int = typer.Option(PhantomSettings.n, "-n", help="Number of phantoms."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     *,
     options: dict[str, Any],
@@ -64,7 +62,7 @@ def phantoms(
     (Cardiomegaly, Pleural Effusion, Consolidation) for demos and tests."""
     from dinodiff.data.phantoms import write_phantoms
 
-    settings = stage_settings(PhantomSettings, config, {**options, **typed(ctx, n=n)})
+    settings = stage_settings(PhantomSettings, config, options)
     folder = write_phantoms(out, settings.n, size=settings.size, seed=settings.seed)
     typer.echo(f"{settings.n} phantoms in {folder} (labels: {folder / 'labels.csv'})")
 
@@ -111,26 +109,16 @@ def train(
 
 
 
+@settings_options(GenerateSettings, "strategy", "ratio", "num_inference_steps", "guidance_scale", "scheduler", "seed",
+                  "mix", "r_range", "r_values", "shared_label", "embedding_model", "embedding_guidance",
+                  "embedding_steps")
 def generate(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Model folder (a checkpoint's model/, best/model), a run folder (its newest checkpoint) or a hub id."),
     source: Path = typer.Option(..., "--source", "-s", help="Labelled sources: prepared shards (folder or .tar), a CSV (path + label columns) or any dataset `prepare` reads."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/NNN/*.png (10,000 per folder), labels.csv, provenance.json, preview.png."),
-    strategy: str = typer.Option("reconstruction", help="reconstruction (variations of each source), interpolation (mixes of label-sharing pairs) or sampled (c_GLB drawn from --embedding-model; sources give only labels)."),
-    ratio: int = typer.Option(1, help="Synthetic images per real source (the paper's 1:1, 1:5, 1:10, 1:50 -> 1, 5, 10, 50)."),
-    steps: int = typer.Option(25, help="Sampling steps."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (needs a model trained with train.cond_dropout > 0)."),
-    scheduler: str = typer.Option("dpm", help="Sampler: dpm (DPM-Solver++), ddim, euler, euler-a, ddpm, unipc, pndm or a diffusers scheduler class."),
     batch_size: int | None = typer.Option(None, help="Images per forward pass (default 32 on CUDA, 8 on a CPU). Images do not depend on it beyond float rounding; keep it to finish a rerun bit-identically."),
     precision: str = typer.Option("auto", help="UNet/projection/VAE precision: auto (bf16 on CUDA, fp32 on a CPU), fp32, bf16 or fp16. The encoder stays fp32."),
-    seed: int = typer.Option(0, help="Base seed; item i uses a seed derived from (seed, i), recorded in labels.csv."),
-    mix: str = typer.Option("lerp", help="Interpolation of c_GLB: lerp or slerp."),
-    r_range: str = typer.Option("0,1", help="Interpolation: r drawn uniformly from LOW,HIGH."),
-    r_values: str | None = typer.Option(None, help="Interpolation: draw r from this comma list instead (e.g. 0.25,0.5,0.75)."),
-    shared_label: bool = typer.Option(True, "--shared-label/--any-pair", help="Interpolate only pairs sharing a positive label (the paper; sources with no label pair with each other), or any pair."),
-    embedding_model: Path | None = typer.Option(None, help="Sampled: an embedding model folder made by `dinodiff train-embeddings`."),
-    embedding_guidance: float = typer.Option(1.0, help="Sampled: guidance scale on the sources' labels (label-conditioned embedding model)."),
-    embedding_steps: int = typer.Option(50, help="Sampled: DDIM steps of the embedding model."),
     kind: str = typer.Option("auto", help="Source layout: auto, shards, csv, folder, mimic-cxr, montgomery, shenzhen or jsrt."),
     split: str | None = typer.Option(None, help="Use only this split of the sources (e.g. train); default all."),
     limit: int | None = typer.Option(None, help="Use only the first N sources."),
@@ -141,25 +129,22 @@ def generate(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     sync_timeout: float = typer.Option(6 * 3600, help="Several processes: seconds the others wait while the main one encodes the sources or writes the outputs."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Fields: those of provenance.json's settings."),
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Generate a labelled synthetic dataset by reconstruction or interpolation of the sources' c_GLB.
 
     Resumable: rerun the same command to finish an interrupted run. Spread it over processes/GPUs with
     `accelerate launch -m dinodiff.cli generate ...` (each process makes a disjoint share; same images).
     """
-    from dinodiff.generate.plan import GenerateSettings
     from dinodiff.generate.stage import generate_dataset
     from dinodiff.models.factory import check_model_source
     from dinodiff.runs import resolve_model
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        values = typed(ctx, strategy=strategy, ratio=ratio, seed=seed, scheduler=scheduler, mix=mix,
-                       r_values=floats(r_values), shared_label=shared_label, embedding_model=embedding_model,
-                       embedding_guidance=embedding_guidance, embedding_steps=embedding_steps)
-        renamed = {"steps": ("num_inference_steps", steps), "guidance": ("guidance_scale", guidance)}
-        values.update({field: value for name, (field, value) in renamed.items() if typed(ctx, **{name: value})})
-        values.update({"r_range": _bounds(r_range)} if typed(ctx, r_range=r_range) else {})
+        values = dict(options)
+        # the sources' options are one field (source_options): typed ones, or all when no file gives them
         if config is None or typed(ctx, kind=kind, split=split, limit=limit, path_column=path_column,
                                    label_columns=label_columns, root=root):
             values["source_options"] = _source_options(kind, split, limit, path_column, label_columns, root)
@@ -171,7 +156,6 @@ def generate(
                + (", preview.png" if preview_rows else ""))
 
 
-
 def _source_options(kind: str, split: str | None, limit: int | None, path_column: str | None,
                     label_columns: str | None, root: Path | None) -> dict:
     options = {"kind": kind, "split": split, "limit": limit}
@@ -179,11 +163,3 @@ def _source_options(kind: str, split: str | None, limit: int | None, path_column
         options.update(path_column=path_column, root=str(root) if root else None,
                        label_columns=label_columns.split(",") if label_columns else None)
     return options
-
-
-def _bounds(r_range: str) -> tuple[float, float]:
-    bounds = floats(r_range) or []
-    if len(bounds) != 2:
-        raise ValueError(f"--r-range takes LOW,HIGH (e.g. 0.2,0.8), got {r_range!r}.")
-    low, high = bounds
-    return low, high

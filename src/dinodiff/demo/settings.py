@@ -1,4 +1,5 @@
-"""What the demo runs: one typed settings object, with the full (`make demo`) and quick (tests) sizes."""
+"""What the demo runs: one typed settings object, with the full (`make demo`) and quick (tests) sizes. A light
+module: the CLI makes the demo's options from its fields at start-up."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dinodiff.config import setting
+
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes of every stage. The defaults are the `make demo` run (~7 CPU minutes on 2 cores, see BENCHMARKS.md)."""
 
-    out: str = "demo-output"
-    data: str | None = None  # a folder of real images (with masks / labels when it has them); None = phantoms
+    out: str = setting("demo-output", "Folder for everything the demo makes.", flags=("--out", "-o"))
+    data: str | None = setting(None, "A folder of real images (masks and labels used when present) instead of the "
+                                     "built-in phantoms.")
     n: int = 320  # phantoms written (prepare keeps test_fraction of them apart as held-out images)
     phantom_size: int = 128
     size: int = 32  # side of the prepared images, the encoder's input and the diffusion model's output
@@ -26,7 +30,7 @@ class DemoSettings:
     encoder_batch: int = 32
     # 3-4 cache + train: the tiny UNet (widened) on the cached latents and c_GLB
     views: int = 2
-    train_steps: int = 3000
+    train_steps: int = setting(3000, "Diffusion training steps (--quick starts from fewer).")
     batch_size: int = 32
     lr: float = 2.0e-3
     unet_channels: tuple[int, int] = (32, 64)

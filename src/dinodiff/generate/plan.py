@@ -1,4 +1,5 @@
-"""What `dinodiff generate` makes: its settings, the items (sources, r) and each item's seed.
+"""What `dinodiff generate` makes from its settings (`generate.settings`): the items (sources, r) and each item's
+seed.
 
 Item i is drawn from its own generator seeded by ``item_seed(seed, i)``, so it is the same image whatever the
 batch size (up to the float rounding of batched kernels, ~1e-6) or number of processes.
@@ -11,48 +12,17 @@ worked on, so planning a million images costs megabytes, not a list of a million
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dinodiff.interpolate import MIXES, mix, nearer_source, plan_interpolations
+from dinodiff.generate.settings import STRATEGIES, GenerateSettings
+from dinodiff.interpolate import mix, nearer_source, plan_interpolations
 from dinodiff.sampling import item_seed
 
-STRATEGIES = ("reconstruction", "interpolation", "sampled")  # sampled: c_GLB from an embedding model (no source)
 IMAGES_PER_FOLDER = 10_000
-
-
-@dataclass(frozen=True)
-class GenerateSettings:
-    """Everything the generated images depend on (saved in provenance.json; a rerun must match)."""
-
-    strategy: str = "reconstruction"
-    ratio: int = 1  # synthetic images per real source: 1, 5, 10, 50 in the paper
-    seed: int = 0
-    num_inference_steps: int = 25
-    guidance_scale: float = 1.0
-    scheduler: str = "dpm"
-    mix: str = "lerp"  # interpolation of c_GLB: lerp | slerp
-    r_range: tuple[float, float] = (0.0, 1.0)
-    r_values: list[float] | None = None  # draw r from this list instead of r_range
-    shared_label: bool = True  # pairs share a positive label (the paper) or both have none (see dinodiff.interpolate)
-    source_options: dict = field(default_factory=dict)  # iter_sources options: kind, split, limit, path_column, ...
-    embedding_model: str | None = None  # sampled: a `dinodiff train-embeddings` folder
-    embedding_guidance: float = 1.0  # sampled: classifier-free guidance on the labels of a conditional model
-    embedding_steps: int = 50  # sampled: DDIM steps of the embedding model
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"Unknown strategy {self.strategy!r}; use one of {STRATEGIES}.")
-        if self.mix not in MIXES:
-            raise ValueError(f"Unknown interpolation {self.mix!r}; use one of {MIXES}.")
-        if self.strategy == "sampled" and not self.embedding_model:
-            raise ValueError("--strategy sampled needs --embedding-model DIR (made by `dinodiff train-embeddings`).")
-        if self.ratio < 1 or self.num_inference_steps < 1:
-            raise ValueError(f"ratio and num_inference_steps must be >= 1, got {self.ratio} and "
-                             f"{self.num_inference_steps}.")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Typed settings of `dinodiff classify`: dataclass defaults (the paper's protocol), a YAML preset merged over
-them, then dotted overrides, the same way `dinodiff.config.load_training_settings` builds a training run's.
+them, then dotted overrides, the same way `dinodiff.config.load_training_settings` builds a training run's. A light
+module: the CLI makes classify's options from these fields at start-up.
 
 Presets live next to the training presets as ``configs/classify-*.yaml`` (``classify-phantoms``,
 ``classify-cxr-covid``, ``classify-mimic``).
@@ -8,14 +9,14 @@ Presets live next to the training presets as ``configs/classify-*.yaml`` (``clas
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from dinodiff.config import ConfigError, build_settings
+from dinodiff.config import ConfigError, build_settings, setting
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ _REFUSED_TESTS = {"ttest": "a plain paired t-test over cross-validation folds ig
 class DataSettings:
     """The labelled real images: prepared shards or any dataset `dinodiff.data.datasets.discover` reads."""
 
-    source: str = ""
+    source: str = setting("", "Labelled real images: prepared shards, a labelled CSV or a dataset root (MIMIC-CXR-JPG "
+                              "...).", flags=("--source", "-s"))
     kind: str = "auto"  # auto | shards | csv | folder | mimic-cxr | montgomery | ...
     label_columns: list[str] | None = None  # CSV: label columns (a text column such as finding -> one per value)
     path_column: str | None = None
@@ -74,7 +76,9 @@ class ClassifierSettings:
 class SyntheticSettings:
     """How synthetic sets are made with `dinodiff.generate` (per regime, strategy and ratio)."""
 
-    model: str | None = None  # model / checkpoint / run folder; None: only the real and control experiments
+    model: str | None = setting(None, "Model for synthetic sets: a model folder, a checkpoint, or a run (its selected "
+                                      "best/model, else its newest checkpoint); without one only real-only and the "
+                                      "controls run.", flags=("--model", "-m"))
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     ratios: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     num_inference_steps: int = 25
@@ -87,13 +91,14 @@ class SyntheticSettings:
 
 @dataclass(frozen=True)
 class ClassifySettings:
-    out: str = "classify-output"
+    out: str = setting("classify-output", "Output folder: results.csv, table.md/csv, figure4.png, results.json; "
+                                          "cells/ caches each trained cell.", flags=("--out", "-o"))
     regimes: list[int] = field(default_factory=lambda: [50, 100, 500, 1000, 5000, 10000])
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))  # real-only always runs
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])  # repetitions: each re-draws the folds and the training
     subset_seed: int = 0  # the regimes' subsets (fixed across repetitions)
-    workers: int = 1  # cell processes run in parallel (one per GPU on a multi-GPU machine)
+    workers: int = setting(1, "Cells trained in parallel processes (one per GPU when several are visible).")
     test: str = "corrected-ttest"  # over folds x seeds: the corrected resampled t-test (Nadeau & Bengio 2003)
     correction: str = "holm"  # holm | bonferroni, over all comparisons of the grid
     alpha: float = 0.05
@@ -133,9 +138,11 @@ def _check(settings: ClassifySettings) -> ClassifySettings:
     return settings
 
 
-def load_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifySettings:
-    """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``)."""
-    return _check(build_settings(ClassifySettings, source, overrides))
+def load_settings(source: str | Path | None = None, overrides: Sequence[str] = (),
+                  values: Mapping[str, Any] | None = None) -> ClassifySettings:
+    """Defaults <- a preset name (``classify-phantoms``) or YAML file <- dotted overrides (``folds=3``) <- values
+    typed on the command line (by field name, dotted for a section's: ``data.source``)."""
+    return _check(build_settings(ClassifySettings, source, overrides, values=values))
 
 
 def to_dict(settings: ClassifySettings) -> dict[str, Any]:

@@ -19,12 +19,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from dinodiff import runs
+from dinodiff.evaluate.segment.settings import CONDITIONS
 from dinodiff.models.autoencoders import load_autoencoder
 from dinodiff.pipeline import DiNODiffusionPipeline, load_model_folder
 
 logger = logging.getLogger(__name__)
-
-CONDITIONS = ("image", "null")
 
 
 class SelfAttentionCapture:

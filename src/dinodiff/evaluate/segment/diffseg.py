@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-THRESHOLD_MODES = ("absolute", "relative")
+from dinodiff.evaluate.segment.settings import THRESHOLD_MODES
+
 # How merging iterations after the first group maps: "reference" as google/diffseg ``DiffSeg.mask_merge``
 # (each map not yet matched, in order, is averaged with *every* map within the threshold, matched or not, and
 # marks them matched: groups may share maps); "partition" (dinodiff <= 0.1): only maps not yet matched join a

@@ -1,14 +1,17 @@
-"""The segment stage's settings (what the grid search and its outputs depend on) and one grid cell."""
+"""The segment stage's settings (what the grid search and its outputs depend on) and one grid cell. A light module:
+the CLI makes `dinodiff segment`'s options from SegmentSettings' fields at start-up, without torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from dinodiff.evaluate.segment.attention import CONDITIONS
-from dinodiff.evaluate.segment.diffseg import THRESHOLD_MODES
+from dinodiff.config import setting
 
 METHODS = ("diffseg", "diffcut")
+CONDITIONS = ("image", "null")  # the UNet's condition: the image's own c_GLB, or the null condition
+# DiffSeg's merging threshold: a KL value, or a quantile of each image's anchor-to-anchor KL
+THRESHOLD_MODES = ("absolute", "relative")
 # Refinements of a method's label map: none (the method as published) or components (each segment split into its
 # 4-connected components, as the Otsu baseline's dark pixels are); a refined method is its own column.
 REFINEMENTS = {"none": "", "components": "+cc"}
@@ -62,28 +65,45 @@ class SegmentSettings:
     the image's anchor-to-anchor KL instead.
     """
 
-    methods: tuple[str, ...] = ("diffseg",)
-    thresholds: tuple[float, ...] = (0.05,)
-    threshold_mode: str = "absolute"
-    merge_iterations: int = 3
+    methods: tuple[str, ...] = setting(("diffseg",), "Zero-shot method(s), comma list: diffseg (the paper's: merge "
+                                       "self-attention maps by KL) and/or diffcut (recursive normalised cut on the "
+                                       "encoder's self-attention outputs).", flags=("--method",))
+    thresholds: tuple[float, ...] = setting((0.05,), "DiffSeg: comma list of merging thresholds to grid-search (each "
+                                                     "used for every iteration).")
+    threshold_mode: str = setting("absolute", "DiffSeg: absolute (the paper's KL values) or relative (quantiles of "
+                                              "each image's anchor-to-anchor KL).")
+    merge_iterations: int = setting(3, "DiffSeg: merging iterations (DiffSeg's threshold list length).")
     # timestep groups; each entry a timestep (a group of one), a list of timesteps or "100+300" (YAML:
     # timesteps: [300, [100, 300]]); always held as tuples of ints, ((300,), (100, 300))
-    timesteps: tuple[Any, ...] = ((300,),)
-    grid_sizes: tuple[int, ...] = (16,)
-    taus: tuple[float, ...] = (0.5,)  # DiffCut's default (paper: 0.5 for most datasets)
-    alphas: tuple[float, ...] = (10.0,)  # DiffCut's default
-    feature_sides: tuple[int, ...] = (0,)  # 0 = the encoder's final self-attention (DiffCut's choice)
-    refinements: tuple[str, ...] = ("none",)  # also score each method's maps split into connected components
-    condition: str = "image"  # the UNet's condition: the image's own c_GLB, or null
-    noise_seeds: tuple[int, ...] = ()  # one noised pass per seed and timestep (empty: the clean latent)
-    report_fraction: float = 0.5  # share of subjects in the report split (the rest tune)
-    split_seed: int = 0
-    resolution: int | None = None  # image size in pixels; None = the (first) model's
-    sd15: str | None = None  # a Stable Diffusion 1.x folder, run through the same code as a baseline
-    batch_size: int = 8  # images per UNet pass
-    device: str = "auto"
-    limit: int | None = None  # only the first N images of each dataset
-    n_overlay: int = 3  # best and worst report-split cases per dataset and method drawn in OUT/overlays/
+    timesteps: tuple[Any, ...] = setting(((300,),), "Comma list of timestep groups to grid-search; a group averages "
+                                                    "its passes, e.g. 300,100+300+500 (in a --config file: "
+                                                    "timesteps: [[300], [100, 300]]).")
+    grid_sizes: tuple[int, ...] = setting((16,), "DiffSeg: comma list of anchor grid sizes M (MxM anchors; at most the "
+                                                 "largest attention map's side).")
+    taus: tuple[float, ...] = setting((0.5,), "DiffCut: comma list of Ncut thresholds tau (a segment is split while "
+                                              "its best cut is below tau; DiffCut's default 0.5).")
+    alphas: tuple[float, ...] = setting((10.0,), "DiffCut: comma list of affinity exponents alpha (cosine similarity, "
+                                                 "min-max scaled, ** alpha; DiffCut's default 10).")
+    feature_sides: tuple[int, ...] = setting((0,), "DiffCut: comma list of feature maps: 0 = the encoder's final "
+                                                   "self-attention (DiffCut's), S = the last encoder self-attention "
+                                                   "with an SxS map.")
+    refinements: tuple[str, ...] = setting(("none",), "Comma list: none (the methods as published) and/or components "
+                                                      "(also each method with every segment split into its connected "
+                                                      "components, its own column).", flags=("--refine",))
+    condition: str = setting("image", "UNet condition: image (the image's own c_GLB) or null.")
+    noise_seeds: tuple[int, ...] = setting((), "Comma list of noise seeds: one noised pass per seed and timestep, "
+                                               "averaged (default: the clean latent, as DiffSeg).")
+    report_fraction: float = setting(0.5, "Share of subjects (images without subject ids: images) in the report "
+                                          "split; the rest choose the configuration.")
+    split_seed: int = setting(0, "Seed of the tuning / report split.")
+    resolution: int | None = setting(None, "Image size in pixels (default: the (first) model's training resolution).")
+    sd15: str | None = setting(None, "A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run "
+                                     "through the same code as a DiffSeg baseline.")
+    batch_size: int = setting(8, "Images per UNet pass.")
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda, ...")
+    limit: int | None = setting(None, "Use only the first N images of each dataset.")
+    n_overlay: int = setting(3, "Best and worst report-split cases per dataset and method drawn in OUT/overlays/ "
+                                "(0 = none).", flags=("--overlays",))
 
     def __post_init__(self) -> None:
         # one form whatever the source (Python lists, OmegaConf's inner lists, a bare int as a group of one)
