@@ -209,10 +209,11 @@ class FidSettings:
     weights: str | None = setting(None, "Extractor weights: xrv's cache folder (default "
                                         "~/.torchxrayvision/models_data/), an Inception-v3 state-dict file (default "
                                         "$TORCH_HOME/hub/checkpoints/), or a DINOv2/RAD-DINO hub id or folder.")
-    num_real: int | None = 5000  # None = all
-    num_sources: int | None = 5000  # None = all
+    num_real: int | None = setting(5000, "Real images (seeded subset; 0 = all).")  # None (or 0) = all
+    num_sources: int | None = setting(5000, "Source images, the same for every checkpoint (seeded subset; 0 = "
+                                            "all).")  # fid: the generated images drawn; None (or 0) = all
     per_source: int = setting(1, "Reconstructions per source image.")
-    sample_steps: int = 25  # sampling steps per image (sweep)
+    sample_steps: int = setting(25, "Sampling steps per image.", flags=("--steps",))  # sweep
     batch_size: int = setting(16, "Images per batch, for sampling (sweep) and for the extractor.")
     seed: int = setting(0, "Seed of the image subsets, of the sampling noise (sweep: the same for every checkpoint) "
                            "and of KID's random subsets.")
@@ -222,6 +223,11 @@ class FidSettings:
     cache: bool = setting(True, "Cache the real set's features (keyed by extractor and exact file list).")
     kid_subsets: int = setting(100, "KID: number of random subsets.")
     kid_subset_size: int = setting(1000, "KID: images per subset (capped by the smaller set).")
+
+    def __post_init__(self) -> None:
+        for name in ("num_real", "num_sources"):  # 0 = all, as the options say
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
 
 
 @dataclass(frozen=True)

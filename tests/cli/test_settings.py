@@ -87,7 +87,8 @@ def test_every_settings_command_takes_config_and_fid_defaults_are_the_settings()
     for field in ("batch_size", "extractor", "seed", "kid_subsets", "kid_subset_size", "device"):
         assert fid[field] == getattr(FidSettings(), field), field  # the CLI shows the settings' own defaults
     sweep = {p.name: p.default for p in group.get_command(ctx, "sweep").params}
-    assert sweep["batch_size"] == FidSettings().batch_size and sweep["steps"] == FidSettings().sample_steps
+    assert sweep["batch_size"] == FidSettings().batch_size and sweep["sample_steps"] == FidSettings().sample_steps
+    assert FidSettings(num_real=0, num_sources=0) == FidSettings(num_real=None, num_sources=None)  # 0 = all
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from dinodiff.cli.common import (
     failures,
     settings_options,
     stage_settings,
-    typed,
 )
 
 # light modules (no torch): the options of train-embeddings and probe-encoder are made from these settings' fields
@@ -75,13 +74,11 @@ def probe_encoder(
 
 
 
-@settings_options(EmbeddingTrainSettings, "batch_size", "lr", "width", "depth", "labels", "label_dropout",
+@settings_options(EmbeddingTrainSettings, "max_steps", "batch_size", "lr", "width", "depth", "labels", "label_dropout",
                   "checkpoint_every", "seed", "limit", "holdout_fraction", "metrics_chunk")
 def train_embeddings_command(
-    ctx: typer.Context,
     cache_dir: Path = typer.Option(..., "--cache", help="A `dinodiff cache` folder: its c_GLB (every augmented view) are the training set."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: settings.json, metrics.csv, checkpoints/, model/, eval.json."),
-    steps: int = typer.Option(EmbeddingTrainSettings.max_steps, help="Training steps."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     *,
@@ -100,7 +97,7 @@ def train_embeddings_command(
 
     configure_logging()
     with failures({(FileNotFoundError, ValueError): 2}):
-        values = {**options, "cache": cache_dir, "out": out, **({"max_steps": steps} if typed(ctx, steps=steps) else {})}
+        values = {**options, "cache": cache_dir, "out": out}
         settings = stage_settings(EmbeddingTrainSettings, config, values)
         folder = train_embeddings(settings, progress=progress)
     report = json.loads((out / "eval.json").read_text())

@@ -51,14 +51,10 @@ def fid(
         typer.echo(f"result: {out}")
 
 
-@settings_options(FidSettings, "real", "sources", "extractor", "weights", "split", "per_source", "batch_size", "seed",
-                  "device", "cache_dir")
+@settings_options(FidSettings, "real", "sources", "num_real", "num_sources", "sample_steps", "extractor", "weights",
+                  "split", "per_source", "batch_size", "seed", "device", "cache_dir")
 def sweep(
-    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="A training run folder (with checkpoints/)."),
-    num_real: int = typer.Option(5000, help="Real images (seeded subset; 0 = all)."),
-    num_sources: int = typer.Option(5000, help="Source images, the same for every checkpoint (seeded subset; 0 = all)."),
-    steps: int = typer.Option(25, help="Sampling steps per image."),
     force: bool = typer.Option(False, help="Re-score checkpoints already in fid.csv."),
     update_best: bool = typer.Option(True, help="Copy the lowest-FID checkpoint's model to RUN_DIR/best/."),
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " A run's config.yaml `eval:` section has the same fields."),
@@ -73,9 +69,7 @@ def sweep(
     from dinodiff.evaluate.fid.sweep import sweep as run_sweep
 
     configure_logging()  # one line per checkpoint
-    values = {**options, **typed(ctx, num_real=num_real or None, num_sources=num_sources or None)}
-    values.update({"sample_steps": steps} if typed(ctx, steps=steps) else {})
-    settings = stage_settings(FidSettings, config, values)
+    settings = stage_settings(FidSettings, config, options)
     with failures({(FileNotFoundError, ValueError): 2}):  # MissingWeights is a FileNotFoundError
         summary = run_sweep(run_dir, settings, force=force, update_best=update_best)
     for row in summary["rows"]:

@@ -16,7 +16,7 @@ class EmbeddingTrainSettings:
 
     cache: str
     out: str
-    max_steps: int = 2000
+    max_steps: int = setting(2000, "Training steps.", flags=("--steps",))
     batch_size: int = setting(256, "Embeddings per step.")
     lr: float = setting(1e-3, "AdamW learning rate.")
     weight_decay: float = 0.0
