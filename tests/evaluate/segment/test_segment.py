@@ -331,3 +331,34 @@ def test_diffcut_beside_diffseg_with_averaged_timesteps_and_noise_reports_only_t
     bad = dict(methods=("diffcut",), feature_sides=[3], limit=4, n_overlay=0)
     with pytest.raises(ValueError, match="no encoder self-attention map of side 3"):
         segment([tiny_model], data, tmp_path / "bad", **bad)
+
+
+def test_ncut_on_attention_inputs_still_cuts_where_uniform_attention_leaves_diffcut_one_segment(tiny_model,
+                                                                                                 shared_data):
+    from dinodiff.evaluate.segment.diffcut import diffcut
+    from dinodiff.evaluate.segment.settings import SegmentSettings
+
+    model = load_attention_model(tiny_model)
+    for name, module in model.unet.named_modules():  # q = 0: every logit 0, attention exactly uniform
+        if name.endswith("attn1"):
+            torch.nn.init.zeros_(module.to_q.weight)
+    cases = load_cases(shared_data / "lungs-shenzhen", 32, limit=2)
+    images = torch.from_numpy(np.stack([c.image for c in cases])).float().div(255)[:, None]
+    passes = grid_module.run_passes(model, images, [300], SegmentSettings(), ["diffcut", "ncut-inputs"],
+                                    torch.float32)
+    for b in range(len(cases)):
+        outputs, inputs = passes.features["diffcut"][0][b], passes.features["ncut-inputs"][0][b]
+        assert torch.allclose(outputs, outputs[:1].expand_as(outputs), atol=1e-5)  # the same at every position
+        assert diffcut(outputs, 0.5, 10.0, (32, 32))[1] == 1
+        assert diffcut(inputs, 0.5, 10.0, (32, 32))[1] > 1  # the hidden states still differ from place to place
+    # DiffCut reads the encoder's layers (8x8 here); ncut-inputs every layer, the 4x4 ones of the middle too
+    assert set(passes.features["diffcut"]) == {0, 8} and set(passes.features["ncut-inputs"]) == {0, 4, 8}
+
+
+def test_ncut_inputs_is_its_own_clearly_named_method_in_the_tables(tiny_model, shared_data, tmp_path):
+    results = segment([tiny_model], [shared_data / "lungs-covid"], tmp_path, methods=("diffseg", "ncut-inputs"),
+                      thresholds=[0.3], threshold_mode="relative", grid_sizes=[4], taus=[0.5], alphas=[5.0],
+                      feature_sides=[0, 8], limit=6, n_overlay=0, refinements=("none", "components"))
+    assert {"ncut-inputs", "ncut-inputs+cc"} <= set(results["methods"]) and "diffcut" not in results["methods"]
+    markdown = (tmp_path / "table.md").read_text()
+    assert "DiNO-Diffusion (Ncut on attention inputs)" in markdown and "Ncut on attention inputs t=" in markdown

@@ -105,7 +105,8 @@ ENCODER_PREFIX = "down_blocks."
 @dataclass
 class Capture:
     """One UNet pass: every self-attention map (name -> (B, N, N), head-averaged, in call order) and, when
-    asked, the outputs (``features``) and inputs of the encoder's self-attention layers (name -> (B, N, C))."""
+    asked, the outputs of the encoder's self-attention layers (``features``, DiffCut's) and the inputs of every
+    self-attention layer (``inputs``: the normalised hidden states it attends over), name -> (B, N, C)."""
 
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -114,9 +115,11 @@ class Capture:
 
 @contextlib.contextmanager
 def capture_self_attention(unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32,
-                           capture: Capture | None = None, features: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                           capture: Capture | None = None, features: bool = False,
+                           inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, every ``attn1`` of ``unet`` records into the yielded dict (name -> (B, N, N)); with
-    ``features``, the encoder's ``attn1`` layers also record their outputs into ``capture.features``."""
+    ``features``, the encoder's ``attn1`` layers also record their outputs into ``capture.features``; with
+    ``inputs``, every ``attn1`` records its inputs into ``capture.inputs``."""
     original = dict(unet.attn_processors)
     capture = capture if capture is not None else Capture()
     store = capture.maps
@@ -125,7 +128,7 @@ def capture_self_attention(unet: UNet2DConditionModel, dtype: torch.dtype = torc
         layer = name.removesuffix(".processor")
         encoder = features and layer.startswith(ENCODER_PREFIX)
         return SelfAttentionCapture(layer, store, dtype, capture.features if encoder else None,
-                                    capture.inputs if encoder else None)
+                                    capture.inputs if inputs else None)
 
     swapped = {name: processor(name) if name.endswith("attn1.processor") else proc
                for name, proc in original.items()}
@@ -239,9 +242,10 @@ def capture_attention(model: AttentionModel, images: torch.Tensor, *, timestep: 
 
 @torch.no_grad()
 def capture_pass(model: AttentionModel, images: torch.Tensor, *, timestep: int = 300, condition: str = "image",
-                 noise_seed: int | None = None, dtype: torch.dtype = torch.float32, features: bool = False) -> Capture:
-    """:func:`capture_attention` keeping the layer names, and with ``features`` the encoder's self-attention
-    outputs (DiffCut's input)."""
+                 noise_seed: int | None = None, dtype: torch.dtype = torch.float32, features: bool = False,
+                 inputs: bool = False) -> Capture:
+    """:func:`capture_attention` keeping the layer names; with ``features`` the encoder's self-attention
+    outputs (DiffCut's features), with ``inputs`` every self-attention layer's inputs."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
     device = model.device
@@ -253,6 +257,6 @@ def capture_pass(model: AttentionModel, images: torch.Tensor, *, timestep: int =
         latents = model.scheduler.add_noise(latents, noise, t)
     context = model.context(images, condition)
     capture = Capture()
-    with capture_self_attention(model.unet, dtype, capture, features):
+    with capture_self_attention(model.unet, dtype, capture, features, inputs):
         model.unet(latents, t, encoder_hidden_states=context)
     return capture

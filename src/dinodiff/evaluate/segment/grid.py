@@ -1,8 +1,9 @@
 """The grid's cells: UNet passes (one per image, timestep and noise draw), every cell's label maps, the cache.
 
 For one model and one group of timesteps, the passes give (a) the DiffSeg aggregated attention averaged over
-the passes and (b) the outputs of the encoder's self-attention layers (DiffCut's features), L2-normalised per
-pass and concatenated, so that their cosine similarity is the mean of the passes' similarities. Each cell's
+the passes and (b) the outputs of the encoder's self-attention layers (DiffCut's features) and the inputs of
+every self-attention layer (ncut-inputs' features), L2-normalised per pass and concatenated, so that their
+cosine similarity is the mean of the passes' similarities. Each cell's
 per-image scores are cached in ``OUT/cells/`` (a re-run only computes the missing cells).
 """
 
@@ -31,7 +32,7 @@ from dinodiff.evaluate.segment.diffseg import (
     map_side,
 )
 from dinodiff.evaluate.segment.metrics import score_labels, split_components
-from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
+from dinodiff.evaluate.segment.settings import CUT_METHODS, Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,26 @@ Labels = list[tuple[np.ndarray, dict]]
 
 @dataclass
 class Passes:
-    """What the passes over one batch give: aggregated attention (B, N, N), averaged over the passes, and
-    DiffCut features per map side (0 = the encoder's final self-attention): (B, N, C x passes)."""
+    """What the passes over one batch give: aggregated attention (B, N, N), averaged over the passes, and the
+    cuts' features per method and map side (0 = the last layer): (B, N, C x passes)."""
 
     attention: torch.Tensor
-    features: dict[int, torch.Tensor]
+    features: dict[str, dict[int, torch.Tensor]]
 
 
 def feature_layers(names: Sequence[str], sides: Sequence[int]) -> dict[int, str]:
-    """Encoder self-attention layers (in call order) -> the one each DiffCut side reads: 0 = the last one (the
-    encoder's final self-attention, DiffCut's choice), s = the last one whose map is s x s."""
+    """Self-attention layers (in call order) -> the one each side reads: 0 = the last one (DiffCut: the
+    encoder's final self-attention, its choice), s = the last one whose map is s x s."""
     if not names:
         raise ValueError("this UNet's encoder (down blocks) has no self-attention layer: DiffCut needs one "
                          "(use a UNet with CrossAttnDownBlock2D).")
     return {0: names[-1], **dict(zip(sides, names))}  # a later layer of the same side replaces an earlier one
+
+
+def _per_side(layers: dict[str, torch.Tensor], into: dict[int, list]) -> None:
+    names = list(layers)
+    for side, name in feature_layers(names, [map_side(layers[n].shape[1]) for n in names]).items():
+        into.setdefault(side, []).append(F.normalize(layers[name], dim=-1))
 
 
 def _images_tensor(cases: Sequence[SegCase]) -> torch.Tensor:
@@ -62,23 +69,23 @@ def _images_tensor(cases: Sequence[SegCase]) -> torch.Tensor:
 
 
 def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[int], settings: SegmentSettings,
-               features: bool, dtype: torch.dtype) -> Passes:
-    """Every (timestep, noise draw) pass over ``images``; see :class:`Passes`."""
+               cuts: Sequence[str], dtype: torch.dtype) -> Passes:
+    """Every (timestep, noise draw) pass over ``images``, with the features of the cut methods ``cuts``; see
+    :class:`Passes`."""
     seeds = list(settings.noise_seeds) or [None]
-    attention, feats = None, {}
+    attention, feats = None, {method: {} for method in cuts}
     for t in timesteps:
         for seed in seeds:
             cap = capture_pass(model, images, timestep=int(t), condition=settings.condition, noise_seed=seed,
-                               dtype=dtype, features=features)
+                               dtype=dtype, features="diffcut" in cuts, inputs="ncut-inputs" in cuts)
             agg = aggregate_attention(list(cap.maps.values()), dtype=dtype)
             attention = agg if attention is None else attention.add_(agg)
-            if features:
-                names = list(cap.features)
-                sides = [map_side(cap.features[n].shape[1]) for n in names]
-                for side, name in feature_layers(names, sides).items():
-                    feats.setdefault(side, []).append(F.normalize(cap.features[name], dim=-1))
+            for method, layers in (("diffcut", cap.features), ("ncut-inputs", cap.inputs)):
+                if method in cuts:
+                    _per_side(layers, feats[method])
     attention.div_(len(timesteps) * len(seeds))
-    return Passes(attention, {side: torch.cat(parts, dim=-1) for side, parts in feats.items()})
+    return Passes(attention, {method: {side: torch.cat(parts, dim=-1) for side, parts in by_side.items()}
+                              for method, by_side in feats.items()})
 
 
 def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings,
@@ -98,11 +105,13 @@ def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], setti
 
 
 def _method_labels(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
-    if cell.method == "diffcut":
-        if cell.grid not in passes.features:
-            raise ValueError(f"no encoder self-attention map of side {cell.grid} (sides: "
-                             f"{sorted(s for s in passes.features if s)}); use --feature-sides 0 for the final one.")
-        labels, found = diffcut(passes.features[cell.grid][b], cell.threshold, cell.alpha, shape)
+    if cell.method in CUT_METHODS:
+        features = passes.features[cell.method]
+        if cell.grid not in features:
+            where = "encoder self-attention" if cell.method == "diffcut" else "self-attention"
+            raise ValueError(f"no {where} map of side {cell.grid} (sides: {sorted(s for s in features if s)}); "
+                             "use --feature-sides 0 for the final one.")
+        labels, found = diffcut(features[cell.grid][b], cell.threshold, cell.alpha, shape)
         return labels, {"feature_segments": found}
     labels, used = diffseg(passes.attention[b], cell.grid, [cell.threshold] * settings.merge_iterations, shape,
                            mode=settings.threshold_mode)
@@ -117,13 +126,13 @@ def segment_cases(model: AttentionModel, cases: Sequence[SegCase], cells: Sequen
         raise ValueError(f"segment_cases takes cells of one timestep group, got {sorted(timesteps)}")
     half = model.device.type == "cuda"  # fp16 maps on GPU: half the memory of the 4-D attention tensor
     dtype = torch.float16 if half else torch.float32
-    need_features = any(c.method == "diffcut" for c in cells)
+    cuts = sorted({c.method for c in cells if c.method in CUT_METHODS})
     side_needed = max((c.grid for c in cells if c.method == "diffseg"), default=0)
     results: dict[Cell, Labels] = {c: [] for c in cells}
     for start in range(0, len(cases), settings.batch_size):
         batch = cases[start:start + settings.batch_size]
         images = _images_tensor(batch)
-        passes = run_passes(model, images, next(iter(timesteps)), settings, need_features, dtype)
+        passes = run_passes(model, images, next(iter(timesteps)), settings, cuts, dtype)
         side = map_side(passes.attention.shape[-1])
         if side_needed > side:
             raise ValueError(f"grid size {side_needed} larger than the model's largest self-attention map "

@@ -25,9 +25,11 @@ METRICS = {"hungarian_both": ("hungarian", "both"), "hungarian_left": ("hungaria
            "single_both": ("single", "both")}
 METHOD_NAMES = {"diffseg": "DiNO-Diffusion (DiffSeg)", "diffseg+cc": "DiNO-Diffusion (DiffSeg + components)",
                 "diffcut": "DiNO-Diffusion (DiffCut)", "diffcut+cc": "DiNO-Diffusion (DiffCut + components)",
+                "ncut-inputs": "DiNO-Diffusion (Ncut on attention inputs)",
+                "ncut-inputs+cc": "DiNO-Diffusion (Ncut on attention inputs + components)",
                 "sd15": "SD 1.5 (DiffSeg)", "prior": "Mean-mask prior (leave-one-out)",
                 "position": "Position-only k-means", "otsu": "Otsu", "whole": "Whole image (1 segment)"}
-ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "sd15")
+ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "ncut-inputs", "ncut-inputs+cc", "sd15")
 BASELINES = ("prior", "position", "otsu", "whole")
 
 

@@ -8,7 +8,11 @@ from typing import Any
 
 from dinodiff.config import setting
 
-METHODS = ("diffseg", "diffcut")
+# diffseg: DiffSeg (the paper's); diffcut: DiffCut's recursive Ncut on the encoder's self-attention outputs;
+# ncut-inputs: the same cut on the *inputs* of a self-attention layer (the normalised hidden states it attends
+# over), any layer of the UNet: where attention is near-uniform, its outputs are nearly the same everywhere.
+METHODS = ("diffseg", "diffcut", "ncut-inputs")
+CUT_METHODS = ("diffcut", "ncut-inputs")  # grid: taus x feature_sides x alphas
 CONDITIONS = ("image", "null")  # the UNet's condition: the image's own c_GLB, or the null condition
 # DiffSeg's merging threshold: a KL value, or a quantile of each image's anchor-to-anchor KL
 THRESHOLD_MODES = ("absolute", "relative")
@@ -25,9 +29,11 @@ class Cell:
     model: str  # model label (see stage.model_label)
     method: str
     timesteps: tuple[int, ...]
-    grid: int  # DiffSeg: MxM anchors. DiffCut: side of the feature map (0 = the encoder's final self-attention)
-    threshold: float  # DiffSeg: merging threshold. DiffCut: Ncut threshold tau
-    alpha: float = 0.0  # DiffCut: affinity exponent (0 for DiffSeg)
+    # DiffSeg: MxM anchors. The cuts: side of the feature map (0 = the last layer: DiffCut's, the encoder's final
+    # self-attention; ncut-inputs', the UNet's final self-attention)
+    grid: int
+    threshold: float  # DiffSeg: merging threshold. The cuts: Ncut threshold tau
+    alpha: float = 0.0  # the cuts: affinity exponent (0 for DiffSeg)
     refine: str = "none"  # see REFINEMENTS
 
     @property
@@ -42,9 +48,10 @@ class Cell:
     def describe(self, mode: str, iterations: int, noise: str = "") -> str:
         t = f"t={self.timestep_label}{noise}"
         refine = "" if self.refine == "none" else f" +{self.refine}"
-        if self.method == "diffcut":
+        if self.method in CUT_METHODS:
             side = "final" if self.grid == 0 else f"{self.grid}x{self.grid}"
-            return f"{self.model} DiffCut {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}{refine}"
+            name = "DiffCut" if self.method == "diffcut" else "Ncut on attention inputs"
+            return f"{self.model} {name} {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}{refine}"
         return f"{self.model} DiffSeg {t} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}{refine}"
 
 
@@ -52,10 +59,11 @@ class Cell:
 class SegmentSettings:
     """Zero-shot segmentation grid search and how it runs.
 
-    ``methods``: 'diffseg' (faithful DiffSeg; grid: thresholds x grid_sizes) and/or 'diffcut' (recursive
-    normalised cut on the encoder's self-attention outputs; grid: taus x feature_sides x alphas). Both share
-    ``timesteps``: each entry is a tuple of timesteps whose passes are averaged (DiffSeg: the aggregated
-    attention; DiffCut: the features, concatenated after L2 normalisation), and every noise draw of
+    ``methods``: 'diffseg' (faithful DiffSeg; grid: thresholds x grid_sizes), 'diffcut' (recursive normalised
+    cut on the encoder's self-attention outputs; grid: taus x feature_sides x alphas) and/or 'ncut-inputs' (the
+    same cut on a self-attention layer's inputs; the same grid). All share ``timesteps``: each entry is a tuple of
+    timesteps whose passes are averaged (DiffSeg: the aggregated attention; the cuts: the features, concatenated
+    after L2 normalisation), and every noise draw of
     ``noise_seeds`` adds one pass per timestep (empty: the clean latent, as DiffSeg).
 
     Tuning: each image is put in the tuning or the report split by a hash of its subject (the image itself
@@ -66,8 +74,9 @@ class SegmentSettings:
     """
 
     methods: tuple[str, ...] = setting(("diffseg",), "Zero-shot method(s), comma list: diffseg (the paper's: merge "
-                                       "self-attention maps by KL) and/or diffcut (recursive normalised cut on the "
-                                       "encoder's self-attention outputs).", flags=("--method",))
+                                       "self-attention maps by KL), diffcut (recursive normalised cut on the "
+                                       "encoder's self-attention outputs) and/or ncut-inputs (the same cut on the "
+                                       "inputs of a self-attention layer, any in the UNet).", flags=("--method",))
     thresholds: tuple[float, ...] = setting((0.05,), "DiffSeg: comma list of merging thresholds to grid-search (each "
                                                      "used for every iteration).")
     threshold_mode: str = setting("absolute", "DiffSeg: absolute (the paper's KL values) or relative (quantiles of "
@@ -80,13 +89,13 @@ class SegmentSettings:
                                                     "timesteps: [[300], [100, 300]]).")
     grid_sizes: tuple[int, ...] = setting((16,), "DiffSeg: comma list of anchor grid sizes M (MxM anchors; at most the "
                                                  "largest attention map's side).")
-    taus: tuple[float, ...] = setting((0.5,), "DiffCut: comma list of Ncut thresholds tau (a segment is split while "
-                                              "its best cut is below tau; DiffCut's default 0.5).")
-    alphas: tuple[float, ...] = setting((10.0,), "DiffCut: comma list of affinity exponents alpha (cosine similarity, "
-                                                 "min-max scaled, ** alpha; DiffCut's default 10).")
-    feature_sides: tuple[int, ...] = setting((0,), "DiffCut: comma list of feature maps: 0 = the encoder's final "
-                                                   "self-attention (DiffCut's), S = the last encoder self-attention "
-                                                   "with an SxS map.")
+    taus: tuple[float, ...] = setting((0.5,), "DiffCut, ncut-inputs: comma list of Ncut thresholds tau (a segment "
+                                              "is split while its best cut is below tau; DiffCut's default 0.5).")
+    alphas: tuple[float, ...] = setting((10.0,), "DiffCut, ncut-inputs: comma list of affinity exponents alpha "
+                                                 "(cosine similarity, min-max scaled, ** alpha; DiffCut's default 10).")
+    feature_sides: tuple[int, ...] = setting((0,), "DiffCut, ncut-inputs: comma list of feature maps: 0 = the last "
+                                                   "layer (DiffCut: the encoder's final self-attention; ncut-inputs: "
+                                                   "the UNet's), S = the last such layer with an SxS map.")
     refinements: tuple[str, ...] = setting(("none",), "Comma list: none (the methods as published) and/or components "
                                                       "(also each method with every segment split into its connected "
                                                       "components, its own column).", flags=("--refine",))
@@ -126,7 +135,7 @@ class SegmentSettings:
         if any(not group for group in self.timestep_groups()):
             raise ValueError("every --timesteps entry needs at least one timestep (e.g. 300 or 100+300).")
         if not self.taus or not self.alphas or not self.feature_sides:
-            raise ValueError("DiffCut needs at least one tau, alpha and feature side.")
+            raise ValueError("the cuts (diffcut, ncut-inputs) need at least one tau, alpha and feature side.")
         if not self.refinements or set(self.refinements) - set(REFINEMENTS):
             raise ValueError(f"--refine must be one or more of {tuple(REFINEMENTS)}, got {list(self.refinements)}.")
         if not 0.0 < self.report_fraction < 1.0:
@@ -169,7 +178,6 @@ class SegmentSettings:
             if "diffseg" in self.methods:
                 cells += [Cell(model, "diffseg", timesteps, int(g), float(t), refine=r)
                           for g in self.grid_sizes for t in self.thresholds]
-            if "diffcut" in self.methods:
-                cells += [Cell(model, "diffcut", timesteps, int(s), float(t), float(a), r)
-                          for s in self.feature_sides for t in self.taus for a in self.alphas]
+            cells += [Cell(model, m, timesteps, int(s), float(t), float(a), r) for m in CUT_METHODS if m in self.methods
+                      for s in self.feature_sides for t in self.taus for a in self.alphas]
         return cells
