@@ -140,7 +140,8 @@ def _option_parameter(name: str, field: dataclasses.Field, hint: Any) -> inspect
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
     if _is_sequence(hint):  # a list or tuple is typed comma-separated: --spaces pixels,c_glb; --timesteps 300,50+300
         hint, default = (str | None, None) if default is None else (str, _option_text(default))
-    flags = field.metadata.get("flags") or (("--" + field.name.replace("_", "-"),) if "__" in name else ())
+    section_field = name != field.name  # data.source: its option is --source, not --data--source
+    flags = field.metadata.get("flags") or (("--" + field.name.replace("_", "-"),) if section_field else ())
     option = typer.Option(default, *flags, help=field.metadata.get("help", ""))  # default flags: --field-name
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=hint)
 
