@@ -32,6 +32,7 @@ EvalHook = Callable[[Path, int], dict]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
+CONFIG_FILE = "config.yaml"  # a run's resolved settings, written by start_run
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -95,7 +96,7 @@ def start_run(accelerator: Any, run_dir: Path, config: Any, wait: Callable[[], N
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(run_dir)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, run_dir / CONFIG_FILE)
     (wait or accelerator.wait_for_everyone)()
 
 
@@ -285,6 +286,16 @@ def run_models(path: str | Path) -> list[Path]:
             raise FileNotFoundError(f"{path} is a run folder without complete checkpoints yet.")
         return found
     return [resolve_model(path).path]
+
+
+def run_config(model_folder: str | Path) -> Path | None:
+    """The config.yaml of the run a model folder lies in (RUN/checkpoints/checkpoint-N/model, RUN/best/model, or
+    the model folder of a checkpoint being written), or None for a folder outside a run."""
+    folder = Path(model_folder).resolve()
+    for parent in list(folder.parents)[:3]:
+        if (parent / CONFIG_FILE).is_file():
+            return parent / CONFIG_FILE
+    return None
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -31,6 +31,7 @@ from dinodiff.models.autoencoders import LatentAutoencoder
 from dinodiff.models.encoders import GlobalTokenEncoder
 from dinodiff.models.factory import Components, build_encoder
 from dinodiff.models.projection import ConditionProjection
+from dinodiff.runs import run_config
 from dinodiff.sampling import Generators, inference_scheduler, sample_latents
 
 logger = logging.getLogger(__name__)
@@ -225,13 +226,8 @@ def run_cond_dropout(model_folder: str | Path) -> float:
 
     0.0 (no classifier-free guidance) when the folder is not inside a run with a config.yaml.
     """
-    folder = Path(model_folder).resolve()
-    for parent in list(folder.parents)[:3]:
-        config = parent / "config.yaml"
-        if config.is_file():
-            value = OmegaConf.select(OmegaConf.load(config), "train.cond_dropout")
-            return float(value or 0.0)
-    return 0.0
+    config = run_config(model_folder)
+    return float(OmegaConf.select(OmegaConf.load(config), "train.cond_dropout") or 0.0) if config else 0.0
 
 
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu") -> Components:

@@ -126,6 +126,19 @@ def test_split_keeps_each_subject_on_one_side_and_gives_every_dataset_both_split
         assign_splits(_cases(1), 0.5, 0)
 
 
+def test_subjects_with_a_training_image_only_tune_and_the_report_keeps_its_share():
+    cases = _cases(12, "a", per_subject=2) + _cases(10, "b")
+    seen = {("a", "a0"), ("a", "a5"), ("b", "b3")}  # subjects p0 and p2 of a, image b3 of b
+    for seed in range(5):
+        splits = assign_splits(cases, 0.5, seed, seen)
+        assert all(splits[key] == TUNE for key in seen)
+        assert splits["a", "a1"] == splits["a", "a4"] == TUNE  # the other images of p0 and p2
+        assert sum(v == REPORT for (d, _), v in splits.items() if d == "a") == 6  # 3 of 6 subjects, as unseen
+        assert sum(v == REPORT for (d, _), v in splits.items() if d == "b") == 5
+    with pytest.raises(ValueError, match="--transductive"):  # every image seen: nothing left to report
+        assign_splits(_cases(4), 0.5, 0, {("a", f"a{i}") for i in range(4)})
+
+
 def test_best_cell_is_chosen_on_the_tuning_split_only():
     cases = _cases(8)
     splits = assign_splits(cases, 0.5, 0)

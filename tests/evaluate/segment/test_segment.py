@@ -333,6 +333,38 @@ def test_diffcut_beside_diffseg_with_averaged_timesteps_and_noise_reports_only_t
         segment([tiny_model], data, tmp_path / "bad", **bad)
 
 
+def test_images_the_model_trained_on_only_tune_unless_transductive(tiny_model, shared_data, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from dinodiff.prepare import prepare
+
+    # the model's run trained on 3 of the Shenzhen images, re-encoded as JPEG under other names
+    (tmp_path / "train").mkdir()
+    trained = sorted((shared_data / "lungs-shenzhen" / "CXR_png").glob("*.png"))[:3]
+    for i, path in enumerate(trained):
+        Image.open(path).convert("L").save(tmp_path / "train" / f"x{i}.jpg", quality=80)
+    prepare([tmp_path / "train"], tmp_path / "prepared", size=64, progress=False)
+    run = tmp_path / "run"
+    model = shutil.copytree(tiny_model, run / "checkpoints" / "checkpoint-5" / "model")
+    (run / "config.yaml").write_text(f"data:\n  shards: {tmp_path / 'prepared'}\n")
+    kwargs = dict(thresholds=[0.3], threshold_mode="relative", grid_sizes=[4], limit=6, n_overlay=0)
+    results = segment([model], [shared_data / "lungs-shenzhen"], tmp_path / "out", **kwargs)
+    seen = results["training_images"]
+    assert [s["id"] for s in seen["seen"]] == [p.stem for p in trained]
+    assert all(s["split"] == "tune" and s["why"].startswith("same picture as x") for s in seen["seen"])
+    reported = {r["id"] for r in results["methods"]["diffseg"]["per_image"]}
+    assert reported and not reported & {p.stem for p in trained}
+    assert "3 of 10 evaluation images are training images" in (tmp_path / "out" / "table.md").read_text()
+    assert "no report image is one the model trained on" in seen["statement"]
+    again = segment([model], [shared_data / "lungs-shenzhen"], tmp_path / "out", transductive=True, **kwargs)
+    in_report = [s for s in again["training_images"]["seen"] if s["split"] == "report"]
+    assert in_report and "the report is transductive" in again["training_images"]["statement"]
+    assert read_results(tmp_path / "out" / "results.json").provenance[
+        "training images among the evaluation images"] == again["training_images"]["statement"]
+
+
 def test_ncut_on_attention_inputs_still_cuts_where_uniform_attention_leaves_diffcut_one_segment(tiny_model,
                                                                                                  shared_data):
     from dinodiff.evaluate.segment.diffcut import diffcut

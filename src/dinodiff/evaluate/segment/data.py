@@ -37,13 +37,15 @@ MASK_LAYOUTS = ("montgomery", "shenzhen", "jsrt")
 @dataclass
 class SegCase:
     """One preprocessed image (uint8, size x size) and its lungs {'left', 'right'} (bool, same size); ``subject``
-    is the patient when the dataset names one (None: unknown, the image is its own subject)."""
+    is the patient when the dataset names one (None: unknown, the image is its own subject); ``path`` the source
+    file."""
 
     id: str
     dataset: str
     image: np.ndarray
     lungs: dict[str, np.ndarray] = field(default_factory=dict)
     subject: str | None = None
+    path: str | None = None
 
 
 def _folder_pairs(root: Path) -> list[Record]:
@@ -82,7 +84,7 @@ def load_case(record: Record, size: int, dataset: str) -> SegCase:
     lungs = {n: m for n, m in masks.items() if n in ("left", "right") and m.any()}
     if "lungs" in masks and not lungs:
         lungs = split_lungs(masks["lungs"])
-    return SegCase(record.id, dataset, image, lungs, record.subject)
+    return SegCase(record.id, dataset, image, lungs, record.subject, str(record.path))
 
 
 def load_cases(source: str | Path, size: int, limit: int | None = None, name: str | None = None) -> list[SegCase]:

@@ -203,10 +203,12 @@ def results_record(out: Path, results: Mapping[str, Any]) -> Results:
         kind="segment", title="Zero-shot lung segmentation (Table 2, Figure 5)",
         provenance={"settings": results["settings"], "images": results["datasets"],
                     "subjects per split": splits, "report images": n,
+                    "training images among the evaluation images": results["training_images"]["statement"],
                     "configuration chosen on the tuning split": chosen},
         tables={"Table 2, paired differences and per-dataset choices (table.md)": "table.md"},
         figures=figures, headline=headline, data=dict(results),
         note=(f"Each method's configuration and checkpoint are chosen on the tuning split; every Dice is on the "
               f"report split (mean ± SD over images). Best on the tuning split: "
               f"{METHOD_NAMES.get(leader, leader)}. Attention entropy of its configuration: {entropy['mean']:.3f} "
-              f"of {entropy['max_possible']:.3f} nats possible (near the maximum: near-uniform attention)."))
+              f"of {entropy['max_possible']:.3f} nats possible (near the maximum: near-uniform attention). "
+              f"{results['training_images']['statement']}"))

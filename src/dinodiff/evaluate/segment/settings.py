@@ -68,7 +68,8 @@ class SegmentSettings:
 
     Tuning: each image is put in the tuning or the report split by a hash of its subject (the image itself
     when the dataset has no subject ids); the configuration is chosen on the tuning split and every number
-    in the tables is measured on the report split. Defaults are the paper's DiNO-Diffusion DiffSeg setting
+    in the tables is measured on the report split. An image the model trained on (and every image of its
+    subject) goes to the tuning split unless ``transductive``. Defaults are the paper's DiNO-Diffusion DiffSeg setting
     (absolute 0.05, t=300, 16x16); ``threshold_mode='relative'`` reads each DiffSeg threshold as a quantile of
     the image's anchor-to-anchor KL instead.
     """
@@ -105,12 +106,16 @@ class SegmentSettings:
     report_fraction: float = setting(0.5, "Share of subjects (images without subject ids: images) in the report "
                                           "split; the rest choose the configuration.")
     split_seed: int = setting(0, "Seed of the tuning / report split.")
+    transductive: bool = setting(False, "Let images the model trained on (UNet or encoder; found by content) into the "
+                                        "report split. By default they only tune: every reported Dice is on images "
+                                        "the model never saw.")
     resolution: int | None = setting(None, "Image size in pixels (default: the (first) model's training resolution).")
     sd15: str | None = setting(None, "A Stable Diffusion 1.x folder (unet/, vae/, text_encoder/, tokenizer/) to run "
                                      "through the same code as a DiffSeg baseline.")
     batch_size: int = setting(8, "Images per UNet pass.")
     device: str = setting("auto", "auto (CUDA when available), cpu, cuda, ...")
-    limit: int | None = setting(None, "Use only the first N images of each dataset.")
+    limit: int | None = setting(None, "Use only N images of each dataset: the first of its report split "
+                                      "(--report-fraction of N) and of its tuning split, split first.")
     n_overlay: int = setting(3, "Best and worst report-split cases per dataset and method drawn in OUT/overlays/ "
                                 "(0 = none).", flags=("--overlays",))
 

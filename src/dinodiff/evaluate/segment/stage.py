@@ -38,11 +38,13 @@ from dinodiff.evaluate.segment.split import (
     REPORT,
     TUNE,
     assign_splits,
+    limit_cases,
     only,
     subjects_by_split,
     tag,
 )
 from dinodiff.files import write_bytes_atomic
+from dinodiff.models.training_images import Overlap, find_overlap
 from dinodiff.results import write_results
 
 log = logging.getLogger(__name__)
@@ -109,9 +111,9 @@ def run_baselines(cases: Sequence[SegCase],
     return out
 
 
-def load_all_cases(data: Sequence[str | Path], resolution: int, limit: int | None) -> list[SegCase]:
+def load_all_cases(data: Sequence[str | Path], resolution: int) -> list[SegCase]:
     """The cases of every data folder, in order; datasets are named after their folders, so names must differ."""
-    per_source = [load_cases(src, resolution, limit) for src in data]
+    per_source = [load_cases(src, resolution) for src in data]
     if len({c[0].dataset for c in per_source}) < len(per_source):
         raise ValueError(f"two --data folders share a name ({[c[0].dataset for c in per_source]}): datasets are "
                          "named after their folder, so give each a distinct folder name.")
@@ -123,7 +125,51 @@ def choose(table: dict[Cell, list[dict]], methods: Sequence[str], names: Sequenc
     return {m: seg_report.best_cells({c: r for c, r in table.items() if c.variant == m}, names) for m in methods}
 
 
-def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, entropy: float, max_h: float) -> str:
+def evaluation_images(data: Sequence[str | Path], paths: Sequence[Path],
+                      settings: SegmentSettings) -> tuple[list[SegCase], dict, dict]:
+    """The cases, their tuning / report split (the model's training images tune only, unless transductive), cut
+    to ``settings.limit`` per dataset after the split, and the record of the training-image check."""
+    cases = load_all_cases(data, settings.resolution)
+    overlap = training_overlap(cases, paths, settings.transductive)
+    statement = overlap.statement(len(cases))
+    seen = {(cases[i].dataset, cases[i].id): why for i, why in overlap.seen.items()}
+    splits = assign_splits(cases, settings.report_fraction, settings.split_seed, () if settings.transductive else seen)
+    cases = limit_cases(cases, splits, settings.limit, settings.report_fraction)
+    splits = {(c.dataset, c.id): splits[c.dataset, c.id] for c in cases}
+    seen = {key: why for key, why in seen.items() if key in splits}
+    record = {"statement": _overlap_statement(statement, overlap, seen, splits, settings.transductive),
+              "transductive": settings.transductive, "unknown": overlap.unknown,
+              "sources": [dataclasses.asdict(s) for s in overlap.sources],
+              "seen": [{"dataset": d, "id": i, "split": splits[d, i], "why": why} for (d, i), why in seen.items()]}
+    return cases, splits, record
+
+
+def training_overlap(cases: Sequence[SegCase], paths: Sequence[Path], transductive: bool) -> Overlap:
+    """The evaluation images the models trained on (UNet or encoder), found by content and by source file."""
+    overlap = find_overlap([c.image for c in cases], [c.path for c in cases], paths)
+    if overlap.seen:
+        log.warning("%d of %d images are training images of the model; %s", len(overlap.seen), len(cases),
+                    "they are kept in the report split (--transductive)" if transductive
+                    else "they (and their subjects) only tune")
+    for line in overlap.unknown:
+        log.warning("training images not checked, %s: the report split may hold images the model saw", line)
+    return overlap
+
+
+def _overlap_statement(checked: str, overlap: Overlap, seen: dict, splits: dict, transductive: bool) -> str:
+    """What the check found, and where those images went."""
+    in_report = sum(1 for key in seen if splits[key] == REPORT)
+    if transductive and in_report:
+        rule = f"--transductive: {in_report} of them are in the report split, so the report is transductive"
+    elif overlap.unknown:
+        rule = "the images found only tune, but the report split may hold images of the parts not checked"
+    else:
+        rule = "they and their subjects only tune: no report image is one the model trained on"
+    return f"{checked}. {rule}."
+
+
+def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, entropy: float, max_h: float,
+           seen: str) -> str:
     counts = {s: sum(1 for v in splits.values() if v == s) for s in (TUNE, REPORT)}
     per = ", ".join(f"{d} {sum(1 for c in cases if c.dataset == d)}" for d in dict.fromkeys(c.dataset for c in cases))
     return (f"Images: {per}; resolution {settings.resolution} px, condition '{settings.condition}'. Split by subject "
@@ -131,11 +177,13 @@ def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, en
             f"images choose each method's configuration and checkpoint; every Dice below is on the other "
             f"{counts[REPORT]} (report split)**, mean ± SD over images, in %. The mean-mask prior is the mean of all "
             f"other images' masks (leave-one-out). Mean entropy of the aggregated self-attention (DiffSeg's chosen "
-            f"configuration): {entropy:.3f} nats of a possible {max_h:.3f} (uniform attention).")
+            f"configuration): {entropy:.3f} nats of a possible {max_h:.3f} (uniform attention). "
+            f"Training images: {seen}")
 
 
 def write_tables(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[Cell, list[dict]],
-                 methods: dict[str, list[dict]], chosen: dict[str, Cell], settings: SegmentSettings) -> dict:
+                 methods: dict[str, list[dict]], chosen: dict[str, Cell], settings: SegmentSettings,
+                 seen: str) -> dict:
     """table.md + table.csv; returns the tables' part of results.json."""
     names = list(dict.fromkeys(c.dataset for c in cases))
     rows_order = [*names, seg_report.COMBINED]
@@ -162,7 +210,7 @@ def write_tables(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[
             (["Method", "Checkpoint", "Configuration", "Tuning Dice", "Report Dice", "Union (k)"],
              [row for m in chosen for row in seg_report.per_checkpoint_rows(table, m, settings)]),
     }
-    md = seg_report.table_markdown({"intro": _intro(cases, splits, settings, *entropy)}, tables)
+    md = seg_report.table_markdown({"intro": _intro(cases, splits, settings, *entropy, seen)}, tables)
     write_bytes_atomic(out / "table.md", md.encode())
     write_bytes_atomic(out / "table.csv", seg_report.table_csv(summaries, chosen, rows_order, settings).encode())
     return {"summaries": summaries, "tuned": tuned, "leader": leader, "entropy": entropy}
@@ -185,8 +233,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     sd_paths = [Path(settings.sd15)] if settings.sd15 else []
     settings = dataclasses.replace(settings, device=device,
                                    resolution=settings.resolution or model_resolution(paths[0], load))
-    cases = load_all_cases(data, settings.resolution, settings.limit)
-    splits = assign_splits(cases, settings.report_fraction, settings.split_seed)
+    cases, splits, seen_images = evaluation_images(data, paths, settings)
     names = list(dict.fromkeys(c.dataset for c in cases))
     log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(names), settings.resolution, len(paths))
     table = {c: tag(r, splits) for c, r in run_grid(paths, cases, out, settings, load, model_label).items()}
@@ -202,7 +249,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in primary}
     methods = {m: table[c] for m, c in chosen.items()}
     methods.update({m: tag(r, splits) for m, r in run_baselines(cases, by_id).items()})
-    tables = write_tables(out, cases, splits, table, methods, chosen, settings)
+    tables = write_tables(out, cases, splits, table, methods, chosen, settings, seen_images["statement"])
     describe = settings.describe
     results = {
         "settings": {**settings.cell_settings(), "methods": list(settings.methods),
@@ -214,6 +261,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
                      "limit": settings.limit, "sd15": settings.sd15},
         "datasets": {d: sum(1 for c in cases if c.dataset == d) for d in names},
         "splits": {s: sorted(k) for s, k in subjects_by_split(cases, splits).items()},
+        "training_images": seen_images,
         "cells": [{"cell": asdict(c), "description": describe(c),
                    "tuning": seg_report.summarize(only(recs, TUNE)), "report": seg_report.summarize(only(recs, REPORT))}
                   for c, recs in sorted(table.items(), key=lambda kv: describe(kv[0]))],

@@ -1,0 +1,86 @@
+"""Content fingerprints of images, to find the same picture in two image sets whatever its file name, format or
+size: an evaluation image that is also one of a model's training images makes that evaluation transductive.
+
+A fingerprint is the prepared image (border-free, centre-cropped, square: `prepare`'s preprocessing, which every
+evaluation set also goes through) resized to 32 x 32, minus its own 4 x 4 blur (a band-pass: what is left
+is the image's own structure, not the brightness layout every chest X-ray shares), centred and L2-normalised.
+Two images are the same picture when the cosine similarity of their fingerprints is at least `SAME_IMAGE`.
+Measured (BENCHMARKS.md, "Training images among the evaluation images"): against `cxr-covid` prepared at 256 px,
+the 37 `lungs-covid` images that are cxr-covid images re-encoded score 0.999 or more (read at 32, 48 or 64 px)
+and every other pair at most 0.875; two different phantoms of the demo, which share one drawn anatomy, at most
+0.986. Another image of the same patient is a different picture: it is not found here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dinodiff.data.image_sets import ImageRecord, image_records
+
+SIDE, BLUR_SIDE = 32, 4
+SAME_IMAGE = 0.99  # cosine similarity of fingerprints from which two images count as one picture
+_CHUNK = 2048  # training images decoded and compared at a time: memory stays flat over any training set
+
+
+def fingerprint(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) prepared image -> (SIDE * SIDE,) float32 band-passed, centred, unit length (flat: zeros)."""
+    # Lanczos, not box: box averaging over a side that is not a multiple of SIDE shifts the sampling phase and
+    # costs the same picture 0.01 of similarity (read at 40 or 48 px); Lanczos keeps it above 0.998 at any side
+    small = Image.fromarray(np.asarray(image, np.uint8)).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+    fine = np.asarray(small, np.float32)
+    blur = Image.fromarray(fine).resize((BLUR_SIDE, BLUR_SIDE), Image.Resampling.BOX)
+    band = (fine - np.asarray(blur.resize((SIDE, SIDE), Image.Resampling.BILINEAR), np.float32)).ravel()
+    band -= band.mean()
+    norm = np.linalg.norm(band)
+    return band / norm if norm > 1e-6 else band
+
+
+def fingerprints(images: Iterable[np.ndarray]) -> np.ndarray:
+    """(N, SIDE * SIDE) fingerprints of the images, in order."""
+    rows = [fingerprint(image) for image in images]
+    return np.stack(rows) if rows else np.zeros((0, SIDE * SIDE), np.float32)
+
+
+def _chunks(records: Iterator[ImageRecord]) -> Iterator[list[ImageRecord]]:
+    chunk: list[ImageRecord] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def find_in_prepared(queries: np.ndarray, query_paths: Sequence[str | None], shards: str | Path,
+                     split: str | None) -> tuple[list[str | None], int]:
+    """Which query images are images of a prepared folder (one split, or all): per query, a line naming the
+    prepared image it is (the same source file, or the same picture with its similarity) or None; and how many
+    prepared images were read."""
+    wanted = {_resolved(p): i for i, p in enumerate(query_paths) if p}
+    best = np.full(len(queries), -1.0, np.float32)
+    found: list[str | None] = [None] * len(queries)
+    count = 0
+    for chunk in _chunks(image_records(shards, size=0, kind="shards", split=split)):
+        count += len(chunk)
+        for record in chunk:
+            index = wanted.get(_resolved(record.path)) if record.path else None
+            if index is not None:
+                found[index], best[index] = f"same source file as {record.id}", 2.0
+        if not len(queries):
+            continue
+        sims = queries @ fingerprints(record.decode() for record in chunk).T
+        arg = sims.argmax(1)
+        value = sims[np.arange(len(queries)), arg]
+        for index in np.flatnonzero((value >= SAME_IMAGE) & (value > best)):
+            best[index] = value[index]
+            found[index] = f"same picture as {chunk[arg[index]].id} (similarity {value[index]:.4f})"
+    return found, count
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
