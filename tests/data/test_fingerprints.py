@@ -101,3 +101,27 @@ def test_find_overlap_reads_each_training_set_once_and_says_what_it_checked(shar
     overlap = find_overlap(images, [None] * 6, [model, model])  # two checkpoints of one run
     assert sorted(overlap.seen) == [0, 1, 2, 3] and len(overlap.sources) == 1
     assert overlap.statement(6).startswith("4 of 6 evaluation images are training images of the model")
+
+
+def test_cached_fingerprints_give_the_same_answer_without_decoding_and_follow_a_rewritten_shard(
+        shared_data, prepared_cxrs, tmp_path, monkeypatch):
+    import os
+
+    import dinodiff.data.fingerprints as fp_module
+
+    originals = _cxrs(shared_data, 6)
+    queries = fingerprints(np.asarray(Image.open(p).convert("L").resize((64, 64))) for p in originals)
+    first = find_in_prepared(queries, [None] * 6, prepared_cxrs, None, tmp_path / "cache")
+    assert first[1] == 4 and (tmp_path / "cache").is_dir()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the images were decoded again")
+
+    monkeypatch.setattr(fp_module, "image_records", no_decoding)
+    again = find_in_prepared(queries, [None] * 6, prepared_cxrs, None, tmp_path / "cache")
+    assert [f is not None for f in again[0]] == [f is not None for f in first[0]] and again[1] == 4
+    assert [f.split(" (")[0] for f in again[0][:4]] == [f.split(" (")[0] for f in first[0][:4]]
+    shard = next((prepared_cxrs / "shards").glob("*.tar"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the shard was rewritten
+    with pytest.raises(AssertionError, match="decoded again"):
+        find_in_prepared(queries, [None] * 6, prepared_cxrs, None, tmp_path / "cache")

@@ -13,6 +13,9 @@ and every other pair at most 0.875; two different phantoms of the demo, which sh
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 from dinodiff.data.image_sets import ImageRecord, image_records
+from dinodiff.data.shards import list_shards
+from dinodiff.files import write_bytes_atomic
 
 SIDE, BLUR_SIDE = 32, 4
 SAME_IMAGE = 0.99  # cosine similarity of fingerprints from which two images count as one picture
@@ -56,29 +61,62 @@ def _chunks(records: Iterator[ImageRecord]) -> Iterator[list[ImageRecord]]:
         yield chunk
 
 
+def _source_key(shards: str | Path, split: str | None) -> str:
+    """Changes whenever a shard of the folder is rewritten (name, size, modification time) or the fingerprint does."""
+    files = [Path(p) for p in list_shards(shards, split)] or [Path(shards)]
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    text = json.dumps([str(Path(shards).resolve()), split, SIDE, BLUR_SIDE, stamp])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def prepared_fingerprints(shards: str | Path, split: str | None,
+                          cache_dir: str | Path | None = None) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+    """The fingerprints of a prepared folder (one split, or all), a chunk at a time: (ids, source paths ('' when
+    unknown), fingerprints). With ``cache_dir``, each chunk is saved there (``.npz``, no pickle) and read back on
+    the next call instead of decoding the images again."""
+    folder = Path(cache_dir) / _source_key(shards, split) if cache_dir is not None else None
+    if folder is not None and (folder / "complete").is_file():
+        for path in sorted(folder.glob("chunk-*.npz")):
+            with np.load(path, allow_pickle=False) as saved:
+                yield saved["ids"].tolist(), saved["paths"].tolist(), saved["prints"].astype(np.float32)
+        return
+    for index, chunk in enumerate(_chunks(image_records(shards, size=0, kind="shards", split=split))):
+        ids, paths = [r.id for r in chunk], [r.path or "" for r in chunk]
+        prints = fingerprints(record.decode() for record in chunk)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.savez(buffer, ids=np.array(ids), paths=np.array(paths), prints=prints.astype(np.float16))
+            write_bytes_atomic(folder / f"chunk-{index:06d}.npz", buffer.getvalue())
+        yield ids, paths, prints
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "complete").write_text("")
+
+
 def find_in_prepared(queries: np.ndarray, query_paths: Sequence[str | None], shards: str | Path,
-                     split: str | None) -> tuple[list[str | None], int]:
+                     split: str | None, cache_dir: str | Path | None = None) -> tuple[list[str | None], int]:
     """Which query images are images of a prepared folder (one split, or all): per query, a line naming the
     prepared image it is (the same source file, or the same picture with its similarity) or None; and how many
-    prepared images were read."""
+    prepared images were read. ``cache_dir``: see `prepared_fingerprints`."""
     wanted = {_resolved(p): i for i, p in enumerate(query_paths) if p}
     best = np.full(len(queries), -1.0, np.float32)
     found: list[str | None] = [None] * len(queries)
     count = 0
-    for chunk in _chunks(image_records(shards, size=0, kind="shards", split=split)):
-        count += len(chunk)
-        for record in chunk:
-            index = wanted.get(_resolved(record.path)) if record.path else None
+    for ids, paths, prints in prepared_fingerprints(shards, split, cache_dir):
+        count += len(ids)
+        for ident, path in zip(ids, paths):
+            index = wanted.get(_resolved(path)) if path else None
             if index is not None:
-                found[index], best[index] = f"same source file as {record.id}", 2.0
+                found[index], best[index] = f"same source file as {ident}", 2.0
         if not len(queries):
             continue
-        sims = queries @ fingerprints(record.decode() for record in chunk).T
+        sims = queries @ prints.T
         arg = sims.argmax(1)
         value = sims[np.arange(len(queries)), arg]
         for index in np.flatnonzero((value >= SAME_IMAGE) & (value > best)):
             best[index] = value[index]
-            found[index] = f"same picture as {chunk[arg[index]].id} (similarity {value[index]:.4f})"
+            found[index] = f"same picture as {ids[arg[index]]} (similarity {value[index]:.4f})"
     return found, count
 
 

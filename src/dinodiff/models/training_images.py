@@ -154,10 +154,11 @@ class Overlap:
         return text + (f". Not checked, training images unknown: {'; '.join(self.unknown)}" if self.unknown else "")
 
 
-def find_overlap(images: Sequence[np.ndarray], paths: Sequence[str | None],
-                 model_folders: Sequence[str | Path]) -> Overlap:
+def find_overlap(images: Sequence[np.ndarray], paths: Sequence[str | None], model_folders: Sequence[str | Path],
+                 cache_dir: str | Path | None = None) -> Overlap:
     """The evaluation images (prepared uint8 arrays, with their source files when known) that any of the model
-    folders trained on, UNet or encoder; each training set is read and fingerprinted once."""
+    folders trained on, UNet or encoder; each training set is read and fingerprinted once (and its fingerprints
+    kept in ``cache_dir`` for the next call, when given)."""
     sources, unknown = [], []
     for folder in model_folders:
         found, missing = model_training_sources(folder)
@@ -166,7 +167,7 @@ def find_overlap(images: Sequence[np.ndarray], paths: Sequence[str | None],
     queries = fingerprints(images)
     seen: dict[int, str] = {}
     for shards, split in dict.fromkeys((s.shards, s.split) for s in sources):
-        found, count = find_in_prepared(queries, paths, shards, split)
+        found, count = find_in_prepared(queries, paths, shards, split, cache_dir)
         logger.info("checked %d evaluation images against %d training images of %s", len(queries), count, shards)
         for index, why in enumerate(found):
             if why is not None and index not in seen:

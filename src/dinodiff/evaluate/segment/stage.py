@@ -125,12 +125,12 @@ def choose(table: dict[Cell, list[dict]], methods: Sequence[str], names: Sequenc
     return {m: seg_report.best_cells({c: r for c, r in table.items() if c.variant == m}, names) for m in methods}
 
 
-def evaluation_images(data: Sequence[str | Path], paths: Sequence[Path],
-                      settings: SegmentSettings) -> tuple[list[SegCase], dict, dict]:
+def evaluation_images(data: Sequence[str | Path], paths: Sequence[Path], settings: SegmentSettings,
+                      out: Path) -> tuple[list[SegCase], dict, dict]:
     """The cases, their tuning / report split (the model's training images tune only, unless transductive), cut
     to ``settings.limit`` per dataset after the split, and the record of the training-image check."""
     cases = load_all_cases(data, settings.resolution)
-    overlap = training_overlap(cases, paths, settings.transductive)
+    overlap = training_overlap(cases, paths, settings.transductive, out / "training-fingerprints")
     statement = overlap.statement(len(cases))
     seen = {(cases[i].dataset, cases[i].id): why for i, why in overlap.seen.items()}
     splits = assign_splits(cases, settings.report_fraction, settings.split_seed, () if settings.transductive else seen)
@@ -144,9 +144,10 @@ def evaluation_images(data: Sequence[str | Path], paths: Sequence[Path],
     return cases, splits, record
 
 
-def training_overlap(cases: Sequence[SegCase], paths: Sequence[Path], transductive: bool) -> Overlap:
+def training_overlap(cases: Sequence[SegCase], paths: Sequence[Path], transductive: bool,
+                     cache_dir: Path | None = None) -> Overlap:
     """The evaluation images the models trained on (UNet or encoder), found by content and by source file."""
-    overlap = find_overlap([c.image for c in cases], [c.path for c in cases], paths)
+    overlap = find_overlap([c.image for c in cases], [c.path for c in cases], paths, cache_dir)
     if overlap.seen:
         log.warning("%d of %d images are training images of the model; %s", len(overlap.seen), len(cases),
                     "they are kept in the report split (--transductive)" if transductive
@@ -233,7 +234,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     sd_paths = [Path(settings.sd15)] if settings.sd15 else []
     settings = dataclasses.replace(settings, device=device,
                                    resolution=settings.resolution or model_resolution(paths[0], load))
-    cases, splits, seen_images = evaluation_images(data, paths, settings)
+    cases, splits, seen_images = evaluation_images(data, paths, settings, out)
     names = list(dict.fromkeys(c.dataset for c in cases))
     log.info("%d images (%s) at %d px; %d model(s)", len(cases), ", ".join(names), settings.resolution, len(paths))
     table = {c: tag(r, splits) for c, r in run_grid(paths, cases, out, settings, load, model_label).items()}
