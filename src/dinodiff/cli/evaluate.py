@@ -82,7 +82,7 @@ def sweep(
 
 @settings_options(SegmentSettings, "methods", "thresholds", "threshold_mode", "merge_iterations", "grid_sizes", "taus",
                   "alphas", "feature_sides", "refinements", "timesteps", "noise_seeds", "report_fraction", "split_seed",
-                  "condition", "resolution", "sd15", "batch_size", "device", "limit", "n_overlay")
+                  "condition", "transductive", "resolution", "sd15", "batch_size", "device", "limit", "n_overlay")
 def segment(
     models: list[Path] = typer.Argument(..., help="Model folders, checkpoints or run folders (a run = all its checkpoints, grid-searched)."),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Images with lung masks: Montgomery, Shenzhen, JSRT/SCR layout or images/ + masks/ (repeat for several)."),
