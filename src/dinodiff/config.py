@@ -57,6 +57,11 @@ class PrepareSettings:
                                                "PatientID). MIMIC-CXR needs none.")
     subject_pattern: str | None = setting(None, "A regex on ids whose group 1 is the patient, e.g. '^(\\d+)-' ; it "
                                                 "must match every id.")
+    exclude: list[str] | None = setting(None, "Comma-separated image sets (folders, datasets or prepared folders) "
+                                              "whose images must not be written: an input that is one of their "
+                                              "files, or the same picture (content fingerprint), is rejected as "
+                                              "'excluded' in rejects.csv. Keeps evaluation images out of a "
+                                              "training set.")
 
 
 @dataclass(frozen=True)

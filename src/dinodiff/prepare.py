@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import dinodiff
 from dinodiff.config import PrepareSettings
 from dinodiff.data.datasets import Record, detect_kind, label_rows, stream_records
+from dinodiff.data.fingerprints import ExcludedImages, excluded_images
 from dinodiff.data.preprocess import preprocess_image, preprocess_mask
 from dinodiff.data.readers import TO_UINT8_RULES, UnreadableImage, load_image, load_mask
 from dinodiff.data.shards import (
@@ -70,19 +71,23 @@ class _Settings:
     min_size: int
     remove_borders: bool
     intensity: str
+    excluded_key: str = ""  # ExcludedImages.key: a shard is redone when the images to exclude change
 
 
 _SETTINGS: _Settings | None = None  # set in each worker by _init_worker
+_EXCLUDED: ExcludedImages | None = None
 
 
-def _init_worker(settings: _Settings) -> None:
-    global _SETTINGS
-    _SETTINGS = settings
+def _init_worker(settings: _Settings, excluded: ExcludedImages | None = None) -> None:
+    global _SETTINGS, _EXCLUDED
+    _SETTINGS, _EXCLUDED = settings, excluded
 
 
 def process_record(rec: Record) -> tuple:
     """One record -> ('ok', sample dict, 256-bin histogram) or ('reject', reason, detail)."""
     s = _SETTINGS
+    if _EXCLUDED is not None and (why := _EXCLUDED.match(rec.path)) is not None:
+        return ("reject", "excluded", why)
     try:
         img, meta = load_image(rec.path, s.intensity)
         out, info = preprocess_image(img, s.size, s.remove_borders, s.min_size)
@@ -90,6 +95,8 @@ def process_record(rec: Record) -> tuple:
         return ("reject", e.reason, "")
     except Exception as e:  # an unexpected failure on one file must not stop the run
         return ("reject", f"error: {type(e).__name__}", str(e)[:300])
+    if _EXCLUDED is not None and (why := _EXCLUDED.match(None, out)) is not None:
+        return ("reject", "excluded", why)
     sample: dict = {"__key__": rec.id, "png": encode_png(out)}
     mask_errors = {}
     for name, mpath in sorted(rec.masks.items()):
@@ -149,7 +156,8 @@ def _collect(sources: list[Path], kind: str, out: Path, spool: RecordSpool, subj
 
 def _fingerprint(chunk: list[Record], settings: _Settings) -> str:
     """Hash of everything a shard's bytes depend on, including each input file's size and mtime."""
-    h = hashlib.sha256(encode_json({"format": FORMAT_VERSION, **asdict(settings)}))
+    values = {k: v for k, v in asdict(settings).items() if k != "excluded_key" or v}  # none: as before exclusion
+    h = hashlib.sha256(encode_json({"format": FORMAT_VERSION, **values}))
     for r in chunk:
         try:
             st = os.stat(r.path)
@@ -303,7 +311,8 @@ class _Window:
         self.slots.release()  # wakes the feeder thread if it waits, so the pool can shut down
 
 
-def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, workers: int, bar: tqdm):
+def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, excluded: ExcludedImages | None,
+             workers: int, bar: tqdm):
     """Yield (todo item, its records, their results) for each chunk in `todo`, processing records on `workers`
     processes; a chunk's records are read from the spool once, when fed, and held until written (the feeder runs
     at most 64 records per worker ahead, so never all of them)."""
@@ -318,11 +327,11 @@ def _results(todo: list[tuple], spool: RecordSpool, settings: _Settings, workers
     recs = read_and_feed()
     window = _Window(64 * workers)
     if workers <= 1:
-        _init_worker(settings)
+        _init_worker(settings, excluded)
         stream = map(process_record, recs)
         pool = None
     else:
-        pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(settings,))
+        pool = mp.get_context().Pool(workers, initializer=_init_worker, initargs=(settings, excluded))
         # ordered imap over records (not chunks): parallel even when there is a single shard
         stream = pool.imap(process_record, window.feed(recs), chunksize=4)
     try:
@@ -368,12 +377,18 @@ def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSetting
     if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0 or not 0.0 <= val_fraction < 1 - test_fraction:
         raise ValueError(f"need shard_size >= 1, size >= 8, 0 <= test_fraction < 1 and 0 <= val_fraction < "
                          f"1 - test_fraction (got {shard_size}, {size}, {test_fraction}, {val_fraction})")
-    settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity)
+    missing = [str(e) for e in p.exclude or () if not Path(e).expanduser().exists()]
+    if missing:
+        raise FileNotFoundError(f"exclude: {', '.join(missing)} not found; give the image sets to keep out "
+                                "(folders, datasets or prepared folders)")
+    excluded = excluded_images([Path(e).expanduser() for e in p.exclude]) if p.exclude else None
+    settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity, excluded.key if excluded else "")
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
               "val_fraction": float(val_fraction), "subject_column": p.subject_column,
-              "subject_pattern": p.subject_pattern}
+              "subject_pattern": p.subject_pattern,
+              "exclude": [str(Path(e).expanduser().resolve()) for e in p.exclude or ()]}
     scratch = out / ".records.tmp"  # the discovered records, on disk (a killed run's is replaced)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -386,7 +401,7 @@ def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSetting
             plan, metas, todo = _plan(out, spool, shard_size, settings)
             n_workers = max(1, min(workers or len(os.sched_getaffinity(0)), sum(t[4] for t in todo) or 1))
             with tqdm(total=sum(t[4] for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
-                for (tar, split, fp, _, _), chunk, results in _results(todo, spool, settings, n_workers, bar):
+                for (tar, split, fp, _, _), chunk, results in _results(todo, spool, settings, excluded, n_workers, bar):
                     metas[tar] = _finish_chunk(tar, split, fp, chunk, results)
             params["subjects"] = spool.subjects()
     finally:

@@ -3,6 +3,7 @@ are not; and a diffusion model folder names the image sets it trained on."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -125,3 +126,33 @@ def test_cached_fingerprints_give_the_same_answer_without_decoding_and_follow_a_
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the shard was rewritten
     with pytest.raises(AssertionError, match="decoded again"):
         find_in_prepared(queries, [None] * 6, prepared_cxrs, None, tmp_path / "cache")
+
+
+def _rejects(prepared: Path) -> dict[str, tuple[str, str]]:
+    with open(prepared / "rejects.csv", newline="") as f:
+        return {Path(row[0]).name: (row[1], row[2]) for row in list(csv.reader(f))[1:]}
+
+
+def test_prepare_exclude_keeps_an_evaluation_set_out_by_picture_and_by_file_and_resumes(shared_data, tmp_path):
+    originals = _cxrs(shared_data, 5)
+    evaluation, train = tmp_path / "evaluation", tmp_path / "train"
+    evaluation.mkdir()
+    train.mkdir()
+    for i in (0, 4):  # the evaluation set: two of the originals
+        (evaluation / f"e{i}.png").symlink_to(originals[i])
+    for i in range(4):  # the training candidates: four originals, renamed, re-encoded and resized
+        Image.open(originals[i]).convert("L").resize((300, 300)).save(train / f"t{i}.jpg", quality=75)
+    (train / "linked.png").symlink_to(originals[4])  # the evaluation image's own file
+    manifest = prepare([train], tmp_path / "prep", size=128, exclude=[str(evaluation)], progress=False)
+    assert manifest["counts"]["written"] == 3 and manifest["counts"]["reject_reasons"] == {"excluded": 2}
+    rejects = _rejects(tmp_path / "prep")
+    assert rejects["t0.jpg"][1].startswith("the same picture as evaluation/")
+    assert rejects[originals[4].name][1].startswith("the same file as evaluation/")  # the link is resolved
+    assert manifest["parameters"]["exclude"] == [str(evaluation.resolve())]
+    shard = next((tmp_path / "prep" / "shards").glob("*.tar"))
+    stamp = shard.stat().st_mtime_ns
+    prepare([train], tmp_path / "prep", size=128, exclude=[str(evaluation)], progress=False)
+    assert shard.stat().st_mtime_ns == stamp  # the same exclusion: the finished shard is kept
+    assert prepare([train], tmp_path / "prep", size=128, progress=False)["counts"]["written"] == 5  # redone
+    with pytest.raises(FileNotFoundError, match="exclude: .*nowhere"):
+        prepare([train], tmp_path / "prep2", size=128, exclude=[str(tmp_path / "nowhere")], progress=False)

@@ -22,7 +22,7 @@ from dinodiff.generate.settings import GenerateSettings
 
 
 @settings_options(PrepareSettings, "kind", "size", "min_size", "remove_borders", "intensity", "shard_size", "workers",
-                  "seed", "test_fraction", "val_fraction", "subject_column", "subject_pattern")
+                  "seed", "test_fraction", "val_fraction", "subject_column", "subject_pattern", "exclude")
 def prepare(
     sources: list[Path] = typer.Argument(..., help="Image folders, a CSV, or a dataset root (MIMIC-CXR-JPG, Montgomery, Shenzhen, JSRT/SCR)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: shards/, manifest.json and rejects.csv go here."),
@@ -45,9 +45,11 @@ def prepare(
     with failures({NothingUsable: 1, (FileNotFoundError, ValueError): 2}):
         manifest = run_prepare(sources, out, settings, progress=progress)
     counts = manifest["counts"]
+    excluded = counts["reject_reasons"].get("excluded", 0)
     typer.echo(
         f"{counts['written']} images written to {out / 'shards'} "
-        f"({counts['rejected']} rejected, see {out / 'rejects.csv'}); manifest: {out / 'manifest.json'}"
+        f"({counts['rejected']} rejected{f', {excluded} of them excluded' if excluded else ''}, see "
+        f"{out / 'rejects.csv'}); manifest: {out / 'manifest.json'}"
     )
 
 

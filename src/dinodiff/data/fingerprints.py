@@ -16,19 +16,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dinodiff.data.image_sets import ImageRecord, image_records
-from dinodiff.data.shards import list_shards
+from dinodiff.data.readers import UnreadableImage
+from dinodiff.data.shards import ShardError, list_shards
 from dinodiff.files import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
 
 SIDE, BLUR_SIDE = 32, 4
 SAME_IMAGE = 0.99  # cosine similarity of fingerprints from which two images count as one picture
 _CHUNK = 2048  # training images decoded and compared at a time: memory stays flat over any training set
+EXCLUDE_READ_SIDE = 64  # side at which an exclusion set is read (the margins above were measured at 32-64 px)
 
 
 def fingerprint(image: np.ndarray) -> np.ndarray:
@@ -122,3 +128,56 @@ def find_in_prepared(queries: np.ndarray, query_paths: Sequence[str | None], sha
 
 def _resolved(path: str) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class ExcludedImages:
+    """Image sets that must stay out of another one (``prepare --exclude``: a training set that holds none of the
+    evaluation images): their fingerprints, names ('set/id') and resolved source files."""
+
+    prints: np.ndarray  # (N, SIDE * SIDE) float32
+    names: tuple[str, ...]
+    paths: dict[str, str]  # resolved source file -> name
+
+    @property
+    def key(self) -> str:
+        """Changes whenever the excluded images do: part of what a prepared shard depends on."""
+        digest = hashlib.sha1(np.ascontiguousarray(self.prints, np.float16).tobytes())
+        digest.update(json.dumps([self.names, sorted(self.paths)]).encode())
+        return digest.hexdigest()[:16]
+
+    def match(self, path: str | Path | None, image: np.ndarray | None = None) -> str | None:
+        """Why this file or prepared image (uint8 (H, W)) is an excluded one, or None when it is not."""
+        if path is not None and (name := self.paths.get(_resolved(str(path)))) is not None:
+            return f"the same file as {name}"
+        if image is None or not len(self.prints):
+            return None
+        sims = self.prints @ fingerprint(image)
+        best = int(sims.argmax())
+        if sims[best] >= SAME_IMAGE:
+            return f"the same picture as {self.names[best]} (similarity {sims[best]:.4f})"
+        return None
+
+
+def excluded_images(sources: Sequence[str | Path]) -> ExcludedImages:
+    """Reads every image of the sets (folders, datasets, prepared folders; any split) once, through `prepare`'s
+    preprocessing at EXCLUDE_READ_SIDE px. An image that cannot be decoded still excludes its source file."""
+    prints, names, paths = [], [], {}
+    for source in sources:
+        label = Path(source).name
+        for record in image_records(source, size=EXCLUDE_READ_SIDE):
+            name = f"{label}/{record.id}"
+            if record.path:
+                paths[_resolved(record.path)] = name
+            try:
+                image = record.decode()
+            except ShardError:  # a damaged exclusion set must not let its images through silently
+                raise
+            except (UnreadableImage, OSError, ValueError) as err:
+                logger.warning("excluded image %s cannot be decoded (%s): only its file is excluded", name,
+                               getattr(err, "reason", err))
+                continue
+            prints.append(fingerprint(image))
+            names.append(name)
+    stacked = np.stack(prints) if prints else np.zeros((0, SIDE * SIDE), np.float32)
+    return ExcludedImages(stacked, tuple(names), paths)
