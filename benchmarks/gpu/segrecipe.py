@@ -1,6 +1,6 @@
 """(g) of the GPU evidence run (issue 23): the segmentation recipe (`gpu-seg256`: self-attention at every
 UNet level) trained on the real CXRs of the bundle for the section's budget, then zero-shot lung segmentation
-on both lung sets: DiffSeg and DiffCut chosen on the tuning split and reported on the report split beside the
+on both lung sets: DiffSeg and ncut-inputs chosen on the tuning split and reported on the report split beside the
 leave-one-out mean-mask prior, Otsu, position-only k-means and the whole image (`dinodiff segment`).
 
 The encoder is the bundle's pretrained domain encoder (.gpu/weights/encoder, written by `make gpu-bundle`
@@ -27,12 +27,13 @@ PRESET = Path(__file__).resolve().parents[2] / "src" / "dinodiff" / "configs" / 
 DRY_OVERRIDES = ["model.resolution=64", "train.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
                  "data.num_holdout=2", "train.sample_steps=2", "model.unet.overrides.block_out_channels=[32,32,32]",
                  "model.unet.overrides.norm_num_groups=8", "train.mixed_precision='no'"]
-# The grid searched on the tuning split: both methods, each also with connected components, the timesteps that
-# did best on the CPU (BENCHMARKS.md "Zero-shot segmentation: why the attention is flat"). DiffCut runs on the
-# 16x16 encoder map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
-GRID = dict(methods=("diffseg", "diffcut"), refinements=("none", "components"), thresholds=[0.1, 0.2, 0.3],
-            threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7], alphas=[10.0], feature_sides=[16],
-            timesteps=[(50,), (50, 150, 300)], batch_size=16)
+# The grid searched on the tuning split: faithful DiffSeg and ncut-inputs (the best zero-shot method on the CPU
+# model: BENCHMARKS.md "A model that never saw the evaluation images"), each also with connected components.
+# ncut-inputs cuts the 16x16 map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
+# The training images among the lung sets (the bundle's cxr-covid holds 37 of them) only tune: segment finds them.
+GRID = dict(methods=("diffseg", "ncut-inputs"), refinements=("none", "components"), thresholds=[0.1, 0.2, 0.3],
+            threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7, 0.9], alphas=[5.0, 10.0],
+            feature_sides=[16], timesteps=[(50,), (50, 150, 300)], batch_size=16)
 DRY_GRID = dict(GRID, thresholds=[0.2], grid_sizes=[4], taus=[0.5], feature_sides=[0], timesteps=[(50,)],
                 limit=3, batch_size=4)
 
@@ -70,6 +71,7 @@ def segment_recipe(args: argparse.Namespace) -> dict:
     seg = segment([model], [bundle / "data" / "lungs-covid", bundle / "data" / "lungs-shenzhen"], work / "segment",
                   n_overlay=0, **(DRY_GRID if dry else GRID))
     result["segment"] = {"table_md": Path(seg["tables"]["markdown"]).read_text(), "leader": seg["leader"],
+                         "training_images": seg["training_images"]["statement"],
                          "dice": {m: v["summary"]["combined"]["hungarian_both"] for m, v in seg["methods"].items()},
                          "tuning_dice": {m: v["tuning_dice"] for m, v in seg["methods"].items() if v["tuning_dice"]},
                          "best": seg["best_by_method"], "splits": {k: len(v) for k, v in seg["splits"].items()},
