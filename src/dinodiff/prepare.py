@@ -377,18 +377,19 @@ def prepare(sources: list[str | Path], out: str | Path, settings: PrepareSetting
     if shard_size < 1 or size < 8 or not 0.0 <= test_fraction < 1.0 or not 0.0 <= val_fraction < 1 - test_fraction:
         raise ValueError(f"need shard_size >= 1, size >= 8, 0 <= test_fraction < 1 and 0 <= val_fraction < "
                          f"1 - test_fraction (got {shard_size}, {size}, {test_fraction}, {val_fraction})")
-    missing = [str(e) for e in p.exclude or () if not Path(e).expanduser().exists()]
+    exclude = [Path(e).expanduser().resolve() for e in p.exclude or ()]
+    missing = [str(e) for e in exclude if not e.exists()]
     if missing:
         raise FileNotFoundError(f"exclude: {', '.join(missing)} not found; give the image sets to keep out "
                                 "(folders, datasets or prepared folders)")
-    excluded = excluded_images([Path(e).expanduser() for e in p.exclude]) if p.exclude else None
+    excluded = excluded_images(exclude) if exclude else None
     settings = _Settings(int(size), int(min_size), bool(remove_borders), intensity, excluded.key if excluded else "")
     params = {"sources": [str(s) for s in sources], "kind": kind, "size": settings.size,
               "min_size": settings.min_size, "remove_borders": settings.remove_borders, "intensity": intensity,
               "shard_size": int(shard_size), "seed": int(seed), "test_fraction": float(test_fraction),
               "val_fraction": float(val_fraction), "subject_column": p.subject_column,
               "subject_pattern": p.subject_pattern,
-              "exclude": [str(Path(e).expanduser().resolve()) for e in p.exclude or ()]}
+              "exclude": [str(e) for e in exclude]}
     scratch = out / ".records.tmp"  # the discovered records, on disk (a killed run's is replaced)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
