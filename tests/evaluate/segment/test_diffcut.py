@@ -8,6 +8,7 @@ import torch
 
 from dinodiff.evaluate.segment.data import SegCase
 from dinodiff.evaluate.segment.diffcut import (
+    fiedler_vector,
     assign_pixels,
     bipartition,
     cosine_affinity,
@@ -80,6 +81,38 @@ def test_diffcut_on_features_of_two_halves_labels_each_half_at_full_resolution()
     # high-resolution assignment follows the (bilinearly upsampled) features, not the coarse grid
     segs = (cols >= 3).long().numpy()
     assert torch.equal(assign_pixels(feats, segs, (32, 32)), labels)
+
+
+def test_fiedler_vector_solves_the_generalised_ncut_eigenproblem():
+    """(D - W) y = lambda_2 D y, with lambda_2 the second smallest generalised eigenvalue (scipy's generalised
+    solver as the reference), although fiedler_vector solves the standard normalised-Laplacian form."""
+    import scipy.linalg
+
+    affinity = cosine_affinity(np.random.default_rng(2).normal(size=(120, 16)), 5.0)
+    degree = np.diag(affinity.sum(1) + 1e-12)
+    values, vectors = scipy.linalg.eigh(degree - affinity, degree)
+    y = fiedler_vector(affinity)
+    residual = (degree - affinity) @ y - values[1] * degree @ y
+    assert np.linalg.norm(residual) < 1e-8 * np.linalg.norm(degree @ y)
+    cosine = abs(y @ degree @ vectors[:, 1]) / np.sqrt((y @ degree @ y) * (vectors[:, 1] @ degree @ vectors[:, 1]))
+    assert cosine == pytest.approx(1.0, abs=1e-8)
+
+
+def test_assign_pixels_equals_upsampling_the_normalised_features_then_the_nearest_prototype():
+    """The reference DiffCut assignment: upsample every feature channel, L2-normalise each pixel, take the most
+    similar segment mean (cosine); assign_pixels upsamples the k similarity maps instead and must agree."""
+    side, channels, size = 16, 96, (256, 256)
+    feats = torch.randn(side * side, channels, generator=torch.Generator().manual_seed(1))
+    segments = np.random.default_rng(1).integers(0, 5, side * side)
+    normed = torch.nn.functional.normalize(feats, dim=1)
+    protos = torch.stack([normed[torch.from_numpy(segments == k)].sum(0) for k in range(5)])
+    protos = torch.nn.functional.normalize(protos, dim=1)
+    grid = normed.T.reshape(1, channels, side, side)
+    up = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0]
+    reference = torch.einsum("chw,kc->khw", torch.nn.functional.normalize(up, dim=0), protos).argmax(0)
+    labels = assign_pixels(feats, segments, size)
+    assert labels.shape == size and len(torch.unique(labels)) == 5
+    assert float((labels == reference).float().mean()) == 1.0
 
 
 def test_attention_distance_and_entropy_of_identity_local_and_uniform_maps():

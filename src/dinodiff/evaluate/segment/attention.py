@@ -241,21 +241,29 @@ def capture_attention(model: AttentionModel, images: torch.Tensor, *, timestep: 
 
 
 @torch.no_grad()
+def prepare_pass(model: AttentionModel, images: torch.Tensor, condition: str = "image") -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """The images' clean latents and UNet context: what every pass over them at any timestep or noise shares."""
+    latents = model.encode(images.to(model.device)).to(model.device, model.unet.dtype)
+    return latents, model.context(images, condition)
+
+
+@torch.no_grad()
 def capture_pass(model: AttentionModel, images: torch.Tensor, *, timestep: int = 300, condition: str = "image",
                  noise_seed: int | None = None, dtype: torch.dtype = torch.float32, features: bool = False,
-                 inputs: bool = False) -> Capture:
+                 inputs: bool = False, prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> Capture:
     """:func:`capture_attention` keeping the layer names; with ``features`` the encoder's self-attention
-    outputs (DiffCut's features), with ``inputs`` every self-attention layer's inputs."""
+    outputs (DiffCut's features), with ``inputs`` every self-attention layer's inputs. ``prepared``: the images'
+    (latents, context) from :func:`prepare_pass`, so that several passes over the same images encode them once."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}.")
     device = model.device
-    latents = model.encode(images.to(device)).to(device, model.unet.dtype)
+    latents, context = prepared if prepared is not None else prepare_pass(model, images, condition)
     t = torch.full((latents.shape[0],), int(timestep), dtype=torch.long, device=device)
     if noise_seed is not None:
         gen = torch.Generator("cpu").manual_seed(int(noise_seed))
         noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
         latents = model.scheduler.add_noise(latents, noise, t)
-    context = model.context(images, condition)
     capture = Capture()
     with capture_self_attention(model.unet, dtype, capture, features, inputs):
         model.unet(latents, t, encoder_hidden_states=context)

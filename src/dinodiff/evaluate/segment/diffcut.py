@@ -15,6 +15,7 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from dinodiff.evaluate.segment.diffseg import map_side
 
@@ -45,11 +46,16 @@ def ncut_value(affinity: np.ndarray, part: np.ndarray) -> float:
 
 
 def fiedler_vector(affinity: np.ndarray) -> np.ndarray:
-    """The second smallest generalised eigenvector y of (D - W) y = lambda D y (the relaxed Ncut solution)."""
+    """The second smallest generalised eigenvector y of (D - W) y = lambda D y (the relaxed Ncut solution).
+
+    Solved in its standard form: the symmetric normalised Laplacian I - D^-1/2 W D^-1/2 has the same eigenvalues
+    with eigenvectors z = D^1/2 y, and a standard problem costs less than a generalised one (no Cholesky of D).
+    """
     degree = affinity.sum(1) + 1e-12  # an isolated node would make D singular
-    laplacian = np.diag(degree) - affinity
-    _, vectors = scipy.linalg.eigh(laplacian, np.diag(degree), subset_by_index=[1, 1])
-    return vectors[:, 0]
+    scale = 1.0 / np.sqrt(degree)
+    normalised = np.eye(len(degree)) - scale[:, None] * affinity * scale[None, :]
+    _, vectors = scipy.linalg.eigh(normalised, subset_by_index=[1, 1], driver="evr")
+    return scale * vectors[:, 0]
 
 
 def bipartition(affinity: np.ndarray, candidates: int = N_SPLIT_CANDIDATES) -> tuple[np.ndarray, float]:
@@ -97,20 +103,26 @@ def recursive_ncut(affinity: np.ndarray, tau: float, min_size: int = 2, max_dept
 def assign_pixels(features: torch.Tensor, segments: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """High-resolution concept assignment: features (N, C) on a side x side map and their segment labels (N,)
     -> (H, W) labels: each pixel of the bilinearly upsampled, L2-normalised features goes to the segment whose
-    mean normalised feature is most similar (cosine)."""
+    mean normalised feature is most similar (cosine).
+
+    Computed without upsampling the C feature channels: a pixel's norm does not change which segment is most
+    similar, and bilinear interpolation is linear, so upsampling the k similarity maps on the feature map gives the
+    same scores (k is a few segments, C hundreds of channels: ~50x less work at 256 px)."""
     side = map_side(features.shape[0])
     feats = F.normalize(features.float(), dim=1)
     seg = torch.as_tensor(segments, dtype=torch.long, device=feats.device)
     k = int(seg.max()) + 1
     protos = torch.zeros(k, feats.shape[1], device=feats.device).index_add_(0, seg, feats)
     protos = F.normalize(protos, dim=1)
-    grid = feats.T.reshape(1, -1, side, side)
-    up = F.normalize(F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0], dim=0)
-    labels = torch.einsum("chw,kc->khw", up, protos).argmax(0)
+    scores = (feats @ protos.T).T.reshape(1, k, side, side)
+    labels = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
     return torch.unique(labels, return_inverse=True)[1]
 
 
 def diffcut(features: torch.Tensor, tau: float, alpha: float, size: tuple[int, int]) -> tuple[torch.Tensor, int]:
     """One image's features (N, C) -> (label map (H, W), number of segments found on the feature map)."""
-    segments = recursive_ncut(cosine_affinity(features.detach().cpu().numpy(), alpha), tau)
+    # One BLAS thread: the matrices are small (N <= 1024), and BLAS threads beside torch's busy ones made each
+    # eigh up to 200x slower (BENCHMARKS.md "Ncut's eigensolver and BLAS threads").
+    with threadpool_limits(limits=1, user_api="blas"):
+        segments = recursive_ncut(cosine_affinity(features.detach().cpu().numpy(), alpha), tau)
     return assign_pixels(features, segments, size), int(segments.max()) + 1

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass
+from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass, prepare_pass
 from dinodiff.evaluate.segment.data import SegCase
 from dinodiff.evaluate.segment.diffcut import diffcut
 from dinodiff.evaluate.segment.diffseg import (
@@ -74,10 +74,12 @@ def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[
     :class:`Passes`."""
     seeds = list(settings.noise_seeds) or [None]
     attention, feats = None, {method: {} for method in cuts}
+    prepared = prepare_pass(model, images, settings.condition)  # encoded once for every pass
     for t in timesteps:
         for seed in seeds:
             cap = capture_pass(model, images, timestep=int(t), condition=settings.condition, noise_seed=seed,
-                               dtype=dtype, features="diffcut" in cuts, inputs="ncut-inputs" in cuts)
+                               dtype=dtype, features="diffcut" in cuts, inputs="ncut-inputs" in cuts,
+                               prepared=prepared)
             agg = aggregate_attention(list(cap.maps.values()), dtype=dtype)
             attention = agg if attention is None else attention.add_(agg)
             for method, layers in (("diffcut", cap.features), ("ncut-inputs", cap.inputs)):
