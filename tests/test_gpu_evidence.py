@@ -40,6 +40,8 @@ def test_bundle_holds_prepared_cxrs_lung_sets_and_taef2(evidence):
     bundle = evidence / "bundle"
     manifest = json.loads((bundle / "data/cxr-covid/manifest.json").read_text())
     assert manifest["counts"]["written"] == 10
+    # the training CXRs keep out the evaluation images (prepare --exclude with both lung sets)
+    assert sorted(Path(p).name for p in manifest["parameters"]["exclude"]) == ["lungs-covid", "lungs-shenzhen"]
     for name in ("lungs-covid", "lungs-shenzhen"):
         images = sorted((bundle / "data" / name / "CXR_png").glob("*.png"))
         assert len(images) == 10
@@ -117,3 +119,21 @@ def test_model_tar_unpacks_to_an_fp16_pipeline_folder(evidence, tmp_path):
 
     pipe = DiNODiffusionPipeline.from_pretrained(folder)
     assert pipe.unet.config.sample_size == 8  # the dry run's 64 px through TAEF2 (/8)
+
+
+@pytest.mark.slow
+def test_segment_recipe_alone_returns_its_model_and_one_overlay_within_eight_files(evidence, tmp_path):
+    """Run alone (as on the GPU, where it is opt-in), (g) returns its model as seg-model-fp16.tar before segment
+    starts, and the leader's overlay; (d)'s files are absent, so the 8-file limit holds."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "EVIDENCE_PYTHON": sys.executable,
+           "GPU_BUNDLE": str(evidence / "bundle"), "EVIDENCE_SECTIONS": "segment_recipe"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu/evidence.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "training.png" not in files, files
+    recipe = json.loads((out / "results.json").read_text())["sections"]["segment_recipe"]
+    assert recipe["status"] == "ok" and recipe["model_tar"]["files"] == ["seg-model-fp16.tar"]
+    with tarfile.open(out / "seg-model-fp16.tar") as tar:
+        assert "seg-model-fp16/model_index.json" in tar.getnames()
+    assert recipe["segment"]["overlay"] in files and recipe["segment"]["overlay"].startswith("seg-overlay-")

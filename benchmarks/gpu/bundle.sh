@@ -55,9 +55,11 @@ if [ -n "$LIMIT" ]; then  # a small subset for tests: links to the first N image
   ls "$SHARED/cxr-covid/images" | sort | sed -n "1,${LIMIT}p" | while read -r f; do
     ln -sf "$(realpath "$SHARED/cxr-covid/images/$f")" "$src_cxr/$f"; done
 fi
+# The lung sets are evaluation images: the training CXRs keep none of them (prepare --exclude: 40 of the 300 files
+# are the same pictures), so segment's report split can use every lung image.
 if [ ! -f "$OUT/data/cxr-covid/manifest.json" ]; then
   "$PYTHON" -m dinodiff.cli prepare "$src_cxr" --out "$OUT/data/cxr-covid" --size 256 --shard-size 100 \
-    --test-fraction 0.1 --workers 2 --no-progress
+    --test-fraction 0.1 --workers 2 --no-progress --exclude "$SHARED/lungs-covid,$SHARED/lungs-shenzhen"
 fi
 if [ ! -f "$OUT/data/cxr-covid-labelled/manifest.json" ]; then
   # The CXRs with a 0/1 `covid` column (finding contains "COVID-19"), for `probe-encoder --labels covid`:
@@ -86,7 +88,21 @@ done
 mkdir -p "$OUT/weights/taef2"
 cp "$SHARED"/weights/taef2/* "$OUT/weights/taef2/"
 if [ -n "${BUNDLE_ENCODER:-}" ]; then
-  rm -rf "$OUT/weights/encoder"; cp -r "$BUNDLE_ENCODER" "$OUT/weights/encoder"
+  rm -rf "$OUT/weights/encoder" "$OUT/data/encoder-train"; cp -r "$BUNDLE_ENCODER" "$OUT/weights/encoder"
+  # The encoder's training images travel too (its training_images.json names their prepared folder), re-pointed to
+  # the bundle's copy, so segment on the device can check the lung sets against them.
+  "$PYTHON" - "$OUT" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+bundle = Path(sys.argv[1])
+record_path = bundle / "weights/encoder/training_images.json"
+if record_path.is_file():
+    record = json.loads(record_path.read_text())
+    shutil.copytree(record["shards"], bundle / "data/encoder-train", ignore=shutil.ignore_patterns("*.log"))
+    record["bundled_from"], record["shards"] = record["shards"], str(bundle / "data/encoder-train")
+    record_path.write_text(json.dumps(record, indent=1))
+    print(f"encoder training images: {record['count']} from {record['bundled_from']} -> {record['shards']}")
+PY
 fi
 rm -rf "$OUT/.cxr-subset"
 

@@ -35,12 +35,14 @@ OPT_IN = ("segment_recipe",)
 SECTION_STARTUP_S = 12  # python + torch + diffusers import, CUDA context
 
 
-def run_section(name: str, budget: float, args: argparse.Namespace, work: Path) -> dict:
+def run_section(name: str, budget: float, args: argparse.Namespace, work: Path, return_model: bool = False) -> dict:
     out_json = work / f"{name}.json"
     cmd = [sys.executable, str(HERE / "run_section.py"), name, "--json", str(out_json), "--bundle", args.bundle,
            "--work", str(work / name), "--out", args.out, "--budget-s", str(max(budget - SECTION_STARTUP_S, 10))]
     if args.dry_run:
         cmd.append("--dry-run")
+    if return_model:
+        cmd.append("--return-model")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "DINODIFF_CACHE": str(work / "dinodiff-cache")}
     if args.dry_run:  # a shared, busy CPU: one thread per process avoids oversubscription
@@ -101,9 +103,11 @@ def summary_md(results: dict) -> str:
     e = results["sections"].get("segment_recipe", {})
     lines.append(f"\n## (g) segmentation recipe (issue 23): {e.get('status')}\n")
     if e.get("train"):
-        lines.append("```\n" + json.dumps({k: e.get(k) for k in ("preset", "encoder", "cache", "train")}, indent=1)
+        lines.append("```\n" + json.dumps({k: e.get(k) for k in ("preset", "encoder", "cache", "train", "model_tar")},
+                                           indent=1)
                      + "\n```")
     if e.get("segment"):
+        lines.append(e["segment"].get("training_images", ""))
         lines.append(e["segment"].get("table_md", ""))
     d = results["sections"].get("real_data", {})
     lines.append(f"\n## (d) real-data training: {d.get('status')}\n")
@@ -181,7 +185,9 @@ def main() -> None:
         if budget < 15:
             results["sections"][name] = {"status": "skipped", "error": f"only {left:.0f} s of the budget left"}
             continue
-        results["sections"][name] = run_section(name, budget, args, work)
+        # (g) returns its model only when (d) does not run: (d)'s figures and model parts fill the 8 files
+        return_model = name == "segment_recipe" and "real_data" not in wanted
+        results["sections"][name] = run_section(name, budget, args, work, return_model)
         meta["wall_s"] = round(time.time() - start, 1)
         write_outputs(out, results)
     meta["wall_s"] = round(time.time() - start, 1)

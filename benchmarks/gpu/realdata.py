@@ -125,19 +125,20 @@ def run_generate(model: Path, source: Path, out: Path, strategy: str, limit: int
     return generate_dataset(model, source, out, settings, batch_size=batch, preview_rows=4, progress=False)
 
 
-def fp16_model_tar(model: Path, out: Path, work: Path) -> dict:
-    """The model folder with every safetensors tensor in fp16, as one tar (split in < 16 MiB parts if needed)."""
+def fp16_model_tar(model: Path, out: Path, work: Path, name: str = "model-fp16") -> dict:
+    """The model folder with every safetensors tensor in fp16, as NAME.tar holding NAME/ (split in < 16 MiB parts
+    NAME.tar.partNN if needed)."""
     from safetensors.torch import load_file, save_file
 
-    copy = work / "model-fp16"
+    copy = work / name
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(model, copy)
     for path in copy.rglob("*.safetensors"):
         tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
         save_file(tensors, path, metadata={"format": "pt"})
-    tar_path = work / "model-fp16.tar"
+    tar_path = work / f"{name}.tar"
     with tarfile.open(tar_path, "w") as tar:
-        tar.add(copy, arcname="model-fp16")
+        tar.add(copy, arcname=name)
     size = tar_path.stat().st_size
     if size > MAX_PARTS * PART_BYTES:
         return {"files": [], "bytes": size, "skipped": f"over {MAX_PARTS} parts of {PART_BYTES} bytes: not returned"}
@@ -147,12 +148,12 @@ def fp16_model_tar(model: Path, out: Path, work: Path) -> dict:
     else:
         names, data = [], tar_path.read_bytes()
         for i in range(0, len(data), PART_BYTES):
-            names.append(f"model-fp16.tar.part{i // PART_BYTES:02d}")
+            names.append(f"{name}.tar.part{i // PART_BYTES:02d}")
             (out / names[-1]).write_bytes(data[i:i + PART_BYTES])
     unet_params = sum(t.numel() for p in (copy / "unet").glob("*.safetensors") for t in load_file(p).values())
-    return {"files": names, "bytes": size, "unet_params_M": round(unet_params / 1e6, 2), "join": "cat model-fp16.tar.part* > model-fp16.tar; tar xf model-fp16.tar"
-            if len(names) > 1 else "tar xf model-fp16.tar",
-            "load": "dinodiff generate|segment model-fp16 ... or DiNODiffusionPipeline.from_pretrained('model-fp16') "
+    return {"files": names, "bytes": size, "unet_params_M": round(unet_params / 1e6, 2),
+            "join": f"cat {name}.tar.part* > {name}.tar; tar xf {name}.tar" if len(names) > 1 else f"tar xf {name}.tar",
+            "load": f"dinodiff generate|segment {name} ... or DiNODiffusionPipeline.from_pretrained('{name}') "
                     "(fp16 weights load into fp32 modules)"}
 
 

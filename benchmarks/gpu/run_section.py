@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--budget-s", type=float, default=90)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--return-model", action="store_true",
+                        help="segment_recipe: return its model as seg-model-fp16.tar (when real_data does not run)")
     args = parser.parse_args(argv)
     args.save_partial = lambda payload: save_partial(args, payload)
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
-from realdata import read_metrics, train_for  # benchmarks/gpu/realdata.py, beside this file
+from realdata import fp16_model_tar, read_metrics, train_for  # benchmarks/gpu/realdata.py, beside this file
 
 from dinodiff.cache import build_cache
 from dinodiff.config import load_training_settings, with_overrides
@@ -49,9 +50,13 @@ def make_config(args: argparse.Namespace, work: Path, checkpoint_every: int):
 
 
 def segment_recipe(args: argparse.Namespace) -> dict:
-    """Cache, train for the budget minus the evaluation's reserve, segment both lung sets."""
+    """Cache, train for the budget minus the evaluation's reserve, segment both lung sets. With --return-model the
+    model comes back as seg-model-fp16.tar (before segment starts, so an overrun keeps it) with one overlay."""
     work, dry = Path(args.work), args.dry_run
-    start, eval_reserve = time.time(), 40 if dry else 80
+    # The evaluation's reserve: 110 images x 24 cells of the grid (scipy's eigh for each ncut-inputs cut, on the
+    # host) plus the overlays and the model export; 80 s would not cover it (estimated from the CPU's 8 min for 3
+    # checkpoints and a 36-cell grid).
+    start, eval_reserve = time.time(), 40 if dry else 200
     cfg = make_config(args, work, checkpoint_every=2 if dry else 500)
     result: dict = {"preset": PRESET.name, "encoder": str(cfg.model.encoder.name_or_path),
                     "autoencoder": "TAEF2 (pretrained, bundle)", "dry_run": dry}
@@ -66,14 +71,21 @@ def segment_recipe(args: argparse.Namespace) -> dict:
     result["loss_curve"] = [[int(r["step"]), round(float(r["loss"]), 5)] for r in read_metrics(Path(cfg.train.run_dir))]
     args.save_partial(result)
     model = expand_models([cfg.train.run_dir])[-1]
+    if args.return_model:
+        result["model_tar"] = fp16_model_tar(model, Path(args.out), work, name="seg-model-fp16")
+        args.save_partial(result)
     bundle = Path(args.bundle).resolve()
     t0 = time.time()
     seg = segment([model], [bundle / "data" / "lungs-covid", bundle / "data" / "lungs-shenzhen"], work / "segment",
-                  n_overlay=0, **(DRY_GRID if dry else GRID))
+                  n_overlay=2 if args.return_model else 0, **(DRY_GRID if dry else GRID))
     result["segment"] = {"table_md": Path(seg["tables"]["markdown"]).read_text(), "leader": seg["leader"],
                          "training_images": seg["training_images"]["statement"],
                          "dice": {m: v["summary"]["combined"]["hungarian_both"] for m, v in seg["methods"].items()},
                          "tuning_dice": {m: v["tuning_dice"] for m, v in seg["methods"].items() if v["tuning_dice"]},
                          "best": seg["best_by_method"], "splits": {k: len(v) for k, v in seg["splits"].items()},
                          "seconds": round(time.time() - t0, 1)}
+    overlay = work / "segment" / "overlays" / f"{seg['leader']}-lungs-covid.png"
+    if args.return_model and overlay.is_file():  # the leader's best and worst report images (one file: 8 come back)
+        shutil.copy(overlay, Path(args.out) / f"seg-overlay-{overlay.name}")
+        result["segment"]["overlay"] = f"seg-overlay-{overlay.name}"
     return result
