@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_fid.py
 	$(BIN)/python benchmarks/bench_segment.py
+	$(BIN)/python benchmarks/bench_ncut.py
 
 gpu-bundle: $(STAMP)  # .gpu/: wheels, prepared CXRs and TAEF2 for the GPU machine (benchmarks/gpu/README.md)
 	PYTHON=$(BIN)/python bash benchmarks/gpu/bundle.sh
