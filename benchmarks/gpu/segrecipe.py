@@ -53,9 +53,8 @@ def segment_recipe(args: argparse.Namespace) -> dict:
     """Cache, train for the budget minus the evaluation's reserve, segment both lung sets. With --return-model the
     model comes back as seg-model-fp16.tar (before segment starts, so an overrun keeps it) with one overlay."""
     work, dry = Path(args.work), args.dry_run
-    # The evaluation's reserve: 110 images x 24 cells of the grid (scipy's eigh for each ncut-inputs cut, on the
-    # host) plus the overlays and the model export; 80 s would not cover it (estimated from the CPU's 8 min for 3
-    # checkpoints and a 36-cell grid).
+    # The evaluation's reserve: segment of the 110 images with GRID took 76.6 s on an H200 (2026-12-04, after the
+    # Ncut's BLAS-thread fix; before it, not done in ~260 s), plus the overlays and the model export.
     start, eval_reserve = time.time(), 40 if dry else 200
     cfg = make_config(args, work, checkpoint_every=2 if dry else 500)
     result: dict = {"preset": PRESET.name, "encoder": str(cfg.model.encoder.name_or_path),

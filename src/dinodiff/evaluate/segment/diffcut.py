@@ -107,7 +107,7 @@ def assign_pixels(features: torch.Tensor, segments: np.ndarray, size: tuple[int,
 
     Computed without upsampling the C feature channels: a pixel's norm does not change which segment is most
     similar, and bilinear interpolation is linear, so upsampling the k similarity maps on the feature map gives the
-    same scores (k is a few segments, C hundreds of channels: ~50x less work at 256 px)."""
+    same scores (k is a few segments, C hundreds of channels: the upsampling cost ~20x less at 256 px)."""
     side = map_side(features.shape[0])
     feats = F.normalize(features.float(), dim=1)
     seg = torch.as_tensor(segments, dtype=torch.long, device=feats.device)
