@@ -37,18 +37,15 @@ from dinodiff.evaluate.segment.stage import (
 )
 
 
-def args_timestep(settings: SegmentSettings) -> int:
-    return int(settings.timestep_groups()[0][0])
-
-
-def capture(path: Path, cases, settings: SegmentSettings, sides: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Per map side, each case's ncut-inputs features (N, C) of one model at the settings' single timestep."""
+def capture(path: Path, cases, settings: SegmentSettings, sides: list[int],
+            timestep: int) -> dict[int, list[torch.Tensor]]:
+    """Per map side, each case's ncut-inputs features (N, C) of one model at one timestep."""
     model = load_attention_model(path, "cpu")
     feats: dict[int, list[torch.Tensor]] = {s: [] for s in sides}
     for start in range(0, len(cases), settings.batch_size):
         batch = cases[start:start + settings.batch_size]
         images = torch.from_numpy(np.stack([c.image for c in batch])).float().div(255.0)[:, None]
-        passes = run_passes(model, images, (args_timestep(settings),), settings, ["ncut-inputs"], torch.float32)
+        passes = run_passes(model, images, (timestep,), settings, ["ncut-inputs"], torch.float32)
         for side in sides:
             feats[side] += list(passes.features["ncut-inputs"][side].float())
     return feats
@@ -88,7 +85,7 @@ def main() -> None:
     settings = dataclasses.replace(settings, resolution=model_resolution(paths[0], ModelLoader("cpu")))
     cases, splits, seen = evaluation_images(args.data, paths, settings, Path(args.out).parent / "ensemble-work")
     print(seen["statement"])
-    feats = {name: capture(path, cases, settings, sides) for name, path in models.items()}
+    feats = {name: capture(path, cases, settings, sides, args.timestep) for name, path in models.items()}
     rows = [search(name, feats[name], cases, splits, args) for name in models]
     for spec in args.ensemble:
         members = spec.split("+")

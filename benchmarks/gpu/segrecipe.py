@@ -83,8 +83,9 @@ def segment_recipe(args: argparse.Namespace) -> dict:
                          "tuning_dice": {m: v["tuning_dice"] for m, v in seg["methods"].items() if v["tuning_dice"]},
                          "best": seg["best_by_method"], "splits": {k: len(v) for k, v in seg["splits"].items()},
                          "seconds": round(time.time() - t0, 1)}
-    overlay = work / "segment" / "overlays" / f"{seg['leader']}-lungs-covid.png"
-    if args.return_model and overlay.is_file():  # the leader's best and worst report images (one file: 8 come back)
-        shutil.copy(overlay, Path(args.out) / f"seg-overlay-{overlay.name}")
-        result["segment"]["overlay"] = f"seg-overlay-{overlay.name}"
+    overlay = seg.get("overlays", {}).get(f"{seg['leader']}-lungs-covid")
+    if overlay:  # the leader's best and worst report images (one file: 8 come back)
+        name = f"seg-overlay-{Path(overlay).name}"
+        shutil.copy(overlay, Path(args.out) / name)
+        result["segment"]["overlay"] = name
     return result
