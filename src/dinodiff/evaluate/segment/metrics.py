@@ -168,6 +168,18 @@ def otsu_segments(image: np.ndarray) -> np.ndarray:
     return np.unique(comp, return_inverse=True)[1].reshape(comp.shape)
 
 
+def superpixel_segments(image: np.ndarray, scale: float, sigma: float = 0.5, min_size: int = 20) -> np.ndarray:
+    """Image-only control: Felzenszwalb and Huttenlocher's graph-based segmentation of the grey levels
+    (scikit-image), every region one segment. Larger ``scale``, larger regions. Like the zero-shot methods, it
+    over-segments and lets the Hungarian matching pick one region per lung, so it measures what the matching gets
+    from the image's intensities alone, without any model."""
+    from skimage.segmentation import felzenszwalb  # lazy: the GPU device image may lack scikit-image (stage.py)
+
+    grey = np.asarray(image, np.float64) / 255.0
+    labels = felzenszwalb(grey, scale=float(scale), sigma=sigma, min_size=min_size, channel_axis=None)
+    return np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample SD (0 for a single value)."""
     arr = np.asarray(values, float)
