@@ -91,7 +91,7 @@ def test_dry_run_trains_the_segmentation_recipe_and_reports_both_methods_beside_
     recipe = json.loads((evidence / "out/results.json").read_text())["sections"]["segment_recipe"]
     assert recipe["preset"] == "gpu-seg256.yaml" and recipe["train"]["steps"] >= recipe["train"]["probe_steps"] > 0
     seg = recipe["segment"]
-    assert {"diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc", "prior", "otsu", "position",
+    assert {"diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc", "prior", "otsu", "position", "superpixels",
             "whole"} == set(seg["dice"])
     assert seg["leader"] in ("diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc")  # best on the tuning split
     assert "evaluation images are training images of the model" in seg["training_images"]

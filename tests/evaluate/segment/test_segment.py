@@ -28,6 +28,7 @@ from dinodiff.evaluate.segment.metrics import (
     position_kmeans,
     score_labels,
     split_lungs,
+    superpixel_segments,
     union_scores,
 )
 from dinodiff.evaluate.segment.settings import SegmentSettings
@@ -124,6 +125,11 @@ def test_baselines_prior_otsu_and_position_kmeans():
     image[lungs["right"] | lungs["left"]] = 40
     assert 40 <= otsu_threshold(image) < 200
     assert hungarian_scores(otsu_segments(image), lungs)["both"] == 1.0  # two dark blobs -> two segments
+    regions = superpixel_segments(image, scale=10, sigma=0, min_size=5)  # sigma 0: no blur of the sharp edges
+    assert hungarian_scores(regions, lungs)["both"] == 1.0 and regions.max() == 2  # two blobs and the background
+    noisy = np.clip(image + np.random.default_rng(0).normal(0, 25, image.shape), 0, 255).astype(np.uint8)
+    fine, coarse = (superpixel_segments(noisy, scale=s, min_size=1) for s in (1, 1000))
+    assert fine.max() > coarse.max()  # a larger scale, larger (fewer) regions
     positions = position_kmeans((20, 20), 5)
     assert sorted(np.unique(positions).tolist()) == [0, 1, 2, 3, 4]
 
@@ -189,7 +195,7 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     assert results["settings"]["resolution"] == 32  # the model's resolution by default
     assert results["datasets"] == {"lungs-shenzhen": 4, "lungs-covid": 4}
     assert len(list((tmp_path / "cells").rglob("*.json"))) == 4 == len(results["cells"])
-    assert set(results["methods"]) == {"diffseg", "prior", "otsu", "position", "whole"}
+    assert set(results["methods"]) == {"diffseg", "prior", "otsu", "position", "superpixels", "whole"}
     assert all(r["n_segments"] == 1 for r in results["methods"]["whole"]["per_image"])
     per_image = results["methods"]["diffseg"]["per_image"]
     position = results["methods"]["position"]["per_image"]
@@ -208,11 +214,14 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     n_report = results["methods"]["diffseg"]["summary"]["combined"]["n"]
     assert list(record.headline) == [f"Dice, both lungs, report split (n={n_report}): {name}" for name in (
         "DiNO-Diffusion (DiffSeg)", "Mean-mask prior (leave-one-out)", "Position-only k-means", "Otsu",
-        "Whole image (1 segment)")]
+        "Superpixels (Felzenszwalb, image only)", "Whole image (1 segment)")]
     assert all(v.endswith(" %") and "±" in v for v in record.headline.values())
     assert record.provenance["report images"] == n_report and set(record.provenance["subjects per split"]) == {
         "tune", "report"}
-    assert "DiffSeg" in record.provenance["configuration chosen on the tuning split"]["DiNO-Diffusion (DiffSeg)"]
+    chosen = record.provenance["configuration chosen on the tuning split"]
+    assert "DiffSeg" in chosen["DiNO-Diffusion (DiffSeg)"]
+    scale = float(chosen["Superpixels (Felzenszwalb, image only)"].removeprefix("scale="))
+    assert scale in SegmentSettings().superpixel_scales and f"scale={scale:g}" in markdown
 
     calls = []
     real_capture = grid_module.capture_pass
@@ -229,6 +238,33 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
     assert set(calls) == {100}  # only the new timestep's cells ran the UNet
 
 
+def test_superpixel_control_chooses_its_scale_on_the_tuning_split_only(monkeypatch):
+    from dinodiff.evaluate.segment.data import SegCase
+    from dinodiff.evaluate.segment.split import REPORT, TUNE
+
+    lungs = _two_lungs()
+    cases = [SegCase(id=f"im{i}", dataset="d", image=np.full((20, 20), i, np.uint8), lungs=lungs) for i in range(6)]
+    splits = {("d", c.id): TUNE if i < 3 else REPORT for i, c in enumerate(cases)}
+    perfect = lungs["right"].astype(int) + 2 * lungs["left"]
+
+    def fake(image, scale):  # scale 1: right on the tuning images only; scale 2: right on the report images only
+        tuning = int(image[0, 0]) < 3
+        return perfect if (scale == 1) == tuning else np.zeros_like(perfect)
+
+    monkeypatch.setattr(segment_module, "superpixel_segments", fake)
+    records, scale = segment_module.superpixel_control(cases, splits, [2.0, 1.0])
+    assert scale == 1.0  # the report images, where scale 2 is perfect, never choose
+    assert [r["split"] for r in records] == [TUNE] * 3 + [REPORT] * 3
+    whole = hungarian_scores(np.zeros_like(perfect), lungs)["both"]  # what scale 1 scores on the report images
+    assert [r["hungarian"]["both"] for r in records] == [1.0] * 3 + [whole] * 3 and whole < 1.0
+
+    def missing(image, scale):
+        raise ImportError("No module named 'skimage'")
+
+    monkeypatch.setattr(segment_module, "superpixel_segments", missing)
+    assert segment_module.superpixel_control(cases, splits, [1.0]) is None  # left out, the other columns stay
+
+
 def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_data, tmp_path, monkeypatch):
     loads = []
     real_load = segment_module.load_attention_model
@@ -240,7 +276,8 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
                                    "noise_seeds": [], "resolution": 32, "methods": ["diffseg"],
                                    "refinements": ["none"], "timesteps": [[300]], "thresholds": [0.3],
                                    "grid_sizes": [4], "taus": [0.5], "alphas": [10.0], "feature_sides": [0],
-                                   "report_fraction": 0.5, "split_seed": 0, "limit": 2, "sd15": None}
+                                   "report_fraction": 0.5, "split_seed": 0, "limit": 2, "sd15": None,
+                                   "superpixel_scales": [50.0, 100.0, 200.0, 400.0, 800.0, 1600.0]}
 
 
 def test_run_models_expands_runs_and_checkpoints(tmp_path):
@@ -308,8 +345,8 @@ def test_diffcut_beside_diffseg_with_averaged_timesteps_and_noise_reports_only_t
                       threshold_mode="relative", grid_sizes=[4], taus=[0.3, 0.6], alphas=[10.0],
                       feature_sides=[0, 8], timesteps=[(100, 300)], noise_seeds=[0, 1], limit=6, n_overlay=1,
                       refinements=("none", "components"))
-    assert {"diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "prior", "otsu", "position", "whole"} == set(
-        results["methods"])
+    assert {"diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "prior", "otsu", "position", "superpixels",
+            "whole"} == set(results["methods"])
     cells = [c["cell"] for c in results["cells"]]
     assert sorted((c["method"], c["grid"], c["threshold"]) for c in cells
                   if c["method"] == "diffcut" and c["refine"] == "none") == [

@@ -28,9 +28,10 @@ METHOD_NAMES = {"diffseg": "DiNO-Diffusion (DiffSeg)", "diffseg+cc": "DiNO-Diffu
                 "ncut-inputs": "DiNO-Diffusion (Ncut on attention inputs)",
                 "ncut-inputs+cc": "DiNO-Diffusion (Ncut on attention inputs + components)",
                 "sd15": "SD 1.5 (DiffSeg)", "prior": "Mean-mask prior (leave-one-out)",
-                "position": "Position-only k-means", "otsu": "Otsu", "whole": "Whole image (1 segment)"}
+                "position": "Position-only k-means", "otsu": "Otsu",
+                "superpixels": "Superpixels (Felzenszwalb, image only)", "whole": "Whole image (1 segment)"}
 ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "ncut-inputs", "ncut-inputs+cc", "sd15")
-BASELINES = ("prior", "position", "otsu", "whole")
+BASELINES = ("prior", "position", "otsu", "superpixels", "whole")
 
 
 def summarize(records: Sequence[dict]) -> dict[str, dict]:
@@ -72,21 +73,25 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
-def _config_of(settings: SegmentSettings, cell: Cell | None) -> tuple[str, str]:
-    """(configuration without the model, checkpoint name) of a chosen cell, '-' for baselines."""
-    if cell is None:
-        return "-", "-"
+def _config_of(settings: SegmentSettings, cell: Cell | str | None) -> tuple[str, str]:
+    """(configuration without the model, checkpoint name) of a chosen cell; a baseline's configuration (a string)
+    or '-'."""
+    if cell is None or isinstance(cell, str):
+        return cell or "-", "-"
     text = settings.describe(cell).split(" ", 1)[1]
     return text, cell.model.rsplit("-", 1)[0]
 
 
 def method_table(summaries: Mapping[str, dict], tuned: Mapping[str, float], chosen: Mapping[str, Cell],
-                 rows_order: Sequence[str], settings: SegmentSettings) -> tuple[list[str], list[list[str]]]:
-    """Table 2: one column per method; configuration, checkpoint, tuning-split Dice, then report-split Dice."""
+                 rows_order: Sequence[str], settings: SegmentSettings,
+                 controls: Mapping[str, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Table 2: one column per method; configuration, checkpoint, tuning-split Dice, then report-split Dice.
+    ``controls``: the configuration of a baseline chosen on the tuning split."""
     cols = [m for m in METHOD_NAMES if m in summaries]
+    configs = {**(controls or {}), **chosen}
     head = ["", *[METHOD_NAMES[m] for m in cols]]
-    rows = [["Configuration (chosen on the tuning split)", *[_config_of(settings, chosen.get(m))[0] for m in cols]],
-            ["Checkpoint", *[_config_of(settings, chosen.get(m))[1] for m in cols]],
+    rows = [["Configuration (chosen on the tuning split)", *[_config_of(settings, configs.get(m))[0] for m in cols]],
+            ["Checkpoint", *[_config_of(settings, configs.get(m))[1] for m in cols]],
             ["Tuning split, combined", *[f"{100 * tuned[m]:.1f}" if m in tuned else "-" for m in cols]]]
     rows += [[f"{d} (report split, n={summaries[cols[0]].get(d, {}).get('n', 0)})",
               *[_pct(summaries[m][d]["hungarian_both"]) if d in summaries[m] else "-" for m in cols]]
@@ -156,13 +161,14 @@ def table_markdown(context: Mapping[str, Any], tables: Mapping[str, tuple]) -> s
 
 
 def table_csv(summaries: Mapping[str, dict], chosen: Mapping[str, Cell], rows_order: Sequence[str],
-              settings: SegmentSettings) -> str:
-    """Every method's report-split metrics (mean, SD, n) per dataset, with the configuration chosen on tuning."""
+              settings: SegmentSettings, controls: Mapping[str, str] | None = None) -> str:
+    """Every method's report-split metrics (mean, SD, n) per dataset, with the configuration chosen on tuning
+    (``controls``: a baseline's)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["split", "dataset", "method", "configuration", "metric", "mean", "sd", "n"])
     for m in [m for m in METHOD_NAMES if m in summaries]:
-        cfg = settings.describe(chosen[m]) if m in chosen else "-"
+        cfg = settings.describe(chosen[m]) if m in chosen else (controls or {}).get(m, "-")
         for d in rows_order:
             if d not in summaries[m]:
                 continue
@@ -192,6 +198,7 @@ def results_record(out: Path, results: Mapping[str, Any]) -> Results:
             "-" if not np.isfinite(mean) else f"{100 * mean:.1f} ± {100 * sd:.1f} %"
     chosen = {METHOD_NAMES.get(m, m): b[COMBINED]["description"]
               for m, b in results.get("best_by_method", {}).items() if COMBINED in b}
+    chosen.update({METHOD_NAMES.get(m, m): c["description"] for m, c in results.get("controls", {}).items()})
     splits = {name: len(subjects) for name, subjects in results.get("splits", {}).items()}
     figures = {}
     for name, path in (results.get("overlays") or {}).items():

@@ -100,6 +100,10 @@ class SegmentSettings:
     refinements: tuple[str, ...] = setting(("none",), "Comma list: none (the methods as published) and/or components "
                                                       "(also each method with every segment split into its connected "
                                                       "components, its own column).", flags=("--refine",))
+    superpixel_scales: tuple[float, ...] = setting((50.0, 100.0, 200.0, 400.0, 800.0, 1600.0),
+                                                   "Image-only control (Felzenszwalb superpixels of the grey levels, "
+                                                   "each one a segment): comma list of scales, the best chosen on the "
+                                                   "tuning split like the zero-shot methods' configurations.")
     condition: str = setting("image", "UNet condition: image (the image's own c_GLB) or null.")
     noise_seeds: tuple[int, ...] = setting((), "Comma list of noise seeds: one noised pass per seed and timestep, "
                                                "averaged (default: the clean latent, as DiffSeg).")
@@ -122,7 +126,7 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         # one form whatever the source (Python lists, OmegaConf's inner lists, a bare int as a group of one)
         for name in ("methods", "thresholds", "grid_sizes", "taus", "alphas", "feature_sides", "refinements",
-                     "noise_seeds"):
+                     "noise_seeds", "superpixel_scales"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "timesteps", tuple(self.timestep_groups()))
         self.check()  # a bad value fails where the settings are made (a --config file: exit 2 naming it)
@@ -141,6 +145,9 @@ class SegmentSettings:
             raise ValueError("every --timesteps entry needs at least one timestep (e.g. 300 or 100+300).")
         if not self.taus or not self.alphas or not self.feature_sides:
             raise ValueError("the cuts (diffcut, ncut-inputs) need at least one tau, alpha and feature side.")
+        if not self.superpixel_scales or min(self.superpixel_scales) <= 0:
+            raise ValueError(f"--superpixel-scales must be one or more positive scales, got "
+                             f"{list(self.superpixel_scales)}.")
         if not self.refinements or set(self.refinements) - set(REFINEMENTS):
             raise ValueError(f"--refine must be one or more of {tuple(REFINEMENTS)}, got {list(self.refinements)}.")
         if not 0.0 < self.report_fraction < 1.0:

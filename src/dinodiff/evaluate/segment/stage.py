@@ -31,6 +31,7 @@ from dinodiff.evaluate.segment.metrics import (
     mean_mask_prior,
     otsu_segments,
     position_kmeans,
+    superpixel_segments,
 )
 from dinodiff.evaluate.segment.overlays import write_overlays
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
@@ -111,6 +112,25 @@ def run_baselines(cases: Sequence[SegCase],
     return out
 
 
+def superpixel_control(cases: Sequence[SegCase], splits: dict,
+                       scales: Sequence[float]) -> tuple[list[dict], float] | None:
+    """The image-only control: Felzenszwalb superpixels at each scale, the scale chosen on the tuning split as the
+    zero-shot methods' configurations are; returns its records (tagged with their split) and the scale, or None
+    (logged) where scikit-image is not installed (a bare GPU image: the other columns are unaffected)."""
+    try:
+        by_scale = {float(s): tag([record(c, superpixel_segments(c.image, s)) for c in cases], splits)
+                    for s in scales}
+    except ImportError as err:
+        log.warning("superpixel control left out: %s (pip install scikit-image)", err)
+        return None
+
+    def tuning_dice(scale: float) -> float:
+        return float(np.mean([r["hungarian"]["both"] for r in only(by_scale[scale], TUNE)]))
+
+    best = max(by_scale, key=tuning_dice)
+    return by_scale[best], best
+
+
 def load_all_cases(data: Sequence[str | Path], resolution: int) -> list[SegCase]:
     """The cases of every data folder, in order; datasets are named after their folders, so names must differ."""
     per_source = [load_cases(src, resolution) for src in data]
@@ -184,20 +204,22 @@ def _intro(cases: Sequence[SegCase], splits: dict, settings: SegmentSettings, en
 
 def write_tables(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[Cell, list[dict]],
                  methods: dict[str, list[dict]], chosen: dict[str, Cell], settings: SegmentSettings,
-                 seen: str) -> dict:
-    """table.md + table.csv; returns the tables' part of results.json."""
+                 seen: str, controls: dict[str, str] | None = None) -> dict:
+    """table.md + table.csv; returns the tables' part of results.json. ``controls``: the configuration of each
+    baseline chosen on the tuning split (the superpixels' scale)."""
+    controls = controls or {}
     names = list(dict.fromkeys(c.dataset for c in cases))
     rows_order = [*names, seg_report.COMBINED]
     report = {m: only(recs, REPORT) for m, recs in methods.items()}
     summaries = {m: seg_report.summarize(recs) for m, recs in report.items()}
-    tuned = {m: float(np.mean([r["hungarian"]["both"] for r in only(methods[m], TUNE)])) for m in chosen}
+    tuned = {m: float(np.mean([r["hungarian"]["both"] for r in only(methods[m], TUNE)])) for m in [*chosen, *controls]}
     # the dinodiff zero-shot method that won on the tuning split (the SD 1.5 baseline is not a candidate)
     leader = max((m for m in chosen if m != "sd15"), key=lambda m: tuned[m])
     first = table[chosen[leader]]
     entropy = float(np.mean([r["entropy"] for r in first])), first[0]["max_entropy"]
     tables = {
         "Table 2: one segment per lung (Hungarian matching), both lungs, report split":
-            seg_report.method_table(summaries, tuned, chosen, rows_order, settings),
+            seg_report.method_table(summaries, tuned, chosen, rows_order, settings, controls),
         f"Paired differences on the report split (bootstrap over images, 95% CI): {seg_report.METHOD_NAMES[leader]}"
         " (best on the tuning split) against the others": (["Difference (Dice %)", "Images", "Mean", "95% CI", "p"],
                                                           seg_report.difference_rows(report, leader)),
@@ -213,7 +235,8 @@ def write_tables(out: Path, cases: Sequence[SegCase], splits: dict, table: dict[
     }
     md = seg_report.table_markdown({"intro": _intro(cases, splits, settings, *entropy, seen)}, tables)
     write_bytes_atomic(out / "table.md", md.encode())
-    write_bytes_atomic(out / "table.csv", seg_report.table_csv(summaries, chosen, rows_order, settings).encode())
+    write_bytes_atomic(out / "table.csv",
+                       seg_report.table_csv(summaries, chosen, rows_order, settings, controls).encode())
     return {"summaries": summaries, "tuned": tuned, "leader": leader, "entropy": entropy}
 
 
@@ -250,7 +273,12 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in primary}
     methods = {m: table[c] for m, c in chosen.items()}
     methods.update({m: tag(r, splits) for m, r in run_baselines(cases, by_id).items()})
-    tables = write_tables(out, cases, splits, table, methods, chosen, settings, seen_images["statement"])
+    controls = {}
+    superpixels = superpixel_control(cases, splits, settings.superpixel_scales)
+    if superpixels is not None:
+        methods["superpixels"], scale = superpixels
+        controls["superpixels"] = f"scale={scale:g}"
+    tables = write_tables(out, cases, splits, table, methods, chosen, settings, seen_images["statement"], controls)
     describe = settings.describe
     results = {
         "settings": {**settings.cell_settings(), "methods": list(settings.methods),
@@ -259,7 +287,8 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
                      **{k: list(getattr(settings, k)) for k in ("thresholds", "grid_sizes", "taus", "alphas",
                                                                 "feature_sides")},
                      "report_fraction": settings.report_fraction, "split_seed": settings.split_seed,
-                     "limit": settings.limit, "sd15": settings.sd15},
+                     "limit": settings.limit, "sd15": settings.sd15,
+                     "superpixel_scales": list(settings.superpixel_scales)},
         "datasets": {d: sum(1 for c in cases if c.dataset == d) for d in names},
         "splits": {s: sorted(k) for s, k in subjects_by_split(cases, splits).items()},
         "training_images": seen_images,
@@ -270,6 +299,7 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
         "best_by_method": {m: {d: {"cell": asdict(c), "description": describe(c)} for d, c in b.items()}
                            for m, b in best.items()},
         "leader": tables["leader"],
+        "controls": {m: {"description": text} for m, text in controls.items()},
         "methods": {m: {"name": seg_report.METHOD_NAMES[m], "summary": tables["summaries"][m],
                         "tuning_dice": tables["tuned"].get(m), "per_image": only(recs, REPORT)}
                     for m, recs in methods.items()},
