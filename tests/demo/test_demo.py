@@ -68,7 +68,7 @@ def test_real_only_classifier_learns_the_phantom_labels(demo):
 
 def test_segmentation_table_shows_diffseg_beside_every_baseline(demo):
     rows = _results(demo[0])["tables"]["segmentation (Dice, both lungs)"]
-    assert {"diffseg", "prior", "otsu", "position"} <= {r["key"] for r in rows}
+    assert {"diffseg", "prior", "otsu", "superpixels", "position"} <= {r["key"] for r in rows}
     assert all(0.0 <= r["Dice mean"] <= 1.0 for r in rows)
 
 

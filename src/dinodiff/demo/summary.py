@@ -1,6 +1,7 @@
 """The downstream rows of the demo's checks: classification (real-only AUC beside the synthetic arms and their
-count-matched controls) and segmentation (DiffSeg beside the prior, Otsu and position-only baselines), read from
-the results.json files the classify and segment stages wrote, and added to OUT/checks/results.json."""
+count-matched controls) and segmentation (DiffSeg beside the prior, Otsu, image-only superpixels and position-only
+baselines), read from the results.json files the classify and segment stages wrote, and added to
+OUT/checks/results.json."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from dinodiff.results import Results, read_results, write_results
 
 AUC_MARGIN = 0.6  # "clearly above 0.5": the real-only baseline's mean AUC over folds reaches this
-SEGMENT_METHODS = ("diffseg", "prior", "otsu", "position")
+SEGMENT_METHODS = ("diffseg", "prior", "otsu", "superpixels", "position")
 
 
 def _interval(row: dict[str, Any], side: str) -> str | None:
@@ -62,7 +63,8 @@ def add_downstream(root: Path) -> Results | None:
     if (root / "segment" / "results.json").is_file():
         tables["segmentation (Dice, both lungs)"] = rows = segment_rows(root / "segment" / "results.json")
         shown = {r["key"] for r in rows}
-        checks.append({"check": "segmentation: DiffSeg shown beside the prior, Otsu and position-only baselines",
+        checks.append({"check": "segmentation: DiffSeg shown beside the prior, Otsu, superpixel and position-only "
+                                "baselines",
                        "trained": " ".join(f"{r['key']} {r['Dice mean']:.3f}" for r in rows),
                        "holds": all(m in shown for m in SEGMENT_METHODS)})
     tables["learning checks"] = checks
