@@ -205,11 +205,12 @@ def test_segment_stage_writes_tables_overlays_and_reuses_cached_cells(tiny_model
                  "Per checkpoint", "report split", "Paired differences"):
         assert text in markdown
     assert (tmp_path / "table.csv").read_text().startswith("split,dataset,method")
-    assert sorted(Path(p).name for p in results["overlays"].values()) == ["diffseg-lungs-covid.png",
-                                                                          "diffseg-lungs-shenzhen.png"]
+    overlays = [f"{m}-{d}.png" for m in ("diffseg", "superpixels") for d in ("lungs-covid", "lungs-shenzhen")]
+    assert sorted(Path(p).name for p in results["overlays"].values()) == overlays
+    assert all(Path(p).stat().st_size > 0 for p in results["overlays"].values())
     record = read_results(tmp_path / "results.json")  # the results record the report shows
     assert record.kind == "segment" and record.data["best"]["combined"]["cell"]["grid"] in (4, 8)
-    assert sorted(record.figures.values()) == ["overlays/diffseg-lungs-covid.png", "overlays/diffseg-lungs-shenzhen.png"]
+    assert sorted(record.figures.values()) == [f"overlays/{name}" for name in overlays]
     assert record.tables == {"Table 2, paired differences and per-dataset choices (table.md)": "table.md"}
     n_report = results["methods"]["diffseg"]["summary"]["combined"]["n"]
     assert list(record.headline) == [f"Dice, both lungs, report split (n={n_report}): {name}" for name in (
@@ -271,7 +272,8 @@ def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_d
     monkeypatch.setattr(segment_module, "load_attention_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     settings = SegmentSettings(thresholds=[0.3], threshold_mode="relative", grid_sizes=[4], limit=2, n_overlay=1)
     results = segment([tiny_model], [shared_data / "lungs-shenzhen"], tmp_path, settings)
-    assert loads == [tiny_model] and len(results["overlays"]) == 1  # was loaded twice: grid, then overlays
+    assert loads == [tiny_model] and len(results["overlays"]) == 2  # was loaded twice: grid, then overlays
+    assert set(results["overlays"]) == {"diffseg-lungs-shenzhen", "superpixels-lungs-shenzhen"}
     assert results["settings"] == {"threshold_mode": "relative", "merge_iterations": 3, "condition": "image",
                                    "noise_seeds": [], "resolution": 32, "methods": ["diffseg"],
                                    "refinements": ["none"], "timesteps": [[300]], "thresholds": [0.3],

@@ -308,6 +308,12 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     }
     if settings.n_overlay > 0:
         results["overlays"] = draw_overlays(out, cases, splits, table, chosen, paths + sd_paths, settings, load)
+        if superpixels is not None:  # what the image alone gives, drawn like the zero-shot methods
+            report_cases = [c for c in cases if splits[c.dataset, c.id] == REPORT]
+            results["overlays"].update(write_overlays(
+                out, "superpixels", seg_report.METHOD_NAMES["superpixels"], report_cases,
+                only(methods["superpixels"], REPORT), settings.n_overlay,
+                lambda sel: [(superpixel_segments(c.image, scale), {}) for c in sel]))
     write_results(out, seg_report.results_record(out, results))
     return results
 
