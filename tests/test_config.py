@@ -43,6 +43,8 @@ def test_dotted_overrides_apply_with_types():
     ("train.max_steps=many", "max_steps"),
     ("model.autoencoder.kind=jpeg", "model.autoencoder.kind"),
     ("nonsense", "key=value"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0 must be >= 1"),
+    ("train.sample_every=-1", "train.sample_every=-1 must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

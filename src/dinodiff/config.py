@@ -182,7 +182,7 @@ class TrainRunSettings:
     log_every: int = 10  # metrics row + the non-finite check; loss/grad norm stay on the device in between
     checkpoint_every: int = 2500
     keep_last: int = 3
-    sample_every: int = 2500
+    sample_every: int = 2500  # 0 = never (no sample grids)
     sample_steps: int = 25
     eval_every: int = 0  # 0 = off; > 0 calls the evaluation hook (FID) every N steps
     deterministic: bool = False  # torch deterministic algorithms (needed for bitwise resume tests)
@@ -361,7 +361,13 @@ def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
 def load_training_settings(source: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainingSettings:
     """A training run's settings: defaults <- YAML preset/file <- dotted overrides (``train.lr=2e-4``), validated,
     through `build_settings` like every stage's; the encoder chosen (`choose_encoder`)."""
-    return choose_encoder(build_settings(TrainingSettings, source, overrides, choices=_CHOICES))
+    settings = build_settings(TrainingSettings, source, overrides, choices=_CHOICES)
+    for key in ("log_every", "checkpoint_every", "sample_every", "max_steps"):
+        lowest = 0 if key == "sample_every" else 1  # the trainer counts steps modulo these
+        if getattr(settings.train, key) < lowest:
+            raise ConfigError(f"train.{key}={getattr(settings.train, key)} must be >= {lowest} "
+                              f"({source or 'defaults'}).")
+    return choose_encoder(settings)
 
 
 def with_overrides(settings: S, overrides: Sequence[str]) -> S:

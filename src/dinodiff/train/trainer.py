@@ -189,7 +189,8 @@ class Trainer:
         return self.run_dir
 
     def _due(self, every: int) -> bool:
-        return self.step % every == 0 or self.step == self.cfg.train.max_steps
+        """Every ``every`` steps and at the last one; never when ``every`` is 0 (train.sample_every=0)."""
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.max_steps)
 
     def _read_stats(self) -> StatsReading:
         """Read the window's figures (every process, one collective); stop on a non-finite loss or gradient."""
