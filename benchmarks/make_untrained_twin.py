@@ -4,7 +4,9 @@ same frozen encoder and autoencoder, written as a model folder that `dinodiff se
     python benchmarks/make_untrained_twin.py RUN/checkpoints/checkpoint-1000 --out TWIN
 
 TWIN is laid out as a run (``TWIN/config.yaml``, ``TWIN/checkpoints/checkpoint-0/model``), with the trained run's
-config.yaml, so that `segment`'s training-image check reads the same training sets. What a zero-shot method scores
+config.yaml, so that `segment`'s training-image check reads the same training sets. Run it from the folder the run
+was trained from (its config.yaml may name the encoder by a relative path): the UNet is then the one the trainer
+built at step 0, weight for weight. What a zero-shot method scores
 with TWIN is what the architecture, the encoder's condition and the image give without any diffusion training:
 the part of a trained model's score that its training earned is the difference.
 """
@@ -15,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
+from accelerate.utils import set_seed
 
 from dinodiff import runs
 from dinodiff.config import load_training_settings
@@ -33,8 +35,10 @@ def make_twin(model: Path, out: Path) -> Path:
                          "to rebuild its UNet at initialisation.")
     settings = load_training_settings(config)
     parts = load_model_folder(folder)
-    torch.manual_seed(int(settings.train.seed))  # the initialisation the run itself started from
-    fresh = build_components(settings.model, autoencoder=parts.autoencoder)
+    # as the trainer starts (train/trainer.py): every generator seeded, then every component built in its order, so
+    # that the UNet and projection draw the same numbers the run's did
+    set_seed(int(settings.train.seed))
+    fresh = build_components(settings.model)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(config, out / runs.CONFIG_FILE)
     target = out / "checkpoints" / "checkpoint-0" / "model"
