@@ -259,12 +259,6 @@ def test_superpixel_control_chooses_its_scale_on_the_tuning_split_only(monkeypat
     whole = hungarian_scores(np.zeros_like(perfect), lungs)["both"]  # what scale 1 scores on the report images
     assert [r["hungarian"]["both"] for r in records] == [1.0] * 3 + [whole] * 3 and whole < 1.0
 
-    def missing(image, scale):
-        raise ImportError("No module named 'skimage'")
-
-    monkeypatch.setattr(segment_module, "superpixel_segments", missing)
-    assert segment_module.superpixel_control(cases, splits, [1.0]) is None  # left out, the other columns stay
-
 
 def test_segment_loads_the_model_once_for_grid_and_overlays(tiny_model, shared_data, tmp_path, monkeypatch):
     loads = []

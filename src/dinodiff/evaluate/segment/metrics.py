@@ -1,4 +1,5 @@
-"""Scoring label maps against lung masks, and the non-diffusion baselines (all numpy, pure functions).
+"""Scoring label maps against lung masks, and the non-diffusion baselines (numpy, scipy and scikit-image; pure
+functions).
 
 Primary score: one segment per lung by Hungarian matching on Dice. Secondary ("union"): the union of the
 segments lying mostly inside a structure; it rewards over-segmentation, so it always travels with the
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from skimage.segmentation import felzenszwalb
 
 BOTH = "both"
 
@@ -173,8 +175,6 @@ def superpixel_segments(image: np.ndarray, scale: float, sigma: float = 0.5, min
     (scikit-image), every region one segment. Larger ``scale``, larger regions. Like the zero-shot methods, it
     over-segments and lets the Hungarian matching pick one region per lung, so it measures what the matching gets
     from the image's intensities alone, without any model."""
-    from skimage.segmentation import felzenszwalb  # lazy: the GPU device image may lack scikit-image (stage.py)
-
     grey = np.asarray(image, np.float64) / 255.0
     labels = felzenszwalb(grey, scale=float(scale), sigma=sigma, min_size=min_size, channel_axis=None)
     return np.unique(labels, return_inverse=True)[1].reshape(labels.shape)

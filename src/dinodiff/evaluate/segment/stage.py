@@ -112,17 +112,10 @@ def run_baselines(cases: Sequence[SegCase],
     return out
 
 
-def superpixel_control(cases: Sequence[SegCase], splits: dict,
-                       scales: Sequence[float]) -> tuple[list[dict], float] | None:
+def superpixel_control(cases: Sequence[SegCase], splits: dict, scales: Sequence[float]) -> tuple[list[dict], float]:
     """The image-only control: Felzenszwalb superpixels at each scale, the scale chosen on the tuning split as the
-    zero-shot methods' configurations are; returns its records (tagged with their split) and the scale, or None
-    (logged) where scikit-image is not installed (a bare GPU image: the other columns are unaffected)."""
-    try:
-        by_scale = {float(s): tag([record(c, superpixel_segments(c.image, s)) for c in cases], splits)
-                    for s in scales}
-    except ImportError as err:
-        log.warning("superpixel control left out: %s (pip install scikit-image)", err)
-        return None
+    zero-shot methods' configurations are; returns its records (tagged with their split) and the scale."""
+    by_scale = {float(s): tag([record(c, superpixel_segments(c.image, s)) for c in cases], splits) for s in scales}
 
     def tuning_dice(scale: float) -> float:
         return float(np.mean([r["hungarian"]["both"] for r in only(by_scale[scale], TUNE)]))
@@ -273,11 +266,8 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     by_id = {(r["dataset"], r["id"]): r["n_segments"] for r in primary}
     methods = {m: table[c] for m, c in chosen.items()}
     methods.update({m: tag(r, splits) for m, r in run_baselines(cases, by_id).items()})
-    controls = {}
-    superpixels = superpixel_control(cases, splits, settings.superpixel_scales)
-    if superpixels is not None:
-        methods["superpixels"], scale = superpixels
-        controls["superpixels"] = f"scale={scale:g}"
+    methods["superpixels"], scale = superpixel_control(cases, splits, settings.superpixel_scales)
+    controls = {"superpixels": f"scale={scale:g}"}
     tables = write_tables(out, cases, splits, table, methods, chosen, settings, seen_images["statement"], controls)
     describe = settings.describe
     results = {
@@ -308,12 +298,11 @@ def segment(models: Sequence[str | Path], data: Sequence[str | Path], out: str |
     }
     if settings.n_overlay > 0:
         results["overlays"] = draw_overlays(out, cases, splits, table, chosen, paths + sd_paths, settings, load)
-        if superpixels is not None:  # what the image alone gives, drawn like the zero-shot methods
-            report_cases = [c for c in cases if splits[c.dataset, c.id] == REPORT]
-            results["overlays"].update(write_overlays(
-                out, "superpixels", seg_report.METHOD_NAMES["superpixels"], report_cases,
-                only(methods["superpixels"], REPORT), settings.n_overlay,
-                lambda sel: [(superpixel_segments(c.image, scale), {}) for c in sel]))
+        report_cases = [c for c in cases if splits[c.dataset, c.id] == REPORT]  # what the image alone gives
+        results["overlays"].update(write_overlays(
+            out, "superpixels", seg_report.METHOD_NAMES["superpixels"], report_cases,
+            only(methods["superpixels"], REPORT), settings.n_overlay,
+            lambda sel: [(superpixel_segments(c.image, scale), {}) for c in sel]))
     write_results(out, seg_report.results_record(out, results))
     return results
 
