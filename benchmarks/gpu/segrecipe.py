@@ -1,7 +1,8 @@
 """(g) of the GPU evidence run (issue 23): the segmentation recipe (`gpu-seg256`: self-attention at every
 UNet level) trained on the real CXRs of the bundle for the section's budget, then zero-shot lung segmentation
 on both lung sets: DiffSeg and ncut-inputs chosen on the tuning split and reported on the report split beside the
-leave-one-out mean-mask prior, Otsu, position-only k-means and the whole image (`dinodiff segment`).
+leave-one-out mean-mask prior, Otsu, image-only superpixels, position-only k-means and the whole image
+(`dinodiff segment`).
 
 The encoder is the bundle's pretrained domain encoder (.gpu/weights/encoder, written by `make gpu-bundle`
 when BUNDLE_ENCODER names a `pretrain-encoder` output) when present, else a random ViT; results say which.
