@@ -81,9 +81,9 @@ def sweep(
 
 
 @settings_options(SegmentSettings, "methods", "thresholds", "threshold_mode", "merge_iterations", "grid_sizes", "taus",
-                  "alphas", "feature_sides", "refinements", "superpixel_scales", "timesteps", "noise_seeds",
-                  "report_fraction", "split_seed", "condition", "transductive", "resolution", "sd15", "batch_size",
-                  "device", "limit", "n_overlay")
+                  "alphas", "feature_sides", "refinements", "superpixel_scales", "node_scales", "timesteps",
+                  "noise_seeds", "report_fraction", "split_seed", "condition", "transductive", "resolution", "sd15",
+                  "batch_size", "device", "limit", "n_overlay")
 def segment(
     models: list[Path] = typer.Argument(..., help="Model folders, checkpoints or run folders (a run = all its checkpoints, grid-searched)."),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Images with lung masks: Montgomery, Shenzhen, JSRT/SCR layout or images/ + masks/ (repeat for several)."),
@@ -94,8 +94,8 @@ def segment(
 ) -> None:
     """Zero-shot lung segmentation from the UNet's self-attention, scored by Dice against lung masks.
 
-    DiffSeg (the paper's), DiffCut and/or ncut-inputs, grid-searched over their parameters x timesteps x
-    checkpoints on a tuning split of the images (by subject) and reported on the other images, beside a
+    DiffSeg (the paper's), DiffCut, ncut-inputs and/or ncut-superpixels, grid-searched over their parameters x
+    timesteps x checkpoints on a tuning split of the images (by subject) and reported on the other images, beside a
     leave-one-out mean-mask prior, a position-only k-means control, Otsu, image-only superpixels (Felzenszwalb,
     scale chosen on the tuning split) and the whole image. Cells are cached: a re-run computes only new ones.
     """

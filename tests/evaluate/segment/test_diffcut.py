@@ -14,7 +14,9 @@ from dinodiff.evaluate.segment.diffcut import (
     cosine_affinity,
     diffcut,
     ncut_value,
+    pool_superpixels,
     recursive_ncut,
+    superpixel_ncut,
 )
 from dinodiff.evaluate.segment.locality import (
     attention_distance,
@@ -81,6 +83,31 @@ def test_diffcut_on_features_of_two_halves_labels_each_half_at_full_resolution()
     # high-resolution assignment follows the (bilinearly upsampled) features, not the coarse grid
     segs = (cols >= 3).long().numpy()
     assert torch.equal(assign_pixels(feats, segs, (32, 32)), labels)
+
+
+def test_superpixel_ncut_joins_superpixels_by_feature_and_cuts_along_their_edges():
+    side, size, edge = 4, 32, 13  # the image's edge at column 13, off the 8 px feature grid (cells end at 8, 16)
+    feats = torch.zeros(side * side, 3)
+    cols = torch.arange(side * side) % side
+    feats[cols < 2, 0] = 1.0  # feature cells centred left of the edge (columns 4, 12) share one feature
+    feats[cols >= 2, 1] = 1.0
+    feats += 0.01 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
+    columns = np.arange(size)[None, :].repeat(size, 0)
+    rows = np.arange(size)[:, None].repeat(size, 1)
+    left = columns < edge
+    superpixels = 2 * (~left) + (rows >= size // 2)  # four superpixels: each side of the edge cut in two
+    pooled = pool_superpixels(feats, superpixels)
+    counts = np.bincount(superpixels.ravel())  # 208 pixels left of the edge per superpixel, 304 right
+    norms = np.linalg.norm(pooled, axis=1)  # a sum of unit vectors: its pixel count when they all agree
+    assert pooled.shape == (4, 3) and np.all(norms <= counts + 1e-3) and np.allclose(norms[:2], counts[:2], rtol=1e-3)
+
+    labels, found = superpixel_ncut(feats, superpixels, tau=0.5, alpha=10.0)
+    assert found == 2 and labels.shape == (size, size)
+    assert torch.equal(labels == labels[0, 0], torch.from_numpy(left))  # exactly the image's edge, both halves joined
+    coarse, _ = diffcut(feats, tau=0.5, alpha=10.0, size=(size, size))  # the cut on the feature map's positions
+    assert not torch.equal(coarse == coarse[0, 0], torch.from_numpy(left))  # its edge follows the feature grid
+    one, n = superpixel_ncut(feats, np.zeros((size, size), int), tau=0.5, alpha=10.0)
+    assert n == 1 and int(one.max()) == 0  # a single superpixel is a single segment
 
 
 def test_fiedler_vector_solves_the_generalised_ncut_eigenproblem():

@@ -427,3 +427,25 @@ def test_ncut_inputs_is_its_own_clearly_named_method_in_the_tables(tiny_model, s
     assert {"ncut-inputs", "ncut-inputs+cc"} <= set(results["methods"]) and "diffcut" not in results["methods"]
     markdown = (tmp_path / "table.md").read_text()
     assert "DiNO-Diffusion (Ncut on attention inputs)" in markdown and "Ncut on attention inputs t=" in markdown
+
+
+def test_ncut_over_superpixels_is_grid_searched_over_node_scales_and_named_in_the_tables(tiny_model, shared_data,
+                                                                                         tmp_path):
+    settings = SegmentSettings(methods=("ncut-inputs", "ncut-superpixels"), feature_sides=[8], taus=[0.5],
+                               alphas=[5.0], node_scales=[20, 50], timesteps=[300])
+    cells = settings.method_cells("m", (300,))
+    assert sorted((c.method, c.scale) for c in cells) == [("ncut-inputs", 0.0), ("ncut-superpixels", 20.0),
+                                                          ("ncut-superpixels", 50.0)]
+    assert "Ncut over superpixels t=300 features=8x8 superpixels=20 tau=0.5" in settings.describe(cells[1])
+    with pytest.raises(ValueError, match="--node-scales"):
+        SegmentSettings(node_scales=[0])
+
+    results = segment([tiny_model], [shared_data / "lungs-covid"], tmp_path, settings, limit=6, n_overlay=1)
+    assert {"ncut-inputs", "ncut-superpixels"} <= set(results["methods"])
+    assert len(list((tmp_path / "cells").rglob("ncut-superpixels_*.json"))) == 2  # one cached cell per node scale
+    chosen = results["best_by_method"]["ncut-superpixels"]["combined"]["description"]
+    assert "Ncut over superpixels" in chosen and "superpixels=" in chosen
+    assert "DiNO-Diffusion (Ncut over superpixels)" in (tmp_path / "table.md").read_text()
+    assert "ncut-superpixels-lungs-covid" in results["overlays"]
+    per_image = results["methods"]["ncut-superpixels"]["per_image"]
+    assert per_image and all(0.0 <= r["hungarian"]["both"] <= 1.0 for r in per_image)

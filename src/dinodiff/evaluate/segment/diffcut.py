@@ -7,6 +7,10 @@ two-way normalised cut (Shi and Malik 2000): split a segment along the second ge
 (D - W) y = lambda D y, at the threshold of lowest Ncut, and keep splitting while the Ncut is below ``tau``
 (Sec. 3.3) -> each segment's mean feature, then every pixel of the bilinearly upsampled feature map goes to
 the most similar segment ("high-resolution concept assignment", Sec. 3.4).
+
+`superpixel_ncut` runs the same cut with the image's superpixels as nodes (each the mean of the upsampled,
+normalised features over its pixels) instead of the feature map's positions: the model's features decide which
+regions go together, and the image's own edges decide where a segment ends.
 """
 
 from __future__ import annotations
@@ -128,3 +132,30 @@ def diffcut(features: torch.Tensor, tau: float, alpha: float, size: tuple[int, i
     with _THREADPOOLS.limit(limits=1, user_api="blas"):
         segments = recursive_ncut(cosine_affinity(features.detach().cpu().numpy(), alpha), tau)
     return assign_pixels(features, segments, size), int(segments.max()) + 1
+
+
+def pool_superpixels(features: torch.Tensor, superpixels: np.ndarray) -> np.ndarray:
+    """Features (N, C) on a side x side map -> (K, C): per superpixel 0..K-1 of the (H, W) label map, the sum of
+    the bilinearly upsampled, L2-normalised features over its pixels (the cut's affinity is a cosine, so the sum
+    is the mean's direction)."""
+    side = map_side(features.shape[0])
+    grid = features.float().T.reshape(1, -1, side, side)
+    up = F.interpolate(grid, size=superpixels.shape, mode="bilinear", align_corners=False)[0]
+    pixels = F.normalize(up.reshape(up.shape[0], -1), dim=0).T  # (H*W, C)
+    index = torch.as_tensor(superpixels.ravel(), dtype=torch.long, device=pixels.device)
+    k = int(superpixels.max()) + 1
+    return torch.zeros(k, pixels.shape[1], device=pixels.device).index_add_(0, index, pixels).cpu().numpy()
+
+
+def superpixel_ncut(features: torch.Tensor, superpixels: np.ndarray, tau: float,
+                    alpha: float) -> tuple[torch.Tensor, int]:
+    """One image's features (N, C) and its superpixels (H, W, labels 0..K-1) -> (label map (H, W), segments): the
+    recursive Ncut of ``diffcut`` on the superpixels' pooled features; every pixel takes its superpixel's segment.
+    A superpixel may be a segment of its own (min_size 1): a node is already a region of many pixels."""
+    superpixels = np.asarray(superpixels)
+    if superpixels.max() == 0:
+        return torch.zeros(superpixels.shape, dtype=torch.long), 1
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):  # as in diffcut
+        segments = recursive_ncut(cosine_affinity(pool_superpixels(features.detach(), superpixels), alpha), tau,
+                                  min_size=1)
+    return torch.from_numpy(segments[superpixels]), int(segments.max()) + 1

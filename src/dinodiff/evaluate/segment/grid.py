@@ -24,19 +24,19 @@ import torch.nn.functional as F
 
 from dinodiff.evaluate.segment.attention import AttentionModel, capture_pass, prepare_pass
 from dinodiff.evaluate.segment.data import SegCase
-from dinodiff.evaluate.segment.diffcut import diffcut
+from dinodiff.evaluate.segment.diffcut import diffcut, superpixel_ncut
 from dinodiff.evaluate.segment.diffseg import (
     aggregate_attention,
     attention_entropy,
     diffseg,
     map_side,
 )
-from dinodiff.evaluate.segment.metrics import score_labels, split_components
-from dinodiff.evaluate.segment.settings import CUT_METHODS, Cell, SegmentSettings
+from dinodiff.evaluate.segment.metrics import score_labels, split_components, superpixel_segments
+from dinodiff.evaluate.segment.settings import CUT_FEATURES, CUT_METHODS, Cell, SegmentSettings
 from dinodiff.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
-CELL_VERSION = 3
+CELL_VERSION = 4  # 4: cells have a node scale (ncut-superpixels)
 Labels = list[tuple[np.ndarray, dict]]
 
 
@@ -73,30 +73,32 @@ def run_passes(model: AttentionModel, images: torch.Tensor, timesteps: Sequence[
     """Every (timestep, noise draw) pass over ``images``, with the features of the cut methods ``cuts``; see
     :class:`Passes`."""
     seeds = list(settings.noise_seeds) or [None]
-    attention, feats = None, {method: {} for method in cuts}
+    sources = {CUT_FEATURES[method] for method in cuts}  # two cuts on the same features share them
+    attention, feats = None, {source: {} for source in sources}
     prepared = prepare_pass(model, images, settings.condition)  # encoded once for every pass
     for t in timesteps:
         for seed in seeds:
             cap = capture_pass(model, images, timestep=int(t), condition=settings.condition, noise_seed=seed,
-                               dtype=dtype, features="diffcut" in cuts, inputs="ncut-inputs" in cuts,
+                               dtype=dtype, features="outputs" in sources, inputs="inputs" in sources,
                                prepared=prepared)
             agg = aggregate_attention(list(cap.maps.values()), dtype=dtype)
             attention = agg if attention is None else attention.add_(agg)
-            for method, layers in (("diffcut", cap.features), ("ncut-inputs", cap.inputs)):
-                if method in cuts:
-                    _per_side(layers, feats[method])
+            for source, layers in (("outputs", cap.features), ("inputs", cap.inputs)):
+                if source in sources:
+                    _per_side(layers, feats[source])
     attention.div_(len(timesteps) * len(seeds))
-    return Passes(attention, {method: {side: torch.cat(parts, dim=-1) for side, parts in by_side.items()}
-                              for method, by_side in feats.items()})
+    joined = {source: {side: torch.cat(parts, dim=-1) for side, parts in by_side.items()}
+              for source, by_side in feats.items()}
+    return Passes(attention, {method: joined[CUT_FEATURES[method]] for method in cuts})
 
 
-def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings,
+def label_cell(cell: Cell, passes: Passes, b: int, image: np.ndarray, settings: SegmentSettings,
                done: dict[Cell, tuple] | None = None) -> tuple:
     """One image's label map and info for one cell; ``done`` holds this image's unrefined maps, so that a
     refined cell reuses its method's map instead of running the method again."""
     plain = dataclasses.replace(cell, refine="none")
     if done is None or plain not in done:
-        result = _method_labels(plain, passes, b, shape, settings)
+        result = _method_labels(plain, passes, b, image, settings)
         if done is None:
             done = {}
         done[plain] = result
@@ -106,13 +108,18 @@ def label_cell(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], setti
     return labels, dict(info)
 
 
-def _method_labels(cell: Cell, passes: Passes, b: int, shape: tuple[int, int], settings: SegmentSettings) -> tuple:
+def _method_labels(cell: Cell, passes: Passes, b: int, image: np.ndarray, settings: SegmentSettings) -> tuple:
+    shape = image.shape
     if cell.method in CUT_METHODS:
         features = passes.features[cell.method]
         if cell.grid not in features:
             where = "encoder self-attention" if cell.method == "diffcut" else "self-attention"
             raise ValueError(f"no {where} map of side {cell.grid} (sides: {sorted(s for s in features if s)}); "
                              "use --feature-sides 0 for the final one.")
+        if cell.method == "ncut-superpixels":
+            nodes = superpixel_segments(image, cell.scale)
+            labels, found = superpixel_ncut(features[cell.grid][b], nodes, cell.threshold, cell.alpha)
+            return labels, {"feature_segments": found, "superpixels": int(nodes.max()) + 1}
         labels, found = diffcut(features[cell.grid][b], cell.threshold, cell.alpha, shape)
         return labels, {"feature_segments": found}
     labels, used = diffseg(passes.attention[b], cell.grid, [cell.threshold] * settings.merge_iterations, shape,
@@ -143,7 +150,7 @@ def segment_cases(model: AttentionModel, cases: Sequence[SegCase], cells: Sequen
             entropy, max_entropy = attention_entropy(passes.attention[b])
             done: dict[Cell, tuple] = {}
             for cell in cells:
-                labels, info = label_cell(cell, passes, b, case.image.shape, settings, done)
+                labels, info = label_cell(cell, passes, b, case.image, settings, done)
                 info.update(entropy=round(entropy, 4), max_entropy=round(max_entropy, 4))
                 results[cell].append((labels.cpu().numpy(), info))
     return results
@@ -163,6 +170,8 @@ def _cell_path(out: Path, cell: Cell, settings: SegmentSettings) -> Path:
     noise = "" if not s.noise_seeds else "_noise" + "-".join(str(n) for n in s.noise_seeds)
     params = (f"g{cell.grid}_{s.threshold_mode[:3]}{cell.threshold:g}x{s.merge_iterations}" if cell.method == "diffseg"
               else f"side{cell.grid}_tau{cell.threshold:g}_alpha{cell.alpha:g}")
+    if cell.method == "ncut-superpixels":
+        params += f"_scale{cell.scale:g}"
     refine = "" if cell.refine == "none" else f"_{cell.refine}"
     name = f"{cell.method}_t{cell.timestep_label}_{params}{refine}_{s.condition}{noise}_r{s.resolution}.json"
     return out / "cells" / cell.model / name

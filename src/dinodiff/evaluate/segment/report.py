@@ -27,10 +27,13 @@ METHOD_NAMES = {"diffseg": "DiNO-Diffusion (DiffSeg)", "diffseg+cc": "DiNO-Diffu
                 "diffcut": "DiNO-Diffusion (DiffCut)", "diffcut+cc": "DiNO-Diffusion (DiffCut + components)",
                 "ncut-inputs": "DiNO-Diffusion (Ncut on attention inputs)",
                 "ncut-inputs+cc": "DiNO-Diffusion (Ncut on attention inputs + components)",
+                "ncut-superpixels": "DiNO-Diffusion (Ncut over superpixels)",
+                "ncut-superpixels+cc": "DiNO-Diffusion (Ncut over superpixels + components)",
                 "sd15": "SD 1.5 (DiffSeg)", "prior": "Mean-mask prior (leave-one-out)",
                 "position": "Position-only k-means", "otsu": "Otsu",
                 "superpixels": "Superpixels (Felzenszwalb, image only)", "whole": "Whole image (1 segment)"}
-ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "ncut-inputs", "ncut-inputs+cc", "sd15")
+ZERO_SHOT = ("diffseg", "diffseg+cc", "diffcut", "diffcut+cc", "ncut-inputs", "ncut-inputs+cc", "ncut-superpixels",
+             "ncut-superpixels+cc", "sd15")
 BASELINES = ("prior", "position", "otsu", "superpixels", "whole")
 
 

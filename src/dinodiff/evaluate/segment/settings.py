@@ -10,9 +10,15 @@ from dinodiff.config import setting
 
 # diffseg: DiffSeg (the paper's); diffcut: DiffCut's recursive Ncut on the encoder's self-attention outputs;
 # ncut-inputs: the same cut on the *inputs* of a self-attention layer (the normalised hidden states it attends
-# over), any layer of the UNet: where attention is near-uniform, its outputs are nearly the same everywhere.
-METHODS = ("diffseg", "diffcut", "ncut-inputs")
-CUT_METHODS = ("diffcut", "ncut-inputs")  # grid: taus x feature_sides x alphas
+# over), any layer of the UNet: where attention is near-uniform, its outputs are nearly the same everywhere;
+# ncut-superpixels: the same cut on the same features, with the image's superpixels as its nodes instead of the
+# feature map's positions, so that segment edges follow the image's own edges.
+METHODS = ("diffseg", "diffcut", "ncut-inputs", "ncut-superpixels")
+CUT_METHODS = ("diffcut", "ncut-inputs", "ncut-superpixels")  # grid: taus x feature_sides x alphas (x node scales)
+# the features each cut reads: the self-attention layers' outputs (DiffCut's) or inputs
+CUT_FEATURES = {"diffcut": "outputs", "ncut-inputs": "inputs", "ncut-superpixels": "inputs"}
+CUT_NAMES = {"diffcut": "DiffCut", "ncut-inputs": "Ncut on attention inputs",
+             "ncut-superpixels": "Ncut over superpixels"}
 CONDITIONS = ("image", "null")  # the UNet's condition: the image's own c_GLB, or the null condition
 # DiffSeg's merging threshold: a KL value, or a quantile of each image's anchor-to-anchor KL
 THRESHOLD_MODES = ("absolute", "relative")
@@ -35,6 +41,7 @@ class Cell:
     threshold: float  # DiffSeg: merging threshold. The cuts: Ncut threshold tau
     alpha: float = 0.0  # the cuts: affinity exponent (0 for DiffSeg)
     refine: str = "none"  # see REFINEMENTS
+    scale: float = 0.0  # ncut-superpixels: Felzenszwalb scale of the superpixels the cut joins (0 for the others)
 
     @property
     def variant(self) -> str:
@@ -50,8 +57,9 @@ class Cell:
         refine = "" if self.refine == "none" else f" +{self.refine}"
         if self.method in CUT_METHODS:
             side = "final" if self.grid == 0 else f"{self.grid}x{self.grid}"
-            name = "DiffCut" if self.method == "diffcut" else "Ncut on attention inputs"
-            return f"{self.model} {name} {t} features={side} tau={self.threshold:g} alpha={self.alpha:g}{refine}"
+            nodes = f" superpixels={self.scale:g}" if self.method == "ncut-superpixels" else ""
+            return (f"{self.model} {CUT_NAMES[self.method]} {t} features={side}{nodes} tau={self.threshold:g} "
+                    f"alpha={self.alpha:g}{refine}")
         return f"{self.model} DiffSeg {t} grid={self.grid}x{self.grid} {mode} {self.threshold:g}x{iterations}{refine}"
 
 
@@ -60,8 +68,9 @@ class SegmentSettings:
     """Zero-shot segmentation grid search and how it runs.
 
     ``methods``: 'diffseg' (faithful DiffSeg; grid: thresholds x grid_sizes), 'diffcut' (recursive normalised
-    cut on the encoder's self-attention outputs; grid: taus x feature_sides x alphas) and/or 'ncut-inputs' (the
-    same cut on a self-attention layer's inputs; the same grid). All share ``timesteps``: each entry is a tuple of
+    cut on the encoder's self-attention outputs; grid: taus x feature_sides x alphas), 'ncut-inputs' (the
+    same cut on a self-attention layer's inputs; the same grid) and/or 'ncut-superpixels' (that cut with the image's
+    Felzenszwalb superpixels as nodes; the same grid x node_scales). All share ``timesteps``: each entry is a tuple of
     timesteps whose passes are averaged (DiffSeg: the aggregated attention; the cuts: the features, concatenated
     after L2 normalisation), and every noise draw of
     ``noise_seeds`` adds one pass per timestep (empty: the clean latent, as DiffSeg).
@@ -76,8 +85,10 @@ class SegmentSettings:
 
     methods: tuple[str, ...] = setting(("diffseg",), "Zero-shot method(s), comma list: diffseg (the paper's: merge "
                                        "self-attention maps by KL), diffcut (recursive normalised cut on the "
-                                       "encoder's self-attention outputs) and/or ncut-inputs (the same cut on the "
-                                       "inputs of a self-attention layer, any in the UNet).", flags=("--method",))
+                                       "encoder's self-attention outputs), ncut-inputs (the same cut on the "
+                                       "inputs of a self-attention layer, any in the UNet) and/or ncut-superpixels "
+                                       "(that cut joining the image's superpixels: segment edges follow the "
+                                       "image's edges).", flags=("--method",))
     thresholds: tuple[float, ...] = setting((0.05,), "DiffSeg: comma list of merging thresholds to grid-search (each "
                                                      "used for every iteration).")
     threshold_mode: str = setting("absolute", "DiffSeg: absolute (the paper's KL values) or relative (quantiles of "
@@ -90,12 +101,13 @@ class SegmentSettings:
                                                     "timesteps: [[300], [100, 300]]).")
     grid_sizes: tuple[int, ...] = setting((16,), "DiffSeg: comma list of anchor grid sizes M (MxM anchors; at most the "
                                                  "largest attention map's side).")
-    taus: tuple[float, ...] = setting((0.5,), "DiffCut, ncut-inputs: comma list of Ncut thresholds tau (a segment "
-                                              "is split while its best cut is below tau; DiffCut's default 0.5).")
-    alphas: tuple[float, ...] = setting((10.0,), "DiffCut, ncut-inputs: comma list of affinity exponents alpha "
+    taus: tuple[float, ...] = setting((0.5,), "The cuts (diffcut, ncut-*): comma list of Ncut thresholds tau (a "
+                                              "segment is split while its best cut is below tau; DiffCut's default "
+                                              "0.5).")
+    alphas: tuple[float, ...] = setting((10.0,), "The cuts (diffcut, ncut-*): comma list of affinity exponents alpha "
                                                  "(cosine similarity, min-max scaled, ** alpha; DiffCut's default 10).")
-    feature_sides: tuple[int, ...] = setting((0,), "DiffCut, ncut-inputs: comma list of feature maps: 0 = the last "
-                                                   "layer (DiffCut: the encoder's final self-attention; ncut-inputs: "
+    feature_sides: tuple[int, ...] = setting((0,), "The cuts (diffcut, ncut-*): comma list of feature maps: 0 = the "
+                                                   "last layer (DiffCut: the encoder's final self-attention; ncut-*: "
                                                    "the UNet's), S = the last such layer with an SxS map.")
     refinements: tuple[str, ...] = setting(("none",), "Comma list: none (the methods as published) and/or components "
                                                       "(also each method with every segment split into its connected "
@@ -104,6 +116,9 @@ class SegmentSettings:
                                                    "Image-only control (Felzenszwalb superpixels of the grey levels, "
                                                    "each one a segment): comma list of scales, the best chosen on the "
                                                    "tuning split like the zero-shot methods' configurations.")
+    node_scales: tuple[float, ...] = setting((50.0, 100.0), "ncut-superpixels: comma list of Felzenszwalb scales of "
+                                                            "the superpixels the cut runs on (smaller: more, smaller "
+                                                            "nodes).")
     condition: str = setting("image", "UNet condition: image (the image's own c_GLB) or null.")
     noise_seeds: tuple[int, ...] = setting((), "Comma list of noise seeds: one noised pass per seed and timestep, "
                                                "averaged (default: the clean latent, as DiffSeg).")
@@ -126,7 +141,7 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         # one form whatever the source (Python lists, OmegaConf's inner lists, a bare int as a group of one)
         for name in ("methods", "thresholds", "grid_sizes", "taus", "alphas", "feature_sides", "refinements",
-                     "noise_seeds", "superpixel_scales"):
+                     "noise_seeds", "superpixel_scales", "node_scales"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "timesteps", tuple(self.timestep_groups()))
         self.check()  # a bad value fails where the settings are made (a --config file: exit 2 naming it)
@@ -144,10 +159,13 @@ class SegmentSettings:
         if any(not group for group in self.timestep_groups()):
             raise ValueError("every --timesteps entry needs at least one timestep (e.g. 300 or 100+300).")
         if not self.taus or not self.alphas or not self.feature_sides:
-            raise ValueError("the cuts (diffcut, ncut-inputs) need at least one tau, alpha and feature side.")
+            raise ValueError("the cuts (diffcut, ncut-inputs, ncut-superpixels) need at least one tau, alpha and "
+                             "feature side.")
         if not self.superpixel_scales or min(self.superpixel_scales) <= 0:
             raise ValueError(f"--superpixel-scales must be one or more positive scales, got "
                              f"{list(self.superpixel_scales)}.")
+        if not self.node_scales or min(self.node_scales) <= 0:
+            raise ValueError(f"--node-scales must be one or more positive scales, got {list(self.node_scales)}.")
         if not self.refinements or set(self.refinements) - set(REFINEMENTS):
             raise ValueError(f"--refine must be one or more of {tuple(REFINEMENTS)}, got {list(self.refinements)}.")
         if not 0.0 < self.report_fraction < 1.0:
@@ -190,6 +208,8 @@ class SegmentSettings:
             if "diffseg" in self.methods:
                 cells += [Cell(model, "diffseg", timesteps, int(g), float(t), refine=r)
                           for g in self.grid_sizes for t in self.thresholds]
-            cells += [Cell(model, m, timesteps, int(s), float(t), float(a), r) for m in CUT_METHODS if m in self.methods
-                      for s in self.feature_sides for t in self.taus for a in self.alphas]
+            for m in [m for m in CUT_METHODS if m in self.methods]:
+                scales = self.node_scales if m == "ncut-superpixels" else (0.0,)
+                cells += [Cell(model, m, timesteps, int(s), float(t), float(a), r, float(n)) for s in self.feature_sides
+                          for t in self.taus for a in self.alphas for n in scales]
         return cells
