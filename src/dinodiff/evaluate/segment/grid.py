@@ -2,9 +2,9 @@
 
 For one model and one group of timesteps, the passes give (a) the DiffSeg aggregated attention averaged over
 the passes and (b) the outputs of the encoder's self-attention layers (DiffCut's features) and the inputs of
-every self-attention layer (ncut-inputs' features), L2-normalised per pass and concatenated, so that their
-cosine similarity is the mean of the passes' similarities. Each cell's
-per-image scores are cached in ``OUT/cells/`` (a re-run only computes the missing cells).
+every self-attention layer (the features of ncut-inputs and ncut-superpixels), L2-normalised per pass and
+concatenated, so that their cosine similarity is the mean of the passes' similarities. Each cell's per-image scores
+are cached in ``OUT/cells/`` (a re-run only computes the missing cells).
 """
 
 from __future__ import annotations
