@@ -91,12 +91,13 @@ def test_dry_run_trains_the_segmentation_recipe_and_reports_both_methods_beside_
     recipe = json.loads((evidence / "out/results.json").read_text())["sections"]["segment_recipe"]
     assert recipe["preset"] == "gpu-seg256.yaml" and recipe["train"]["steps"] >= recipe["train"]["probe_steps"] > 0
     seg = recipe["segment"]
-    assert {"diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc", "prior", "otsu", "position", "superpixels",
-            "whole"} == set(seg["dice"])
-    assert seg["leader"] in ("diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc")  # best on the tuning split
+    zero_shot = {"diffseg", "diffseg+cc", "ncut-inputs", "ncut-inputs+cc", "ncut-superpixels", "ncut-superpixels+cc"}
+    assert zero_shot | {"prior", "otsu", "position", "superpixels", "whole"} == set(seg["dice"])
+    assert seg["leader"] in zero_shot  # best on the tuning split
     assert "evaluation images are training images of the model" in seg["training_images"]
     assert seg["splits"]["tune"] > 0 and seg["splits"]["report"] > 0
     assert "report split" in seg["table_md"] and "DiNO-Diffusion (Ncut on attention inputs)" in seg["table_md"]
+    assert "DiNO-Diffusion (Ncut over superpixels)" in seg["table_md"]
     summary = (evidence / "out/summary.md").read_text()
     assert "(g) segmentation recipe (issue 23): ok" in summary
 

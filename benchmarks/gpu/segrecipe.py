@@ -1,8 +1,8 @@
 """(g) of the GPU evidence run (issue 23): the segmentation recipe (`gpu-seg256`: self-attention at every
 UNet level) trained on the real CXRs of the bundle for the section's budget, then zero-shot lung segmentation
-on both lung sets: DiffSeg and ncut-inputs chosen on the tuning split and reported on the report split beside the
-leave-one-out mean-mask prior, Otsu, image-only superpixels, position-only k-means and the whole image
-(`dinodiff segment`).
+on both lung sets: DiffSeg, ncut-inputs and ncut-superpixels chosen on the tuning split and reported on the
+report split beside the leave-one-out mean-mask prior, Otsu, image-only superpixels, position-only k-means and the
+whole image (`dinodiff segment`).
 
 The encoder is the bundle's pretrained domain encoder (.gpu/weights/encoder, written by `make gpu-bundle`
 when BUNDLE_ENCODER names a `pretrain-encoder` output) when present, else a random ViT; results say which.
@@ -29,15 +29,18 @@ PRESET = Path(__file__).resolve().parents[2] / "src" / "dinodiff" / "configs" / 
 DRY_OVERRIDES = ["model.resolution=64", "train.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
                  "data.num_holdout=2", "train.sample_steps=2", "model.unet.overrides.block_out_channels=[32,32,32]",
                  "model.unet.overrides.norm_num_groups=8", "train.mixed_precision='no'"]
-# The grid searched on the tuning split: faithful DiffSeg and ncut-inputs (the best zero-shot method on the CPU
-# model: BENCHMARKS.md "A model that never saw the evaluation images"), each also with connected components.
-# ncut-inputs cuts the 16x16 map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
+# The grid searched on the tuning split: faithful DiffSeg, ncut-inputs and ncut-superpixels (the best zero-shot
+# method on the CPU models: BENCHMARKS.md "Ncut over superpixels"), each also with connected components.
+# The cuts read the 16x16 map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
+# Node scales 400 and 800 give 35 and 20 superpixels (medians) on the 256 px lung images, as 50 and 100 give 31 and
+# 17 at 64 px (the CPU recipe's); superpixels and pooled features are computed once per image and scale.
 # The training images among the lung sets (the bundle's cxr-covid holds 37 of them) only tune: segment finds them.
-GRID = dict(methods=("diffseg", "ncut-inputs"), refinements=("none", "components"), thresholds=[0.1, 0.2, 0.3],
-            threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7, 0.9], alphas=[5.0, 10.0],
-            feature_sides=[16], timesteps=[(50,), (50, 150, 300)], batch_size=16)
-DRY_GRID = dict(GRID, thresholds=[0.2], grid_sizes=[4], taus=[0.5], feature_sides=[0], timesteps=[(50,)],
-                limit=3, batch_size=4)
+GRID = dict(methods=("diffseg", "ncut-inputs", "ncut-superpixels"), refinements=("none", "components"),
+            thresholds=[0.1, 0.2, 0.3], threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7, 0.9],
+            alphas=[5.0, 10.0], feature_sides=[16], node_scales=[400.0, 800.0], timesteps=[(50,), (50, 150, 300)],
+            batch_size=16)
+DRY_GRID = dict(GRID, thresholds=[0.2], grid_sizes=[4], taus=[0.5], feature_sides=[0], node_scales=[50.0],
+                timesteps=[(50,)], limit=3, batch_size=4)
 
 
 def make_config(args: argparse.Namespace, work: Path, checkpoint_every: int):
@@ -54,9 +57,10 @@ def segment_recipe(args: argparse.Namespace) -> dict:
     """Cache, train for the budget minus the evaluation's reserve, segment both lung sets. With --return-model the
     model comes back as seg-model-fp16.tar (before segment starts, so an overrun keeps it) with one overlay."""
     work, dry = Path(args.work), args.dry_run
-    # The evaluation's reserve: segment of the 110 images with GRID took 76.6 s on an H200 (2026-12-04, after the
-    # Ncut's BLAS-thread fix; before it, not done in ~260 s), plus the overlays and the model export.
-    start, eval_reserve = time.time(), 40 if dry else 200
+    # The evaluation's reserve: segment of the 110 images with GRID's 48 DiffSeg and ncut-inputs cells took 76.6 s
+    # on an H200 (2026-12-04); ncut-superpixels adds 48 cells (not yet timed on a GPU: ~10 s of Felzenszwalb on the
+    # host, then cuts of <= 50 nodes), plus the overlays and the model export.
+    start, eval_reserve = time.time(), 40 if dry else 240
     cfg = make_config(args, work, checkpoint_every=2 if dry else 500)
     result: dict = {"preset": PRESET.name, "encoder": str(cfg.model.encoder.name_or_path),
                     "autoencoder": "TAEF2 (pretrained, bundle)", "dry_run": dry}

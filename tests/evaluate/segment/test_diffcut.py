@@ -101,12 +101,13 @@ def test_superpixel_ncut_joins_superpixels_by_feature_and_cuts_along_their_edges
     norms = np.linalg.norm(pooled, axis=1)  # a sum of unit vectors: its pixel count when they all agree
     assert pooled.shape == (4, 3) and np.all(norms <= counts + 1e-3) and np.allclose(norms[:2], counts[:2], rtol=1e-3)
 
-    labels, found = superpixel_ncut(feats, superpixels, tau=0.5, alpha=10.0)
+    labels, found = superpixel_ncut(pooled, superpixels, tau=0.5, alpha=10.0)
     assert found == 2 and labels.shape == (size, size)
     assert torch.equal(labels == labels[0, 0], torch.from_numpy(left))  # exactly the image's edge, both halves joined
     coarse, _ = diffcut(feats, tau=0.5, alpha=10.0, size=(size, size))  # the cut on the feature map's positions
     assert not torch.equal(coarse == coarse[0, 0], torch.from_numpy(left))  # its edge follows the feature grid
-    one, n = superpixel_ncut(feats, np.zeros((size, size), int), tau=0.5, alpha=10.0)
+    whole = np.zeros((size, size), int)
+    one, n = superpixel_ncut(pool_superpixels(feats, whole), whole, tau=0.5, alpha=10.0)
     assert n == 1 and int(one.max()) == 0  # a single superpixel is a single segment
 
 

@@ -147,15 +147,15 @@ def pool_superpixels(features: torch.Tensor, superpixels: np.ndarray) -> np.ndar
     return torch.zeros(k, pixels.shape[1], device=pixels.device).index_add_(0, index, pixels).cpu().numpy()
 
 
-def superpixel_ncut(features: torch.Tensor, superpixels: np.ndarray, tau: float,
+def superpixel_ncut(pooled: np.ndarray, superpixels: np.ndarray, tau: float,
                     alpha: float) -> tuple[torch.Tensor, int]:
-    """One image's features (N, C) and its superpixels (H, W, labels 0..K-1) -> (label map (H, W), segments): the
-    recursive Ncut of ``diffcut`` on the superpixels' pooled features; every pixel takes its superpixel's segment.
-    A superpixel may be a segment of its own (min_size 1): a node is already a region of many pixels."""
+    """One image's superpixels (H, W, labels 0..K-1) and their pooled features (K, C, `pool_superpixels`) ->
+    (label map (H, W), segments): the recursive Ncut of ``diffcut`` on the superpixels; every pixel takes its
+    superpixel's segment. A superpixel may be a segment of its own (min_size 1): a node is already a region of
+    many pixels."""
     superpixels = np.asarray(superpixels)
     if superpixels.max() == 0:
         return torch.zeros(superpixels.shape, dtype=torch.long), 1
     with _THREADPOOLS.limit(limits=1, user_api="blas"):  # as in diffcut
-        segments = recursive_ncut(cosine_affinity(pool_superpixels(features.detach(), superpixels), alpha), tau,
-                                  min_size=1)
+        segments = recursive_ncut(cosine_affinity(np.asarray(pooled), alpha), tau, min_size=1)
     return torch.from_numpy(segments[superpixels]), int(segments.max()) + 1
