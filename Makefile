@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fid.py
 	$(BIN)/python benchmarks/bench_segment.py
 	$(BIN)/python benchmarks/bench_ncut.py
+	$(BIN)/python benchmarks/bench_superpixel_nodes.py --data $${DINODIFF_TEST_DATA:-../shared/data}/lungs-covid
 
 gpu-bundle: $(STAMP)  # .gpu/: wheels, prepared CXRs and TAEF2 for the GPU machine (benchmarks/gpu/README.md)
 	PYTHON=$(BIN)/python bash benchmarks/gpu/bundle.sh
