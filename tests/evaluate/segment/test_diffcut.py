@@ -27,7 +27,7 @@ from dinodiff.evaluate.segment.locality import (
 )
 from dinodiff.evaluate.segment.metrics import paired_bootstrap, split_components
 from dinodiff.evaluate.segment.report import best_cells
-from dinodiff.evaluate.segment.settings import Cell
+from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.evaluate.segment.split import REPORT, TUNE, assign_splits, subjects_by_split, tag
 
 
@@ -110,6 +110,33 @@ def test_superpixel_ncut_joins_superpixels_by_feature_and_cuts_along_their_edges
     one, n = superpixel_ncut(pool_superpixels(feats, whole), whole, tau=0.5, alpha=10.0)
     assert n == 1 and int(one.max()) == 0  # a single superpixel is a single segment
 
+
+
+def test_cells_of_one_image_and_scale_share_its_superpixels_and_give_the_maps_computed_alone(monkeypatch):
+    from dinodiff.evaluate.segment import grid
+
+    calls, felzenszwalb = [], grid.superpixel_segments
+
+    def counted(image: np.ndarray, scale: float) -> np.ndarray:
+        calls.append(scale)
+        return felzenszwalb(image, scale)
+
+    monkeypatch.setattr(grid, "superpixel_segments", counted)
+    gen = torch.Generator().manual_seed(0)
+    image = (np.add.outer(np.arange(32), np.arange(32)) * 4 % 256).astype(np.uint8)  # diagonal bands: edges
+    passes = grid.Passes(torch.empty(0), {"ncut-superpixels": {4: torch.randn(1, 16, 8, generator=gen)}})
+    refinements = ("none", "components")
+    cells = [Cell("m", "ncut-superpixels", (50,), 4, tau, alpha, refine, scale)
+             for scale in (20.0, 80.0) for tau in (0.5, 0.9) for alpha in (3.0, 10.0) for refine in refinements]
+    settings = SegmentSettings()
+    done, nodes = {}, {}
+    shared = [grid.label_cell(c, passes, 0, image, settings, done, nodes)[0] for c in cells]
+    assert calls == [20.0, 80.0]  # once per scale for 16 cells
+    alone = [grid.label_cell(c, passes, 0, image, settings)[0] for c in cells]
+    assert len(calls) == 2 + 16  # without the image's caches: once per cell
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+    superpixels, pooled = nodes[(4, 20.0)]
+    assert set(nodes) == {(4, 20.0), (4, 80.0)} and pooled.shape == (int(superpixels.max()) + 1, 8)
 
 def test_fiedler_vector_solves_the_generalised_ncut_eigenproblem():
     """(D - W) y = lambda_2 D y, with lambda_2 the second smallest generalised eigenvalue (scipy's generalised
