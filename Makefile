@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_segment.py
 	$(BIN)/python benchmarks/bench_ncut.py
 	$(BIN)/python benchmarks/bench_superpixel_nodes.py --data $${DINODIFF_TEST_DATA:-../shared/data}/lungs-covid
+	$(BIN)/python benchmarks/superpixel_ceiling.py --data $${DINODIFF_TEST_DATA:-../shared/data}/lungs-covid --data $${DINODIFF_TEST_DATA:-../shared/data}/lungs-shenzhen
 
 gpu-bundle: $(STAMP)  # .gpu/: wheels, prepared CXRs and TAEF2 for the GPU machine (benchmarks/gpu/README.md)
 	PYTHON=$(BIN)/python bash benchmarks/gpu/bundle.sh

@@ -4,7 +4,7 @@ once per grid cell (the previous code), on real lung images, through `dinodiff s
     python benchmarks/bench_superpixel_nodes.py --data ../shared/data/lungs-covid              # 256 px, GPU grid
     python benchmarks/bench_superpixel_nodes.py --data ../shared/data/lungs-covid --px 64 --scales 50,100
 
-The grid is the GPU recipe's (benchmarks/gpu/segrecipe.py: taus 0.5/0.7/0.9 x alphas 5/10 x node scales), both
+The grid is the GPU recipe's (benchmarks/gpu/segrecipe.py: taus 0.5/0.7/0.9 x alphas 5/10 x node scales 50/100), both
 refinements. The previous code ran Felzenszwalb (~45 ms on a 256 px image) and upsampled every feature channel to
 pixels for every cell; the cells that differ only in tau and alpha now share both (``label_cell``'s ``nodes``;
 without it, each cell computes its own, as before). The features are random blobs of --channels channels on a
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=16, help="feature map side")
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--images", type=int, default=10)
-    parser.add_argument("--scales", default="400,800", help="node scales (Felzenszwalb)")
+    parser.add_argument("--scales", default="50,100", help="node scales (Felzenszwalb)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as a GPU run's host side: the cuts run on one CPU thread beside the device's work
     images = [c.image for c in load_cases(args.data, args.px, limit=args.images)]

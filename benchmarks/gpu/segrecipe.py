@@ -32,12 +32,13 @@ DRY_OVERRIDES = ["model.resolution=64", "train.batch_size=4", "data.num_workers=
 # The grid searched on the tuning split: faithful DiffSeg, ncut-inputs and ncut-superpixels (the best zero-shot
 # method on the CPU models: BENCHMARKS.md "Ncut over superpixels"), each also with connected components.
 # The cuts read the 16x16 map: scipy's dense eigh on the 32x32 map (1024 nodes) costs ~40x more per cut.
-# Node scales 400 and 800 give 35 and 20 superpixels (medians) on the 256 px lung images, as 50 and 100 give 31 and
-# 17 at 64 px (the CPU recipe's); superpixels and pooled features are computed once per image and scale.
+# Node scales 50 and 100, as on the CPU: at 256 px they give ~186 and ~102 superpixels whose best grouping reaches
+# 91.1 and 84.8 Dice; larger scales with the 64 px node counts (400, 800) leak across the lung edges (49.6, 22.6;
+# benchmarks/superpixel_ceiling.py). Superpixels and pooled features are computed once per image and scale.
 # The training images among the lung sets (the bundle's cxr-covid holds 37 of them) only tune: segment finds them.
 GRID = dict(methods=("diffseg", "ncut-inputs", "ncut-superpixels"), refinements=("none", "components"),
             thresholds=[0.1, 0.2, 0.3], threshold_mode="relative", grid_sizes=[8, 16], taus=[0.5, 0.7, 0.9],
-            alphas=[5.0, 10.0], feature_sides=[16], node_scales=[400.0, 800.0], timesteps=[(50,), (50, 150, 300)],
+            alphas=[5.0, 10.0], feature_sides=[16], node_scales=[50.0, 100.0], timesteps=[(50,), (50, 150, 300)],
             batch_size=16)
 DRY_GRID = dict(GRID, thresholds=[0.2], grid_sizes=[4], taus=[0.5], feature_sides=[0], node_scales=[50.0],
                 timesteps=[(50,)], limit=3, batch_size=4)
@@ -59,7 +60,7 @@ def segment_recipe(args: argparse.Namespace) -> dict:
     work, dry = Path(args.work), args.dry_run
     # The evaluation's reserve: segment of the 110 images with GRID's 48 DiffSeg and ncut-inputs cells took 76.6 s
     # on an H200 (2026-12-04); ncut-superpixels adds 48 cells (not yet timed on a GPU: ~10 s of Felzenszwalb on the
-    # host, then cuts of <= 50 nodes), plus the overlays and the model export.
+    # host, then cuts of ~100-350 nodes), plus the overlays and the model export.
     start, eval_reserve = time.time(), 40 if dry else 240
     cfg = make_config(args, work, checkpoint_every=2 if dry else 500)
     result: dict = {"preset": PRESET.name, "encoder": str(cfg.model.encoder.name_or_path),
