@@ -50,6 +50,18 @@ def reference_diffcut(features: torch.Tensor, tau: float, alpha: float, size: tu
     return reference_assign(features, segments, size)
 
 
+def blob_features(images: int, side: int, channels: int) -> torch.Tensor:
+    """(images, side*side, channels): a few blob-shaped regions (argmax of 4 blurred noise fields), each with its own
+    feature vector plus noise, so that a cut finds a handful of segments as on real attention inputs (random
+    features would give ~100)."""
+    gen = torch.Generator().manual_seed(0)
+    fields = F.avg_pool2d(F.pad(torch.randn(images, 4, side, side, generator=gen), (3, 3, 3, 3), mode="circular"),
+                          7, stride=1)
+    regions = fields.argmax(1).reshape(images, -1)
+    prototypes = torch.randn(4, channels, generator=gen)
+    return prototypes[regions] + 0.5 * torch.randn(images, side * side, channels, generator=gen)
+
+
 def time_parts(run, features: list[torch.Tensor], args: argparse.Namespace) -> tuple[float, list[torch.Tensor]]:
     """Seconds per image of ``run`` with a convolution before each image (torch's threads busy, as in segment)."""
     conv, x = torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(4, 64, 64, 64)
@@ -72,15 +84,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.7)
     parser.add_argument("--alpha", type=float, default=5.0)
     args = parser.parse_args()
-    gen = torch.Generator().manual_seed(0)
-    # A few blob-shaped regions (argmax of 4 blurred noise fields), each with its own feature vector plus noise, so
-    # that the cut finds a handful of segments as on real attention inputs (random features would give ~100).
-    fields = F.avg_pool2d(F.pad(torch.randn(args.images, 4, args.side, args.side, generator=gen), (3, 3, 3, 3),
-                                mode="circular"), 7, stride=1)
-    regions = fields.argmax(1).reshape(args.images, -1)
-    prototypes = torch.randn(4, args.channels, generator=gen)
-    noise = torch.randn(args.images, args.side * args.side, args.channels, generator=gen)
-    features = [prototypes[r] + 0.5 * n for r, n in zip(regions, noise)]
+    features = list(blob_features(args.images, args.side, args.channels))
     product_call = lambda f, tau, alpha, size: product.diffcut(f, tau, alpha, size)[0]  # noqa: E731
     ref_s, ref_labels = time_parts(reference_diffcut, features, args)
     new_s, new_labels = time_parts(product_call, features, args)

@@ -7,7 +7,7 @@ once per grid cell (the previous code), on real lung images, through `dinodiff s
 The grid is the GPU recipe's (benchmarks/gpu/segrecipe.py: taus 0.5/0.7/0.9 x alphas 5/10 x node scales 50/100), both
 refinements. The previous code ran Felzenszwalb (~45 ms on a 256 px image) and upsampled every feature channel to
 pixels for every cell; the cells that differ only in tau and alpha now share both (``label_cell``'s ``nodes``;
-without it, each cell computes its own, as before). The features are random blobs of --channels channels on a
+without it, each cell computes its own, as before). The features are bench_ncut's random blobs of --channels channels on a
 --side map (384: a gpu-seg256 16x16 layer's 128 channels x 3 timesteps). Prints ms per image for each and whether
 every label map is equal.
 """
@@ -19,21 +19,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from bench_ncut import blob_features  # benchmarks/bench_ncut.py, beside this file
 
 from dinodiff.evaluate.segment.data import load_cases
 from dinodiff.evaluate.segment.grid import Passes, label_cell
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
-
-
-def blob_features(images: int, side: int, channels: int) -> torch.Tensor:
-    """(images, side*side, channels): a few blob-shaped regions, each with its own feature vector plus noise."""
-    gen = torch.Generator().manual_seed(0)
-    fields = F.avg_pool2d(F.pad(torch.randn(images, 4, side, side, generator=gen), (3, 3, 3, 3), mode="circular"),
-                          7, stride=1)
-    regions = fields.argmax(1).reshape(images, -1)
-    prototypes = torch.randn(4, channels, generator=gen)
-    return prototypes[regions] + 0.5 * torch.randn(images, side * side, channels, generator=gen)
 
 
 def label_all(cells: list[Cell], passes: Passes, images: list[np.ndarray], shared: bool) -> tuple[float, list]:

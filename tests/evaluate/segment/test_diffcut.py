@@ -111,7 +111,6 @@ def test_superpixel_ncut_joins_superpixels_by_feature_and_cuts_along_their_edges
     assert n == 1 and int(one.max()) == 0  # a single superpixel is a single segment
 
 
-
 def test_cells_of_one_image_and_scale_share_its_superpixels_and_give_the_maps_computed_alone(monkeypatch):
     from dinodiff.evaluate.segment import grid
 
@@ -137,6 +136,7 @@ def test_cells_of_one_image_and_scale_share_its_superpixels_and_give_the_maps_co
     assert all(torch.equal(a, b) for a, b in zip(shared, alone))
     superpixels, pooled = nodes[(4, 20.0)]
     assert set(nodes) == {(4, 20.0), (4, 80.0)} and pooled.shape == (int(superpixels.max()) + 1, 8)
+
 
 def test_fiedler_vector_solves_the_generalised_ncut_eigenproblem():
     """(D - W) y = lambda_2 D y, with lambda_2 the second smallest generalised eigenvalue (scipy's generalised
