@@ -1,4 +1,4 @@
-from dataclasses import FrozenInstanceError, replace
+from dataclasses import FrozenInstanceError, dataclass, fields, replace
 from pathlib import Path
 
 import pytest
@@ -9,8 +9,33 @@ from dinodiff.config import (
     TrainingSettings,
     load_training_settings,
     save_config,
+    settings_dataclass,
     with_overrides,
 )
+
+
+@dataclass(frozen=True)
+class _Section:
+    size: int = 3
+
+
+@settings_dataclass
+class _Stage:
+    name: str
+    first: _Section
+    second: _Section
+    third: _Section = _Section(size=7)
+
+
+def test_a_section_without_a_default_gets_its_own_defaults_and_the_rest_stays_a_frozen_dataclass():
+    stage = _Stage(name="x")
+    assert stage.first == _Section() and stage.third == _Section(size=7)
+    assert stage.first is not stage.second  # one instance per field, as default_factory gives
+    assert [f.name for f in fields(_Stage)] == ["name", "first", "second", "third"]
+    with pytest.raises(TypeError):
+        _Stage()  # a plain field without a default stays required
+    with pytest.raises(FrozenInstanceError):
+        stage.first = _Section(size=1)  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu-small", "sd15-dinov1", "sd15-dinov2"])

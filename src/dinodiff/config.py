@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, is_dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +22,7 @@ from dinodiff.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+S = TypeVar("S")
 
 
 def setting(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = (),
@@ -34,6 +35,20 @@ def setting(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = ()
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def settings_dataclass(cls: type[S]) -> type[S]:
+    """A frozen settings dataclass in which a field annotated with a section (another settings dataclass) and
+    given no default defaults to that section's own defaults.
+
+    A stage's settings are such sections (``model: ModelSettings``), so a section's type is written once, not
+    again in ``field(default_factory=ModelSettings)``.
+    """
+    hints = get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
+    for name in cls.__dict__.get("__annotations__", {}):
+        if name not in cls.__dict__ and is_dataclass(hints[name]):
+            setattr(cls, name, field(default_factory=hints[name]))
+    return dataclass(frozen=True)(cls)
 
 
 @dataclass(frozen=True)
@@ -123,13 +138,13 @@ class NoiseSettings:
     rescale_betas_zero_snr: bool = False
 
 
-@dataclass(frozen=True)
+@settings_dataclass
 class ModelSettings:
     resolution: int = 512  # image side in pixels fed to the autoencoder
-    encoder: EncoderSettings = field(default_factory=EncoderSettings)
-    autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
-    unet: UNetSettings = field(default_factory=UNetSettings)
-    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    encoder: EncoderSettings
+    autoencoder: AutoencoderSettings
+    unet: UNetSettings
+    noise: NoiseSettings
 
 
 @dataclass(frozen=True)
@@ -235,15 +250,15 @@ class FidSettings:
                 object.__setattr__(self, name, None)
 
 
-@dataclass(frozen=True)
+@settings_dataclass
 class TrainingSettings:
     """A training run's whole configuration, saved as RUN/config.yaml (the sections below, in this order)."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: TrainDataSettings = field(default_factory=TrainDataSettings)
-    optim: TrainOptimSettings = field(default_factory=TrainOptimSettings)
-    train: TrainRunSettings = field(default_factory=TrainRunSettings)
-    eval: FidSettings = field(default_factory=FidSettings)
+    model: ModelSettings
+    data: TrainDataSettings
+    optim: TrainOptimSettings
+    train: TrainRunSettings
+    eval: FidSettings
 
 
 _CHOICES = {
@@ -305,9 +320,6 @@ def merge_preset(schema: Any, source: str | Path | None = None, overrides: Seque
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
     return merged
-
-
-S = TypeVar("S")
 
 
 def _plain(value: Any) -> Any:

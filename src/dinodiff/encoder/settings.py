@@ -9,12 +9,12 @@ saved with the run as `config.yaml` and in the encoder folder's `dinodiff_encode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinodiff.config import ConfigError, build_settings, setting
+from dinodiff.config import ConfigError, build_settings, setting, settings_dataclass
 
 
 @dataclass(frozen=True)
@@ -126,15 +126,15 @@ class RunSettings:
     stop_on_collapse: bool = True  # raise EncoderCollapsed; False = warn only
 
 
-@dataclass(frozen=True)
+@settings_dataclass
 class EncoderPretrainSettings:
-    backbone: BackboneSettings = field(default_factory=BackboneSettings)
-    head: HeadSettings = field(default_factory=HeadSettings)
-    loss: LossSettings = field(default_factory=LossSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    run: RunSettings = field(default_factory=RunSettings)
+    backbone: BackboneSettings
+    head: HeadSettings
+    loss: LossSettings
+    augment: AugmentSettings
+    data: DataSettings
+    optim: OptimSettings
+    run: RunSettings
 
     @property
     def out_dir(self) -> Path:
@@ -190,7 +190,7 @@ class HeldOutViewSettings:
                 "jpeg_quality": list(self.jpeg_quality)}
 
 
-@dataclass(frozen=True)
+@settings_dataclass
 class ProbeSettings:
     size: int = setting(128, "Side at which images are read; each encoder resizes to its own input.")
     labels: list[str] | None = setting(None, "Comma-separated labels to probe (default: every label with >= "
@@ -207,5 +207,5 @@ class ProbeSettings:
     batch_size: int = 64
     transductive: bool = setting(False, "Probe the images the encoders trained on too (every number is then "
                                         "labelled transductive where it is).")
-    heldout_views: HeldOutViewSettings = field(default_factory=HeldOutViewSettings)  # the reported invariance
-    augment: AugmentSettings = field(default_factory=AugmentSettings)  # the pretext views (pretraining's)
+    heldout_views: HeldOutViewSettings  # the reported invariance
+    augment: AugmentSettings  # the pretext views (pretraining's)

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dinodiff.config import ConfigError, build_settings, setting
+from dinodiff.config import ConfigError, build_settings, setting, settings_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class SyntheticSettings:
     folder: str | None = None  # where synthetic sets are kept (default OUT/synthetic); reused when complete
 
 
-@dataclass(frozen=True)
+@settings_dataclass
 class ClassifySettings:
     out: str = setting("classify-output", "Output folder: results.csv, table.md/csv, figure4.png, results.json; "
                                           "cells/ caches each trained cell.", flags=("--out", "-o"))
@@ -105,9 +105,9 @@ class ClassifySettings:
     ci_level: float = 0.95  # confidence intervals of AUC differences: paired bootstrap over test images
     bootstrap: int = 2000  # bootstrap resamples
     bootstrap_seed: int = 0
-    data: DataSettings = field(default_factory=DataSettings)
-    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
-    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+    data: DataSettings
+    classifier: ClassifierSettings
+    synthetic: SyntheticSettings
 
 
 def _check(settings: ClassifySettings) -> ClassifySettings:
