@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,16 @@ class Results:
         bad = [name for name, value in self.tables.items() if not isinstance(value, (list, str))]
         if bad:
             raise ResultsError(f"tables {bad} are neither row lists, Markdown nor file names")
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (no trailing newline); a cell's ``|`` is escaped and a line break becomes a space, so any
+    text keeps its column."""
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows])
 
 
 def json_safe(value: Any) -> Any:

@@ -20,7 +20,7 @@ from dinodiff.evaluate.fid.stage import fid_results
 from dinodiff.evaluate.fid.sweep import sweep_results
 from dinodiff.report import ReportError, build_report
 from dinodiff.report.build import external_references
-from dinodiff.results import Results, write_results
+from dinodiff.results import Results, markdown_table, write_results
 from dinodiff.train.trainer import train
 
 CONFIG = """model:
@@ -101,6 +101,11 @@ def make_workdir(root: Path) -> Path:
 
 def _images(page: str) -> list[str]:
     return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
+
+
+def test_markdown_table_keeps_every_cell_in_its_column():
+    text = markdown_table(["method", "Dice"], [["a | b", 0.5], ["two\nlines", "-"]])
+    assert text.splitlines() == ["| method | Dice |", "|---|---|", "| a \\| b | 0.5 |", "| two lines | - |"]
 
 
 def test_report_builds_the_sections_found_and_lists_missing_ones_with_their_commands(tmp_path):

@@ -17,6 +17,7 @@ from dinodiff.report.blocks import (
     Table,
     data_uri,
 )
+from dinodiff.results import markdown_table
 
 CSS = """
 :root{--ink:#1d2433;--muted:#5b6478;--line:#e3e7ef;--bg:#f5f7fb;--card:#fff;--accent:#2f6fdf;--warn:#b4570a}
@@ -144,15 +145,6 @@ def render_html(title: str, subtitle: str, sections: Sequence[Section], missing:
 
 
 # ----------------------------------------------------------------------------------- markdown
-def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows])
-
-
 def _link(path: Path | None, md_dir: Path) -> str:
     if path is None:
         return "in the HTML report"
@@ -169,7 +161,7 @@ def section_markdown(section: Section, md_dir: Path) -> str:
         if isinstance(block, Figure):
             parts.append(f"- Figure: {block.title} ({_link(block.source, md_dir)})")
         elif isinstance(block, Table):
-            parts.append((f"**{block.title}**\n\n" if block.title else "") + _md_table(block.header, block.rows))
+            parts.append((f"**{block.title}**\n\n" if block.title else "") + markdown_table(block.header, block.rows))
         elif isinstance(block, Markdown):
             parts.append(re.sub(r"^(#{1,4}) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", block.text,
                                 flags=re.M).strip())
@@ -177,7 +169,7 @@ def section_markdown(section: Section, md_dir: Path) -> str:
             parts.append(f"<details><summary>{block.title}</summary>\n\n```yaml\n{block.text.strip()}\n```\n</details>")
     if section.provenance:
         parts.append("<details><summary>Provenance</summary>\n\n"
-                     + _md_table(["", ""], list(section.provenance.items())) + "\n</details>")
+                     + markdown_table(["", ""], list(section.provenance.items())) + "\n</details>")
     return "\n\n".join(parts)
 
 
@@ -186,7 +178,7 @@ def render_markdown(title: str, subtitle: str, sections: Sequence[Section], miss
     parts = [f"# {title}", subtitle]
     headline = [[k, v, s.title] for s in sections for k, v in s.headline.items()]
     if headline:
-        parts.append("## At a glance\n\n" + _md_table(["", "value", "section"], headline))
+        parts.append("## At a glance\n\n" + markdown_table(["", "value", "section"], headline))
     parts += [section_markdown(s, md_dir) for s in sections]
     if missing:
         parts.append("## Missing sections\n\n" + "\n".join(f"- **{m.title}**: `{m.command}`" for m in missing))

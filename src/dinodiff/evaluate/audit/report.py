@@ -14,6 +14,7 @@ import dinodiff
 from dinodiff.evaluate.audit import copies, stats, tables
 from dinodiff.files import atomic_path, write_bytes_atomic
 from dinodiff.results import Results, write_results
+from dinodiff.results import markdown_table as rows_to_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ def markdown_table(rows: list[dict], columns: tuple[str, ...] = MARKDOWN_COLUMNS
     def cell(v: Any) -> str:
         return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(_clean(r.get(c))) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return rows_to_markdown(columns, [[cell(_clean(r.get(c))) for c in columns] for r in rows])
 
 
 def write_markdown(path: Path, results: Results) -> None:

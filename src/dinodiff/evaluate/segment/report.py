@@ -17,7 +17,7 @@ import numpy as np
 from dinodiff.evaluate.segment.metrics import mean_sd, paired_bootstrap
 from dinodiff.evaluate.segment.settings import Cell, SegmentSettings
 from dinodiff.evaluate.segment.split import REPORT, TUNE, only
-from dinodiff.results import Results
+from dinodiff.results import Results, markdown_table
 
 COMBINED = "combined"
 METRICS = {"hungarian_both": ("hungarian", "both"), "hungarian_left": ("hungarian", "left"),
@@ -69,11 +69,6 @@ def best_cells(table: Mapping[Cell, Sequence[dict]], datasets: Sequence[str], sp
 def _pct(ms: Sequence[float]) -> str:
     mean, sd = ms
     return "-" if not np.isfinite(mean) else f"{100 * mean:.1f} ± {100 * sd:.1f}"
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def _config_of(settings: SegmentSettings, cell: Cell | str | None) -> tuple[str, str]:
@@ -159,7 +154,7 @@ def table_markdown(context: Mapping[str, Any], tables: Mapping[str, tuple]) -> s
     parts = ["# Zero-shot lung segmentation", context["intro"]]
     for title, (head, rows) in tables.items():
         if rows:
-            parts += [f"## {title}", _markdown(head, rows)]
+            parts += [f"## {title}", markdown_table(head, rows)]
     return "\n\n".join(parts) + "\n"
 
 
