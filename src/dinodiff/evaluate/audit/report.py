@@ -13,8 +13,7 @@ import numpy as np
 import dinodiff
 from dinodiff.evaluate.audit import copies, stats, tables
 from dinodiff.files import atomic_path, write_bytes_atomic
-from dinodiff.results import Results, write_results
-from dinodiff.results import markdown_table as rows_to_markdown
+from dinodiff.results import Results, markdown_table as rows_to_markdown, write_results
 
 logger = logging.getLogger(__name__)
 
